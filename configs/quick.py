@@ -1,0 +1,21 @@
+"""The seed recipe's code path at CPU-demo size: tiny encoder, 3 folds, minutes."""
+
+from configs import fold
+
+
+def get_config():
+  config = fold.get_config()
+  config.synthetic.num_train = 600
+  config.synthetic.num_test = 200
+  config.num_folds = 3
+  config.model.stage_sizes = (1, 1, 1, 1)
+  config.model.encoder_width = 8
+  config.model.decoder_channels = (32, 16, 16, 8, 8)
+  config.model.scse_reduction = 4
+  config.num_epochs = 8
+  config.batch_size = 32
+  config.optimizer.learning_rate = 3e-3
+  config.schedule.cycle_epochs = 4
+  config.schedule.min_lr = 1e-4
+  config.log_every_steps = 20
+  return config

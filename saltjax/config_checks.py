@@ -1,0 +1,145 @@
+"""Config values checked before anything runs or is written.
+
+All problems are reported at once, each naming its `config.` key.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import ml_collections
+
+from saltjax import augment
+from saltjax import inference
+from saltjax import losses
+
+
+class ConfigError(ValueError):
+  """Bad config values; the message names every key at fault."""
+
+
+# Keys that may change between runs sharing a workdir (they don't change
+# what a fold's training computes).
+_FREE_KEYS = ("mode", "fold", "progress", "log_every_steps", "predict",
+              "compilation_cache", "distributed", "eval_batch_size")
+
+
+def check(config) -> None:
+  problems = []
+
+  def need(ok, key, message):
+    if not ok:
+      problems.append(f"config.{key}={_get(config, key)!r}: {message}")
+
+  need(config.mode in ("train", "predict"), "mode", "use 'train' or 'predict'")
+  need(isinstance(config.num_folds, int) and config.num_folds >= 2, "num_folds", "must be >= 2")
+  need(isinstance(config.fold, int) and -1 <= config.fold < max(config.num_folds, 0),
+       "fold", f"must be -1 (all) or 0..{config.num_folds - 1}")
+  need(config.stratify_by in ("coverage", "depth"), "stratify_by", "use 'coverage' or 'depth'")
+  need(config.resize_mode in ("resize", "pad"), "resize_mode", "use 'resize' or 'pad'")
+  need(config.image_size >= 101 if config.resize_mode == "pad" else config.image_size >= 32,
+       "image_size", "must be >= 101 with resize_mode='pad', >= 32 with 'resize'")
+  need(config.image_size % 32 == 0, "image_size",
+       "must be a multiple of 32 (the encoder's total stride)")
+  need(config.batch_size > 0, "batch_size", "must be positive")
+  need(config.eval_batch_size > 0, "eval_batch_size", "must be positive")
+  need(config.predict.batch_size > 0, "predict.batch_size", "must be positive")
+  need(config.num_epochs > 0, "num_epochs", "must be positive")
+  need(config.log_every_steps > 0, "log_every_steps", "must be positive")
+  need(config.optimizer.learning_rate > 0, "optimizer.learning_rate", "must be positive")
+  need(config.optimizer.name in ("adam", "adamw", "sgd", "rmsprop"), "optimizer.name",
+       "use adam, adamw, sgd or rmsprop")
+  need(config.optimizer.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
+  need(config.optimizer.grad_clip >= 0, "optimizer.grad_clip", "must be >= 0")
+  s = config.schedule
+  need(s.name in ("cosine_restarts", "constant", "step", "plateau"), "schedule.name",
+       "use cosine_restarts, constant, step or plateau")
+  need(s.cycle_epochs > 0, "schedule.cycle_epochs", "must be positive")
+  need(s.cycle_mult >= 1, "schedule.cycle_mult", "must be >= 1")
+  need(0 <= s.min_lr <= config.optimizer.learning_rate, "schedule.min_lr",
+       "must be between 0 and optimizer.learning_rate")
+  need(s.warmup_epochs >= 0, "schedule.warmup_epochs", "must be >= 0")
+  need(s.step_epochs > 0, "schedule.step_epochs", "must be positive")
+  need(0 < s.step_factor <= 1, "schedule.step_factor", "must be in (0, 1]")
+  need(0 < s.plateau_factor <= 1, "schedule.plateau_factor", "must be in (0, 1]")
+  for key in ("loss.name", "loss.second_name"):
+    need(_get(config, key) in losses.LOSSES, key, f"unknown loss; use one of {', '.join(losses.LOSSES)}")
+  need(config.nonfinite in ("stop", "skip"), "nonfinite", "use 'stop' or 'skip'")
+  need(config.predict.tta in inference.TTA_CHOICES, "predict.tta",
+       f"use one of {', '.join(inference.TTA_CHOICES)}")
+  need(all(p.strip() in ("best", "latest", "snapshots", "swa")
+           for p in config.predict.checkpoints.split("+")), "predict.checkpoints",
+       "use best, latest, snapshots, swa or several joined by '+'")
+  need(config.predict.threshold < 0 or 0 < config.predict.threshold < 1,
+       "predict.threshold", "must be in (0, 1), or -1 to tune it")
+  try:
+    augment.parse(config.augment)
+  except ValueError as e:
+    problems.append(str(e))
+  m = config.model
+  need(len(m.stage_sizes) == 4 and all(int(n) > 0 for n in m.stage_sizes),
+       "model.stage_sizes", "must be four positive block counts, e.g. (3, 4, 6, 3)")
+  need(m.encoder_width > 0, "model.encoder_width", "must be positive")
+  need(len(m.decoder_channels) == 5 and all(int(c) > 0 for c in m.decoder_channels),
+       "model.decoder_channels", "must be five positive widths")
+  need(m.in_channels in (1, 3), "model.in_channels", "must be 1 or 3")
+  need(m.scse_reduction > 0, "model.scse_reduction", "must be positive")
+  need(m.upsample in ("nearest", "bilinear"), "model.upsample", "use 'nearest' or 'bilinear'")
+  need(m.dtype in ("auto", "float32", "bfloat16"), "model.dtype", "use auto, float32 or bfloat16")
+  need(not m.pretrained or pathlib.Path(m.pretrained).expanduser().is_file(),
+       "model.pretrained", "no such file")
+  need(config.data_dir == "" or pathlib.Path(config.data_dir).expanduser().is_dir(),
+       "data_dir", "no such directory")
+  need(config.synthetic.num_train >= 2 * config.num_folds, "synthetic.num_train",
+       "too few images for the folds")
+  need(config.synthetic.num_test >= 0, "synthetic.num_test", "must be >= 0")
+  if problems:
+    raise ConfigError("bad config:\n  " + "\n  ".join(problems))
+
+
+def _get(config, dotted: str):
+  value = config
+  for part in dotted.split("."):
+    value = value[part]
+  return value
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def check_same_training_config(previous: dict, current: dict, path) -> None:
+  """A workdir's runs must share the training config (resume, other folds)."""
+  before = {k: v for k, v in _flatten(previous).items() if k.split(".")[0] not in _FREE_KEYS}
+  now = {k: v for k, v in _flatten(json.loads(json.dumps(current, default=list))).items()
+         if k.split(".")[0] not in _FREE_KEYS}
+  changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+  if changed:
+    details = "; ".join(f"config.{k} was {before.get(k)!r}, now {now.get(k)!r}"
+                        for k in changed[:8])
+    raise ConfigError(
+        f"{path} holds a run with another training config ({details}); use a new"
+        " --workdir, or the same config to resume")
+
+
+def config_for_prediction(config, workdir: pathlib.Path) -> ml_collections.ConfigDict:
+  """The workdir's training config with this config's `predict` section."""
+  saved = pathlib.Path(workdir) / "config.json"
+  if not saved.exists():
+    raise ConfigError(f"{saved} not found: --workdir must be a directory that a training"
+                      " run (configs/fold.py or configs/quick.py) wrote")
+  trained = ml_collections.ConfigDict(json.loads(saved.read_text()))
+  trained.predict = config.predict
+  trained.mode = "predict"
+  trained.progress = config.progress
+  for key in ("stage_sizes", "decoder_channels"):
+    trained.model[key] = tuple(trained.model[key])
+  check(trained)
+  return trained

@@ -1,0 +1,83 @@
+"""Where the training data comes from, and how it is split into folds."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+
+import numpy as np
+import pandas as pd
+
+from saltjax import folds as folds_lib
+from saltjax import layout
+from saltjax import metrics
+
+
+def resolve_data_dir(config) -> pathlib.Path:
+  """config.data_dir, or the embedded synthetic dataset (generated once)."""
+  if config.data_dir:
+    return pathlib.Path(os.path.expanduser(config.data_dir))
+  from saltjax import synthetic  # only needed for the default dataset
+  cache = pathlib.Path(os.path.expanduser(config.cache_dir))
+  path = synthetic.ensure_dataset(cache, num_train=config.synthetic.num_train,
+                                  num_test=config.synthetic.num_test,
+                                  seed=config.synthetic.seed)
+  logging.info("Embedded synthetic dataset: %s", path)
+  return path
+
+
+def load(config, load_test: bool = True) -> layout.SaltData:
+  """Reads (and validates) the data the config names."""
+  data_dir = resolve_data_dir(config)
+  if config.get("use_tfds", False):
+    from saltjax import tfds_builders
+    return tfds_builders.load(config, data_dir, load_test=load_test)
+  return layout.read_layout(data_dir, load_test=load_test)
+
+
+def fold_assignment(config, data: layout.SaltData) -> pd.DataFrame:
+  """The fold of every training id, as written to workdir/folds.csv."""
+  fold_of = folds_lib.assign_folds(
+      data.train_masks, config.num_folds, config.seed,
+      depths=data.train_depths, stratify_by=config.stratify_by)
+  return pd.DataFrame({
+      "id": data.train_ids,
+      "fold": fold_of,
+      "coverage_class": metrics.coverage_class(data.train_masks),
+      "depth": data.train_depths,
+  })
+
+
+def write_csv_atomic(frame: pd.DataFrame, path: pathlib.Path) -> None:
+  """Writes a CSV under a temporary name, then renames it into place."""
+  path = pathlib.Path(path)
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  frame.to_csv(tmp, index=False)
+  os.replace(tmp, path)
+
+
+def write_text_atomic(text: str, path: pathlib.Path) -> None:
+  path = pathlib.Path(path)
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+def folds_for_run(config, data: layout.SaltData, workdir: pathlib.Path) -> np.ndarray:
+  """The fold of each training id; written once, then reused from the workdir.
+
+  Reusing the saved assignment keeps resumed and later runs (and prediction)
+  on exactly the split the first run made.
+  """
+  path = workdir / "folds.csv"
+  if path.exists():
+    saved = pd.read_csv(path, dtype={"id": str})
+    if list(saved["id"]) != list(data.train_ids) or saved["fold"].max() + 1 != config.num_folds:
+      raise ValueError(
+          f"{path} was made for other training ids or another config.num_folds;"
+          " use a new --workdir")
+    return saved["fold"].to_numpy()
+  frame = fold_assignment(config, data)
+  write_csv_atomic(frame, path)
+  return frame["fold"].to_numpy()

@@ -1,0 +1,178 @@
+"""Prediction: fold + snapshot ensemble with TTA, tuned post-processing, submission.
+
+For every trained fold, each selected checkpoint (snapshots by default)
+predicts its fold's held-out ids (out-of-fold) and the test set with TTA;
+probabilities are averaged over TTA views, then over the fold's checkpoints,
+then (test only) over folds. The binarisation threshold, the minimum mask
+area and the empty-mask gate are tuned on the out-of-fold predictions by
+maximising the competition metric; every choice is recorded in scores.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+
+import jax
+import numpy as np
+import pandas as pd
+
+from saltjax import checkpoints as ckpt_lib
+from saltjax import data as data_lib
+from saltjax import inference
+from saltjax import metrics
+from saltjax import parallel
+from saltjax import rle
+from saltjax import submission as submission_lib
+from saltjax import train as train_lib
+
+THRESHOLDS = np.round(np.arange(0.20, 0.805, 0.02), 2)
+MIN_AREAS = (0, 5, 10, 20, 40, 80, 150, 300)
+GATES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+
+
+def trained_folds(workdir: pathlib.Path, num_folds: int) -> list[int]:
+  return [k for k in range(num_folds)
+          if any((workdir / f"fold_{k}" / d).is_dir() for d in ("best", "snapshots"))]
+
+
+def load_variables(config, model, fold_dir: pathlib.Path, store: str, step: int):
+  abstract = jax.eval_shape(
+      lambda: train_lib.initialized(jax.random.key(0), model, config.image_size))
+  fingerprint = ckpt_lib.fingerprint(config)
+  manager = ckpt_lib._Store(fold_dir / store, max_to_keep=None)
+  try:
+    variables, _ = manager.restore(step, abstract, fingerprint)
+  finally:
+    manager.close()
+  return variables
+
+
+def apply_postprocessing(probs: np.ndarray, threshold: float, min_area: int,
+                         class_probs: np.ndarray | None = None,
+                         gate: float = 0.0) -> np.ndarray:
+  """Binary masks: threshold, then empty masks below min_area or the gate."""
+  masks = probs > threshold
+  empty = masks.reshape(len(masks), -1).sum(1) < max(min_area, 1)
+  if class_probs is not None:
+    empty |= class_probs < gate
+  masks[empty] = False
+  return masks
+
+
+def tune(truth: np.ndarray, probs: np.ndarray, class_probs: np.ndarray | None,
+         config) -> dict:
+  """Threshold, then min area, then gate, each maximising the OOF metric."""
+  p = config.predict
+  sweep = [(float(t), metrics.competition_score(truth, probs > t)) for t in THRESHOLDS]
+  threshold = p.threshold if p.threshold >= 0 else max(sweep, key=lambda s: s[1])[0]
+  if p.min_area >= 0:
+    min_area = int(p.min_area)
+  else:
+    scores = [(a, metrics.competition_score(
+        truth, apply_postprocessing(probs, threshold, a))) for a in MIN_AREAS]
+    min_area = max(scores, key=lambda s: (s[1], -s[0]))[0]
+  gate = 0.0
+  if class_probs is not None and p.classifier_gate:
+    scores = [(g, metrics.competition_score(truth, apply_postprocessing(
+        probs, threshold, min_area, class_probs, g))) for g in GATES]
+    gate = max(scores, key=lambda s: (s[1], -s[0]))[0]
+  return {"threshold": float(threshold), "min_area": min_area, "gate": float(gate),
+          "threshold_sweep": sweep}
+
+
+def predict_and_submit(config, workdir, data=None, mesh=None) -> dict:
+  """Ensembles the workdir's folds; writes submission.csv, oof.csv, scores.json."""
+  workdir = pathlib.Path(workdir)
+  mesh = mesh or parallel.create_mesh()
+  data = data if data is not None else data_lib.load(config)
+  fold_of = data_lib.folds_for_run(config, data, workdir)
+  folds = trained_folds(workdir, config.num_folds)
+  if not folds:
+    raise ValueError(f"no trained fold in {workdir}: train first"
+                     " (python main.py --config=configs/fold.py --workdir=...)")
+  parallel.check_batch_size(config.predict.batch_size, mesh, "config.predict.batch_size")
+  model = train_lib.create_model(config)
+  infer_fn = jax.jit(inference.make_infer_fn(model, config.resize_mode, config.predict.tta))
+
+  def run(variables, images, what):
+    return train_lib.predict_probs(infer_fn, variables, images,
+                                   batch_size=config.predict.batch_size,
+                                   config=config, mesh=mesh, progress=what)
+
+  n_train, n_test = len(data.train_ids), len(data.test_ids)
+  oof = np.zeros((n_train, 101, 101), np.float32)
+  oof_class = np.zeros(n_train, np.float32)
+  test = np.zeros((n_test, 101, 101), np.float32)
+  test_class = np.zeros(n_test, np.float32)
+  fold_scores, models_used = {}, {}
+  for fold in folds:
+    fold_dir = workdir / f"fold_{fold}"
+    chosen = ckpt_lib.model_checkpoints(fold_dir, config.predict.checkpoints)
+    val_idx = np.flatnonzero(fold_of == fold)
+    models_used[fold] = [f"{store}/{step}" for store, step in chosen]
+    for store, step in chosen:
+      variables = jax.device_put(load_variables(config, model, fold_dir, store, step),
+                                 parallel.replicated(mesh))
+      val = run(variables, data.train_images[val_idx], f"fold {fold} {store}/{step} oof")
+      oof[val_idx] += val["probs"] / len(chosen)
+      if "class_probs" in val:
+        oof_class[val_idx] += val["class_probs"] / len(chosen)
+      if n_test:
+        out = run(variables, data.test_images, f"fold {fold} {store}/{step} test")
+        test += out["probs"] / (len(chosen) * len(folds))
+        if "class_probs" in out:
+          test_class += out["class_probs"] / (len(chosen) * len(folds))
+    fold_scores[fold] = metrics.competition_score(data.train_masks[val_idx],
+                                                  oof[val_idx] > 0.5)
+    logging.info("fold %d: %d model(s), OOF score at 0.5 with TTA %.4f", fold,
+                 len(chosen), fold_scores[fold])
+
+  has_class = bool(config.model.classifier)
+  predicted = np.isin(fold_of, folds)
+  truth = data.train_masks[predicted]
+  choice = tune(truth, oof[predicted], oof_class[predicted] if has_class else None, config)
+  post = dict(threshold=choice["threshold"], min_area=choice["min_area"], gate=choice["gate"])
+  oof_masks = apply_postprocessing(oof[predicted], post["threshold"], post["min_area"],
+                                   oof_class[predicted] if has_class else None, post["gate"])
+  oof_ids = [i for i, keep in zip(data.train_ids, predicted) if keep]
+  scores = {
+      "oof_score": metrics.competition_score(truth, oof_masks),
+      "oof_iou": float(metrics.iou_per_image(truth, oof_masks).mean()),
+      **{k: v for k, v in choice.items() if k != "threshold_sweep"},
+      "threshold_sweep": [{"threshold": t, "score": s} for t, s in choice["threshold_sweep"]],
+      "folds": {str(k): _fold_record(workdir, k, fold_scores[k], models_used[k])
+                for k in folds},
+      "score_by_coverage_class": {str(c): v for c, v in
+                                  metrics.score_by_coverage_class(truth, oof_masks).items()},
+      "num_oof": int(predicted.sum()),
+      "num_test": n_test,
+      "tta": config.predict.tta,
+      "checkpoints": config.predict.checkpoints,
+      "classifier_gate": has_class and bool(config.predict.classifier_gate),
+      "resize_mode": config.resize_mode,
+      "image_size": config.image_size,
+  }
+  logging.info("OOF score %.4f (IoU %.4f) at threshold %.2f, min area %d over %d ids",
+               scores["oof_score"], scores["oof_iou"], post["threshold"],
+               post["min_area"], scores["num_oof"])
+
+  if jax.process_index() == 0:
+    data_lib.write_csv_atomic(
+        pd.DataFrame({"id": oof_ids, "rle_mask": [rle.encode(m) for m in oof_masks]}),
+        workdir / "oof.csv")
+    test_masks = apply_postprocessing(test, post["threshold"], post["min_area"],
+                                      test_class if has_class else None, post["gate"])
+    submission_lib.write_submission(workdir / "submission.csv", data.test_ids, test_masks)
+    data_lib.write_text_atomic(json.dumps(scores, indent=1), workdir / "scores.json")
+  return scores
+
+
+def _fold_record(workdir, fold, oof_score, models_used) -> dict:
+  record = {"oof_score_at_0.5": oof_score, "models": models_used}
+  done = workdir / f"fold_{fold}" / "done.json"
+  if done.exists():
+    summary = json.loads(done.read_text())
+    record.update(val_score=summary["val_score"], best_epoch=summary["best_epoch"])
+  return record
