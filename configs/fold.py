@@ -91,6 +91,8 @@ def get_config():
       batch_size=64,
   ))
 
+  # JAX's persistent compilation cache: later folds and runs skip compiling.
+  config.compilation_cache = "~/.cache/saltjax/jax_cache"
   config.log_every_steps = 50
   config.progress = True  # progress bars (off when stdout is not a terminal)
   return config

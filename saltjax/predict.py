@@ -23,6 +23,7 @@ from saltjax import data as data_lib
 from saltjax import inference
 from saltjax import metrics
 from saltjax import parallel
+from saltjax import plots
 from saltjax import rle
 from saltjax import submission as submission_lib
 from saltjax import train as train_lib
@@ -166,6 +167,8 @@ def predict_and_submit(config, workdir, data=None, mesh=None) -> dict:
                                       test_class if has_class else None, post["gate"])
     submission_lib.write_submission(workdir / "submission.csv", data.test_ids, test_masks)
     data_lib.write_text_atomic(json.dumps(scores, indent=1), workdir / "scores.json")
+    plots.write_prediction_plots(workdir, data, oof_ids, oof[predicted], oof_masks, scores)
+    train_lib.write_training_curves(config, workdir)
   return scores
 
 

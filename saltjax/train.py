@@ -430,6 +430,16 @@ def _flush(pending: list[dict], *, fold, epoch, first_step, nonfinite, checkpoin
 
 # ------------------------------------------------------------- the whole job ---
 
+def write_training_curves(config, workdir: pathlib.Path) -> None:
+  """training_curves.png from the histories of the workdir's finished folds."""
+  if jax.process_index() != 0:
+    return
+  from saltjax import plots
+  done = {k: workdir / f"fold_{k}" / "done.json" for k in range(config.num_folds)}
+  histories = {k: json.loads(p.read_text())["history"] for k, p in done.items() if p.exists()}
+  plots.write_training_curves(workdir, histories, cycle_end_epochs(config))
+
+
 def folds_to_train(config) -> list[int]:
   if config.fold == -1:
     return list(range(config.num_folds))
@@ -458,6 +468,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data=Non
       job = Job.create(config, mesh, fold_of, writer)
     summaries.append(train_fold(job, workdir, fold, data, fold_of))
   writer.close()
+  write_training_curves(config, workdir)
   if config.fold == -1:
     from saltjax import predict
     return predict.predict_and_submit(config, workdir, data=data, mesh=mesh)

@@ -1,0 +1,299 @@
+"""Data parallelism: one train step on 8 devices equals the same step on 1.
+
+The train step (`train.compile_train_steps`) is one jax.jit whose batch
+argument is sharded over a Mesh of every device and whose state is
+replicated; XLA inserts the cross-device reductions. This file checks the
+claim that matters for correctness: with the same *global* batch, the loss,
+the updated parameters, the optimiser state and the BatchNorm statistics are
+those of a single device, i.e. BatchNorm statistics are taken over the global
+batch, not per device.
+
+XLA fixes the device count when the backend starts, so the 8-device work runs
+in a subprocess started with XLA_FLAGS=--xla_force_host_platform_device_count=8
+(this file run as a script). That process builds both the 8-device mesh and a
+1-device mesh over the first of those same devices, runs one step on each from
+identical initial states, and saves everything to an .npz that the tests here
+compare.
+
+Tolerance: float32 rtol 1e-5 / atol 1e-6 for the loss, the updated parameters
+and the BatchNorm statistics. The two runs differ only in the order of float32
+sums (per-device partial sums + all-reduce against one long sum), which moves
+the last bits of a reduction over 16x64x64 pixels. Adam's first step divides
+by sqrt(v) ~ |g|, so an update is insensitive to the gradient's scale and the
+parameters stay close. The raw gradients (Adam's first moment, 0.1 * g) can
+lose more relative precision where they nearly cancel to 0, so they are
+compared with an absolute tolerance scaled to each leaf's magnitude (see
+GRAD_RTOL_OF_MAX).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+NUM_DEVICES = 8
+GLOBAL_BATCH = 16
+IMAGE_SIZE = 64
+RTOL, ATOL = 1e-5, 1e-6
+# Gradients: |a - b| <= GRAD_ATOL_OF_MAX * (largest |gradient| of the model).
+GRAD_ATOL_OF_MAX = 2e-3
+
+
+# ------------------------------------------------- the 8-device subprocess ---
+
+def tiny_config():
+  """configs/quick.py shrunk further: same code path, seconds to compile."""
+  from configs import quick
+  config = quick.get_config()
+  config.model.stage_sizes = (1, 1, 1, 1)
+  config.model.encoder_width = 4
+  config.model.decoder_channels = (8, 8, 8, 8, 8)
+  config.model.scse_reduction = 4
+  config.model.dtype = "float32"  # the comparison is about float32 sums
+  config.image_size = IMAGE_SIZE
+  config.batch_size = GLOBAL_BATCH
+  config.eval_batch_size = GLOBAL_BATCH
+  # SGD rather than the recipe's Adam: see the module docstring.
+  config.optimizer.name = "sgd"
+  return config
+
+
+def _flat(tree, prefix: str) -> dict[str, np.ndarray]:
+  """{'prefix/path/to/leaf': array} of a pytree, on the host."""
+  import jax
+  leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(tree))
+  return {prefix + jax.tree_util.keystr(path): np.asarray(leaf)
+          for path, leaf in leaves}
+
+
+def _worker(out_dir: str) -> None:
+  """Runs one train step on 8 devices and on 1; saves results and facts."""
+  import jax
+  import jax.numpy as jnp
+  from saltjax import parallel
+  from saltjax import train
+
+  devices = jax.devices()
+  assert len(devices) == NUM_DEVICES, f"expected {NUM_DEVICES} devices, got {devices}"
+  config = tiny_config()
+  mesh8 = parallel.create_mesh()
+  mesh1 = parallel.create_mesh(devices[:1])
+
+  # The real Job: model, optimiser, initial variables and jitted steps. Folds
+  # only size steps_per_epoch here, so a made-up assignment serves.
+  fold_of = np.arange(3 * GLOBAL_BATCH) % config.num_folds
+  job = train.Job.create(config, mesh8, fold_of, writer=None)
+  step8 = job.train_steps[config.loss.name]
+  step1 = train.compile_train_steps(config, mesh1)[config.loss.name]
+
+  rng = np.random.default_rng(0)
+  images = rng.uniform(size=(GLOBAL_BATCH, IMAGE_SIZE, IMAGE_SIZE, 1)).astype(np.float32)
+  # Blobs rather than noise so that BCE + Dice see realistic masks; two
+  # empty masks exercise Dice's smoothing term.
+  yy, xx = np.mgrid[:IMAGE_SIZE, :IMAGE_SIZE]
+  centres = rng.uniform(8, IMAGE_SIZE - 8, size=(GLOBAL_BATCH, 2))
+  radii = rng.uniform(4, 20, size=GLOBAL_BATCH)
+  masks = ((yy - centres[:, :1, None]) ** 2 + (xx - centres[:, 1:, None]) ** 2
+           < radii[:, None, None] ** 2).astype(np.float32)
+  masks[:2] = 0.0
+  batch = {"image": images, "mask": masks}
+
+  # The same global batch with its rows permuted: mathematically the same
+  # step (every loss and statistic is a mean over the batch), numerically a
+  # different float32 summation order. Its distance from the 1-device run is
+  # the noise floor the 8-device run is judged against.
+  perm = rng.permutation(GLOBAL_BATCH)
+  permuted = {"image": images[perm], "mask": masks[perm]}
+
+  facts, results, compiled = {}, {}, {}
+  timings = {}
+  for name, mesh, step, host_batch in (("8", mesh8, step8, batch), ("1", mesh1, step1, batch),
+                                       ("perm", mesh1, step1, permuted)):
+    started = time.time()
+    # A fresh state per run: the step donates its input state.
+    state = jax.device_put(job.new_state(), parallel.replicated(mesh))
+    global_batch = parallel.global_from_local(host_batch, mesh)
+    x = global_batch["image"]
+    facts[f"devices_{name}"] = len(x.sharding.device_set)
+    facts[f"shard_rows_{name}"] = sorted({s.data.shape[0] for s in x.addressable_shards})
+    facts[f"shards_match_rows_{name}"] = all(
+        np.array_equal(np.asarray(s.data), host_batch["image"][s.index])
+        for s in x.addressable_shards)
+    # Compiled once per mesh through the jitted step's own lowering, then run.
+    if id(step) not in compiled:
+      compiled[id(step)] = step.lower(state, global_batch).compile()
+    executable = compiled[id(step)]
+    facts[f"all_reduce_{name}"] = "all-reduce" in executable.as_text()
+    new_state, step_metrics = executable(state, global_batch)
+    jax.block_until_ready(new_state)
+    facts[f"state_devices_{name}"] = len(
+        jax.tree.leaves(new_state.params)[0].sharding.device_set)
+    facts[f"state_replicated_{name}"] = all(
+        leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(new_state.params))
+    facts[f"step_{name}"] = int(new_state.step)
+    results.update(_flat(step_metrics, f"{name}/metrics"))
+    results.update(_flat(new_state.params, f"{name}/params"))
+    results.update(_flat(new_state.batch_stats, f"{name}/batch_stats"))
+    results.update(_flat(new_state.opt_state, f"{name}/opt_state"))
+    timings[name] = round(time.time() - started, 1)
+  facts["timings"] = timings
+
+  # Both device counts go through one code path: the same train_step function
+  # under the same compile_train_steps, only the mesh differs.
+  facts["same_step_function"] = all(
+      getattr(getattr(s, "__wrapped__", None), "func", None) is train.train_step
+      for s in (step8, step1))
+
+  # What a per-device BatchNorm would have recorded: the statistics of one
+  # device's 2 rows. The test checks the real ones are far from these, so
+  # that the equality above could not hold by accident.
+  variables = {"params": job.initial_variables["params"],
+               "batch_stats": job.initial_variables["batch_stats"]}
+  _, local_stats = jax.jit(lambda v, im: job.model.apply(
+      v, im, train=True, mutable=["batch_stats"]))(
+          variables, jnp.asarray(images[:GLOBAL_BATCH // NUM_DEVICES]))
+  results.update(_flat(local_stats["batch_stats"], "local/batch_stats"))
+  results.update(_flat(job.initial_variables["params"], "init/params"))
+
+  np.savez(os.path.join(out_dir, "results.npz"), **results)
+  pathlib.Path(out_dir, "facts.json").write_text(json.dumps(facts))
+
+
+# ------------------------------------------------------------- the tests ---
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """Runs the 8-device subprocess once for the module's tests."""
+  out = tmp_path_factory.mktemp("parallel")
+  env = dict(os.environ)
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2",
+             XLA_FLAGS=(env.get("XLA_FLAGS", "") +
+                        f" --xla_force_host_platform_device_count={NUM_DEVICES}").strip())
+  started = time.time()
+  proc = subprocess.run([sys.executable, __file__, str(out)], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, f"8-device worker failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
+  facts = json.loads((out / "facts.json").read_text())
+  facts["seconds"] = time.time() - started
+  with np.load(out / "results.npz") as f:
+    results = {k: f[k] for k in f.files}
+  return facts, results
+
+
+def _pairs(results, group, other="1"):
+  """[(leaf name, 8-device value, `other` run's value)] of one saved group."""
+  keys = sorted(k[len(f"8/{group}"):] for k in results if k.startswith(f"8/{group}"))
+  assert keys, f"no {group} leaves saved"
+  return [(k, results[f"8/{group}{k}"], results[f"{other}/{group}{k}"]) for k in keys]
+
+
+def test_batch_is_sharded_over_every_device(run):
+  facts, _ = run
+  assert facts["devices_8"] == NUM_DEVICES
+  assert facts["shard_rows_8"] == [GLOBAL_BATCH // NUM_DEVICES]
+  assert facts["shards_match_rows_8"]
+  assert facts["devices_1"] == 1 and facts["shard_rows_1"] == [GLOBAL_BATCH]
+  # The updated state comes back replicated on every device of its mesh.
+  assert facts["state_devices_8"] == NUM_DEVICES and facts["state_replicated_8"]
+  assert facts["state_devices_1"] == 1 and facts["state_replicated_1"]
+  assert facts["step_8"] == facts["step_1"] == 1
+
+
+def test_one_step_function_serves_both_device_counts(run):
+  facts, _ = run
+  assert facts["same_step_function"]
+  # XLA turned the sharding into cross-device reductions on 8 devices only.
+  assert facts["all_reduce_8"]
+  assert not facts["all_reduce_1"]
+
+
+def test_loss_matches_one_device(run):
+  _, results = run
+  for key, a, b in _pairs(results, "metrics"):
+    if key == "['iou']":
+      # IoU thresholds logits at 0: a logit within rounding of 0 may flip one
+      # pixel, which moves an image's IoU by ~1/union.
+      np.testing.assert_allclose(a, b, atol=1e-3, err_msg=f"metrics{key}")
+    else:
+      np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL, err_msg=f"metrics{key}")
+  assert np.isfinite(results["8/metrics['loss']"])
+  assert results["8/metrics['finite']"]
+
+
+def test_gradients_match_one_device(run):
+  _, results = run
+  # SGD's momentum trace after one step is the gradient itself.
+  pairs = _pairs(results, "opt_state")
+  scale = max(float(np.max(np.abs(b))) for _, _, b in pairs)
+  floor = max(float(np.max(np.abs(a - b)))
+              for _, a, b in _pairs(results, "opt_state", other="perm"))
+  assert scale > 0
+  for key, a, b in pairs:
+    np.testing.assert_allclose(
+        a, b, rtol=0, atol=GRAD_ATOL_OF_MAX * scale,
+        err_msg=f"gradient{key}; max |gradient| {scale:.3g}; a row permutation on one"
+                f" device moves gradients by up to {floor:.3g}")
+
+
+def test_updated_params_match_one_device(run):
+  _, results = run
+  pairs = _pairs(results, "params")
+  for key, a, b in pairs:
+    np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL, err_msg=f"params{key}")
+  # The step did move the parameters, so the equality is not trivial.
+  moved = [key for key, a, _ in pairs if not np.array_equal(a, results[f"init/params{key}"])]
+  assert len(moved) > 0.9 * len(pairs), f"only {len(moved)} of {len(pairs)} leaves moved"
+
+
+def test_batch_stats_are_over_the_global_batch(run):
+  _, results = run
+  pairs = _pairs(results, "batch_stats")
+  for key, a, b in pairs:
+    np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL, err_msg=f"batch_stats{key}")
+  # Per-device statistics (2 rows) would be far from the global ones: the
+  # comparison above is sensitive to the difference it is about.
+  near = [key for key, a, _ in pairs
+          if np.allclose(a, results[f"local/batch_stats{key}"], rtol=1e-3, atol=1e-4)]
+  assert not near, f"per-device BatchNorm statistics equal the global ones: {near}"
+
+
+def test_runs_quickly(run):
+  facts, _ = run
+  assert facts["seconds"] < 120, f"the 8-device worker took {facts['seconds']:.0f}s: {facts['timings']}"
+
+
+# ------------------------------------------------------------ configs/tpu ---
+
+def test_tpu_config_loads_and_divides_over_pod_slices():
+  from configs import tpu
+  from saltjax import config_checks
+  config = tpu.get_config()
+  config_checks.check(config)
+  assert config.distributed is True
+  assert config.compilation_cache
+  assert config.model.dtype == "bfloat16"
+  # Every slice from a v4-8 / v5e-8 up to 256 chips splits each batch evenly.
+  for devices in (8, 16, 32, 64, 128, 256):
+    for option, size in (("batch_size", config.batch_size),
+                         ("eval_batch_size", config.eval_batch_size),
+                         ("predict.batch_size", config.predict.batch_size)):
+      assert size % devices == 0, f"config.{option}={size} over {devices} devices"
+  # The learning rate grew with the batch, from the seed's.
+  from configs import fold
+  seed = fold.get_config()
+  assert config.batch_size > seed.batch_size
+  assert config.optimizer.learning_rate > seed.optimizer.learning_rate
+  assert config.schedule.min_lr <= config.optimizer.learning_rate
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, str(REPO))
+  _worker(sys.argv[1])
