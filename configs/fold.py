@@ -69,14 +69,15 @@ def get_config():
       plateau_patience=5,  # 'plateau': epochs without a better validation score
       plateau_factor=0.5,
   ))
-  config.swa_from_epoch = -1  # stochastic weight averaging from this epoch (-1: off)
+  # Epochs count from 1, as in the logs.
+  config.swa_from_epoch = -1  # stochastic weight averaging from this epoch on (-1: off)
 
   config.loss = ml_collections.ConfigDict(dict(
       name="bce_dice",  # bce, dice, bce_dice, lovasz, lovasz_elu, lovasz_symmetric(_elu)
       bce_weight=1.0,
       dice_weight=1.0,
       second_name="lovasz",  # two-stage training: switch to this loss ...
-      second_from_epoch=-1,  # ... from this epoch (-1: one stage)
+      second_from_epoch=-1,  # ... from this epoch on (-1: one stage)
       deep_supervision_weight=0.1,
       classifier_weight=0.05,
   ))
@@ -93,6 +94,13 @@ def get_config():
 
   # JAX's persistent compilation cache: later folds and runs skip compiling.
   config.compilation_cache = "~/.cache/saltjax/jax_cache"
+  # Pseudo-labelling: after every fold is trained and predicted, confident test
+  # images (at most max_uncertain_fraction of their pixels inside [low, high])
+  # join each fold's training set for a second round, whose ensemble then
+  # makes the submission.
+  config.pseudo_label = ml_collections.ConfigDict(dict(
+      enabled=False, low=0.2, high=0.8, max_uncertain_fraction=0.005))
+
   config.log_every_steps = 50
   config.progress = True  # progress bars (off when stdout is not a terminal)
   return config

@@ -17,10 +17,10 @@ def get_config():
   config.model.decoder_channels = (32, 16, 16, 8, 8)
   config.model.scse_reduction = 4
   config.image_size = 64
-  config.num_epochs = 20
+  config.num_epochs = 16
   config.batch_size = 32
   config.optimizer.learning_rate = 3e-3
-  config.schedule.cycle_epochs = 10
+  config.schedule.cycle_epochs = 8
   config.schedule.min_lr = 1e-4
   config.log_every_steps = 20
   return config

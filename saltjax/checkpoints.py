@@ -8,13 +8,17 @@ Layout under a fold's directory:
 Orbax writes each checkpoint to a temporary directory and renames it when
 complete, so a crash never leaves a half-written checkpoint behind a final
 name. Every checkpoint carries the fingerprint of the config that shapes the
-model; restoring under a different one is refused with a clear message.
+model; restoring under a different one is refused with a clear message. Each
+step directory also gets a checksums.json (size and SHA-256 of every file),
+checked before anything is read, so a truncated, damaged or half-deleted
+checkpoint is refused as a whole instead of being half loaded.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pathlib
 from typing import Any
 
@@ -51,10 +55,16 @@ class _Store:
         item_names=("state", "meta"))
 
   def save(self, step: int, pytree: Any, meta: dict) -> None:
+    if step in self.manager.all_steps():
+      # A resumed run redoing the epoch a crash interrupted (say between the
+      # `best` and the `latest` save): orbax never overwrites a step.
+      self.manager.delete(step)
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(pytree), meta=ocp.args.JsonSave(meta)),
         force=True)
     self.manager.wait_until_finished()
+    if jax.process_index() == 0:
+      _write_checksums(self.directory / str(step))
 
   def steps(self) -> list[int]:
     return list(self.manager.all_steps())
@@ -68,6 +78,7 @@ class _Store:
 
   def restore(self, step: int, target: Any, expected_fingerprint: str) -> tuple[Any, dict]:
     where = self.directory / str(step)
+    _verify_checksums(where)
     try:
       meta = self.meta(step)
     except Exception as e:  # orbax raises many types for unreadable files
@@ -89,6 +100,55 @@ class _Store:
     self.manager.close()
 
 
+_CHECKSUMS = "checksums.json"
+# Orbax may rewrite its step metadata; the checkpoint reads fine without it.
+_UNCHECKED = (_CHECKSUMS, "_CHECKPOINT_METADATA")
+
+
+def _file_digests(step_dir: pathlib.Path) -> dict[str, list]:
+  digests = {}
+  for path in sorted(step_dir.rglob("*")):
+    if path.is_file() and path.name not in _UNCHECKED:
+      sha = hashlib.sha256()
+      with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+          sha.update(block)
+      digests[path.relative_to(step_dir).as_posix()] = [path.stat().st_size, sha.hexdigest()]
+  return digests
+
+
+def _write_checksums(step_dir: pathlib.Path) -> None:
+  """Written (atomically) once orbax has finished the step directory."""
+  tmp = step_dir / f".{_CHECKSUMS}.tmp-{os.getpid()}"
+  tmp.write_text(json.dumps(_file_digests(step_dir), indent=0))
+  os.replace(tmp, step_dir / _CHECKSUMS)
+
+
+def _verify_checksums(step_dir: pathlib.Path) -> None:
+  """Raises CheckpointError unless every file is there, whole and unchanged.
+
+  A step without checksums.json (the process died right after orbax finished
+  it) is left to orbax's own checks.
+  """
+  listed = step_dir / _CHECKSUMS
+  if not listed.is_file():
+    return
+  try:
+    expected = json.loads(listed.read_text())
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"checkpoint {step_dir} is corrupt: unreadable {listed}: {e}") from e
+  found = _file_digests(step_dir)
+  missing = sorted(set(expected) - set(found))
+  changed = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+  if missing or changed:
+    details = "; ".join(f"{what}: {', '.join(names[:5])}" for what, names in
+                        (("missing", missing), ("damaged", changed)) if names)
+    raise CheckpointError(
+        f"checkpoint {step_dir} is corrupt or incomplete ({details}); nothing was"
+        " loaded from it. Delete that directory to go on without it (training restarts"
+        " from an earlier checkpoint, if any), or use a new --workdir")
+
+
 class FoldCheckpoints:
   """The checkpoints of one fold."""
 
@@ -98,7 +158,9 @@ class FoldCheckpoints:
     self.latest = _Store(fold_dir / "latest", max_to_keep=1)
     self.best = _Store(fold_dir / "best", max_to_keep=1)
     self.snapshots = _Store(fold_dir / "snapshots", max_to_keep=None)
-    self.swa = _Store(fold_dir / "swa", max_to_keep=1)
+    # Two kept: a run resumed from `latest` at epoch e restores the average
+    # of epoch e even when a crash came after the swa save of epoch e + 1.
+    self.swa = _Store(fold_dir / "swa", max_to_keep=2)
 
   def _meta(self, meta: dict) -> dict:
     return {**meta, "fingerprint": self.fingerprint}
@@ -128,8 +190,9 @@ def model_checkpoints(fold_dir: pathlib.Path, which: str) -> list[tuple[str, int
           f"unknown config.predict.checkpoints part {part!r}: use best, latest,"
           " snapshots, swa or several joined by '+'")
     directory = fold_dir / part
-    steps = sorted(int(p.name) for p in directory.glob("[0-9]*") if p.is_dir()) \
-        if directory.is_dir() else []
+    # Names that are not all digits are orbax's unfinished (temporary) saves.
+    steps = sorted(int(p.name) for p in directory.glob("[0-9]*")
+                   if p.is_dir() and p.name.isdigit()) if directory.is_dir() else []
     if part in ("best", "latest", "swa"):
       steps = steps[-1:]
     if not steps and part == "snapshots":

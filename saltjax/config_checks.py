@@ -73,6 +73,13 @@ def check(config) -> None:
        "use best, latest, snapshots, swa or several joined by '+'")
   need(config.predict.threshold < 0 or 0 < config.predict.threshold < 1,
        "predict.threshold", "must be in (0, 1), or -1 to tune it")
+  pl = config.pseudo_label
+  need(0 <= pl.low < pl.high <= 1, "pseudo_label.low",
+       "pseudo_label.low and .high must satisfy 0 <= low < high <= 1")
+  need(0 <= pl.max_uncertain_fraction <= 1, "pseudo_label.max_uncertain_fraction",
+       "must be in [0, 1]")
+  need(not pl.enabled or config.fold == -1, "pseudo_label.enabled",
+       "pseudo-labelling needs every fold trained first (config.fold=-1)")
   try:
     augment.parse(config.augment)
   except ValueError as e:

@@ -83,8 +83,13 @@ def tune(truth: np.ndarray, probs: np.ndarray, class_probs: np.ndarray | None,
           "threshold_sweep": sweep}
 
 
-def predict_and_submit(config, workdir, data=None, mesh=None) -> dict:
-  """Ensembles the workdir's folds; writes submission.csv, oof.csv, scores.json."""
+def predict_and_submit(config, workdir, data=None, mesh=None,
+                       test_probs_out: list | None = None) -> dict:
+  """Ensembles the workdir's folds; writes submission.csv, oof.csv, scores.json.
+
+  `test_probs_out`, when given, receives the ensembled test probabilities
+  (for pseudo-labelling).
+  """
   workdir = pathlib.Path(workdir)
   mesh = mesh or parallel.create_mesh()
   data = data if data is not None else data_lib.load(config)
@@ -169,6 +174,8 @@ def predict_and_submit(config, workdir, data=None, mesh=None) -> dict:
     data_lib.write_text_atomic(json.dumps(scores, indent=1), workdir / "scores.json")
     plots.write_prediction_plots(workdir, data, oof_ids, oof[predicted], oof_masks, scores)
     train_lib.write_training_curves(config, workdir)
+  if test_probs_out is not None:
+    test_probs_out.append(test)
   return scores
 
 

@@ -64,9 +64,13 @@ def main(config, workdir: str | None, config_file: str | None = None) -> int:
       config = config_checks.config_for_prediction(config, workdir)
       scores = predict.predict_and_submit(config, workdir)
     else:
-      # Data are read and validated before the workdir gets anything.
+      # Data are read and validated, and the batch sizes checked against them
+      # and the devices, before the workdir gets anything.
       from saltjax import data as data_lib
+      from saltjax import parallel
       data = data_lib.load(config)
+      train.steps_per_epoch_for(config, parallel.create_mesh(),
+                                data_lib.fold_assignment(config, data)["fold"].to_numpy())
       _record_run(config, workdir)
       scores = train.train_and_evaluate(config, str(workdir), data=data)
   except (layout.DataError, checkpoints.CheckpointError, config_checks.ConfigError,

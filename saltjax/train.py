@@ -196,8 +196,9 @@ def compile_train_steps(config, mesh) -> dict[str, Callable]:
 
 
 def loss_name_for_epoch(config, epoch: int) -> str:
+  """The loss of 0-based `epoch`; `second_from_epoch` counts from 1, as the logs do."""
   second = config.loss.second_from_epoch
-  return config.loss.second_name if 0 <= second <= epoch else config.loss.name
+  return config.loss.second_name if 0 <= second <= epoch + 1 else config.loss.name
 
 
 def predict_probs(infer_fn, variables, images: np.ndarray, *, batch_size: int,
@@ -243,14 +244,8 @@ class Job:
   writer: Any
 
   @classmethod
-  def create(cls, config, mesh, fold_of: np.ndarray, writer) -> "Job":
-    parallel.check_batch_size(config.batch_size, mesh, "config.batch_size")
-    parallel.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
-    smallest = min(int((fold_of != k).sum()) for k in range(config.num_folds))
-    steps_per_epoch = (smallest // jax.process_count()) // local_batch_size(config)
-    if steps_per_epoch == 0:
-      raise ValueError(f"a fold has only {smallest} training images, fewer than"
-                       f" config.batch_size={config.batch_size}")
+  def create(cls, config, mesh, fold_of: np.ndarray, writer, num_extra: int = 0) -> "Job":
+    steps_per_epoch = steps_per_epoch_for(config, mesh, fold_of, num_extra)
     model = create_model(config)
     lr_fn = create_learning_rate_fn(config, steps_per_epoch)
     return cls(config=config, mesh=mesh, model=model, steps_per_epoch=steps_per_epoch,
@@ -273,6 +268,21 @@ def local_batch_size(config) -> int:
   return config.batch_size // jax.process_count()
 
 
+def steps_per_epoch_for(config, mesh, fold_of: np.ndarray, num_extra: int = 0) -> int:
+  """Steps per epoch (the same for every fold); checks the batch sizes fit.
+
+  `num_extra` training examples (pseudo-labels) join every fold.
+  """
+  parallel.check_batch_size(config.batch_size, mesh, "config.batch_size")
+  parallel.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
+  smallest = min(int((fold_of != k).sum()) for k in range(config.num_folds)) + num_extra
+  steps_per_epoch = (smallest // jax.process_count()) // local_batch_size(config)
+  if steps_per_epoch == 0:
+    raise ValueError(f"a fold has only {smallest} training images, fewer than"
+                     f" config.batch_size={config.batch_size}")
+  return steps_per_epoch
+
+
 # ---------------------------------------------------------------- a fold ---
 
 def _swa_update(swa, variables, count):
@@ -280,8 +290,11 @@ def _swa_update(swa, variables, count):
 
 
 def train_fold(job: Job, workdir: pathlib.Path, fold: int, data,
-               fold_of: np.ndarray) -> dict:
-  """Trains one fold (resuming from its latest checkpoint); returns its summary."""
+               fold_of: np.ndarray, extra: tuple | None = None) -> dict:
+  """Trains one fold (resuming from its latest checkpoint); returns its summary.
+
+  `extra`: (images, masks) added to the fold's training side only (pseudo-labels).
+  """
   fold_dir = workdir / f"fold_{fold}"
   done_path = fold_dir / "done.json"
   if done_path.exists():
@@ -297,8 +310,14 @@ def train_fold(job: Job, workdir: pathlib.Path, fold: int, data,
   per_process = len(train_idx) // n_proc
   local_idx = train_idx[proc * per_process:(proc + 1) * per_process]
   steps_per_epoch = job.steps_per_epoch
+  images, masks = data.train_images[local_idx], data.train_masks[local_idx]
+  if extra is not None:
+    per_process = len(extra[0]) // n_proc
+    mine = slice(proc * per_process, (proc + 1) * per_process)
+    images = np.concatenate([images, extra[0][mine]])
+    masks = np.concatenate([masks, extra[1][mine]])
   for_epoch = input_pipeline.train_dataset(
-      data.train_images[local_idx], data.train_masks[local_idx],
+      images, masks,
       batch_size=local_batch_size(config), image_size=config.image_size,
       resize_mode=config.resize_mode, augment_spec=config.augment,
       seed=config.seed * 100 + fold)
@@ -313,7 +332,9 @@ def train_fold(job: Job, workdir: pathlib.Path, fold: int, data,
     state, meta = checkpoints.latest.restore(latest, state, checkpoints.fingerprint)
     logging.info("Fold %d: resumed from epoch %d.", fold, meta["epoch"])
     if meta["swa_count"]:
-      swa, _ = checkpoints.swa.restore(checkpoints.swa.latest_step(),
+      # The average as of that epoch: a later one may exist when the crash
+      # came between the swa and the latest save.
+      swa, _ = checkpoints.swa.restore(meta["epoch"],
                                        {"params": state.params, "batch_stats": state.batch_stats},
                                        checkpoints.fingerprint)
   state = jax.device_put(state, parallel.replicated(mesh))
@@ -376,7 +397,7 @@ def train_fold(job: Job, workdir: pathlib.Path, fold: int, data,
                    fold, config.schedule.plateau_patience, float(state.lr_scale))
     if epoch + 1 in cycle_ends:
       checkpoints.save_model("snapshots", epoch + 1, jax.device_get(variables), model_meta)
-    if 0 <= config.swa_from_epoch <= epoch:
+    if 0 <= config.swa_from_epoch <= epoch + 1:
       swa = jax.device_get(variables) if swa is None else jax.device_get(
           _swa_update(swa, variables, meta["swa_count"]))
       meta["swa_count"] += 1
@@ -458,18 +479,58 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data=Non
                jax.process_count())
   data = data if data is not None else data_lib.load(config)
   fold_of = data_lib.folds_for_run(config, data, workdir)
+  summaries = train_folds(config, workdir, data, fold_of, mesh)
+  if config.fold != -1:
+    return {"folds": summaries}
+  from saltjax import predict
+  test_probs = []
+  scores = predict.predict_and_submit(config, workdir, data=data, mesh=mesh,
+                                      test_probs_out=test_probs)
+  if config.pseudo_label.enabled:
+    scores = pseudo_label_round(config, workdir, data, fold_of, mesh, test_probs[0], scores)
+  return scores
+
+
+def train_folds(config, workdir: pathlib.Path, data, fold_of, mesh, extra=None) -> list:
+  """Trains the config's folds in turn (finished ones are skipped)."""
   writer = metric_writers.create_default_writer(
       str(workdir / "tensorboard"), just_logging=jax.process_index() > 0)
-  todo = folds_to_train(config)
-  job = None
-  summaries = []
-  for fold in todo:
+  job, summaries = None, []
+  for fold in folds_to_train(config):
     if job is None and not (workdir / f"fold_{fold}" / "done.json").exists():
-      job = Job.create(config, mesh, fold_of, writer)
-    summaries.append(train_fold(job, workdir, fold, data, fold_of))
+      job = Job.create(config, mesh, fold_of, writer,
+                       num_extra=0 if extra is None else len(extra[0]))
+    summaries.append(train_fold(job, workdir, fold, data, fold_of, extra))
   writer.close()
   write_training_curves(config, workdir)
-  if config.fold == -1:
-    from saltjax import predict
-    return predict.predict_and_submit(config, workdir, data=data, mesh=mesh)
-  return {"folds": summaries}
+  return summaries
+
+
+def pseudo_label_round(config, workdir: pathlib.Path, data, fold_of, mesh,
+                       test_probs: np.ndarray, first_scores: dict) -> dict:
+  """A second round with confident test predictions added to every fold's training.
+
+  It runs in workdir/pseudo_round (its own checkpoints, resumable like the
+  first); its outputs then replace the workdir's submission, oof and scores,
+  and the first round's are kept as round1_*.
+  """
+  from saltjax import predict, pseudo
+  p = config.pseudo_label
+  chosen, masks = pseudo.select(test_probs, p.low, p.high, p.max_uncertain_fraction)
+  logging.info("Pseudo-labelling: %d of %d test images are confident", len(chosen),
+               len(test_probs))
+  round_dir = workdir / "pseudo_round"
+  round_dir.mkdir(exist_ok=True)
+  extra = (data.test_images[chosen], masks)
+  train_folds(config, round_dir, data, fold_of, mesh, extra=extra)
+  scores = predict.predict_and_submit(config, round_dir, data=data, mesh=mesh)
+  scores["pseudo_label"] = {"num_images": int(len(chosen)), "low": p.low, "high": p.high,
+                            "max_uncertain_fraction": p.max_uncertain_fraction,
+                            "round1_oof_score": first_scores["oof_score"]}
+  if jax.process_index() == 0:
+    for name in ("submission.csv", "oof.csv", "scores.json"):
+      data_lib.write_text_atomic((workdir / name).read_text(), workdir / f"round1_{name}")
+    for name in ("submission.csv", "oof.csv"):
+      data_lib.write_text_atomic((round_dir / name).read_text(), workdir / name)
+    data_lib.write_text_atomic(json.dumps(scores, indent=1), workdir / "scores.json")
+  return scores

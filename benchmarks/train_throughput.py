@@ -1,0 +1,385 @@
+"""Training and TTA-inference throughput of saltjax's own train step.
+
+Times the real code path: `train.Job.create` (model, optimiser, initial
+variables) and the step from `train.compile_train_steps`, with configs/fold.py's
+model (ResNet50 encoder + scSE U-Net, 128x128 input, bfloat16 compute), on
+whatever devices JAX has. The batch is put on the device(s) once: this
+measures the accelerator, not the input pipeline (see input_pipeline.py here
+for that).
+
+For each batch size:
+- trace + lower and compile (XLA) are timed separately from the steps;
+- the compiled step runs once more as a warm-up (first execution);
+- then `--repeats` timings of `--steps` back-to-back steps each, ended by
+  block_until_ready; the median of the repeats is reported as ms/step and
+  images/s;
+- FLOPs per step come from XLA's own cost analysis of the compiled step
+  (forward, backward and optimiser update, as XLA counts them), giving an
+  achieved TFLOP/s, reported against a bf16 matmul rate measured on the same
+  device (an 8192^3 jnp.dot), which stands in for the attainable peak.
+TTA inference (identity + hflip, the validation/prediction function of
+saltjax.inference) is timed the same way.
+
+Usage:
+  python benchmarks/train_throughput.py                       # GPU/TPU run
+  python benchmarks/train_throughput.py --batch_sizes 32 128 --repeats 7
+  python benchmarks/train_throughput.py --match_peer          # smp's exact net
+  python benchmarks/train_throughput.py --tiny                # CPU smoke test
+
+Writes a JSON to benchmarks/results/ (or --output) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--batch_sizes", type=int, nargs="+", default=None,
+                 help="global batch sizes (default 32 64 128 256 512; --tiny: 8 16)")
+  p.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported)")
+  p.add_argument("--steps", type=int, default=20, help="steps per timed repeat")
+  p.add_argument("--dtype", default=None, choices=("bfloat16", "float32"),
+                 help="compute dtype (default bfloat16; --tiny: float32)")
+  p.add_argument("--tta", default="hflip", help="TTA of the inference timing ('' skips it)")
+  p.add_argument("--matmul_size", type=int, default=None,
+                 help="n of the n^3 matmul whose rate is the reference (default 8192; --tiny: 1024)")
+  p.add_argument("--match_peer", action="store_true",
+                 help="no scSE in the encoder: exactly smp's Unet('resnet50', scse decoder)")
+  p.add_argument("--tiny", action="store_true",
+                 help="tiny model at 64x64: a CPU smoke test of this script, not a benchmark")
+  p.add_argument("--compilation_cache", default="",
+                 help="JAX persistent compilation cache dir (compile_s then measures a cache hit)")
+  p.add_argument("--label", default="", help="free text stored in the JSON")
+  p.add_argument("--output", default="", help="JSON path (default benchmarks/results/...)")
+  args = p.parse_args(argv)
+  if args.batch_sizes is None:
+    args.batch_sizes = [8, 16] if args.tiny else [32, 64, 128, 256, 512]
+  if args.dtype is None:
+    # bfloat16 is emulated on CPU: the tiny smoke test stays in float32.
+    args.dtype = "float32" if args.tiny else "bfloat16"
+  if args.matmul_size is None:
+    args.matmul_size = 1024 if args.tiny else 8192
+  if args.tiny:
+    args.steps, args.repeats = min(args.steps, 3), min(args.repeats, 3)
+  return args
+
+
+def stub_missing_host_only_packages() -> list[str]:
+  """Lets saltjax.train import where TensorFlow (or clu) is not installed.
+
+  saltjax.train imports the tf.data pipeline and clu's TensorBoard writer at
+  module level, but the train step and the inference function never touch
+  them. Accelerator images often lack TensorFlow, and its wheel is too big
+  to carry, so a stand-in module satisfies those imports; any real use of it
+  would fail loudly rather than silently (a MagicMock returns mocks, which
+  nothing here feeds to JAX).
+  """
+  from unittest import mock
+  stubbed = []
+  for name in ("tensorflow", "clu"):
+    try:
+      importlib.import_module(name)
+    except ImportError:
+      sys.modules[name] = mock.MagicMock(name=name)
+      if name == "clu":
+        sys.modules["clu.metric_writers"] = sys.modules["clu"].metric_writers
+      stubbed.append(name)
+  try:
+    importlib.import_module("clu.metric_writers")
+  except ImportError:  # clu is there but its TensorBoard writer is not usable
+    sys.modules["clu.metric_writers"] = mock.MagicMock(name="clu.metric_writers")
+    stubbed.append("clu.metric_writers")
+  if stubbed:
+    print(f"note: {', '.join(stubbed)} not importable here; stubbed (unused by the"
+          " timed functions)", file=sys.stderr)
+  return stubbed
+
+
+def make_config(args):
+  from configs import fold
+  config = fold.get_config()
+  config.model.dtype = args.dtype
+  if args.match_peer:
+    config.model.scse_encoder = False
+  if args.tiny:
+    config.image_size = 64
+    config.model.stage_sizes = (1, 1, 1, 1)
+    config.model.encoder_width = 8
+    config.model.decoder_channels = (32, 16, 16, 8, 8)
+    config.model.scse_reduction = 4
+  config.batch_size = max(args.batch_sizes)
+  config.eval_batch_size = max(args.batch_sizes)
+  return config
+
+
+def median_time(fn, repeats: int) -> tuple[float, list[float]]:
+  times = [fn() for _ in range(repeats)]
+  return statistics.median(times), times
+
+
+def matmul_rate(n: int, dtype_name: str, repeats: int = 5, iters: int = 10) -> dict:
+  """Measured n^3 matmul rate in TFLOP/s: the reference 'peak' of the device."""
+  import jax
+  import jax.numpy as jnp
+  dtype = jnp.dtype(dtype_name)
+  ka, kb = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(ka, (n, n), dtype)
+  b = jax.random.normal(kb, (n, n), dtype)
+  f = jax.jit(jnp.dot)
+  jax.block_until_ready(f(a, b))
+
+  def once():
+    t = time.perf_counter()
+    for _ in range(iters):
+      out = f(a, b)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t) / iters
+
+  seconds, _ = median_time(once, repeats)
+  return {"n": n, "dtype": dtype_name, "seconds": seconds,
+          "tflops": 2.0 * n ** 3 / seconds / 1e12}
+
+
+def cost(compiled) -> dict:
+  """FLOPs and bytes of a compiled executable, from XLA's cost analysis."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # older jax: one dict per device program
+    analysis = analysis[0] if analysis else {}
+  analysis = analysis or {}
+  return {"flops": float(analysis.get("flops", 0.0)) or None,
+          "bytes_accessed": float(analysis.get("bytes accessed", 0.0)) or None}
+
+
+def is_oom(e: Exception) -> bool:
+  text = str(e)
+  return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
+def bench_train(job, batch_size: int, args, peak_tflops: float) -> dict:
+  import jax
+  import numpy as np
+  from saltjax import parallel
+  config, mesh = job.config, job.mesh
+  step = job.train_steps[config.loss.name]
+  rng = np.random.default_rng(0)
+  size = config.image_size
+  host = {"image": rng.uniform(size=(batch_size, size, size, 1)).astype(np.float32),
+          "mask": (rng.uniform(size=(batch_size, size, size)) > 0.7).astype(np.float32)}
+  batch = parallel.global_from_local(host, mesh)
+  state = jax.device_put(job.new_state(), parallel.replicated(mesh))
+  jax.block_until_ready((state, batch))
+
+  t = time.perf_counter()
+  lowered = step.lower(state, batch)
+  trace_s = time.perf_counter() - t
+  t = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t
+  t = time.perf_counter()
+  state, metrics = compiled(state, batch)
+  jax.block_until_ready((state, metrics))
+  first_step_s = time.perf_counter() - t
+
+  def once():
+    nonlocal state
+    t = time.perf_counter()
+    for _ in range(args.steps):
+      state, m = compiled(state, batch)
+    jax.block_until_ready((state, m))
+    return (time.perf_counter() - t) / args.steps
+
+  step_s, all_s = median_time(once, args.repeats)
+  costs = cost(compiled)
+  row = {"batch_size": batch_size, "trace_s": trace_s, "compile_s": compile_s,
+         "first_step_s": first_step_s, "step_ms": 1e3 * step_s,
+         "step_ms_repeats": [1e3 * s for s in all_s],
+         "images_per_s": batch_size / step_s, **costs,
+         "loss_finite": bool(jax.device_get(metrics["finite"]))}
+  if costs["flops"]:
+    row["tflops"] = costs["flops"] / step_s / 1e12
+    row["fraction_of_matmul_rate"] = row["tflops"] / peak_tflops
+  return row
+
+
+def bench_tta(job, batch_size: int, args, peak_tflops: float) -> dict:
+  import jax
+  import numpy as np
+  from saltjax import inference
+  from saltjax import parallel
+  config, mesh = job.config, job.mesh
+  # As saltjax.train.Job and saltjax.predict build it.
+  infer = jax.jit(inference.make_infer_fn(job.model, config.resize_mode, args.tta))
+  variables = jax.device_put(job.initial_variables, parallel.replicated(mesh))
+  rng = np.random.default_rng(1)
+  size = config.image_size
+  images = parallel.global_from_local(
+      rng.uniform(size=(batch_size, size, size, 1)).astype(np.float32), mesh)
+  t = time.perf_counter()
+  compiled = infer.lower(variables, images).compile()
+  compile_s = time.perf_counter() - t
+  jax.block_until_ready(compiled(variables, images))
+
+  def once():
+    t = time.perf_counter()
+    for _ in range(args.steps):
+      out = compiled(variables, images)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t) / args.steps
+
+  step_s, all_s = median_time(once, args.repeats)
+  costs = cost(compiled)
+  row = {"batch_size": batch_size, "compile_s": compile_s, "step_ms": 1e3 * step_s,
+         "step_ms_repeats": [1e3 * s for s in all_s],
+         "images_per_s": batch_size / step_s, **costs}
+  if costs["flops"]:
+    row["tflops"] = costs["flops"] / step_s / 1e12
+    row["fraction_of_matmul_rate"] = row["tflops"] / peak_tflops
+  return row
+
+
+def guarded(fn, *a) -> dict:
+  """Runs one measurement; an out-of-memory batch size is recorded, not fatal."""
+  try:
+    return fn(*a)
+  except Exception as e:  # XlaRuntimeError has no stable import path
+    if not is_oom(e):
+      raise
+    return {"batch_size": a[1], "error": "out of memory: " + str(e).splitlines()[0][:300]}
+
+
+def versions() -> dict:
+  from importlib import metadata
+  out = {"python": platform.python_version()}
+  for name in ("jax", "jaxlib", "flax", "optax", "numpy", "jax-cuda12-plugin",
+               "jax-cuda13-plugin", "libtpu"):
+    try:
+      out[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      pass
+  return out
+
+
+def git_commit() -> str:
+  try:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                          capture_output=True, text=True, check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return ""
+
+
+def slug(text: str) -> str:
+  return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+
+
+def print_table(title: str, rows: list[dict]) -> None:
+  print(f"\n{title}")
+  print(f"{'batch':>6} {'images/s':>10} {'ms/step':>9} {'TFLOP/s':>8} {'of matmul':>9}"
+        f" {'compile s':>9}")
+  for r in rows:
+    if "error" in r:
+      print(f"{r['batch_size']:>6}  {r['error'][:70]}")
+      continue
+    tf = f"{r['tflops']:.3g}" if r.get("tflops") else "-"
+    frac = f"{100 * r['fraction_of_matmul_rate']:.0f}%" if r.get("tflops") else "-"
+    print(f"{r['batch_size']:>6} {r['images_per_s']:>10.1f} {r['step_ms']:>9.2f} {tf:>8}"
+          f" {frac:>9} {r['compile_s']:>9.1f}")
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  stubbed = stub_missing_host_only_packages()
+  import jax
+  if args.compilation_cache:
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.compilation_cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  import numpy as np
+  from saltjax import models
+  from saltjax import parallel
+  from saltjax import train
+
+  config = make_config(args)
+  mesh = parallel.create_mesh()
+  for b in args.batch_sizes:
+    parallel.check_batch_size(b, mesh, "--batch_sizes")
+  devices = jax.devices()
+  print(f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform}),"
+        f" jax {jax.__version__}, model dtype {args.dtype}", flush=True)
+
+  peak = matmul_rate(args.matmul_size, args.dtype)
+  print(f"reference: {args.matmul_size}^3 {args.dtype} matmul at {peak['tflops']:.1f}"
+        " TFLOP/s", flush=True)
+
+  # The real Job (model, optimiser, initial variables, jitted steps); folds
+  # only size its steps_per_epoch, so a made-up assignment serves.
+  fold_of = np.arange(config.num_folds * config.batch_size) % config.num_folds
+  t = time.perf_counter()
+  job = train.Job.create(config, mesh, fold_of, writer=None)
+  init_s = time.perf_counter() - t
+
+  result = {
+      "benchmark": "saltjax train step (benchmarks/train_throughput.py)",
+      "label": args.label or ("CPU smoke test (--tiny): tiny model, not the GPU target"
+                              if args.tiny else ""),
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "git_commit": git_commit(),
+      "device": {"platform": devices[0].platform, "device_kind": devices[0].device_kind,
+                 "num_devices": len(devices), "host": platform.node(),
+                 "host_cpus": len(os.sched_getaffinity(0))},
+      "versions": versions(),
+      "stubbed_modules": stubbed,
+      "settings": {"tiny": args.tiny, "match_peer": args.match_peer,
+                   "image_size": config.image_size, "dtype": args.dtype,
+                   "loss": config.loss.name, "optimizer": config.optimizer.name,
+                   "model": {k: (list(v) if isinstance(v, tuple) else v)
+                             for k, v in config.model.to_dict().items()},
+                   "steps_per_repeat": args.steps, "repeats": args.repeats,
+                   "tta": args.tta, "compilation_cache": args.compilation_cache},
+      "model_params": models.count_params(job.initial_variables["params"]),
+      "init_s": init_s,
+      "matmul": peak,
+      "train": [], "tta": [],
+  }
+  for b in args.batch_sizes:
+    row = guarded(bench_train, job, b, args, peak["tflops"])
+    result["train"].append(row)
+    print(f"train batch {b}: " + (row.get("error") or
+          f"{row['images_per_s']:.1f} images/s, {row['step_ms']:.2f} ms/step"), flush=True)
+  if args.tta:
+    for b in args.batch_sizes:
+      row = guarded(bench_tta, job, b, args, peak["tflops"])
+      result["tta"].append(row)
+      print(f"tta batch {b}: " + (row.get("error") or
+            f"{row['images_per_s']:.1f} images/s"), flush=True)
+
+  print_table(f"train step ({result['model_params'] / 1e6:.1f}M params, {args.dtype},"
+              f" {config.image_size}px) on {devices[0].device_kind}", result["train"])
+  if result["tta"]:
+    print_table(f"TTA inference ({args.tta}) on {devices[0].device_kind}", result["tta"])
+
+  out = pathlib.Path(args.output) if args.output else RESULTS / (
+      f"train_throughput_{slug(devices[0].device_kind)}"
+      f"{'_tiny' if args.tiny else ''}_{result['date'][:10]}.json")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(result, indent=1) + "\n")
+  print(f"\nwrote {out}")
+  return result
+
+
+if __name__ == "__main__":
+  main()

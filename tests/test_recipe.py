@@ -1,0 +1,111 @@
+"""The recipe around the model: schedules, optimisers, post-processing."""
+
+import math
+
+import numpy as np
+import optax
+import pytest
+
+from configs import fold
+from saltjax import predict, train
+
+
+def config_with(**schedule):
+  config = fold.get_config()
+  config.num_epochs = 12
+  config.optimizer.learning_rate = 1e-3
+  config.schedule.min_lr = 1e-5
+  for k, v in schedule.items():
+    config.schedule[k] = v
+  return config
+
+
+def sgdr(step, steps_per_epoch, base, min_lr, cycles):
+  """SGDR by hand (Loshchilov & Hutter, eq. 5) for cycles given in epochs."""
+  epoch_start = 0
+  for length in cycles:
+    start, end = epoch_start * steps_per_epoch, (epoch_start + length) * steps_per_epoch
+    if step < end:
+      t = (step - start) / (end - start)
+      return min_lr + 0.5 * (base - min_lr) * (1 + math.cos(math.pi * t))
+    epoch_start += length
+  raise AssertionError("step past the cycles")
+
+
+@pytest.mark.parametrize("cycle_mult, cycles", [(1.0, [4, 4, 4]), (2.0, [2, 4, 8])])
+def test_cosine_restarts_match_sgdr(cycle_mult, cycles):
+  config = config_with(cycle_epochs=cycles[0], cycle_mult=cycle_mult)
+  lr = train.create_learning_rate_fn(config, steps_per_epoch=5)
+  for step in range(0, 5 * min(12, sum(cycles))):
+    assert float(lr(step)) == pytest.approx(sgdr(step, 5, 1e-3, 1e-5, cycles), rel=1e-5)
+  # a restart: back to the maximum at the first step of each cycle
+  assert float(lr(5 * cycles[0])) == pytest.approx(1e-3)
+
+
+def test_snapshot_epochs_are_cycle_ends():
+  assert train.cycle_end_epochs(config_with(cycle_epochs=4)) == [4, 8, 12]
+  assert train.cycle_end_epochs(config_with(cycle_epochs=5)) == [5, 10]
+  assert train.cycle_end_epochs(config_with(cycle_epochs=2, cycle_mult=2.0)) == [2, 6]
+  assert train.cycle_end_epochs(config_with(cycle_epochs=4, warmup_epochs=2)) == [6, 10]
+  assert train.cycle_end_epochs(config_with(name="constant")) == []
+
+
+def test_warmup_then_cosine():
+  config = config_with(cycle_epochs=4, warmup_epochs=2)
+  lr = train.create_learning_rate_fn(config, steps_per_epoch=10)
+  assert float(lr(0)) == pytest.approx(1e-5, rel=1e-5)
+  assert float(lr(10)) == pytest.approx((1e-5 + 1e-3) / 2, rel=1e-5)
+  assert float(lr(20)) == pytest.approx(1e-3, rel=1e-5)
+  assert float(lr(20 + 20)) == pytest.approx(sgdr(20, 10, 1e-3, 1e-5, [4]), rel=1e-5)
+
+
+def test_step_and_constant():
+  lr = train.create_learning_rate_fn(config_with(name="step", step_epochs=3, step_factor=0.1), 10)
+  assert [float(lr(s)) for s in (0, 29, 30, 59, 60)] == pytest.approx(
+      [1e-3, 1e-3, 1e-4, 1e-4, 1e-5])
+  lr = train.create_learning_rate_fn(config_with(name="constant"), 10)
+  assert float(lr(1000)) == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd", "rmsprop"])
+def test_optimisers_step_downhill(name):
+  config = config_with(name="constant")
+  config.optimizer.name = name
+  config.optimizer.learning_rate = 0.05
+  config.optimizer.grad_clip = 1.0
+  config.optimizer.weight_decay = 1e-4
+  tx = train.create_optimizer(config, lambda step: 0.05)
+  params = {"w": np.array([3.0, -2.0], np.float32)}
+  state = tx.init(params)
+  loss = lambda p: float(np.sum(p["w"] ** 2))
+  before = loss(params)
+  for _ in range(20):
+    grads = {"w": 2 * params["w"]}
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  assert loss(params) < before
+
+
+def test_min_area_and_gate():
+  probs = np.zeros((3, 101, 101), np.float32)
+  probs[0, :5, :5] = 0.9       # 25 pixels
+  probs[1, :20, :20] = 0.9     # 400 pixels
+  probs[2, :20, :20] = 0.9
+  masks = predict.apply_postprocessing(probs, 0.5, min_area=100)
+  assert [int(m.sum()) for m in masks] == [0, 400, 400]
+  masks = predict.apply_postprocessing(probs, 0.5, 0, class_probs=np.array([0.9, 0.9, 0.1]),
+                                       gate=0.5)
+  assert [int(m.sum()) for m in masks] == [25, 400, 0]
+
+
+def test_tuned_threshold_maximises_the_oof_metric():
+  truth = np.zeros((2, 101, 101), np.uint8)
+  truth[0, :50] = 1
+  probs = np.zeros((2, 101, 101), np.float32)
+  probs[0, :50] = 0.7          # salt predicted at 0.7 ...
+  probs[1, :50] = 0.45         # ... an empty image with a 0.45 blob
+  config = fold.get_config()
+  choice = predict.tune(truth, probs, None, config)
+  assert 0.45 <= choice["threshold"] < 0.7   # both images right only in between
+  best = max(s for _, s in choice["threshold_sweep"])
+  assert best == 1.0

@@ -1,0 +1,712 @@
+"""Reliability: exact resume after a crash, reproducible runs, no silent failure.
+
+- A training run killed with SIGKILL part-way and started again with the same
+  command ends with bit-identical checkpoints and scores to a run never
+  interrupted (CPU, same seed), and so does one that crashed between two
+  checkpoint saves of one epoch.
+- A non-finite loss stops training with a message naming the step and fold,
+  keeping the last good checkpoint; config.nonfinite='skip' skips such steps
+  without touching the state.
+- Bad data directories and bad config values end main.py with exit status 1,
+  a message naming the file, id or option, no traceback, and nothing in the
+  workdir; corrupt checkpoints and checkpoints of another config are refused.
+
+Cost: one training configuration (the tiny one of conftest, fold 0) is
+compiled once, by the uninterrupted main.py run, into the session's persistent
+compile cache; every other run here loads it from there. The cheap main.py
+runs that fail on bad input start alongside that first run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.conftest import REPO, flag_args, run_main, tiny_config
+
+FOLD = 0
+EPOCHS = 3  # conftest's num_epochs: the train step compiled here is the suite's
+
+
+def _main_args(workdir, data_cache, compile_cache, **overrides) -> list[str]:
+  return ["--config=configs/quick.py", f"--workdir={workdir}",
+          f"--config.cache_dir={data_cache}", f"--config.compilation_cache={compile_cache}",
+          *flag_args(**{"fold": FOLD, **overrides})]
+
+
+def _popen_main(args, log: pathlib.Path, env=None, hook: str | None = None) -> subprocess.Popen:
+  """main.py started in the background; `hook` runs first, in the same process."""
+  command = ["-c", hook] if hook else [str(REPO / "main.py")]
+  with open(log, "w") as stderr:
+    return subprocess.Popen(
+        [sys.executable, *command, *args], cwd=REPO, stdout=subprocess.DEVNULL,
+        stderr=stderr, env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
+
+
+# main.py, paused for good when epoch 2's third batch (0-based epoch 1, batch
+# 2) is handed to the train step, after the marker file says so: the place to
+# SIGKILL it mid-epoch, two of that epoch's steps applied. Pausing only
+# delays the data; what is computed is unchanged.
+_PAUSE_MID_EPOCH = """
+import os, pathlib, runpy, sys, time
+from saltjax import input_pipeline
+original = input_pipeline.epoch_iterator
+
+def epoch_iterator(for_epoch, epoch, skip_batches=0):
+  for i, batch in enumerate(original(for_epoch, epoch, skip_batches)):
+    if (epoch, i) == (1, 2):
+      pathlib.Path(os.environ["PAUSED_MARKER"]).write_text("paused")
+      time.sleep(600)
+    yield batch
+
+input_pipeline.epoch_iterator = epoch_iterator
+sys.argv[0] = "main.py"
+runpy.run_path("main.py", run_name="__main__")
+"""
+
+
+def _steps(store_dir: pathlib.Path) -> list[int]:
+  """Finished checkpoint steps (orbax's unfinished saves have other names)."""
+  if not store_dir.is_dir():
+    return []
+  return sorted(int(p.name) for p in store_dir.iterdir() if p.name.isdigit())
+
+
+def _without_seconds(record: dict) -> dict:
+  """A summary or meta without the timings, which rightly differ between runs."""
+  out = dict(record)
+  if "history" in out:
+    out["history"] = [{k: v for k, v in h.items() if k != "seconds"} for h in out["history"]]
+  return out
+
+
+def _checkpoints(fold_dir: pathlib.Path) -> dict:
+  """{'store/step': (leaf path -> (dtype, shape, bytes), meta)} of a fold dir."""
+  import jax
+  import orbax.checkpoint as ocp
+  out = {}
+  for store in ("latest", "best", "snapshots", "swa"):
+    if not _steps(fold_dir / store):
+      continue
+    manager = ocp.CheckpointManager(
+        (fold_dir / store).absolute(), item_names=("state", "meta"),
+        options=ocp.CheckpointManagerOptions(read_only=True))
+    for step in manager.all_steps():
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+      leaves = {}
+      for path, leaf in jax.tree_util.tree_flatten_with_path(restored["state"])[0]:
+        leaf = np.asarray(leaf)
+        leaves[jax.tree_util.keystr(path)] = (str(leaf.dtype), leaf.shape, leaf.tobytes())
+      out[f"{store}/{step}"] = (leaves, _without_seconds(restored["meta"]))
+    manager.close()
+  return out
+
+
+def _assert_same_training(fold_a: pathlib.Path, fold_b: pathlib.Path) -> None:
+  """Bit-identical checkpoints (params, batch_stats, opt_state, step, lr scale) and scores."""
+  a, b = _checkpoints(fold_a), _checkpoints(fold_b)
+  assert sorted(a) == sorted(b)
+  assert "latest/%d" % EPOCHS in a
+  for name in a:
+    leaves_a, meta_a = a[name]
+    leaves_b, meta_b = b[name]
+    assert sorted(leaves_a) == sorted(leaves_b), name
+    differ = [k for k in leaves_a if leaves_a[k] != leaves_b[k]]
+    assert not differ, f"{name}: {len(differ)} arrays differ, e.g. {differ[:3]}"
+    assert meta_a == meta_b, name
+  latest = a["latest/%d" % EPOCHS][0]
+  for part in ("params", "batch_stats", "opt_state", "step", "lr_scale"):
+    assert any(k.startswith(f"['{part}']") for k in latest), part
+  done_a = json.loads((fold_a / "done.json").read_text())
+  done_b = json.loads((fold_b / "done.json").read_text())
+  assert _without_seconds(done_a) == _without_seconds(done_b)
+  assert len(done_a["history"]) == EPOCHS
+
+
+def _empty(workdir: pathlib.Path) -> bool:
+  return not workdir.exists() or not any(workdir.iterdir())
+
+
+# ---------------------------------------------------------- bad input table ---
+# (id, what to break, expected words in the message). Data cases break one id
+# of a small synthetic Kaggle-layout directory; config cases override options.
+
+def _break_one(kind: str, data_dir: pathlib.Path, id_: str, test_id: str) -> None:
+  if kind == "missing_mask":
+    (data_dir / f"train/masks/{id_}.png").unlink()
+  elif kind == "rgba_image":
+    path = data_dir / f"train/images/{id_}.png"
+    gray = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    cv2.imwrite(str(path), np.dstack([gray, gray, gray, np.full_like(gray, 255)]))
+  elif kind == "malformed_rle":
+    frame = pd.read_csv(data_dir / "train.csv", dtype=str, keep_default_na=False)
+    frame.loc[frame["id"] == id_, "rle_mask"] = "5 x 7"
+    frame.to_csv(data_dir / "train.csv", index=False)
+  elif kind == "id_missing_from_depths":
+    frame = pd.read_csv(data_dir / "depths.csv", dtype=str)
+    frame[frame["id"] != id_].to_csv(data_dir / "depths.csv", index=False)
+  elif kind == "missing_test_image":
+    (data_dir / f"test/images/{test_id}.png").unlink()
+  else:
+    raise AssertionError(kind)
+
+
+BAD_DATA = [
+    ("missing_mask", ["train/masks/{id}.png", "{id}"]),
+    ("rgba_image", ["train/images/{id}.png", "4 channels"]),
+    ("malformed_rle", ["train.csv", "'{id}'", "invalid"]),
+    ("id_missing_from_depths", ["'{id}'", "depths.csv"]),
+    ("missing_test_image", ["test/images/{test_id}.png"]),
+]
+BAD_CONFIG = [
+    ("negative_batch_size", {"batch_size": -8}, ["config.batch_size=-8", "positive"]),
+    ("unknown_loss", {"loss.name": "focal_nope"},
+     ["config.loss.name='focal_nope'", "unknown loss"]),
+    ("fold_out_of_range", {"fold": 2}, ["config.fold=2", "0..1"]),
+    ("unknown_optimizer", {"optimizer.name": "lamb"}, ["config.optimizer.name='lamb'"]),
+    ("bad_tta", {"predict.tta": "rot90"}, ["config.predict.tta='rot90'"]),
+    ("image_size_not_multiple_of_32", {"image_size": 100},
+     ["config.image_size=100", "multiple of 32"]),
+    ("unknown_nonfinite", {"nonfinite": "ignore"}, ["config.nonfinite='ignore'"]),
+    # Valid on its own, too big for the data: checked before anything is written.
+    ("batch_bigger_than_a_fold", {"batch_size": 64, "eval_batch_size": 64},
+     ["config.batch_size=64", "24 training images"]),
+]
+CASES = [pytest.param("data", kind, {}, words, id=kind) for kind, words in BAD_DATA] + [
+    pytest.param("config", name, overrides, words, id=name)
+    for name, overrides, words in BAD_CONFIG]
+# The ones also run through main.py itself (each costs a process's imports).
+VIA_MAIN_PY = ("missing_mask", "fold_out_of_range", "batch_bigger_than_a_fold")
+
+
+@pytest.fixture(scope="module")
+def base_layout(tmp_path_factory):
+  from saltjax import synthetic
+  root = synthetic.write_dataset(tmp_path_factory.mktemp("layout") / "base", num_train=12,
+                                 num_test=4, seed=0)
+  train_ids = list(pd.read_csv(root / "train.csv", dtype=str)["id"])
+  test_ids = sorted(p.stem for p in (root / "test/images").iterdir())
+  return root, train_ids[3], test_ids[1]
+
+
+def _case(tmp_path: pathlib.Path, base_layout, source: str, name: str, overrides: dict,
+          words: list[str]):
+  """(config overrides, expected words) for one case, its data dir made."""
+  root, id_, test_id = base_layout
+  overrides = dict(overrides)
+  if source == "data":
+    data_dir = tmp_path / f"data_{name}"
+    shutil.copytree(root, data_dir)
+    _break_one(name, data_dir, id_, test_id)
+    overrides["data_dir"] = str(data_dir)
+  return overrides, [w.format(id=id_, test_id=test_id) for w in words]
+
+
+@pytest.fixture(scope="module")
+def prepared_data(data_cache):
+  """The tiny synthetic set, generated once before processes race for it."""
+  from saltjax import data as data_lib
+  return data_lib.load(tiny_config(data_cache, ""))
+
+
+@pytest.fixture(scope="module")
+def reference_started(tmp_path_factory, prepared_data, data_cache, compile_cache):
+  """The uninterrupted run, started early (it compiles what every other run reuses)."""
+  workdir = tmp_path_factory.mktemp("reference") / "run"
+  proc = _popen_main(_main_args(workdir, data_cache, compile_cache),
+                     workdir.parent / "stderr.txt")
+  yield workdir, proc
+  if proc.poll() is None:
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def reference(reference_started):
+  workdir, proc = reference_started
+  rc = proc.wait(timeout=900)
+  assert rc == 0, (workdir.parent / "stderr.txt").read_text()[-3000:]
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def job_cache():
+  return {}
+
+
+@pytest.fixture
+def shared_job(job_cache, monkeypatch):
+  """In-process runs share one Job (traced and compiled once), as one process's folds do."""
+  from saltjax import train
+  create = train.Job.create
+
+  def shared(config, mesh, fold_of, writer, num_extra=0):
+    key = config.to_json_best_effort(sort_keys=True)
+    if key not in job_cache:
+      job_cache[key] = create(config, mesh, fold_of, writer=None, num_extra=num_extra)
+    return dataclasses.replace(job_cache[key], writer=writer)
+
+  monkeypatch.setattr(train.Job, "create", shared)
+
+
+@pytest.fixture(scope="module")
+def bad_runs_via_main(reference_started, tmp_path_factory, base_layout, data_cache,
+                      compile_cache):
+  """main.py started on every VIA_MAIN_PY case at once (and after the reference run)."""
+  root = tmp_path_factory.mktemp("via_main")
+  started = {}
+  for param in CASES:
+    source, name, overrides, words = param.values
+    if name in VIA_MAIN_PY:
+      overrides, words = _case(root, base_layout, source, name, overrides, words)
+      workdir, log = root / f"workdir_{name}", root / f"{name}.stderr"
+      proc = _popen_main(_main_args(workdir, data_cache, compile_cache, **overrides), log)
+      started[name] = (proc, log, workdir, words)
+  yield started
+  for proc, *_ in started.values():
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+
+
+# First in the file: its processes start the reference run's compilation, which
+# the tests after it (those that need no training) overlap with.
+@pytest.mark.parametrize("name", VIA_MAIN_PY)
+def test_bad_input_through_main_py(name, bad_runs_via_main):
+  proc, log, workdir, words = bad_runs_via_main[name]
+  rc = proc.wait(timeout=300)
+  err = log.read_text()
+  assert rc == 1, err[-3000:]
+  for word in words:
+    assert word in err, (word, err[-3000:])
+  assert "Traceback" not in err
+  assert _empty(workdir)
+
+
+def test_config_checks_report_every_bad_option_at_once(data_cache, compile_cache):
+  from saltjax import config_checks
+  config = tiny_config(data_cache, compile_cache)
+  for _, overrides, _ in BAD_CONFIG[:-1]:
+    for key, value in overrides.items():
+      node = config
+      *path, last = key.split(".")
+      for part in path:
+        node = node[part]
+      node[last] = value
+  with pytest.raises(config_checks.ConfigError) as raised:
+    config_checks.check(config)
+  for _, _, words in BAD_CONFIG[:-1]:
+    assert words[0] in str(raised.value)
+
+
+@pytest.mark.parametrize("source, name, overrides, words", CASES)
+def test_bad_input_is_refused_before_anything_is_written(
+    source, name, overrides, words, tmp_path, base_layout, prepared_data, data_cache,
+    compile_cache, capfd, monkeypatch):
+  from saltjax import run
+  monkeypatch.delenv("SALTJAX_DEBUG", raising=False)
+  overrides, words = _case(tmp_path, base_layout, source, name, overrides, words)
+  config = tiny_config(data_cache, compile_cache, **{"fold": FOLD, **overrides})
+  workdir = tmp_path / "workdir"
+  assert run.main(config, str(workdir)) == 1
+  err = capfd.readouterr().err
+  assert "error: " in err
+  for word in words:
+    assert word in err, (word, err)
+  assert "Traceback" not in err
+  assert _empty(workdir)
+
+
+# ----------------------------------------------------------------- outputs ---
+
+def test_invalid_submission_is_never_written(tmp_path):
+  from saltjax import data as data_lib
+  from saltjax import submission
+  path = tmp_path / "submission.csv"
+  masks = np.zeros((3, 101, 101), np.uint8)
+  with pytest.raises(submission.SubmissionError, match="duplicated ids"):
+    submission.write_submission(path, ["a", "b", "a"], masks)
+  with pytest.raises(submission.SubmissionError, match="3 masks for 2 test ids"):
+    submission.write_submission(path, ["a", "b"], masks)
+  assert not path.exists()
+  submission.write_submission(path, ["a", "b", "c"], masks)
+  data_lib.write_text_atomic("{}", tmp_path / "scores.json")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.json", "submission.csv"]
+
+
+# ----------------------------------------------------------------- records ---
+
+# The first test to need the reference run: `killed_and_resumed` starts here,
+# in the background, for test_sigkilled_run_resumes_to_bit_identical_results.
+def test_every_run_records_config_versions_and_folds(reference, killed_and_resumed,
+                                                     prepared_data):
+  config = json.loads((reference / "config.json").read_text())
+  assert config["fold"] == FOLD and config["num_epochs"] == EPOCHS
+  assert config["model"]["encoder_width"] == 4
+  versions = json.loads((reference / "versions.json").read_text())
+  for package in ("python", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"):
+    assert package in versions
+  folds = pd.read_csv(reference / "folds.csv", dtype={"id": str})
+  assert list(folds["id"]) == list(prepared_data.train_ids)
+  assert sorted(set(folds["fold"])) == [0, 1]
+  # Everything is written under a temporary name, then renamed.
+  assert not [p for p in reference.rglob("*tmp*")]
+
+
+def test_a_finished_fold_is_not_trained_again(reference, tmp_path, monkeypatch, data_cache,
+                                             compile_cache):
+  from saltjax import train
+
+  def no_job(*args, **kwargs):
+    raise AssertionError("a finished fold was set up for training again")
+
+  shutil.copytree(reference, tmp_path / "run")
+  monkeypatch.setattr(train.Job, "create", no_job)
+  config = tiny_config(data_cache, compile_cache, fold=FOLD)
+  summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+  done = json.loads((tmp_path / "run" / f"fold_{FOLD}" / "done.json").read_text())
+  assert summary["folds"] == [done]
+
+
+# ------------------------------------------------------------------ resume ---
+
+def _kill_mid_epoch_then_resume(args: list[str], workdir: pathlib.Path, logs: pathlib.Path,
+                                out: dict) -> None:
+  """main.py SIGKILLed mid-epoch 2, then the same command run again; facts into `out`."""
+  marker = logs / "paused"
+  proc = _popen_main(args, logs / "killed.stderr", env={"PAUSED_MARKER": str(marker)},
+                     hook=_PAUSE_MID_EPOCH)
+  out["killed"] = proc
+  deadline = time.time() + 600
+  try:
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+      time.sleep(0.05)
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  out["killed_stderr"] = (logs / "killed.stderr").read_text()
+  out["latest_at_kill"] = _steps(workdir / f"fold_{FOLD}" / "latest")
+  out["done_at_kill"] = (workdir / f"fold_{FOLD}" / "done.json").exists()
+  if proc.returncode == -signal.SIGKILL:
+    out["resumed"] = run_main(args)
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(reference, tmp_path_factory, data_cache, compile_cache):
+  """Runs in the background from when the reference is done (on the compile cache it
+  filled), while the in-process tests go on."""
+  logs = tmp_path_factory.mktemp("killed")
+  workdir = logs / "run"
+  out = {}
+  thread = threading.Thread(target=_kill_mid_epoch_then_resume, daemon=True,
+                            args=(_main_args(workdir, data_cache, compile_cache), workdir,
+                                  logs, out))
+  thread.start()
+  yield thread, workdir, out
+  thread.join(timeout=900)
+  if "killed" in out and out["killed"].poll() is None:
+    out["killed"].kill()
+    out["killed"].wait()
+
+
+class _Crash(Exception):
+  pass
+
+
+def test_crash_between_checkpoint_saves_of_an_epoch_resumes(reference, shared_job, tmp_path,
+                                                           monkeypatch, data_cache,
+                                                           compile_cache):
+  """Killed after epoch 2's snapshot/best saves, before its `latest`: epoch 2 is redone."""
+  from saltjax import checkpoints as ckpt_lib
+  from saltjax import run, train
+  config = tiny_config(data_cache, compile_cache, fold=FOLD)
+  run.enable_compilation_cache(config)
+  save_latest = ckpt_lib.FoldCheckpoints.save_latest
+
+  def crashing(self, epoch, state, meta):
+    if epoch == 2:
+      raise _Crash()
+    save_latest(self, epoch, state, meta)
+
+  monkeypatch.setattr(ckpt_lib.FoldCheckpoints, "save_latest", crashing)
+  with pytest.raises(_Crash):
+    train.train_and_evaluate(config, str(tmp_path))
+  fold_dir = tmp_path / f"fold_{FOLD}"
+  assert _steps(fold_dir / "latest") == [1]
+  assert _steps(fold_dir / "snapshots") == [2]  # the cosine cycle's end: saved before latest
+
+  monkeypatch.setattr(ckpt_lib.FoldCheckpoints, "save_latest", save_latest)
+  train.train_and_evaluate(config, str(tmp_path))
+  # Same as the uninterrupted main.py run (which is also in-process == subprocess).
+  _assert_same_training(reference / f"fold_{FOLD}", fold_dir)
+
+
+# -------------------------------------------------------- numerical faults ---
+
+def _inject_nan(monkeypatch, epoch: int, batch: int) -> None:
+  """Batch `batch` of epoch `epoch` (both 0-based) gets NaN images."""
+  from saltjax import input_pipeline
+  original = input_pipeline.epoch_iterator
+
+  def epoch_iterator(for_epoch, e, skip_batches=0):
+    for i, b in enumerate(original(for_epoch, e, skip_batches)):
+      yield {**b, "image": np.full_like(b["image"], np.nan)} if (e, i) == (epoch, batch) else b
+
+  monkeypatch.setattr(input_pipeline, "epoch_iterator", epoch_iterator)
+
+
+def _steps_per_epoch(config, data) -> int:
+  from saltjax import data as data_lib
+  from saltjax import parallel, train
+  fold_of = data_lib.fold_assignment(config, data)["fold"].to_numpy()
+  return train.steps_per_epoch_for(config, parallel.create_mesh(), fold_of)
+
+
+def test_nonfinite_loss_stops_naming_step_and_fold_and_keeps_last_good_checkpoint(
+    reference, shared_job, tmp_path, monkeypatch, prepared_data, data_cache, compile_cache,
+    capfd):
+  from saltjax import run, train
+  config = tiny_config(data_cache, compile_cache, fold=FOLD)
+  run.enable_compilation_cache(config)
+  _inject_nan(monkeypatch, epoch=1, batch=1)
+  step = _steps_per_epoch(config, prepared_data) + 2
+  expected = f"non-finite loss or gradient at step {step} (fold {FOLD}, epoch 2)"
+
+  with pytest.raises(train.NonFiniteError, match=re.escape(expected)):
+    train.train_and_evaluate(config, str(tmp_path))
+  latest = tmp_path / f"fold_{FOLD}" / "latest"
+  assert _steps(latest) == [1]
+
+  # What main.py does: resumes from epoch 1, meets the same step, exits 1.
+  monkeypatch.delenv("SALTJAX_DEBUG", raising=False)
+  capfd.readouterr()
+  assert run.main(config, str(tmp_path)) == 1
+  err = capfd.readouterr().err
+  assert f"error: {expected}" in err
+  assert f"the last good checkpoint is epoch 1 in {latest}" in err
+  assert "config.nonfinite='skip'" in err
+  assert "Traceback" not in err
+  assert _steps(latest) == [1]
+  leaves, meta = _checkpoints(tmp_path / f"fold_{FOLD}")["latest/1"]
+  assert meta["epoch"] == 1
+  for dtype, shape, data in leaves.values():
+    assert np.all(np.isfinite(np.frombuffer(data, dtype).astype(np.float64)))
+
+
+def test_nonfinite_skip_leaves_the_state_unchanged_and_training_goes_on(
+    reference, shared_job, tmp_path, monkeypatch, prepared_data, data_cache, compile_cache,
+    caplog):
+  import jax
+  from saltjax import run, train
+  config = tiny_config(data_cache, compile_cache, fold=FOLD, nonfinite="skip")
+  run.enable_compilation_cache(config)
+  _inject_nan(monkeypatch, epoch=1, batch=1)
+  step = _steps_per_epoch(config, prepared_data) + 2
+  seen = []
+  create = train.Job.create
+
+  def recording(config, mesh, fold_of, writer, num_extra=0):
+    job = create(config, mesh, fold_of, writer, num_extra=num_extra)
+
+    def wrap(fn):
+      def step_fn(state, batch):
+        if not np.all(np.isfinite(np.asarray(batch["image"]))):
+          before = jax.device_get(state)  # the step donates its input
+          new_state, metrics = fn(state, batch)
+          seen.append((before, jax.device_get(new_state), jax.device_get(metrics)))
+          return new_state, metrics
+        return fn(state, batch)
+      return step_fn
+
+    return dataclasses.replace(job, train_steps={n: wrap(f) for n, f in job.train_steps.items()})
+
+  monkeypatch.setattr(train.Job, "create", recording)
+  caplog.set_level("WARNING")
+  summary = train.train_and_evaluate(config, str(tmp_path))
+
+  assert len(seen) == 1
+  before, after, metrics = seen[0]
+  assert not metrics["finite"] and not np.isfinite(metrics["loss"])
+  for part in ("params", "batch_stats", "opt_state", "step", "lr_scale"):
+    a, b = jax.tree.leaves(getattr(before, part)), jax.tree.leaves(getattr(after, part))
+    assert len(a) == len(b)
+    assert all(np.asarray(x).tobytes() == np.asarray(y).tobytes() for x, y in zip(a, b)), part
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(after.params))
+  assert f"skipped 1 non-finite step(s), first at step {step}" in caplog.text
+
+  history = summary["folds"][0]["history"]
+  assert len(history) == EPOCHS
+  assert all(np.isfinite(h["train_loss"]) for h in history)
+  assert (tmp_path / f"fold_{FOLD}" / "done.json").exists()
+  leaves, _ = _checkpoints(tmp_path / f"fold_{FOLD}")[f"latest/{EPOCHS}"]
+  assert all(np.all(np.isfinite(np.frombuffer(d, t).astype(np.float64)))
+             for t, _, d in leaves.values())
+
+
+# ------------------------------------------------------------- checkpoints ---
+
+def _copy_for_resume(reference: pathlib.Path, to: pathlib.Path) -> pathlib.Path:
+  """The reference workdir, its fold made unfinished: a run resumes from `latest`."""
+  shutil.copytree(reference, to)
+  (to / f"fold_{FOLD}" / "done.json").unlink()
+  return to / f"fold_{FOLD}" / "latest" / str(EPOCHS)
+
+
+def _truncate(path: pathlib.Path) -> None:
+  with open(path, "r+b") as f:
+    f.truncate(path.stat().st_size // 2)
+
+
+def _data_files(step_dir: pathlib.Path) -> list[pathlib.Path]:
+  return sorted(p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d")
+
+
+CORRUPTIONS = {
+    "truncated_array_file": lambda d: _truncate(_data_files(d)[0]),
+    "deleted_manifest": lambda d: (d / "state" / "manifest.ocdbt").unlink(),
+    "flipped_byte": lambda d: _flip(_data_files(d)[-1]),
+    "deleted_meta": lambda d: shutil.rmtree(d / "meta"),
+    # Without its checksums (a crash right after orbax finished the step),
+    # what orbax reads first is still checked. (Arrays orbax fails to read
+    # are refused too, but leave its asyncio tasks complaining on stderr.)
+    "truncated_meta_without_checksums": lambda d: [(d / "checksums.json").unlink(),
+                                                   _truncate(d / "meta" / "metadata")],
+}
+
+
+def _flip(path: pathlib.Path) -> None:
+  data = bytearray(path.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+def test_corrupt_checkpoint_is_refused_not_half_loaded(corruption, reference, tmp_path,
+                                                       data_cache, compile_cache):
+  import jax
+  from saltjax import checkpoints as ckpt_lib
+  config = tiny_config(data_cache, compile_cache, fold=FOLD)
+  target = jax.device_get(_raw_state(reference / f"fold_{FOLD}" / "latest", EPOCHS))
+  step_dir = _copy_for_resume(reference, tmp_path / "run")
+  CORRUPTIONS[corruption](step_dir)
+  checkpoints = ckpt_lib.FoldCheckpoints(step_dir.parents[1], config)
+  with pytest.raises(ckpt_lib.CheckpointError, match="corrupt") as raised:
+    checkpoints.latest.restore(EPOCHS, target, checkpoints.fingerprint)
+  assert str(step_dir) in str(raised.value)
+  checkpoints.close()
+
+
+def _raw_state(store_dir: pathlib.Path, step: int):
+  import orbax.checkpoint as ocp
+  manager = ocp.CheckpointManager(store_dir.absolute(), item_names=("state", "meta"),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  state = manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  manager.close()
+  return state
+
+
+def _listing(root: pathlib.Path) -> list[pathlib.Path]:
+  """Every path under root but the tensorboard logs (each run adds an event file)."""
+  return sorted(p.relative_to(root) for p in root.rglob("*") if "tensorboard" not in p.parts)
+
+
+def test_main_refuses_a_corrupt_checkpoint(reference, shared_job, tmp_path, data_cache,
+                                          compile_cache, capfd, monkeypatch):
+  from saltjax import run
+  monkeypatch.delenv("SALTJAX_DEBUG", raising=False)
+  step_dir = _copy_for_resume(reference, tmp_path / "run")
+  damaged = _data_files(step_dir)[0]
+  _truncate(damaged)
+  before = _listing(tmp_path)
+  config = tiny_config(data_cache, compile_cache, fold=FOLD)
+  assert run.main(config, str(tmp_path / "run")) == 1
+  err = capfd.readouterr().err
+  assert f"error: checkpoint {step_dir} is corrupt or incomplete" in err
+  assert damaged.relative_to(step_dir).as_posix() in err
+  assert "Traceback" not in err
+  # Refused as it is: not replaced, not trained over.
+  assert _listing(tmp_path) == before
+
+
+def test_changed_model_config_is_refused_for_the_same_workdir(reference, tmp_path, data_cache,
+                                                             compile_cache, capfd, monkeypatch):
+  from saltjax import checkpoints as ckpt_lib
+  from saltjax import run
+  monkeypatch.delenv("SALTJAX_DEBUG", raising=False)
+  _copy_for_resume(reference, tmp_path / "run")
+  saved = (tmp_path / "run" / "config.json").read_text()
+  config = tiny_config(data_cache, compile_cache, fold=FOLD, **{"model.encoder_width": 8})
+  assert run.main(config, str(tmp_path / "run")) == 1
+  err = capfd.readouterr().err
+  assert "config.model.encoder_width was 4, now 8" in err
+  assert str(tmp_path / "run" / "config.json") in err
+  assert "Traceback" not in err
+  assert (tmp_path / "run" / "config.json").read_text() == saved
+
+  # The checkpoints themselves refuse another model or input config too.
+  for overrides in ({"model.encoder_width": 8}, {"image_size": 96}):
+    other = tiny_config(data_cache, compile_cache, fold=FOLD, **overrides)
+    checkpoints = ckpt_lib.FoldCheckpoints(reference / f"fold_{FOLD}", other)
+    with pytest.raises(ckpt_lib.CheckpointError, match="another model/input config"):
+      checkpoints.latest.restore(EPOCHS, None, checkpoints.fingerprint)
+    checkpoints.close()
+
+
+def test_a_checkpoint_step_is_saved_again_and_swa_keeps_the_average_a_resume_needs(
+    tmp_path, data_cache, compile_cache):
+  """A redone epoch saves its step again (orbax alone refuses); swa keeps two averages."""
+  from saltjax import checkpoints as ckpt_lib
+  config = tiny_config(data_cache, compile_cache, fold=FOLD)
+  checkpoints = ckpt_lib.FoldCheckpoints(tmp_path, config)
+  tree = lambda value: {"params": {"w": np.full((3,), value, np.float32)}}
+  for epoch in (1, 2, 3):
+    checkpoints.save_model("swa", epoch, tree(epoch), {"epoch": epoch})
+    checkpoints.save_model("best", epoch, tree(epoch), {"epoch": epoch})
+  # Resumed from `latest` at epoch 2 after a crash that followed the epoch-3
+  # swa save: the epoch-2 average is still there.
+  assert _steps(tmp_path / "swa") == [2, 3]
+  assert _steps(tmp_path / "best") == [3]
+  restored, meta = checkpoints.swa.restore(2, tree(0), checkpoints.fingerprint)
+  assert meta["epoch"] == 2 and restored["params"]["w"].tolist() == [2, 2, 2]
+  # ... and epoch 3 redone saves its step again, with what it computed this time.
+  checkpoints.save_model("swa", 3, tree(30), {"epoch": 3})
+  checkpoints.save_model("best", 3, tree(30), {"epoch": 3})
+  restored, _ = checkpoints.best.restore(3, tree(0), checkpoints.fingerprint)
+  assert restored["params"]["w"].tolist() == [30, 30, 30]
+  assert _steps(tmp_path / "swa") == [2, 3]
+  assert ckpt_lib.model_checkpoints(tmp_path, "swa") == [("swa", 3)]
+  # What a save killed part-way leaves behind is not taken for a checkpoint.
+  (tmp_path / "best" / "4.orbax-checkpoint-tmp").mkdir()
+  assert ckpt_lib.model_checkpoints(tmp_path, "best") == [("best", 3)]
+  checkpoints.close()
+
+
+# Last: the runs it checks have gone on in the background meanwhile.
+def test_sigkilled_run_resumes_to_bit_identical_results(reference, killed_and_resumed):
+  thread, workdir, out = killed_and_resumed
+  thread.join(timeout=900)
+  assert not thread.is_alive()
+  assert out["killed"].returncode == -signal.SIGKILL, out["killed_stderr"][-3000:]
+  assert out["latest_at_kill"] == [1]  # killed in epoch 2, after epoch 1's checkpoint
+  assert not out["done_at_kill"]
+  # The same command again, without the pause.
+  result = out["resumed"]
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"Fold {FOLD}: resumed from epoch 1." in result.stderr
+  _assert_same_training(reference / f"fold_{FOLD}", workdir / f"fold_{FOLD}")
