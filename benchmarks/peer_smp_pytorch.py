@@ -48,6 +48,8 @@ import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import report  # noqa: E402  (beside this script)
 RESULTS = REPO / "benchmarks" / "results"
 ORIGINAL_SIZE = 101
 
@@ -303,10 +305,6 @@ def versions(torch) -> dict:
   return out
 
 
-def slug(text: str) -> str:
-  return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
-
-
 def print_table(title: str, rows: list[dict]) -> None:
   print(f"\n{title}")
   print(f"{'batch':>6} {'images/s':>10} {'ms/step':>9} {'TFLOP/s*':>8} {'first s':>8}")
@@ -385,11 +383,8 @@ def main(argv=None) -> dict:
               f" {args.dtype}, {args.image_size}px) on {device_kind}", result["train"])
   if result["tta"]:
     print_table(f"TTA inference ({args.tta}) on {device_kind}", result["tta"])
-  out = pathlib.Path(args.output) if args.output else RESULTS / (
-      f"peer_smp_{slug(device_kind)}{'_tiny' if args.tiny else ''}_{result['date'][:10]}.json")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=1) + "\n")
-  print(f"\nwrote {out}")
+  report.write_result(result, args.output,
+                      f"peer_smp_{report.slug(device_kind)}{'_tiny' if args.tiny else ''}")
   return result
 
 

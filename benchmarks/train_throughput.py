@@ -44,6 +44,8 @@ import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import report  # noqa: E402  (beside this script)
 sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -283,10 +285,6 @@ def git_commit() -> str:
     return ""
 
 
-def slug(text: str) -> str:
-  return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
-
-
 def print_table(title: str, rows: list[dict]) -> None:
   print(f"\n{title}")
   print(f"{'batch':>6} {'images/s':>10} {'ms/step':>9} {'TFLOP/s':>8} {'of matmul':>9}"
@@ -372,12 +370,9 @@ def main(argv=None) -> dict:
   if result["tta"]:
     print_table(f"TTA inference ({args.tta}) on {devices[0].device_kind}", result["tta"])
 
-  out = pathlib.Path(args.output) if args.output else RESULTS / (
-      f"train_throughput_{slug(devices[0].device_kind)}"
-      f"{'_tiny' if args.tiny else ''}_{result['date'][:10]}.json")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=1) + "\n")
-  print(f"\nwrote {out}")
+  report.write_result(result, args.output,
+                      f"train_throughput_{report.slug(devices[0].device_kind)}"
+                      f"{'_tiny' if args.tiny else ''}")
   return result
 
 

@@ -164,6 +164,9 @@ def predict_and_submit(config, workdir, data=None, mesh=None,
                scores["oof_score"], scores["oof_iou"], post["threshold"],
                post["min_area"], scores["num_oof"])
 
+  for cls, record in scores["score_by_coverage_class"].items():
+    logging.info("  coverage class %2s: %4d images, OOF score %.4f", cls, record["count"],
+                 record["score"])
   if jax.process_index() == 0:
     data_lib.write_csv_atomic(
         pd.DataFrame({"id": oof_ids, "rle_mask": [rle.encode(m) for m in oof_masks]}),

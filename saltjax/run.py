@@ -55,7 +55,13 @@ def main(config, workdir: str | None, config_file: str | None = None) -> int:
   from saltjax import checkpoints, layout, train  # heavy imports after flags
   if config.get("distributed", False):
     jax.distributed.initialize()
-  workdir = pathlib.Path(workdir or default_workdir(config_file))
+  workdir = workdir or default_workdir(config_file)
+  if "://" in workdir:
+    # pathlib would quietly turn gs://b/x into a local folder gs:/b/x.
+    print(f"error: --workdir={workdir}: URLs are not supported; use a mounted path"
+          " (e.g. gcsfuse or NFS) shared by every host", file=sys.stderr)
+    return 1
+  workdir = pathlib.Path(workdir)
   try:
     config_checks.check(config)
     enable_compilation_cache(config)
