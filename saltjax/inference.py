@@ -7,7 +7,6 @@ augmentations. Averaging happens on probabilities, as in the seed.
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp

@@ -12,7 +12,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import pathlib
 import sys
 import time
