@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pathlib
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from saltjax import data as data_lib
 
 
 class CheckpointError(RuntimeError):
@@ -119,9 +120,8 @@ def _file_digests(step_dir: pathlib.Path) -> dict[str, list]:
 
 def _write_checksums(step_dir: pathlib.Path) -> None:
   """Written (atomically) once orbax has finished the step directory."""
-  tmp = step_dir / f".{_CHECKSUMS}.tmp-{os.getpid()}"
-  tmp.write_text(json.dumps(_file_digests(step_dir), indent=0))
-  os.replace(tmp, step_dir / _CHECKSUMS)
+  data_lib.write_text_atomic(json.dumps(_file_digests(step_dir), indent=0),
+                             step_dir / _CHECKSUMS)
 
 
 def _verify_checksums(step_dir: pathlib.Path) -> None:

@@ -51,13 +51,11 @@ def fold_assignment(config, data: layout.SaltData) -> pd.DataFrame:
 
 def write_csv_atomic(frame: pd.DataFrame, path: pathlib.Path) -> None:
   """Writes a CSV under a temporary name, then renames it into place."""
-  path = pathlib.Path(path)
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  frame.to_csv(tmp, index=False)
-  os.replace(tmp, path)
+  write_text_atomic(frame.to_csv(index=False), path)
 
 
 def write_text_atomic(text: str, path: pathlib.Path) -> None:
+  """Writes text under a temporary name, then renames it into place."""
   path = pathlib.Path(path)
   tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
   tmp.write_text(text)
