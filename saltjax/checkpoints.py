@@ -24,11 +24,12 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from saltjax import data as data_lib
+from saltjax import workdir as workdir_lib
+from saltjax.errors import CheckpointError, WorkdirError
 
-
-class CheckpointError(RuntimeError):
-  """A checkpoint that cannot be used: corrupt or from an incompatible config."""
+# The kinds of checkpoint a fold keeps; `config.predict.checkpoints` picks among
+# the model stores (all but `latest` hold {params, batch_stats} alone).
+STORES = workdir_lib.CHECKPOINT_STORES
 
 
 # The config keys whose values decide the shapes and meaning of the weights.
@@ -43,29 +44,80 @@ def fingerprint(config) -> str:
   return hashlib.sha256(json.dumps(model, sort_keys=True).encode()).hexdigest()[:16]
 
 
-class _Store:
-  """One orbax CheckpointManager holding {'state': pytree, 'meta': json}."""
+def _first_line(e: BaseException, limit: int = 200) -> str:
+  """The gist of a library error (tensorstore's can run to pages)."""
+  text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+  return text if len(text) <= limit else text[:limit] + "..."
 
-  def __init__(self, directory: pathlib.Path, max_to_keep: int | None):
-    self.directory = directory
+
+def _check_structure(where, wanted: dict, saved: dict, error=None) -> None:
+  """CheckpointError naming the differences when the two trees differ."""
+  missing = sorted(set(wanted) - set(saved))
+  extra = sorted(set(saved) - set(wanted))
+  reshaped = sorted(k for k in set(wanted) & set(saved) if wanted[k] != saved[k])
+  if missing or extra or reshaped:
+    details = "; ".join(f"{what}: {', '.join(keys[:3])}" for what, keys in
+                        (("missing", missing), ("unexpected", extra),
+                         ("other shape", reshaped)) if keys)
+    raise CheckpointError(
+        f"checkpoint {where} is intact but holds a different structure than this"
+        f" program expects ({details}); it was written by another version or"
+        " model config") from error
+
+
+def _tree_shapes(tree) -> dict[str, tuple]:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(path): tuple(getattr(leaf, "shape", ()))
+          for path, leaf in flat}
+
+
+class Store:
+  """One orbax CheckpointManager holding {'state': pytree, 'meta': json}.
+
+  With `asynchronous`, `save` returns once the arrays are copied off the
+  device and orbax writes them in the background; `finish` waits for the
+  writes (and adds each step's checksums). Until then a crash leaves at most
+  an unfinished temporary directory, which orbax never mistakes for a step.
+  """
+
+  def __init__(self, directory: pathlib.Path, max_to_keep: int | None,
+               asynchronous: bool = False):
+    self.directory = pathlib.Path(directory)
+    self._unchecked: list[int] = []  # saved steps still without checksums
     self.manager = ocp.CheckpointManager(
-        directory.absolute(),
+        self.directory.absolute(),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True,
-            enable_async_checkpointing=False),
+            enable_async_checkpointing=asynchronous),
         item_names=("state", "meta"))
 
   def save(self, step: int, pytree: Any, meta: dict) -> None:
-    if step in self.manager.all_steps():
-      # A resumed run redoing the epoch a crash interrupted (say between the
-      # `best` and the `latest` save): orbax never overwrites a step.
-      self.manager.delete(step)
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(pytree), meta=ocp.args.JsonSave(meta)),
-        force=True)
-    self.manager.wait_until_finished()
+    self.finish()
+    try:
+      if step in self.manager.all_steps():
+        # A resumed run redoing an epoch that a crash interrupted after this
+        # store was written: orbax never overwrites a step.
+        self.manager.delete(step)
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(pytree), meta=ocp.args.JsonSave(meta)),
+          force=True)
+    except OSError as e:
+      raise WorkdirError(workdir_lib.describe_os_error(e, self.directory)) from e
+    self._unchecked.append(step)
+
+  def finish(self) -> None:
+    """Waits for pending writes, then writes the checksums of finished steps."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # orbax re-raises the background thread's error
+      raise WorkdirError(f"writing a checkpoint in {self.directory} failed:"
+                         f" {_first_line(e)}. Free some space or fix the permissions,"
+                         " then run the same command again to resume") from e
     if jax.process_index() == 0:
-      _write_checksums(self.directory / str(step))
+      for step in self._unchecked:
+        if (self.directory / str(step)).is_dir():
+          _write_checksums(self.directory / str(step))
+    self._unchecked = []
 
   def steps(self) -> list[int]:
     return list(self.manager.all_steps())
@@ -77,28 +129,63 @@ class _Store:
     return self.manager.restore(step, args=ocp.args.Composite(
         meta=ocp.args.JsonRestore()))["meta"]
 
-  def restore(self, step: int, target: Any, expected_fingerprint: str) -> tuple[Any, dict]:
+  def _checked_meta(self, step: int, expected_fingerprint: str) -> dict:
     where = self.directory / str(step)
     _verify_checksums(where)
     try:
       meta = self.meta(step)
     except Exception as e:  # orbax raises many types for unreadable files
-      raise CheckpointError(f"checkpoint {where} is unreadable or corrupt: {e}") from e
+      raise CheckpointError(f"checkpoint {where} is unreadable or corrupt"
+                            f" ({_first_line(e)}); delete that directory or use a new"
+                            " --workdir") from e
     if meta.get("fingerprint") != expected_fingerprint:
       raise CheckpointError(
           f"checkpoint {where} was written for another model/input config"
           f" (fingerprint {meta.get('fingerprint')} != {expected_fingerprint});"
           " use a new --workdir or the config the run was started with")
+    return meta
+
+  def restore(self, step: int, target: Any, expected_fingerprint: str) -> tuple[Any, dict]:
+    """The step's pytree, shaped as `target`, and its meta."""
+    meta = self._checked_meta(step, expected_fingerprint)
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract)))["state"]
     except Exception as e:
-      raise CheckpointError(f"checkpoint {where} is corrupt or incomplete: {e}") from e
+      self._raise_restore_error(step, target, e)
     return restored, meta
 
+  def restore_raw(self, step: int, expected_fingerprint: str) -> tuple[Any, dict]:
+    """The step's pytree as saved (nested dicts of arrays), and its meta."""
+    meta = self._checked_meta(step, expected_fingerprint)
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore()))["state"]
+    except Exception as e:
+      raise CheckpointError(f"checkpoint {self.directory / str(step)} is corrupt or"
+                            f" incomplete ({_first_line(e)})") from e
+    return restored, meta
+
+  def _raise_restore_error(self, step: int, target: Any, error: Exception):
+    """A structure mismatch says so; anything else is a damaged checkpoint."""
+    where = self.directory / str(step)
+    try:
+      saved = _tree_shapes(self.manager.item_metadata(step)["state"])
+    except Exception:  # the metadata itself is unreadable
+      saved = None
+    if saved is not None:
+      _check_structure(where, _tree_shapes(target), saved, error)
+    raise CheckpointError(f"checkpoint {where} is corrupt or incomplete"
+                          f" ({_first_line(error)}); delete that directory or use a new"
+                          " --workdir") from error
+
   def close(self):
+    self.finish()
     self.manager.close()
+
+
+_Store = Store  # the name earlier code used
 
 
 _CHECKSUMS = "checksums.json"
@@ -120,8 +207,8 @@ def _file_digests(step_dir: pathlib.Path) -> dict[str, list]:
 
 def _write_checksums(step_dir: pathlib.Path) -> None:
   """Written (atomically) once orbax has finished the step directory."""
-  data_lib.write_text_atomic(json.dumps(_file_digests(step_dir), indent=0),
-                             step_dir / _CHECKSUMS)
+  workdir_lib.write_text(json.dumps(_file_digests(step_dir), indent=0),
+                         step_dir / _CHECKSUMS)
 
 
 def _verify_checksums(step_dir: pathlib.Path) -> None:
@@ -150,17 +237,24 @@ def _verify_checksums(step_dir: pathlib.Path) -> None:
 
 
 class FoldCheckpoints:
-  """The checkpoints of one fold."""
+  """The checkpoints of one fold.
 
-  def __init__(self, fold_dir: pathlib.Path | str, config):
+  `best` keeps two steps: a run resumed from `latest` at epoch e restores the
+  best model as of epoch e (meta `best_epoch`) even when a crash came after a
+  newer best was written; `swa` likewise keeps the average of epoch e.
+  """
+
+  def __init__(self, fold_dir: pathlib.Path | str, config, asynchronous: bool = False):
     fold_dir = pathlib.Path(fold_dir)
     self.fingerprint = fingerprint(config)
-    self.latest = _Store(fold_dir / "latest", max_to_keep=1)
-    self.best = _Store(fold_dir / "best", max_to_keep=1)
-    self.snapshots = _Store(fold_dir / "snapshots", max_to_keep=None)
-    # Two kept: a run resumed from `latest` at epoch e restores the average
-    # of epoch e even when a crash came after the swa save of epoch e + 1.
-    self.swa = _Store(fold_dir / "swa", max_to_keep=2)
+    self.latest = Store(fold_dir / "latest", max_to_keep=1, asynchronous=asynchronous)
+    self.best = Store(fold_dir / "best", max_to_keep=2, asynchronous=asynchronous)
+    self.snapshots = Store(fold_dir / "snapshots", max_to_keep=None,
+                           asynchronous=asynchronous)
+    self.swa = Store(fold_dir / "swa", max_to_keep=2, asynchronous=asynchronous)
+
+  def stores(self) -> tuple[Store, ...]:
+    return (self.latest, self.best, self.snapshots, self.swa)
 
   def _meta(self, meta: dict) -> dict:
     return {**meta, "fingerprint": self.fingerprint}
@@ -171,31 +265,62 @@ class FoldCheckpoints:
   def save_model(self, store: str, step: int, variables: Any, meta: dict) -> None:
     getattr(self, store).save(step, variables, self._meta(meta))
 
+  def finish(self) -> None:
+    for store in self.stores():
+      store.finish()
+
   def close(self):
-    for store in (self.latest, self.best, self.snapshots, self.swa):
+    for store in self.stores():
       store.close()
+
+
+def _steps_on_disk(directory: pathlib.Path) -> list[int]:
+  # Names that are not all digits are orbax's unfinished (temporary) saves.
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir()
+                if p.is_dir() and p.name.isdigit())
 
 
 def model_checkpoints(fold_dir: pathlib.Path, which: str) -> list[tuple[str, int]]:
   """(store, step) of the model checkpoints `which` selects in a fold dir.
 
   which: 'best', 'latest', 'snapshots' (falls back to best when the run ended
-  before a cycle did), 'swa', or several joined by '+'.
+  before a cycle did), 'swa', or several joined by '+'. Empty when the fold
+  holds none of them.
   """
   chosen = []
   for part in which.split("+"):
     part = part.strip()
-    if part not in ("best", "latest", "snapshots", "swa"):
-      raise ValueError(
-          f"unknown config.predict.checkpoints part {part!r}: use best, latest,"
-          " snapshots, swa or several joined by '+'")
-    directory = fold_dir / part
-    # Names that are not all digits are orbax's unfinished (temporary) saves.
-    steps = sorted(int(p.name) for p in directory.glob("[0-9]*")
-                   if p.is_dir() and p.name.isdigit()) if directory.is_dir() else []
+    if part not in STORES:
+      raise CheckpointError(
+          f"unknown config.predict.checkpoints part {part!r}: use"
+          f" {', '.join(STORES)} or several joined by '+'")
+    steps = _steps_on_disk(fold_dir / part)
     if part in ("best", "latest", "swa"):
       steps = steps[-1:]
     if not steps and part == "snapshots":
-      return model_checkpoints(fold_dir, "best")
+      steps, part = _steps_on_disk(fold_dir / "best")[-1:], "best"
     chosen += [(part, s) for s in steps]
   return list(dict.fromkeys(chosen))
+
+
+def restore_variables(fold_dir: pathlib.Path, store: str, step: int, target: Any,
+                      expected_fingerprint: str) -> dict:
+  """{params, batch_stats} of a fold's checkpoint, shaped as `target`.
+
+  `latest` holds the whole train state (optimiser moments too); its model
+  variables are taken out of it.
+  """
+  manager = Store(pathlib.Path(fold_dir) / store, max_to_keep=None)
+  try:
+    if store != "latest":
+      return manager.restore(step, target, expected_fingerprint)[0]
+    raw, _ = manager.restore_raw(step, expected_fingerprint)
+    variables = {"params": raw.get("params") or {},
+                 "batch_stats": raw.get("batch_stats") or {}}
+    _check_structure(manager.directory / str(step), _tree_shapes(target),
+                     _tree_shapes(variables))
+    return jax.tree.map(lambda t, v: jax.numpy.asarray(v, t.dtype), target, variables)
+  finally:
+    manager.manager.close()

@@ -11,18 +11,22 @@ import pathlib
 import ml_collections
 
 from saltjax import augment
+from saltjax import errors
+from saltjax import geometry
 from saltjax import inference
 from saltjax import losses
+from saltjax import optim
+from saltjax import workdir as workdir_lib
 
 
-class ConfigError(ValueError):
-  """Bad config values; the message names every key at fault."""
+ConfigError = errors.ConfigError
 
 
 # Keys that may change between runs sharing a workdir (they don't change
 # what a fold's training computes).
 _FREE_KEYS = ("mode", "fold", "progress", "log_every_steps", "predict",
-              "compilation_cache", "distributed", "eval_batch_size")
+              "compilation_cache", "distributed", "eval_batch_size", "parallel_folds",
+              "checkpoint_every_seconds", "segment", "predict_data_dir")
 
 
 def check(config) -> None:
@@ -37,7 +41,7 @@ def check(config) -> None:
   need(isinstance(config.fold, int) and -1 <= config.fold < max(config.num_folds, 0),
        "fold", f"must be -1 (all) or 0..{config.num_folds - 1}")
   need(config.stratify_by in ("coverage", "depth"), "stratify_by", "use 'coverage' or 'depth'")
-  need(config.resize_mode in ("resize", "pad"), "resize_mode", "use 'resize' or 'pad'")
+  need(config.resize_mode in geometry.RESIZE_MODES, "resize_mode", "use 'resize' or 'pad'")
   need(config.image_size >= 101 if config.resize_mode == "pad" else config.image_size >= 32,
        "image_size", "must be >= 101 with resize_mode='pad', >= 32 with 'resize'")
   need(config.image_size % 32 == 0, "image_size",
@@ -47,14 +51,17 @@ def check(config) -> None:
   need(config.predict.batch_size > 0, "predict.batch_size", "must be positive")
   need(config.num_epochs > 0, "num_epochs", "must be positive")
   need(config.log_every_steps > 0, "log_every_steps", "must be positive")
+  need(isinstance(config.get("parallel_folds", 1), int) and config.get("parallel_folds", 1) >= 0,
+       "parallel_folds", "must be >= 0 (0: every fold at once)")
+  need(config.get("checkpoint_every_seconds", 0) >= 0, "checkpoint_every_seconds",
+       "must be >= 0 (0: every epoch)")
   need(config.optimizer.learning_rate > 0, "optimizer.learning_rate", "must be positive")
-  need(config.optimizer.name in ("adam", "adamw", "sgd", "rmsprop"), "optimizer.name",
-       "use adam, adamw, sgd or rmsprop")
+  need(config.optimizer.name in optim.OPTIMIZERS, "optimizer.name",
+       f"use one of {', '.join(optim.OPTIMIZERS)}")
   need(config.optimizer.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
   need(config.optimizer.grad_clip >= 0, "optimizer.grad_clip", "must be >= 0")
   s = config.schedule
-  need(s.name in ("cosine_restarts", "constant", "step", "plateau"), "schedule.name",
-       "use cosine_restarts, constant, step or plateau")
+  need(s.name in optim.SCHEDULES, "schedule.name", f"use one of {', '.join(optim.SCHEDULES)}")
   need(s.cycle_epochs > 0, "schedule.cycle_epochs", "must be positive")
   need(s.cycle_mult >= 1, "schedule.cycle_mult", "must be >= 1")
   need(0 <= s.min_lr <= config.optimizer.learning_rate, "schedule.min_lr",
@@ -64,13 +71,14 @@ def check(config) -> None:
   need(0 < s.step_factor <= 1, "schedule.step_factor", "must be in (0, 1]")
   need(0 < s.plateau_factor <= 1, "schedule.plateau_factor", "must be in (0, 1]")
   for key in ("loss.name", "loss.second_name"):
-    need(_get(config, key) in losses.LOSSES, key, f"unknown loss; use one of {', '.join(losses.LOSSES)}")
+    need(_get(config, key) in losses.PER_IMAGE_LOSSES, key,
+         f"unknown loss; use one of {', '.join(losses.PER_IMAGE_LOSSES)}")
   need(config.nonfinite in ("stop", "skip"), "nonfinite", "use 'stop' or 'skip'")
   need(config.predict.tta in inference.TTA_CHOICES, "predict.tta",
        f"use one of {', '.join(inference.TTA_CHOICES)}")
-  need(all(p.strip() in ("best", "latest", "snapshots", "swa")
+  need(all(p.strip() in workdir_lib.CHECKPOINT_STORES
            for p in config.predict.checkpoints.split("+")), "predict.checkpoints",
-       "use best, latest, snapshots, swa or several joined by '+'")
+       f"use {', '.join(workdir_lib.CHECKPOINT_STORES)} or several joined by '+'")
   need(config.predict.threshold < 0 or 0 < config.predict.threshold < 1,
        "predict.threshold", "must be in (0, 1), or -1 to tune it")
   pl = config.pseudo_label
@@ -136,16 +144,45 @@ def check_same_training_config(previous: dict, current: dict, path) -> None:
         " --workdir, or the same config to resume")
 
 
-def config_for_prediction(config, workdir: pathlib.Path) -> ml_collections.ConfigDict:
-  """The workdir's training config with this config's `predict` section."""
-  saved = pathlib.Path(workdir) / "config.json"
+# Keys a prediction takes from the command line; every other one comes from
+# the workdir's training config.
+_PREDICTION_KEYS = ("predict", "mode", "progress", "compilation_cache", "distributed",
+                    "data_dir", "segment")
+
+
+def config_for_prediction(config, workdir: pathlib.Path,
+                          defaults=None) -> ml_collections.ConfigDict:
+  """The workdir's training config with this config's `predict` section.
+
+  `--config.data_dir` names another directory whose test images to predict
+  (the out-of-fold part still comes from the training data). Other values
+  given on the command line (those that differ from `defaults`, the config
+  file's own values) cannot change a trained model: each is named in a
+  warning, never silently dropped.
+  """
+  import logging
+  saved = pathlib.Path(workdir) / workdir_lib.CONFIG_JSON
   if not saved.exists():
     raise ConfigError(f"{saved} not found: --workdir must be a directory that a training"
                       " run (configs/fold.py or configs/quick.py) wrote")
   trained = ml_collections.ConfigDict(json.loads(saved.read_text()))
-  trained.predict = config.predict
-  trained.mode = "predict"
-  trained.progress = config.progress
+  if defaults is not None:
+    given = _flatten(json.loads(config.to_json_best_effort()))
+    default = _flatten(json.loads(defaults.to_json_best_effort()))
+    ignored = sorted(k for k in given if k.split(".")[0] not in _PREDICTION_KEYS
+                     and given[k] != default.get(k))
+    for key in ignored:
+      logging.warning("config.%s=%r is ignored: the model and data settings of a"
+                      " prediction come from %s", key, given[key], saved)
+  with trained.unlocked():
+    trained.predict = config.predict
+    trained.mode = config.mode
+    trained.progress = config.progress
+    if "segment" in config:
+      trained.segment = config.segment
+    trained.predict_data_dir = ""
+    if config.data_dir and config.data_dir != trained.get("data_dir", ""):
+      trained.predict_data_dir = config.data_dir
   for key in ("stage_sizes", "decoder_channels"):
     trained.model[key] = tuple(trained.model[key])
   check(trained)

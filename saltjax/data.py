@@ -12,6 +12,8 @@ import pandas as pd
 from saltjax import folds as folds_lib
 from saltjax import layout
 from saltjax import metrics
+from saltjax import workdir as workdir_lib
+from saltjax.errors import DataError, WorkdirError
 
 
 def resolve_data_dir(config) -> pathlib.Path:
@@ -20,9 +22,13 @@ def resolve_data_dir(config) -> pathlib.Path:
     return pathlib.Path(os.path.expanduser(config.data_dir))
   from saltjax import synthetic  # only needed for the default dataset
   cache = pathlib.Path(os.path.expanduser(config.cache_dir))
-  path = synthetic.ensure_dataset(cache, num_train=config.synthetic.num_train,
-                                  num_test=config.synthetic.num_test,
-                                  seed=config.synthetic.seed)
+  try:
+    path = synthetic.ensure_dataset(cache, num_train=config.synthetic.num_train,
+                                    num_test=config.synthetic.num_test,
+                                    seed=config.synthetic.seed)
+  except OSError as e:
+    raise WorkdirError(workdir_lib.describe_os_error(e, cache).replace(
+        "--workdir", "--config.cache_dir")) from e
   logging.info("Embedded synthetic dataset: %s", path)
   return path
 
@@ -34,6 +40,11 @@ def load(config, load_test: bool = True) -> layout.SaltData:
     from saltjax import tfds_builders
     return tfds_builders.load(config, data_dir, load_test=load_test)
   return layout.read_layout(data_dir, load_test=load_test)
+
+
+def load_test(config, data_dir) -> layout.SaltData:
+  """The test images of another directory, for predicting with a trained workdir."""
+  return layout.read_test_images(pathlib.Path(os.path.expanduser(data_dir)))
 
 
 def fold_assignment(config, data: layout.SaltData) -> pd.DataFrame:
@@ -49,17 +60,9 @@ def fold_assignment(config, data: layout.SaltData) -> pd.DataFrame:
   })
 
 
-def write_csv_atomic(frame: pd.DataFrame, path: pathlib.Path) -> None:
-  """Writes a CSV under a temporary name, then renames it into place."""
-  write_text_atomic(frame.to_csv(index=False), path)
-
-
-def write_text_atomic(text: str, path: pathlib.Path) -> None:
-  """Writes text under a temporary name, then renames it into place."""
-  path = pathlib.Path(path)
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  tmp.write_text(text)
-  os.replace(tmp, path)
+# The workdir module holds the one atomic writer; these names stay for callers.
+write_csv_atomic = workdir_lib.write_csv
+write_text_atomic = workdir_lib.write_text
 
 
 def folds_for_run(config, data: layout.SaltData, workdir: pathlib.Path) -> np.ndarray:
@@ -68,11 +71,11 @@ def folds_for_run(config, data: layout.SaltData, workdir: pathlib.Path) -> np.nd
   Reusing the saved assignment keeps resumed and later runs (and prediction)
   on exactly the split the first run made.
   """
-  path = workdir / "folds.csv"
+  path = pathlib.Path(workdir) / workdir_lib.FOLDS_CSV
   if path.exists():
     saved = pd.read_csv(path, dtype={"id": str})
     if list(saved["id"]) != list(data.train_ids) or saved["fold"].max() + 1 != config.num_folds:
-      raise ValueError(
+      raise DataError(
           f"{path} was made for other training ids or another config.num_folds;"
           " use a new --workdir")
     return saved["fold"].to_numpy()

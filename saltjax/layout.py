@@ -38,6 +38,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from saltjax import errors
 from saltjax import rle
 
 IMAGE_SIZE = 101
@@ -52,7 +53,7 @@ _TRAIN_CSV_COLUMNS = ["id", "rle_mask"]
 _DEPTHS_CSV_COLUMNS = ["id", "z"]
 
 
-class DataError(ValueError):
+class DataError(errors.DataError):
   """All problems found in a data directory, one per line."""
 
   def __init__(self, message: str, problems: Sequence[str] = ()):
@@ -620,6 +621,12 @@ def _scan_sources(data_dir: str, present: dict[str, bool],
       problems.add("missing files", f"{source} {empty}; there are no test ids")
     test_present = [i for i in dict.fromkeys(test_ids) if i in test_stems]
 
+  both = sorted(set(train_ids or []) & set(test_ids) - {""})
+  if both:
+    problems.add("ids in both train and test",
+                 f"{len(both)} test id(s) are also train ids (a test image must not be"
+                 f" trained on): {_short(both)}")
+
   if depths is not None:
     for name, ids in (("train.csv", train_ids or []), ("test", test_ids)):
       for id_ in dict.fromkeys(ids):
@@ -713,3 +720,54 @@ def read_layout(data_dir, load_test: bool = True) -> SaltData:
   if problems:
     raise DataError(problems.message(os.fspath(data_dir)), problems.lines())
   return data
+
+
+def read_test_images(data_dir) -> SaltData:
+  """The test images of a Kaggle-layout directory, alone (predicting new images).
+
+  Reads `test/images/*.png` (or `test.zip`), in `sample_submission.csv` order
+  when that file is there, else sorted by id; train files are not needed.
+  Every problem is reported at once, as `read_layout` does.
+  """
+  problems = _Problems()
+  data_dir = os.fspath(data_dir)
+  source = None
+  if os.path.isdir(os.path.join(data_dir, "test", "images")):
+    source = _FolderSource(data_dir, "test")
+  elif os.path.isfile(os.path.join(data_dir, "test.zip")):
+    source = _open_zip(data_dir, "test", ("images",), problems)
+  else:
+    problems.add("missing files", f"directory test/images is missing from {data_dir}"
+                 " (and there is no test.zip to read instead)")
+  test_ids: list[str] = []
+  loaded = []
+  try:
+    if source is not None:
+      stems = source.stems("images")
+      if os.path.isfile(os.path.join(data_dir, "sample_submission.csv")):
+        frame = _read_csv(data_dir, "sample_submission.csv", None, problems)
+        test_ids = list(frame["id"]) if frame is not None else []
+        _check_ids("sample_submission.csv", test_ids, problems)
+        for id_ in test_ids:
+          if id_ not in stems:
+            problems.add("missing test images", f"sample_submission.csv id {id_!r} has"
+                         f" no {source.name('images', id_)}")
+      else:
+        test_ids = sorted(stems)
+      if not test_ids:
+        problems.add("missing files", f"{source.where('images')} has no test images")
+      entries = [(source, "images", i, "image") for i in test_ids if i in stems]
+      loaded = _load_many(entries)
+      for (src, sub, stem, _), (_, issues) in zip(entries, loaded):
+        for issue in issues:
+          problems.add("bad PNG files", f"{src.name(sub, stem)} {issue}")
+  finally:
+    if source is not None:
+      source.close()
+  if problems:
+    raise DataError(problems.message(data_dir), problems.lines())
+  empty = np.zeros((0, 101, 101), np.uint8)
+  return SaltData(train_ids=[], train_images=empty, train_masks=empty,
+                  train_depths=np.zeros(0, np.int64), test_ids=test_ids,
+                  test_images=_stack([image for image, _ in loaded]),
+                  test_depths=np.zeros(len(test_ids), np.int64))

@@ -231,44 +231,48 @@ def symmetric_lovasz(
 # ----------------------------------------------------------------------------
 
 
+# The one table of losses: name -> per-image form (B,) given the BCE/Dice
+# weights. The checks, the scalar losses and the train step all read it.
+PER_IMAGE_LOSSES: Dict[str, Callable[..., PerImageLossFn]] = {
+    'bce': lambda bce_weight, dice_weight: bce_per_image,
+    'dice': lambda bce_weight, dice_weight: soft_dice_per_image,
+    'bce_dice': lambda bce_weight, dice_weight: functools.partial(
+        bce_dice_per_image, bce_weight=bce_weight, dice_weight=dice_weight
+    ),
+    'lovasz': lambda bce_weight, dice_weight: functools.partial(
+        lovasz_hinge_per_image, activation='relu'
+    ),
+    'lovasz_elu': lambda bce_weight, dice_weight: functools.partial(
+        lovasz_hinge_per_image, activation='elu'
+    ),
+    'lovasz_symmetric': lambda bce_weight, dice_weight: functools.partial(
+        symmetric_lovasz_per_image, activation='relu'
+    ),
+    'lovasz_symmetric_elu': lambda bce_weight, dice_weight: functools.partial(
+        symmetric_lovasz_per_image, activation='elu'
+    ),
+}
+
+
 def _per_image_loss_fn(
     name: str, bce_weight: float = 1.0, dice_weight: float = 1.0
 ) -> PerImageLossFn:
   """The per-image (B,) form of the loss `name`."""
-  fns = {
-      'bce': bce_per_image,
-      'dice': soft_dice_per_image,
-      'bce_dice': functools.partial(
-          bce_dice_per_image, bce_weight=bce_weight, dice_weight=dice_weight
-      ),
-      'lovasz': functools.partial(lovasz_hinge_per_image, activation='relu'),
-      'lovasz_elu': functools.partial(
-          lovasz_hinge_per_image, activation='elu'
-      ),
-      'lovasz_symmetric': functools.partial(
-          symmetric_lovasz_per_image, activation='relu'
-      ),
-      'lovasz_symmetric_elu': functools.partial(
-          symmetric_lovasz_per_image, activation='elu'
-      ),
-  }
-  if name not in fns:
+  if name not in PER_IMAGE_LOSSES:
     raise ValueError(
-        f'Unknown loss {name!r}; valid losses are: {", ".join(sorted(fns))}.'
+        f'Unknown loss {name!r}; valid losses are:'
+        f' {", ".join(sorted(PER_IMAGE_LOSSES))}.'
     )
-  return fns[name]
+  return PER_IMAGE_LOSSES[name](bce_weight, dice_weight)
 
 
+def _batch_mean(per_image_fn: PerImageLossFn) -> LossFn:
+  return lambda logits, labels: per_image_fn(logits, labels).mean()
+
+
+# The scalar (batch-mean) losses at default weights, from the same table.
 LOSSES: Dict[str, LossFn] = {
-    'bce': bce,
-    'dice': soft_dice,
-    'bce_dice': bce_dice,
-    'lovasz': functools.partial(lovasz_hinge, activation='relu'),
-    'lovasz_elu': functools.partial(lovasz_hinge, activation='elu'),
-    'lovasz_symmetric': functools.partial(symmetric_lovasz, activation='relu'),
-    'lovasz_symmetric_elu': functools.partial(
-        symmetric_lovasz, activation='elu'
-    ),
+    name: _batch_mean(_per_image_loss_fn(name)) for name in PER_IMAGE_LOSSES
 }
 
 
@@ -285,15 +289,9 @@ def get_loss_fn(
   Raises:
     ValueError: if `name` is not a known loss.
   """
-  if name not in LOSSES:
-    raise ValueError(
-        f'Unknown loss {name!r}; valid losses are: {", ".join(sorted(LOSSES))}.'
-    )
-  if name == 'bce_dice':
-    return functools.partial(
-        bce_dice, bce_weight=bce_weight, dice_weight=dice_weight
-    )
-  return LOSSES[name]
+  return _batch_mean(
+      _per_image_loss_fn(name, bce_weight=bce_weight, dice_weight=dice_weight)
+  )
 
 
 # ----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The competition metric and other mask scores, in numpy.
+"""The competition metric and other mask scores, in numpy (host) and JAX (device).
 
 TGS Salt scoring: for each image, the mean over IoU thresholds
 t in {0.50, 0.55, ..., 0.95} of [IoU > t]; an empty truth scores 1 for an empty
@@ -23,21 +23,33 @@ def _flat_bool(masks: np.ndarray) -> np.ndarray:
   return masks.reshape(masks.shape[0], -1) != 0
 
 
+def scores_from_counts(inter, union, xp=np):
+  """(competition score, IoU) per image from its intersection and union pixel counts.
+
+  `xp` is numpy or jax.numpy: the same rule scores out-of-fold predictions on
+  the host and validates on the device without bringing masks back.
+  """
+  hits = 20 * inter[..., None] > xp.asarray(_THRESHOLD_TWENTIETHS) * union[..., None]
+  empty = union == 0
+  precision = xp.where(empty, 1.0, hits.mean(-1))
+  iou = xp.where(empty, 1.0, inter / xp.maximum(union, 1))
+  return precision, iou
+
+
+def _counts(truth: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  t, p = _flat_bool(truth), _flat_bool(pred)
+  return (np.logical_and(t, p).sum(1).astype(np.int64),
+          np.logical_or(t, p).sum(1).astype(np.int64))
+
+
 def iou_per_image(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
   """IoU per image; 1.0 where both masks are empty."""
-  t, p = _flat_bool(truth), _flat_bool(pred)
-  inter = np.logical_and(t, p).sum(1)
-  union = np.logical_or(t, p).sum(1)
-  return np.where(union == 0, 1.0, inter / np.maximum(union, 1))
+  return scores_from_counts(*_counts(truth, pred))[1]
 
 
 def precision_per_image(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
   """The competition's per-image score (mean over IoU thresholds)."""
-  t, p = _flat_bool(truth), _flat_bool(pred)
-  inter = np.logical_and(t, p).sum(1).astype(np.int64)
-  union = np.logical_or(t, p).sum(1).astype(np.int64)
-  hits = 20 * inter[:, None] > _THRESHOLD_TWENTIETHS[None, :] * union[:, None]
-  return np.where(union == 0, 1.0, hits.mean(1))
+  return scores_from_counts(*_counts(truth, pred))[0]
 
 
 def competition_score(truth: np.ndarray, pred: np.ndarray) -> float:

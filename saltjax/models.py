@@ -460,3 +460,11 @@ def create_model(model_config: Any, dtype: Any = None) -> UNet:
       deep_supervision=bool(cfg['deep_supervision']),
       classifier=bool(cfg['classifier']),
       dtype=compute_dtype)
+
+
+def initialized(key: jax.Array, model: nn.Module, image_size: int) -> dict:
+  """{params, batch_stats} of `model` for (1, image_size, image_size, 1) input."""
+  dummy = jnp.zeros((1, image_size, image_size, 1), jnp.float32)
+  variables = jax.jit(functools.partial(model.init, train=False))({'params': key}, dummy)
+  return {'params': variables['params'],
+          'batch_stats': variables.get('batch_stats', {})}

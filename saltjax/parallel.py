@@ -13,14 +13,17 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from saltjax.errors import ConfigError
+
 
 def create_mesh(devices=None) -> Mesh:
   devices = np.asarray(jax.devices() if devices is None else devices)
   return Mesh(devices.reshape(-1), ("data",))
 
 
-def data_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P("data"))
+def data_sharding(mesh: Mesh, fold_axis: bool = False) -> NamedSharding:
+  """The batch axis over the devices; with `fold_axis`, batches are (F, B, ...)."""
+  return NamedSharding(mesh, P(None, "data") if fold_axis else P("data"))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -29,27 +32,28 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def check_batch_size(batch_size: int, mesh: Mesh, option: str) -> None:
   if batch_size % mesh.size:
-    raise ValueError(
+    raise ConfigError(
         f"{option}={batch_size} is not divisible by the {mesh.size} devices")
   if batch_size % jax.process_count():
-    raise ValueError(
+    raise ConfigError(
         f"{option}={batch_size} is not divisible by the {jax.process_count()} processes")
 
 
-def global_from_local(batch, mesh: Mesh):
+def global_from_local(batch, mesh: Mesh, fold_axis: bool = False):
   """A global batch from each process's own rows (training data shards)."""
-  sharding = data_sharding(mesh)
+  sharding = data_sharding(mesh, fold_axis)
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
-def global_from_replicated(batch, mesh: Mesh):
+def global_from_replicated(batch, mesh: Mesh, fold_axis: bool = False):
   """A global batch when every process holds the same full batch (inference)."""
   n, i = jax.process_count(), jax.process_index()
+  axis = 1 if fold_axis else 0
   def local(x):
-    rows = x.shape[0] // n
-    return x[i * rows:(i + 1) * rows]
-  return global_from_local(jax.tree.map(local, batch), mesh)
+    rows = x.shape[axis] // n
+    return x[i * rows:(i + 1) * rows] if axis == 0 else x[:, i * rows:(i + 1) * rows]
+  return global_from_local(jax.tree.map(local, batch), mesh, fold_axis)
 
 
 def to_host(x) -> np.ndarray:

@@ -15,7 +15,6 @@ directory and renamed into place, so that a reader never sees half a file.
 
 from __future__ import annotations
 
-import os
 import pathlib
 from typing import Any, Mapping, Sequence
 
@@ -27,6 +26,7 @@ from matplotlib import ticker as mticker
 import numpy as np
 
 from saltjax import metrics
+from saltjax import workdir as workdir_lib
 
 TRAINING_CURVES = "training_curves.png"
 VALIDATION_EXAMPLES = "validation_examples.png"
@@ -48,14 +48,8 @@ def _save_atomic(fig: mfigure.Figure, path: pathlib.Path) -> pathlib.Path:
   """Writes fig as a PNG under a temporary name, then renames it into place."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  try:
-    # format= is needed: the temporary name does not end in .png.
-    fig.savefig(tmp, format="png", dpi=DPI)
-    os.replace(tmp, path)
-  finally:
-    if tmp.exists():
-      tmp.unlink()
+  # format= is needed: the temporary name does not end in .png.
+  workdir_lib.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
   return path
 
 

@@ -10,7 +10,7 @@ maximising the competition metric; every choice is recorded in scores.json.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import pathlib
 
@@ -20,34 +20,62 @@ import pandas as pd
 
 from saltjax import checkpoints as ckpt_lib
 from saltjax import data as data_lib
+from saltjax import geometry
 from saltjax import inference
 from saltjax import metrics
+from saltjax import models
 from saltjax import parallel
 from saltjax import plots
 from saltjax import rle
 from saltjax import submission as submission_lib
-from saltjax import train as train_lib
+from saltjax import workdir as workdir_lib
+from saltjax.errors import CheckpointError
 
 THRESHOLDS = np.round(np.arange(0.20, 0.805, 0.02), 2)
 MIN_AREAS = (0, 5, 10, 20, 40, 80, 150, 300)
 GATES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
 
-def trained_folds(workdir: pathlib.Path, num_folds: int) -> list[int]:
-  return [k for k in range(num_folds)
-          if any((workdir / f"fold_{k}" / d).is_dir() for d in ("best", "snapshots"))]
+@dataclasses.dataclass
+class Prediction:
+  """What `predict_and_submit` computed: the scores, and the test probabilities.
+
+  `fold_test_probs` holds each fold's own ensemble on the test set (the
+  pseudo-label round takes fold k's labels from fold k's models alone).
+  """
+  scores: dict
+  test_probs: np.ndarray
+  fold_test_probs: dict[int, np.ndarray]
+
+
+def usable_folds(workdir: pathlib.Path, num_folds: int,
+                 which: str) -> tuple[dict[int, list], dict[int, str]]:
+  """({fold: [(store, step)]} of the folds holding the checkpoints `which` asks for,
+  {fold: why it is left out} of the others)."""
+  usable, left_out = {}, {}
+  for k in range(num_folds):
+    fold_dir = workdir_lib.fold_dir(workdir, k)
+    if not fold_dir.is_dir():
+      left_out[k] = "not trained"
+      continue
+    chosen = ckpt_lib.model_checkpoints(fold_dir, which)
+    if chosen:
+      usable[k] = chosen
+    else:
+      left_out[k] = f"holds no {which!r} checkpoint (config.predict.checkpoints)"
+  return usable, left_out
+
+
+def trained_folds(workdir: pathlib.Path, num_folds: int, which: str = "best+snapshots") -> list[int]:
+  """The folds of `workdir` that hold a checkpoint `which` selects."""
+  return sorted(usable_folds(workdir, num_folds, which)[0])
 
 
 def load_variables(config, model, fold_dir: pathlib.Path, store: str, step: int):
   abstract = jax.eval_shape(
-      lambda: train_lib.initialized(jax.random.key(0), model, config.image_size))
-  fingerprint = ckpt_lib.fingerprint(config)
-  manager = ckpt_lib._Store(fold_dir / store, max_to_keep=None)
-  try:
-    variables, _ = manager.restore(step, abstract, fingerprint)
-  finally:
-    manager.close()
-  return variables
+      lambda: models.initialized(jax.random.key(0), model, config.image_size))
+  return ckpt_lib.restore_variables(fold_dir, store, step, abstract,
+                                    ckpt_lib.fingerprint(config))
 
 
 def apply_postprocessing(probs: np.ndarray, threshold: float, min_area: int,
@@ -83,39 +111,51 @@ def tune(truth: np.ndarray, probs: np.ndarray, class_probs: np.ndarray | None,
           "threshold_sweep": sweep}
 
 
-def predict_and_submit(config, workdir, data=None, mesh=None,
-                       test_probs_out: list | None = None) -> dict:
+def predict_and_submit(config, workdir, data=None, mesh=None) -> Prediction:
   """Ensembles the workdir's folds; writes submission.csv, oof.csv, scores.json.
 
-  `test_probs_out`, when given, receives the ensembled test probabilities
-  (for pseudo-labelling).
+  Only folds that hold the checkpoints `config.predict.checkpoints` asks for
+  take part; the others are named in the log and in scores.json. With none,
+  nothing is written (a submission of empty masks would look like success).
   """
   workdir = pathlib.Path(workdir)
   mesh = mesh or parallel.create_mesh()
+  usable, left_out = usable_folds(workdir, config.num_folds, config.predict.checkpoints)
+  if not usable:
+    why = "; ".join(f"fold {k} {reason}" for k, reason in left_out.items())
+    raise CheckpointError(
+        f"no fold in {workdir} can predict: {why}. Train first (python main.py"
+        " --config=configs/fold.py --workdir=...) or choose other checkpoints with"
+        " --config.predict.checkpoints=best|latest|snapshots|swa; nothing was written")
+  for k, reason in left_out.items():
+    logging.warning("fold %d left out of the ensemble: %s", k, reason)
   data = data if data is not None else data_lib.load(config)
   fold_of = data_lib.folds_for_run(config, data, workdir)
-  folds = trained_folds(workdir, config.num_folds)
-  if not folds:
-    raise ValueError(f"no trained fold in {workdir}: train first"
-                     " (python main.py --config=configs/fold.py --workdir=...)")
+  test_data = data
+  if config.get("predict_data_dir", ""):
+    test_data = data_lib.load_test(config, config.predict_data_dir)
+  folds = sorted(usable)
   parallel.check_batch_size(config.predict.batch_size, mesh, "config.predict.batch_size")
-  model = train_lib.create_model(config)
-  infer_fn = jax.jit(inference.make_infer_fn(model, config.resize_mode, config.predict.tta))
+  model = models.create_model(config.model)
+  infer_fn = jax.jit(inference.make_infer_fn(model, config.image_size, config.resize_mode,
+                                             config.predict.tta))
+  progress = inference.progress_enabled(config)
 
   def run(variables, images, what):
-    return train_lib.predict_probs(infer_fn, variables, images,
-                                   batch_size=config.predict.batch_size,
-                                   config=config, mesh=mesh, progress=what)
+    return inference.predict_probs(infer_fn, variables, images,
+                                   batch_size=config.predict.batch_size, mesh=mesh,
+                                   progress=what if progress else None)
 
-  n_train, n_test = len(data.train_ids), len(data.test_ids)
-  oof = np.zeros((n_train, 101, 101), np.float32)
+  size = geometry.ORIGINAL_SIZE
+  n_train, n_test = len(data.train_ids), len(test_data.test_ids)
+  oof = np.zeros((n_train, size, size), np.float32)
   oof_class = np.zeros(n_train, np.float32)
-  test = np.zeros((n_test, 101, 101), np.float32)
+  fold_test = {k: np.zeros((n_test, size, size), np.float32) for k in folds}
   test_class = np.zeros(n_test, np.float32)
   fold_scores, models_used = {}, {}
   for fold in folds:
-    fold_dir = workdir / f"fold_{fold}"
-    chosen = ckpt_lib.model_checkpoints(fold_dir, config.predict.checkpoints)
+    fold_dir = workdir_lib.fold_dir(workdir, fold)
+    chosen = usable[fold]
     val_idx = np.flatnonzero(fold_of == fold)
     models_used[fold] = [f"{store}/{step}" for store, step in chosen]
     for store, step in chosen:
@@ -126,14 +166,15 @@ def predict_and_submit(config, workdir, data=None, mesh=None,
       if "class_probs" in val:
         oof_class[val_idx] += val["class_probs"] / len(chosen)
       if n_test:
-        out = run(variables, data.test_images, f"fold {fold} {store}/{step} test")
-        test += out["probs"] / (len(chosen) * len(folds))
+        out = run(variables, test_data.test_images, f"fold {fold} {store}/{step} test")
+        fold_test[fold] += out["probs"] / len(chosen)
         if "class_probs" in out:
           test_class += out["class_probs"] / (len(chosen) * len(folds))
     fold_scores[fold] = metrics.competition_score(data.train_masks[val_idx],
                                                   oof[val_idx] > 0.5)
     logging.info("fold %d: %d model(s), OOF score at 0.5 with TTA %.4f", fold,
                  len(chosen), fold_scores[fold])
+  test = sum(fold_test.values()) / len(folds)
 
   has_class = bool(config.model.classifier)
   predicted = np.isin(fold_of, folds)
@@ -150,10 +191,12 @@ def predict_and_submit(config, workdir, data=None, mesh=None,
       "threshold_sweep": [{"threshold": t, "score": s} for t, s in choice["threshold_sweep"]],
       "folds": {str(k): _fold_record(workdir, k, fold_scores[k], models_used[k])
                 for k in folds},
+      "folds_left_out": {str(k): reason for k, reason in left_out.items()},
       "score_by_coverage_class": {str(c): v for c, v in
                                   metrics.score_by_coverage_class(truth, oof_masks).items()},
       "num_oof": int(predicted.sum()),
       "num_test": n_test,
+      "test_data_dir": config.get("predict_data_dir", ""),
       "tta": config.predict.tta,
       "checkpoints": config.predict.checkpoints,
       "classifier_gate": has_class and bool(config.predict.classifier_gate),
@@ -168,24 +211,21 @@ def predict_and_submit(config, workdir, data=None, mesh=None,
     logging.info("  coverage class %2s: %4d images, OOF score %.4f", cls, record["count"],
                  record["score"])
   if jax.process_index() == 0:
-    data_lib.write_csv_atomic(
+    workdir_lib.write_csv(
         pd.DataFrame({"id": oof_ids, "rle_mask": [rle.encode(m) for m in oof_masks]}),
-        workdir / "oof.csv")
+        workdir / workdir_lib.OOF_CSV)
     test_masks = apply_postprocessing(test, post["threshold"], post["min_area"],
                                       test_class if has_class else None, post["gate"])
-    submission_lib.write_submission(workdir / "submission.csv", data.test_ids, test_masks)
-    data_lib.write_text_atomic(json.dumps(scores, indent=1), workdir / "scores.json")
+    submission_lib.write_submission(workdir / workdir_lib.SUBMISSION_CSV,
+                                    test_data.test_ids, test_masks)
+    workdir_lib.write_json(scores, workdir / workdir_lib.SCORES_JSON)
     plots.write_prediction_plots(workdir, data, oof_ids, oof[predicted], oof_masks, scores)
-    train_lib.write_training_curves(config, workdir)
-  if test_probs_out is not None:
-    test_probs_out.append(test)
-  return scores
+  return Prediction(scores=scores, test_probs=test, fold_test_probs=fold_test)
 
 
 def _fold_record(workdir, fold, oof_score, models_used) -> dict:
   record = {"oof_score_at_0.5": oof_score, "models": models_used}
-  done = workdir / f"fold_{fold}" / "done.json"
-  if done.exists():
-    summary = json.loads(done.read_text())
+  summary = workdir_lib.read_done(workdir, fold)
+  if summary is not None:
     record.update(val_score=summary["val_score"], best_epoch=summary["best_epoch"])
   return record

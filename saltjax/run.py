@@ -1,8 +1,14 @@
-"""What main.py runs: set-up, config checks, then training or prediction.
+"""What main.py runs: set-up, checks, then training and/or prediction.
 
-Every expected failure (bad data, bad config value, unusable checkpoint,
-non-finite loss) ends the program with a one-paragraph message and exit
-status 1, never a traceback.
+Imports form a tree: run -> {train, predict} -> {models, inference,
+input_pipeline, checkpoints, ...}. This module wires the job together
+(`train_and_evaluate`: train the folds, predict, a pseudo-label round); the
+trainer and the predictor know nothing of each other.
+
+Every expected failure (a `SaltjaxError`: bad data, bad config value,
+unusable checkpoint, non-finite loss, a workdir that cannot be written or is
+in use) ends the program with a one-paragraph message and exit status 1; a
+programming error keeps its traceback.
 """
 
 from __future__ import annotations
@@ -12,13 +18,17 @@ import logging
 import os
 import pathlib
 import platform
+import signal
 import sys
+import warnings
 from importlib import metadata
 
 import jax
+import ml_collections
 
 from saltjax import config_checks
-
+from saltjax import errors
+from saltjax import workdir as workdir_lib
 
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-cpu",
              "tensorflow", "tensorflow-datasets", "ml-collections", "numpy",
@@ -37,7 +47,7 @@ def package_versions() -> dict:
 
 def default_workdir(config_file: str | None) -> str:
   name = pathlib.Path(config_file).stem if config_file else "run"
-  return os.path.join("runs", "fold" if name == "predict" else name)
+  return os.path.join("runs", "fold" if name in ("predict", "segment") else name)
 
 
 def enable_compilation_cache(config) -> None:
@@ -48,11 +58,34 @@ def enable_compilation_cache(config) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
-def main(config, workdir: str | None, config_file: str | None = None) -> int:
+def set_up_process() -> None:
+  """Process-wide set-up, once, before any library does its work.
+
+  TensorFlow only feeds data: it must never take accelerator memory, and its
+  start-up banners (oneDNN, absl's pre-init warning) are noise to a user.
+  """
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   logging.getLogger().setLevel(logging.INFO)
-  # Orbax and TFDS report every file operation at INFO through absl.
+  # Orbax and TFDS report every file operation at INFO through absl, and
+  # asyncio repeats a failed background write once per pending task.
   logging.getLogger("absl").setLevel(logging.WARNING)
-  from saltjax import checkpoints, layout, train  # heavy imports after flags
+  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+  warnings.filterwarnings("ignore", module="orbax")
+  if "tensorflow" in sys.modules or _tensorflow_installed():
+    import tensorflow as tf
+    tf.config.set_visible_devices([], "GPU")
+    if tf.config.list_physical_devices("TPU"):
+      tf.config.set_visible_devices([], "TPU")
+
+
+def _tensorflow_installed() -> bool:
+  import importlib.util
+  return importlib.util.find_spec("tensorflow") is not None
+
+
+def main(config, workdir: str | None, config_file: str | None = None) -> int:
+  set_up_process()
   if config.get("distributed", False):
     jax.distributed.initialize()
   workdir = workdir or default_workdir(config_file)
@@ -62,44 +95,191 @@ def main(config, workdir: str | None, config_file: str | None = None) -> int:
           " (e.g. gcsfuse or NFS) shared by every host", file=sys.stderr)
     return 1
   workdir = pathlib.Path(workdir)
+  previous = signal.signal(signal.SIGTERM, _on_sigterm)
   try:
     config_checks.check(config)
     enable_compilation_cache(config)
     if config.mode == "predict":
-      from saltjax import predict
-      config = config_checks.config_for_prediction(config, workdir)
-      scores = predict.predict_and_submit(config, workdir)
+      scores = _predict(config, workdir, _defaults(config_file))
+    elif config.mode == "segment":
+      return _segment(config, workdir)
     else:
-      # Data are read and validated, and the batch sizes checked against them
-      # and the devices, before the workdir gets anything.
-      from saltjax import data as data_lib
-      from saltjax import parallel
-      data = data_lib.load(config)
-      train.steps_per_epoch_for(config, parallel.create_mesh(),
-                                data_lib.fold_assignment(config, data)["fold"].to_numpy())
-      _record_run(config, workdir)
-      scores = train.train_and_evaluate(config, str(workdir), data=data)
-  except (layout.DataError, checkpoints.CheckpointError, config_checks.ConfigError,
-          train.NonFiniteError, ValueError, FileNotFoundError) as e:
+      scores = _train(config, workdir)
+  except errors.Preempted as e:
+    print(f"error: {e}", file=sys.stderr)
+    return e.exit_code
+  except errors.SaltjaxError as e:
     if os.environ.get("SALTJAX_DEBUG"):
       raise
     print(f"error: {e}", file=sys.stderr)
     return 1
+  finally:
+    signal.signal(signal.SIGTERM, previous)
   if "oof_score" in scores:
     print(f"OOF score {scores['oof_score']:.4f} at threshold {scores['threshold']:.2f};"
-          f" wrote {workdir / 'submission.csv'}")
+          f" wrote {workdir / workdir_lib.SUBMISSION_CSV}")
   return 0
+
+
+def _on_sigterm(signum, frame) -> None:
+  from saltjax import train
+  logging.warning("SIGTERM: saving the resume point after this epoch, then stopping.")
+  train.request_stop()
+
+
+def _train(config, workdir: pathlib.Path) -> dict:
+  """Validates the data, the devices and the workdir, then trains (and predicts)."""
+  from saltjax import data as data_lib
+  from saltjax import parallel, train
+  # Data are read and validated, and the batch sizes checked against them
+  # and the devices, before the workdir gets anything.
+  data = data_lib.load(config)
+  train.steps_per_epoch_for(config, parallel.create_mesh(),
+                            data_lib.fold_assignment(config, data)["fold"].to_numpy())
+  workdir_lib.check_writable(workdir)
+  with workdir_lib.locked(workdir):
+    _record_run(config, workdir)
+    return train_and_evaluate(config, str(workdir), data=data)
+
+
+def _defaults(config_file: str | None):
+  """The config file's own values (to tell which ones the command line changed)."""
+  if not config_file or not os.path.isfile(config_file):
+    return None
+  import runpy
+  return runpy.run_path(config_file)["get_config"]()
+
+
+def _predict(config, workdir: pathlib.Path, defaults=None) -> dict:
+  from saltjax import predict
+  config = config_checks.config_for_prediction(config, workdir, defaults)
+  workdir_lib.check_writable(workdir)
+  with workdir_lib.locked(workdir):
+    return predict.predict_and_submit(config, workdir).scores
+
+
+def _segment(config, workdir: pathlib.Path) -> int:
+  raise errors.ConfigError("config.mode='segment' is not available in this version")
 
 
 def _record_run(config, workdir: pathlib.Path) -> None:
   """The resolved config and package versions, saved with every run."""
   if jax.process_index() != 0:
     return
-  from saltjax import data
-  workdir.mkdir(parents=True, exist_ok=True)
-  saved = workdir / "config.json"
+  saved = workdir / workdir_lib.CONFIG_JSON
   if saved.exists():
     previous = json.loads(saved.read_text())
     config_checks.check_same_training_config(previous, config.to_dict(), saved)
-  data.write_text_atomic(config.to_json_best_effort(indent=1), saved)
-  data.write_text_atomic(json.dumps(package_versions(), indent=1), workdir / "versions.json")
+  workdir_lib.write_text(config.to_json_best_effort(indent=1), saved)
+  workdir_lib.write_json(package_versions(), workdir / workdir_lib.VERSIONS_JSON)
+
+
+# ------------------------------------------------------------- the job ---
+
+def folds_to_train(config) -> list[int]:
+  if config.fold == -1:
+    return list(range(config.num_folds))
+  if not 0 <= config.fold < config.num_folds:
+    raise errors.ConfigError(f"config.fold={config.fold} is out of range for"
+                             f" config.num_folds={config.num_folds} (use -1 for all folds)")
+  return [config.fold]
+
+
+def fold_groups(config, folds: list[int]) -> list[list[int]]:
+  """The folds trained together: `config.parallel_folds` at a time (0: all)."""
+  size = config.get("parallel_folds", 1) or len(folds)
+  return [folds[i:i + size] for i in range(0, len(folds), size)]
+
+
+def write_training_curves(config, workdir: pathlib.Path) -> None:
+  """training_curves.png from the histories of the workdir's finished folds."""
+  if jax.process_index() != 0:
+    return
+  from saltjax import optim, plots
+  done = {k: workdir_lib.read_done(workdir, k) for k in range(config.num_folds)}
+  histories = {k: d["history"] for k, d in done.items() if d is not None}
+  plots.write_training_curves(workdir, histories, optim.cycle_end_epochs(config))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data=None) -> dict:
+  """Trains the config's folds; when they are all of them, predicts."""
+  from saltjax import data as data_lib
+  from saltjax import parallel, predict
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  mesh = parallel.create_mesh()
+  logging.info("Devices: %d (%s), processes: %d", mesh.size, jax.devices()[0].platform,
+               jax.process_count())
+  data = data if data is not None else data_lib.load(config)
+  fold_of = data_lib.folds_for_run(config, data, workdir)
+  summaries = train_folds(config, workdir, data, fold_of, mesh)
+  if config.fold != -1:
+    return {"folds": summaries}
+  result = predict.predict_and_submit(config, workdir, data=data, mesh=mesh)
+  write_training_curves(config, workdir)
+  if config.pseudo_label.enabled:
+    return pseudo_label_round(config, workdir, data, fold_of, mesh, result)
+  return result.scores
+
+
+def train_folds(config, workdir: pathlib.Path, data, fold_of, mesh, extra=None) -> list:
+  """Trains the config's folds, `config.parallel_folds` at a time; finished ones are skipped."""
+  from clu import metric_writers
+  from saltjax import train
+  folds = folds_to_train(config)
+  todo = [k for k in folds if workdir_lib.read_done(workdir, k) is None]
+  writer = metric_writers.create_default_writer(
+      str(workdir / workdir_lib.TENSORBOARD), just_logging=jax.process_index() > 0)
+  summaries = {}
+  try:
+    if not todo:  # nothing to compile: every fold is finished
+      return [workdir_lib.read_done(workdir, k) for k in folds]
+    num_extra = {k: len(v[0]) for k, v in extra.items()} if extra is not None else 0
+    job = train.Job.create(config, mesh, fold_of, writer, num_extra=num_extra)
+    for group in fold_groups(config, folds):
+      summaries.update(zip(group, train.train_folds(job, workdir, group, data, fold_of,
+                                                    extra)))
+  finally:
+    writer.close()
+  write_training_curves(config, workdir)
+  return [summaries[k] for k in folds]
+
+
+def pseudo_label_round(config, workdir: pathlib.Path, data, fold_of, mesh,
+                       first) -> dict:
+  """A second round with confident test predictions added to each fold's training.
+
+  Fold k's pseudo-labels come from fold k's own first-round models alone:
+  they never saw fold k's validation images, so no label of those images can
+  leak into fold k's second round through the test predictions, and the
+  out-of-fold score stays an honest estimate. The round runs in
+  workdir/pseudo_round (its own checkpoints, resumable like the first); its
+  outputs then replace the workdir's submission, oof and scores, and the
+  first round's are kept as round1_*.
+  """
+  from saltjax import predict, pseudo
+  p = config.pseudo_label
+  extra, counts = {}, {}
+  for fold, probs in sorted(first.fold_test_probs.items()):
+    chosen, masks = pseudo.select(probs, p.low, p.high, p.max_uncertain_fraction)
+    extra[fold] = (data.test_images[chosen], masks)
+    counts[str(fold)] = int(len(chosen))
+    logging.info("Pseudo-labelling fold %d: %d of %d test images are confident"
+                 " (fold %d's own models)", fold, len(chosen), len(probs), fold)
+  round_dir = workdir / workdir_lib.PSEUDO_ROUND
+  round_dir.mkdir(exist_ok=True)
+  train_folds(config, round_dir, data, fold_of, mesh, extra=extra)
+  scores = predict.predict_and_submit(config, round_dir, data=data, mesh=mesh).scores
+  scores["pseudo_label"] = {
+      "labels_from": "each fold's own first-round models (test predictions of the models"
+                     " that never saw that fold's validation images)",
+      "num_images": counts, "low": p.low, "high": p.high,
+      "max_uncertain_fraction": p.max_uncertain_fraction,
+      "round1_oof_score": first.scores["oof_score"]}
+  if jax.process_index() == 0:
+    for name in (workdir_lib.SUBMISSION_CSV, workdir_lib.OOF_CSV, workdir_lib.SCORES_JSON):
+      workdir_lib.write_text((workdir / name).read_text(), workdir / f"round1_{name}")
+    for name in (workdir_lib.SUBMISSION_CSV, workdir_lib.OOF_CSV):
+      workdir_lib.write_text((round_dir / name).read_text(), workdir / name)
+    workdir_lib.write_json(scores, workdir / workdir_lib.SCORES_JSON)
+  return scores

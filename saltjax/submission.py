@@ -8,12 +8,12 @@ import pathlib
 import numpy as np
 import pandas as pd
 
-from saltjax import data as data_lib
+from saltjax import errors
 from saltjax import rle
+from saltjax import workdir as workdir_lib
 
 
-class SubmissionError(ValueError):
-  """A submission that would be rejected: ids or RLE wrong."""
+SubmissionError = errors.SubmissionError
 
 
 def check_submission(frame: pd.DataFrame, test_ids: list[str],
@@ -49,5 +49,5 @@ def write_submission(path: pathlib.Path, test_ids: list[str], masks: np.ndarray)
     raise SubmissionError(f"{masks.shape[0]} masks for {len(test_ids)} test ids")
   frame = pd.DataFrame({"id": list(test_ids), "rle_mask": [rle.encode(m) for m in masks]})
   check_submission(frame, list(test_ids), masks.shape[1:])
-  data_lib.write_csv_atomic(frame, path)
+  workdir_lib.write_csv(frame, path)
   return frame

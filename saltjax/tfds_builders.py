@@ -40,6 +40,7 @@ data_dir and reads it back into a layout.SaltData.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import hashlib
 import importlib.resources
@@ -50,7 +51,9 @@ import logging
 import os
 import pathlib
 import re
+import shutil
 import sys
+import time
 
 # tensorflow-datasets 4.9.10 imports the `importlib_resources` backport (for
 # `importlib_resources.abc.Traversable`, when it looks up a builder's code
@@ -68,7 +71,9 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from saltjax import errors  # pylint: disable=g-import-not-at-top,wrong-import-position
 from saltjax import layout  # pylint: disable=g-import-not-at-top,wrong-import-position
+from saltjax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from saltjax import metrics  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -431,18 +436,67 @@ def load(config, data_dir, load_test: bool = True) -> layout.SaltData:
   builder._source_data = data  # pylint: disable=protected-access
   logging.info("Preparing %s from %s into %s", builder.info.full_name,
                data_dir, target)
+  _remove_abandoned_preparations(target)
   try:
     builder.download_and_prepare(
         download_dir=cache_dir / "tfds" / "downloads",
         download_config=tfds.download.DownloadConfig(
             manual_dir=os.fspath(data_dir),
             compute_stats=tfds.download.ComputeStatsMode.SKIP))
-  except OSError:
+  except OSError as e:
     # Another process preparing the same source renamed its copy into place
     # first; ours is discarded and theirs is as good.
     if not _is_prepared(TgsSalt(data_dir=target, config=builder_config)):
+      _remove_abandoned_preparations(target, min_age_seconds=0)
+      if e.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM):
+        raise errors.WorkdirError(
+            workdir_lib.describe_os_error(e, cache_dir).replace(
+                "--workdir", "--config.cache_dir")) from e
       raise
   finally:
     builder._source_data = None  # pylint: disable=protected-access
+  _forget_older_copies(cache_dir, data_dir, target)
   return _read_back(TgsSalt(data_dir=target, config=builder_config),
                     load_test)
+
+
+# A preparation that has not been touched for this long was abandoned (its
+# process was killed): TFDS never cleans up after one.
+_ABANDONED_AFTER_SECONDS = 3600
+_SOURCE_FILE = "source.txt"
+
+
+def _remove_abandoned_preparations(target: pathlib.Path,
+                                   min_age_seconds: float = _ABANDONED_AFTER_SECONDS
+                                   ) -> None:
+  """Deletes TFDS's `incomplete.*` directories under `target` that are old enough."""
+  now = time.time()
+  for path in target.rglob("incomplete.*") if target.is_dir() else []:
+    try:
+      if path.is_dir() and now - path.stat().st_mtime >= min_age_seconds:
+        shutil.rmtree(path, ignore_errors=True)
+    except OSError:
+      pass
+
+
+def _forget_older_copies(cache_dir: pathlib.Path, data_dir: pathlib.Path,
+                         target: pathlib.Path) -> None:
+  """Keeps one prepared copy per source directory: older fingerprints are stale.
+
+  Each changed data directory gets a new prepared copy (its fingerprint
+  changed); the copies of its earlier contents can never be read again.
+  """
+  source = os.fspath(data_dir.resolve())
+  try:
+    (target / _SOURCE_FILE).write_text(source)
+  except OSError:
+    return
+  for other in (cache_dir / "tfds").iterdir():
+    if other == target or not other.is_dir():
+      continue
+    try:
+      if (other / _SOURCE_FILE).read_text() == source:
+        logging.info("Removing %s: a copy of an earlier state of %s", other, source)
+        shutil.rmtree(other, ignore_errors=True)
+    except OSError:
+      continue

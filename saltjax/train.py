@@ -1,43 +1,47 @@
-"""Training: one fold, or every fold in turn, with resumable checkpoints.
+"""Training: F folds at once, one jitted step over a leading fold axis.
 
 Reads top-down as the story of training: the model and its initial
-variables, the learning-rate schedule and optimiser, the jitted train step,
-validation, checkpoints, and `train_fold` / `train_and_evaluate`, which wire
-them together.
+variables, the train step (one fold's, then vmapped over folds), what every
+fold of a run shares (`Job`), a fold's progress, and `train_folds`, whose
+epoch reads step -> log -> validate -> save.
+
+Each fold model has its own params, BatchNorm statistics, optimiser state and
+learning-rate scale, and is fed its own fold's batches; stacking F of them
+along a leading axis turns F small steps (batch 32 leaves a GPU idle) into one
+big one. The host syncs with the device once per epoch; checkpoints are
+written in the background, at most every `config.checkpoint_every_seconds`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import pathlib
-import sys
+import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from clu import metric_writers
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import tqdm
 
 from saltjax import checkpoints as ckpt_lib
-from saltjax import data as data_lib
 from saltjax import inference
-from saltjax import input_pipeline
 from saltjax import losses
 from saltjax import metrics
 from saltjax import models
 from saltjax import parallel
+from saltjax import workdir as workdir_lib
+from saltjax.errors import ConfigError, NonFiniteError, Preempted
+# The schedules and optimisers live in `optim` (config checks read their
+# tables without importing training); these names stay available here.
+from saltjax.optim import create_learning_rate_fn, create_optimizer, cycle_end_epochs  # noqa: F401
 
-
-class NonFiniteError(RuntimeError):
-  """Training produced a non-finite loss or gradient."""
+initialized = models.initialized  # the name flax examples/imagenet gives it
 
 
 class TrainState(train_state.TrainState):
@@ -63,14 +67,8 @@ def create_model(config, dtype=None) -> models.UNet:
   return models.create_model(config.model, dtype=dtype)
 
 
-def initialized(key, model, image_size: int) -> dict:
-  dummy = jnp.zeros((1, image_size, image_size, 1), jnp.float32)
-  variables = jax.jit(functools.partial(model.init, train=False))({"params": key}, dummy)
-  return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-
-
 def initial_variables(config, model) -> dict:
-  variables = initialized(jax.random.key(config.seed), model, config.image_size)
+  variables = models.initialized(jax.random.key(config.seed), model, config.image_size)
   if config.model.pretrained:
     from saltjax import pretrained
     encoder = pretrained.load_resnet50(config.model.pretrained,
@@ -80,76 +78,15 @@ def initial_variables(config, model) -> dict:
   return variables
 
 
-# ----------------------------------------------------- schedule, optimiser ---
-
-def cycle_end_epochs(config) -> list[int]:
-  """Epoch counts at which a cosine cycle ends (a snapshot is kept there)."""
-  s = config.schedule
-  if s.name != "cosine_restarts":
-    return []
-  ends, length, end = [], float(s.cycle_epochs), float(s.warmup_epochs)
-  while True:
-    end += max(1, round(length))
-    if end > config.num_epochs:
-      return ends
-    ends.append(int(end))
-    length *= s.cycle_mult
-
-
-def create_learning_rate_fn(config, steps_per_epoch: int) -> Callable:
-  """The learning rate as a function of the step (optax schedules joined)."""
-  s, base = config.schedule, config.optimizer.learning_rate
-  warmup = s.warmup_epochs * steps_per_epoch
-  if s.name == "cosine_restarts":
-    # SGDR (Loshchilov & Hutter): cosine from base to min_lr, restarted at
-    # every cycle end; cycles may grow by cycle_mult.
-    schedules, boundaries, length, total = [], [], float(s.cycle_epochs), 0
-    starts = [0] + cycle_end_epochs(config)
-    for i in range(len(starts) + 1):
-      steps = max(1, round(length)) * steps_per_epoch
-      schedules.append(optax.cosine_decay_schedule(base, steps, alpha=s.min_lr / base))
-      total += steps
-      boundaries.append(warmup + total)
-      length *= s.cycle_mult
-    main = optax.join_schedules(schedules, boundaries[:-1])
-  elif s.name in ("constant", "plateau"):
-    main = optax.constant_schedule(base)
-  elif s.name == "step":
-    main = optax.exponential_decay(base, s.step_epochs * steps_per_epoch,
-                                   s.step_factor, staircase=True)
-  else:
-    raise ValueError(f"unknown config.schedule.name {s.name!r}: use"
-                     " cosine_restarts, constant, step or plateau")
-  if not warmup:
-    return main
-  return optax.join_schedules(
-      [optax.linear_schedule(s.min_lr, base, warmup), main], [warmup])
-
-
-def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
-  o = config.optimizer
-  if o.name == "adam":
-    tx = optax.adam(learning_rate_fn)
-  elif o.name == "adamw":
-    tx = optax.adamw(learning_rate_fn, weight_decay=o.weight_decay)
-  elif o.name == "sgd":
-    tx = optax.sgd(learning_rate_fn, momentum=o.momentum, nesterov=o.nesterov)
-  elif o.name == "rmsprop":
-    tx = optax.rmsprop(learning_rate_fn, momentum=o.momentum)
-  else:
-    raise ValueError(f"unknown config.optimizer.name {o.name!r}: use adam, adamw, sgd or rmsprop")
-  if o.weight_decay and o.name != "adamw":
-    tx = optax.chain(optax.add_decayed_weights(o.weight_decay), tx)  # L2 penalty
-  if o.grad_clip:
-    tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx)
-  return tx
+def model_variables(state) -> dict:
+  return {"params": state.params, "batch_stats": state.batch_stats}
 
 
 # ----------------------------------------------------------------- steps ---
 
 def train_step(state: TrainState, batch: dict, *, loss_config, loss_name: str,
                skip_nonfinite: bool) -> tuple[TrainState, dict]:
-  """One optimisation step on a (globally sharded) batch. Pure."""
+  """One optimisation step of one fold model on a (globally sharded) batch. Pure."""
 
   def loss_fn(params):
     outputs, new_model_state = state.apply_fn(
@@ -178,18 +115,24 @@ def train_step(state: TrainState, batch: dict, *, loss_config, loss_name: str,
 
 
 def compile_train_steps(config, mesh) -> dict[str, Callable]:
-  """One jitted step per loss in use (two for the two-stage recipe)."""
+  """One jitted step per loss in use (two for the two-stage recipe).
+
+  Each takes a state and a batch with a leading fold axis, (F, ...) and
+  (F, B, ...): `jax.vmap` of the one-fold step, so F fold models train as
+  one program. The batch axis is sharded over the mesh; the state is
+  replicated, and BatchNorm statistics are over each fold's global batch.
+  """
   names = {config.loss.name}
   if config.loss.second_from_epoch >= 0:
     names.add(config.loss.second_name)
   for name in names:
     losses.get_loss_fn(name)  # fail early, naming the option
   if config.nonfinite not in ("stop", "skip"):
-    raise ValueError(f"unknown config.nonfinite {config.nonfinite!r}: use 'stop' or 'skip'")
-  repl, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
+    raise ConfigError(f"unknown config.nonfinite {config.nonfinite!r}: use 'stop' or 'skip'")
+  repl, shard = parallel.replicated(mesh), parallel.data_sharding(mesh, fold_axis=True)
   return {name: jax.jit(
-      functools.partial(train_step, loss_config=config.loss, loss_name=name,
-                        skip_nonfinite=config.nonfinite == "skip"),
+      jax.vmap(functools.partial(train_step, loss_config=config.loss, loss_name=name,
+                                 skip_nonfinite=config.nonfinite == "skip")),
       in_shardings=(repl, shard), out_shardings=(repl, repl), donate_argnums=0)
           for name in names}
 
@@ -200,26 +143,48 @@ def loss_name_for_epoch(config, epoch: int) -> str:
   return config.loss.second_name if 0 <= second <= epoch + 1 else config.loss.name
 
 
-def predict_probs(infer_fn, variables, images: np.ndarray, *, batch_size: int,
-                  config, mesh, progress: str | None = None) -> dict[str, np.ndarray]:
-  """Probabilities at 101x101 for `images` (uint8, N x 101 x 101)."""
-  outputs: dict[str, list] = {}
-  batches = input_pipeline.inference_batches(
-      images, batch_size=batch_size, image_size=config.image_size,
-      resize_mode=config.resize_mode)
-  bar = tqdm.tqdm(total=len(images), desc=progress, unit="img",
-                  disable=not (progress and progress_enabled(config)), leave=False)
-  for batch, valid in batches:
-    out = infer_fn(variables, parallel.global_from_replicated(batch, mesh)["image"])
-    for k, v in out.items():
-      outputs.setdefault(k, []).append(parallel.to_host(v)[:valid])
-    bar.update(valid)
-  bar.close()
-  return {k: np.concatenate(v) for k, v in outputs.items()}
+def make_validate_fn(model, config, mesh) -> Callable:
+  """fn(variables (F,...), images, masks (F,B,101,101) uint8, valid (F,B)) -> sums.
+
+  The competition score and IoU of each fold's held-out batch at threshold
+  0.5, no TTA, summed over the valid rows: only F numbers ever leave the device.
+  """
+  infer = inference.make_infer_fn(model, config.image_size, config.resize_mode, "none")
+
+  def validate(variables, images, masks, valid):
+    probs = infer(variables, images)["probs"]
+    pred, truth = probs > 0.5, masks > 0
+    inter = jnp.sum(pred & truth, axis=(1, 2))
+    union = jnp.sum(pred | truth, axis=(1, 2))
+    score, iou = metrics.scores_from_counts(inter, union, jnp)
+    return jnp.stack([jnp.sum(score * valid), jnp.sum(iou * valid)])
+
+  repl, shard = parallel.replicated(mesh), parallel.data_sharding(mesh, fold_axis=True)
+  return jax.jit(jax.vmap(validate), in_shardings=(repl, shard, shard, shard),
+                 out_shardings=repl)
 
 
-def progress_enabled(config) -> bool:
-  return bool(config.progress) and sys.stderr.isatty() and jax.process_index() == 0
+@jax.jit
+def _select_folds(take: jax.Array, new, old):
+  """Per fold (leading axis), `new` where take[f] else `old`."""
+  def pick(n, o):
+    return jnp.where(take.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
+  return jax.tree.map(pick, new, old)
+
+
+@jax.jit
+def _swa_update(swa, variables, count):
+  """The running mean of the weights; exactly the weights at count 0."""
+  return jax.tree.map(
+      lambda a, v: jnp.where(count == 0, v, a + (v - a) / (count + 1)), swa, variables)
+
+
+def _stack(trees: list):
+  return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
+
+
+def _fold_slice(tree, i: int):
+  return jax.tree.map(lambda x: x[i], tree)
 
 
 # ------------------------------------------------------------------ a job ---
@@ -229,7 +194,8 @@ class Job:
   """What every fold of one run shares, built (and compiled) once per process.
 
   Every fold uses the same optimiser object and the same steps per epoch, so
-  the jitted steps see identical state structures and compile only once.
+  the jitted steps see identical state structures and compile once per
+  number of folds trained together.
   """
   config: Any
   mesh: Any
@@ -239,11 +205,11 @@ class Job:
   tx: optax.GradientTransformation
   initial_variables: dict
   train_steps: dict
-  infer_fn: Callable
+  validate_fn: Callable
   writer: Any
 
   @classmethod
-  def create(cls, config, mesh, fold_of: np.ndarray, writer, num_extra: int = 0) -> "Job":
+  def create(cls, config, mesh, fold_of: np.ndarray, writer, num_extra=0) -> "Job":
     steps_per_epoch = steps_per_epoch_for(config, mesh, fold_of, num_extra)
     model = create_model(config)
     lr_fn = create_learning_rate_fn(config, steps_per_epoch)
@@ -253,7 +219,7 @@ class Job:
                # the train step may then donate.
                initial_variables=jax.device_get(initial_variables(config, model)),
                train_steps=compile_train_steps(config, mesh),
-               infer_fn=jax.jit(inference.make_infer_fn(model, config.resize_mode, "none")),
+               validate_fn=make_validate_fn(model, config, mesh),
                writer=writer)
 
   def new_state(self) -> TrainState:
@@ -267,269 +233,399 @@ def local_batch_size(config) -> int:
   return config.batch_size // jax.process_count()
 
 
-def steps_per_epoch_for(config, mesh, fold_of: np.ndarray, num_extra: int = 0) -> int:
+def steps_per_epoch_for(config, mesh, fold_of: np.ndarray, num_extra=0) -> int:
   """Steps per epoch (the same for every fold); checks the batch sizes fit.
 
-  `num_extra` training examples (pseudo-labels) join every fold.
+  `num_extra` training examples (pseudo-labels) join every fold: a number, or
+  one per fold (a sequence or a {fold: count} mapping).
   """
   parallel.check_batch_size(config.batch_size, mesh, "config.batch_size")
   parallel.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
-  smallest = min(int((fold_of != k).sum()) for k in range(config.num_folds)) + num_extra
+  extra = (num_extra if not isinstance(num_extra, int)
+           else [num_extra] * config.num_folds)
+  if isinstance(extra, dict):
+    extra = [extra.get(k, 0) for k in range(config.num_folds)]
+  smallest = min(int((fold_of != k).sum()) + int(extra[k]) for k in range(config.num_folds))
   steps_per_epoch = (smallest // jax.process_count()) // local_batch_size(config)
   if steps_per_epoch == 0:
-    raise ValueError(f"a fold has only {smallest} training images, fewer than"
-                     f" config.batch_size={config.batch_size}")
+    raise ConfigError(f"a fold has only {smallest} training images, fewer than"
+                      f" config.batch_size={config.batch_size}")
   return steps_per_epoch
 
 
-# ---------------------------------------------------------------- a fold ---
+# ----------------------------------------------------------- preemption ---
 
-def _swa_update(swa, variables, count):
-  return jax.tree.map(lambda a, v: a + (v - a) / (count + 1), swa, variables)
+_STOP = threading.Event()
 
 
-def train_fold(job: Job, workdir: pathlib.Path, fold: int, data,
-               fold_of: np.ndarray, extra: tuple | None = None) -> dict:
-  """Trains one fold (resuming from its latest checkpoint); returns its summary.
+def request_stop() -> None:
+  """Asks training to save its resume point after the current epoch and stop (SIGTERM)."""
+  _STOP.set()
 
-  `extra`: (images, masks) added to the fold's training side only (pseudo-labels).
-  """
-  fold_dir = workdir / f"fold_{fold}"
-  done_path = fold_dir / "done.json"
-  if done_path.exists():
-    summary = json.loads(done_path.read_text())
-    logging.info("Fold %d already trained (val score %.4f): skipped.", fold,
-                 summary["val_score"])
-    return summary
-  config, mesh, writer = job.config, job.mesh, job.writer
 
-  train_idx, val_idx = np.flatnonzero(fold_of != fold), np.flatnonzero(fold_of == fold)
-  # Each process trains on its own shard of the fold's training ids.
+# ------------------------------------------------------------ a fold's data ---
+
+def _training_examples(config, data, fold: int, fold_of: np.ndarray, extra):
+  """This process's shard of fold `fold`'s training images and masks (+ extras)."""
+  train_idx = np.flatnonzero(fold_of != fold)
   n_proc, proc = jax.process_count(), jax.process_index()
   per_process = len(train_idx) // n_proc
   local_idx = train_idx[proc * per_process:(proc + 1) * per_process]
-  steps_per_epoch = job.steps_per_epoch
   images, masks = data.train_images[local_idx], data.train_masks[local_idx]
-  if extra is not None:
-    per_process = len(extra[0]) // n_proc
+  if extra is not None and fold in extra:
+    extra_images, extra_masks = extra[fold]
+    per_process = len(extra_images) // n_proc
     mine = slice(proc * per_process, (proc + 1) * per_process)
-    images = np.concatenate([images, extra[0][mine]])
-    masks = np.concatenate([masks, extra[1][mine]])
-  for_epoch = input_pipeline.train_dataset(
-      images, masks,
-      batch_size=local_batch_size(config), image_size=config.image_size,
-      resize_mode=config.resize_mode, augment_spec=config.augment,
-      seed=config.seed * 100 + fold)
+    images = np.concatenate([images, extra_images[mine]])
+    masks = np.concatenate([masks, extra_masks[mine]])
+  return images, masks
 
-  model, state = job.model, job.new_state()
-  checkpoints = ckpt_lib.FoldCheckpoints(fold_dir, config)
-  meta = {"epoch": 0, "best_score": -1.0, "best_epoch": -1, "plateau_wait": 0,
-          "swa_count": 0, "history": []}
-  swa = None
+
+class TfDataFeeder:
+  """Each fold's tf.data pipeline; a step's batch stacks the folds' batches."""
+
+  def __init__(self, config, examples: list[tuple[np.ndarray, np.ndarray]], folds, mesh):
+    from saltjax import input_pipeline  # TensorFlow: only on this path
+    self._input_pipeline, self._mesh = input_pipeline, mesh
+    self._for_epoch = [
+        input_pipeline.train_dataset(
+            images, masks, batch_size=local_batch_size(config),
+            image_size=config.image_size, resize_mode=config.resize_mode,
+            augment_spec=config.augment, seed=config.seed * 100 + fold)
+        for (images, masks), fold in zip(examples, folds)]
+
+  def epoch(self, epoch: int) -> Iterator[dict]:
+    """Global (F, B, ...) batches of `epoch`."""
+    iterators = [self._input_pipeline.epoch_iterator(f, epoch) for f in self._for_epoch]
+    for batches in zip(*iterators):
+      stacked = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+      yield parallel.global_from_local(stacked, self._mesh, fold_axis=True)
+
+  def fold_epoch(self, i: int, epoch: int) -> Iterator[jax.Array]:
+    """Global (B, S, S, 1) images of the i-th fold's `epoch` (for BatchNorm passes)."""
+    for batch in self._input_pipeline.epoch_iterator(self._for_epoch[i], epoch):
+      yield parallel.global_from_local(batch, self._mesh)["image"]
+
+
+def _validation_batches(config, data, folds, fold_of, mesh) -> list[tuple]:
+  """Each fold's held-out images, padded to one length, as device-resident batches."""
+  held_out = [np.flatnonzero(fold_of == k) for k in folds]
+  size = config.eval_batch_size
+  length = -(-max(len(i) for i in held_out) // size) * size
+  images = np.zeros((len(folds), length) + data.train_images.shape[1:], np.uint8)
+  masks = np.zeros_like(images)
+  valid = np.zeros((len(folds), length), np.float32)
+  for f, idx in enumerate(held_out):
+    images[f, :len(idx)] = data.train_images[idx]
+    masks[f, :len(idx)] = data.train_masks[idx]
+    valid[f, :len(idx)] = 1
+  return [parallel.global_from_replicated(
+      (images[:, s:s + size], masks[:, s:s + size], valid[:, s:s + size]), mesh,
+      fold_axis=True) for s in range(0, length, size)]
+
+
+# --------------------------------------------------------------- progress ---
+
+@dataclasses.dataclass
+class FoldProgress:
+  """Where a fold's training stands; saved as the `latest` checkpoint's meta."""
+  fold: int
+  epoch: int = 0  # epochs finished
+  best_score: float = -1.0
+  best_epoch: int = -1
+  plateau_wait: int = 0
+  swa_count: int = 0
+  history: list = dataclasses.field(default_factory=list)
+
+  def meta(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_meta(cls, fold: int, meta: dict) -> "FoldProgress":
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{**{k: v for k, v in meta.items() if k in fields}, "fold": fold})
+
+  def summary(self, num_train: int, num_val: int) -> dict:
+    return {"fold": self.fold, "val_score": self.best_score, "best_epoch": self.best_epoch,
+            "num_train": num_train, "num_val": num_val, "history": self.history}
+
+
+@dataclasses.dataclass
+class _Group:
+  """The folds trained together, and what they hold in memory between saves."""
+  folds: list[int]
+  progress: list[FoldProgress]
+  checkpoints: list[ckpt_lib.FoldCheckpoints]
+  state: Any  # TrainState with a leading fold axis
+  best: Any  # the best-validation variables of each fold (leading fold axis)
+  swa: Any  # the running weight average of each fold (leading fold axis)
+  snapshots: list[list]  # per fold: (epoch, variables) not yet written
+  val_counts: list[int]  # held-out images per fold
+  saved_best_epoch: list[int]
+  saved_epoch: int
+  saved_at: float
+
+
+def _resume(job: Job, workdir: pathlib.Path, fold: int, checkpoints):
+  """(state, progress, best, swa) of a fold from its latest checkpoint, or fresh."""
+  state = job.new_state()
+  variables = model_variables(state)
   latest = checkpoints.latest.latest_step()
-  if latest is not None:
-    state, meta = checkpoints.latest.restore(latest, state, checkpoints.fingerprint)
-    logging.info("Fold %d: resumed from epoch %d.", fold, meta["epoch"])
-    if meta["swa_count"]:
-      # The average as of that epoch: a later one may exist when the crash
-      # came between the swa and the latest save.
-      swa, _ = checkpoints.swa.restore(meta["epoch"],
-                                       {"params": state.params, "batch_stats": state.batch_stats},
-                                       checkpoints.fingerprint)
-  state = jax.device_put(state, parallel.replicated(mesh))
+  if latest is None:
+    return state, FoldProgress(fold), variables, variables
+  state, meta = checkpoints.latest.restore(latest, state, checkpoints.fingerprint)
+  progress = FoldProgress.from_meta(fold, meta)
+  logging.info("Fold %d: resumed from epoch %d.", fold, progress.epoch)
+  best = swa = model_variables(state)
+  if progress.best_epoch > 0:
+    best, _ = checkpoints.best.restore(progress.best_epoch, best, checkpoints.fingerprint)
+  if progress.swa_count:
+    # The average as of that epoch: a later one may exist when the crash
+    # came between the swa and the latest save.
+    swa, _ = checkpoints.swa.restore(progress.epoch, swa, checkpoints.fingerprint)
+  return state, progress, best, swa
 
-  steps, infer_fn, lr_fn = job.train_steps, job.infer_fn, job.lr_fn
+
+# ------------------------------------------------------------------ folds ---
+
+def train_folds(job: Job, workdir: pathlib.Path, folds: list[int], data,
+                fold_of: np.ndarray, extra: dict | None = None) -> list[dict]:
+  """Trains `folds` together (resuming each from its checkpoints); their summaries.
+
+  `extra`: {fold: (images, masks)} added to that fold's training side only
+  (pseudo-labels). Finished folds are skipped; folds resumed at different
+  epochs are trained in groups that stand at the same epoch.
+  """
+  workdir = pathlib.Path(workdir)
+  summaries = {}
+  for fold in folds:
+    done = workdir_lib.read_done(workdir, fold)
+    if done is not None:
+      logging.info("Fold %d already trained (val score %.4f): skipped.", fold,
+                   done["val_score"])
+      summaries[fold] = done
+  todo = [k for k in folds if k not in summaries]
+  checkpoints = {k: ckpt_lib.FoldCheckpoints(workdir_lib.fold_dir(workdir, k), job.config,
+                                             asynchronous=True) for k in todo}
+  try:
+    resumed = {k: _resume(job, workdir, k, checkpoints[k]) for k in todo}
+    by_epoch: dict[int, list[int]] = {}
+    for k in todo:
+      by_epoch.setdefault(resumed[k][1].epoch, []).append(k)
+    for group_folds in by_epoch.values():
+      summaries.update(_train_group(job, workdir, group_folds, data, fold_of, extra,
+                                    [checkpoints[k] for k in group_folds],
+                                    [resumed[k] for k in group_folds]))
+  finally:
+    for c in checkpoints.values():
+      c.close()
+  return [summaries[k] for k in folds]
+
+
+def _train_group(job: Job, workdir, folds, data, fold_of, extra, checkpoints, resumed):
+  config, mesh = job.config, job.mesh
+  repl = parallel.replicated(mesh)
+  examples = [_training_examples(config, data, k, fold_of, extra) for k in folds]
+  feeder = TfDataFeeder(config, examples, folds, mesh)
+  val_batches = _validation_batches(config, data, folds, fold_of, mesh)
+  first = resumed[0][1].epoch
+  group = _Group(
+      folds=folds, progress=[r[1] for r in resumed], checkpoints=checkpoints,
+      state=jax.device_put(_stack([r[0] for r in resumed]), repl),
+      best=jax.device_put(_stack([r[2] for r in resumed]), repl),
+      swa=jax.device_put(_stack([r[3] for r in resumed]), repl),
+      snapshots=[[] for _ in folds],
+      val_counts=[int((fold_of == k).sum()) for k in folds],
+      saved_best_epoch=[r[1].best_epoch for r in resumed],
+      saved_epoch=first, saved_at=time.monotonic())
   cycle_ends = set(cycle_end_epochs(config))
-  val_images, val_masks = data.train_images[val_idx], data.train_masks[val_idx]
+  logging.info("Training fold(s) %s together from epoch %d.", folds, first)
 
-  for epoch in range(meta["epoch"], config.num_epochs):
-    started, loss_name = time.time(), loss_name_for_epoch(config, epoch)
-    step_fn, pending, epoch_losses = steps[loss_name], [], []
-    bar = tqdm.tqdm(total=steps_per_epoch * config.batch_size, unit="img",
-                    desc=f"fold {fold} epoch {epoch + 1}/{config.num_epochs}",
-                    disable=not progress_enabled(config), leave=False)
-    batches = input_pipeline.epoch_iterator(for_epoch, epoch)
-    for i, batch in zip(range(steps_per_epoch), batches):
-      state, step_metrics = step_fn(state, parallel.global_from_local(batch, mesh))
-      pending.append(step_metrics)
-      bar.update(config.batch_size)
-      step = epoch * steps_per_epoch + i + 1
-      if step % config.log_every_steps == 0 or i + 1 == steps_per_epoch:
-        # The only host sync of the loop: at logging intervals.
-        logged = _flush(pending, fold=fold, epoch=epoch, first_step=step - len(pending) + 1,
-                        nonfinite=config.nonfinite, checkpoints=checkpoints)
-        epoch_losses += logged["losses"]
-        writer.write_scalars(step, {f"fold_{fold}/train_{k}": v
-                                    for k, v in logged["means"].items()})
-        pending = []
-    bar.close()
+  for epoch in range(first, config.num_epochs):
+    started = time.time()
+    pending = _run_epoch(job, group, feeder, epoch)
+    val_sums = [job.validate_fn(model_variables(group.state), *batch) for batch in val_batches]
+    # The epoch's one host sync: step metrics and validation sums together.
+    host_steps, host_val = jax.device_get((pending, sum(val_sums)))
+    _record_epoch(job, group, epoch, host_steps, host_val, started)
+    _update_models(job, group, epoch, host_val, cycle_ends)
+    stop = _STOP.is_set()
+    if (epoch + 1 == config.num_epochs or stop or config.checkpoint_every_seconds == 0
+        or time.monotonic() - group.saved_at >= config.checkpoint_every_seconds):
+      _save(group, epoch + 1)
+    if job.writer is not None:
+      job.writer.flush()
+    if stop:
+      for c in group.checkpoints:
+        c.finish()
+      raise Preempted(
+          f"stopped by SIGTERM after epoch {epoch + 1} of fold(s)"
+          f" {', '.join(map(str, folds))}; the resume point is saved in {workdir}: run the"
+          " same command again to go on")
 
-    # Validation on the held-out fold, at 101x101, threshold 0.5, no TTA.
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    val_probs = predict_probs(infer_fn, variables, val_images,
-                              batch_size=config.eval_batch_size, config=config, mesh=mesh)["probs"]
-    val_pred = val_probs > 0.5
-    val_score = metrics.competition_score(val_masks, val_pred)
-    val_iou = float(metrics.iou_per_image(val_masks, val_pred).mean())
-    lr = float(lr_fn((epoch + 1) * steps_per_epoch - 1)) * float(state.lr_scale)
-    record = {"epoch": epoch + 1, "train_loss": float(np.mean(epoch_losses)),
+  summaries = {}
+  for i, fold in enumerate(folds):
+    progress = group.progress[i]
+    if progress.swa_count:
+      swa = recompute_batch_stats(config, job.model, jax.device_get(_fold_slice(group.swa, i)),
+                                  functools.partial(feeder.fold_epoch, i), mesh,
+                                  config.num_epochs)
+      group.checkpoints[i].save_model("swa", config.num_epochs + 1, swa, {
+          "epoch": config.num_epochs, "fold": fold, "count": progress.swa_count})
+    group.checkpoints[i].finish()
+    summary = progress.summary(num_train=int((fold_of != fold).sum()),
+                               num_val=int((fold_of == fold).sum()))
+    if jax.process_index() == 0:
+      workdir_lib.write_json(summary, workdir_lib.done_path(workdir, fold))
+    summaries[fold] = summary
+  return summaries
+
+
+def _run_epoch(job: Job, group: _Group, feeder, epoch: int) -> list[dict]:
+  """The epoch's train steps; their metrics stay on the device."""
+  config = job.config
+  step_fn = job.train_steps[loss_name_for_epoch(config, epoch)]
+  pending = []
+  images_per_step = config.batch_size * len(group.folds)
+  bar = tqdm.tqdm(total=job.steps_per_epoch * images_per_step, unit="img",
+                  desc=f"fold(s) {','.join(map(str, group.folds))} epoch"
+                       f" {epoch + 1}/{config.num_epochs}",
+                  disable=not inference.progress_enabled(config), leave=False)
+  for _, batch in zip(range(job.steps_per_epoch), feeder.epoch(epoch)):
+    group.state, step_metrics = step_fn(group.state, batch)
+    pending.append(step_metrics)
+    bar.update(images_per_step)
+  bar.close()
+  return pending
+
+
+def _record_epoch(job: Job, group: _Group, epoch: int, host_steps: list[dict],
+                  host_val: np.ndarray, started: float) -> None:
+  """Non-finite steps, the epoch's history record and the logs, per fold."""
+  config, writer = job.config, job.writer
+  lr_scales = np.asarray(jax.device_get(group.state.lr_scale))
+  first_step = epoch * job.steps_per_epoch + 1
+  for i, fold in enumerate(group.folds):
+    steps = [{k: v[i] for k, v in m.items()} for m in host_steps]
+    bad = [first_step + j for j, m in enumerate(steps) if not m["finite"]]
+    if bad and config.nonfinite == "stop":
+      last = group.saved_epoch
+      where = (f"the last good checkpoint is epoch {last} in"
+               f" {group.checkpoints[i].latest.directory}" if last
+               else "no checkpoint was written yet")
+      raise NonFiniteError(
+          f"non-finite loss or gradient at step {bad[0]} (fold {fold}, epoch {epoch + 1});"
+          f" training stopped and {where}. Lower config.optimizer.learning_rate, set"
+          " config.optimizer.grad_clip, or set config.nonfinite='skip' to skip such steps.")
+    if bad:
+      logging.warning("fold %d epoch %d: skipped %d non-finite step(s), first at step %d",
+                      fold, epoch + 1, len(bad), bad[0])
+    good = [m for m in steps if m["finite"]]
+    if writer is not None:
+      for start in range(0, len(steps), config.log_every_steps):
+        window = [m for m in steps[start:start + config.log_every_steps] if m["finite"]]
+        if window:
+          writer.write_scalars(
+              first_step + min(start + config.log_every_steps, len(steps)) - 1,
+              {f"fold_{fold}/train_{k}": float(np.mean([m[k] for m in window]))
+               for k in window[0] if k != "finite"})
+    val_score, val_iou = (float(x) for x in host_val[i] / group.val_counts[i])
+    lr = float(job.lr_fn((epoch + 1) * job.steps_per_epoch - 1)) * float(lr_scales[i])
+    record = {"epoch": epoch + 1,
+              "train_loss": float(np.mean([float(m["loss"]) for m in good])) if good else
+                            float("nan"),
               "val_score": val_score, "val_iou": val_iou, "learning_rate": lr,
-              "loss_name": loss_name, "seconds": time.time() - started}
-    meta["history"].append(record)
-    writer.write_scalars((epoch + 1) * steps_per_epoch, {
-        f"fold_{fold}/{k}": v for k, v in record.items() if k != "loss_name"})
+              "loss_name": loss_name_for_epoch(config, epoch),
+              "seconds": time.time() - started}
+    group.progress[i].history.append(record)
+    if writer is not None:
+      writer.write_scalars((epoch + 1) * job.steps_per_epoch, {
+          f"fold_{fold}/{k}": v for k, v in record.items() if k != "loss_name"})
     logging.info("fold %d epoch %3d/%d  loss %.4f  val score %.4f  val IoU %.4f"
                  "  lr %.2e  %.1fs", fold, epoch + 1, config.num_epochs,
                  record["train_loss"], val_score, val_iou, lr, record["seconds"])
 
-    meta["epoch"] = epoch + 1
-    model_meta = {"epoch": epoch + 1, "val_score": val_score, "fold": fold}
-    if val_score > meta["best_score"]:
-      meta.update(best_score=val_score, best_epoch=epoch + 1, plateau_wait=0)
-      checkpoints.save_model("best", epoch + 1, jax.device_get(variables), model_meta)
+
+def _update_models(job: Job, group: _Group, epoch: int, host_val: np.ndarray,
+                   cycle_ends: set) -> None:
+  """Best model, plateau, snapshot and weight average after the epoch, in memory."""
+  config = job.config
+  variables = model_variables(group.state)
+  improved = np.zeros(len(group.folds), bool)
+  factors = np.ones(len(group.folds), np.float32)
+  for i, progress in enumerate(group.progress):
+    val_score = progress.history[-1]["val_score"]
+    progress.epoch = epoch + 1
+    if val_score > progress.best_score:
+      improved[i] = True
+      progress.best_score, progress.best_epoch, progress.plateau_wait = (
+          val_score, epoch + 1, 0)
     else:
-      meta["plateau_wait"] += 1
-    if config.schedule.name == "plateau" and meta["plateau_wait"] >= config.schedule.plateau_patience:
-      state = state.replace(lr_scale=state.lr_scale * config.schedule.plateau_factor)
-      meta["plateau_wait"] = 0
-      logging.info("fold %d: no better validation score for %d epochs; lr scale now %.3g",
-                   fold, config.schedule.plateau_patience, float(state.lr_scale))
-    if epoch + 1 in cycle_ends:
-      checkpoints.save_model("snapshots", epoch + 1, jax.device_get(variables), model_meta)
-    if 0 <= config.swa_from_epoch <= epoch + 1:
-      swa = jax.device_get(variables) if swa is None else jax.device_get(
-          _swa_update(swa, variables, meta["swa_count"]))
-      meta["swa_count"] += 1
-      checkpoints.save_model("swa", epoch + 1, swa, {**model_meta, "count": meta["swa_count"]})
-    checkpoints.save_latest(epoch + 1, state, meta)
-    writer.flush()
-
-  if swa is not None:
-    swa = recompute_batch_stats(config, model, swa, for_epoch, mesh, config.num_epochs)
-    checkpoints.save_model("swa", config.num_epochs + 1, swa,
-                           {"epoch": config.num_epochs, "fold": fold, "count": meta["swa_count"]})
-  checkpoints.close()
-  summary = {"fold": fold, "val_score": meta["best_score"], "best_epoch": meta["best_epoch"],
-             "num_train": int(len(train_idx)), "num_val": int(len(val_idx)),
-             "history": meta["history"]}
-  if jax.process_index() == 0:
-    data_lib.write_text_atomic(json.dumps(summary, indent=1), done_path)
-  return summary
+      progress.plateau_wait += 1
+    if (config.schedule.name == "plateau"
+        and progress.plateau_wait >= config.schedule.plateau_patience):
+      factors[i] = config.schedule.plateau_factor
+      progress.plateau_wait = 0
+      logging.info("fold %d: no better validation score for %d epochs; lr scale lowered"
+                   " by %g", group.folds[i], config.schedule.plateau_patience,
+                   config.schedule.plateau_factor)
+  if improved.any():
+    group.best = _select_folds(jnp.asarray(improved), variables, group.best)
+  if (factors != 1).any():
+    group.state = group.state.replace(lr_scale=group.state.lr_scale * jnp.asarray(factors))
+  if epoch + 1 in cycle_ends:
+    # A few per run: worth a copy to the host, where it waits to be written.
+    snapshot = jax.device_get(variables)
+    for i in range(len(group.folds)):
+      group.snapshots[i].append((epoch + 1, _fold_slice(snapshot, i)))
+  if 0 <= config.swa_from_epoch <= epoch + 1:
+    count = group.progress[0].swa_count
+    group.swa = _swa_update(group.swa, variables, jnp.asarray(count, jnp.float32))
+    for progress in group.progress:
+      progress.swa_count += 1
 
 
-def recompute_batch_stats(config, model, variables, for_epoch, mesh, epoch: int):
-  """BatchNorm statistics for averaged (SWA) weights: one pass over the data."""
+def _save(group: _Group, epoch: int) -> None:
+  """Writes each fold's resume point; the models it refers to are written first.
+
+  Snapshots, a new best model and the weight average are written and
+  finished before `latest` is started, so a `latest` on disk never refers
+  to a model that is not; `latest` itself (the largest) is written in the
+  background while the next epoch trains.
+  """
+  for i, (fold, progress, checkpoints) in enumerate(
+      zip(group.folds, group.progress, group.checkpoints)):
+    model_meta = {"fold": fold}
+    for snap_epoch, variables in group.snapshots[i]:
+      val = progress.history[snap_epoch - 1]["val_score"]
+      checkpoints.save_model("snapshots", snap_epoch, variables,
+                             {**model_meta, "epoch": snap_epoch, "val_score": val})
+    group.snapshots[i] = []
+    if progress.best_epoch > 0 and progress.best_epoch != group.saved_best_epoch[i]:
+      checkpoints.save_model("best", progress.best_epoch, _fold_slice(group.best, i),
+                             {**model_meta, "epoch": progress.best_epoch,
+                              "val_score": progress.best_score})
+      group.saved_best_epoch[i] = progress.best_epoch
+    if progress.swa_count:
+      checkpoints.save_model("swa", epoch, _fold_slice(group.swa, i),
+                             {**model_meta, "epoch": epoch, "count": progress.swa_count})
+    for store in (checkpoints.best, checkpoints.snapshots, checkpoints.swa):
+      store.finish()
+    checkpoints.save_latest(epoch, _fold_slice(group.state, i), progress.meta())
+  group.saved_epoch, group.saved_at = epoch, time.monotonic()
+
+
+def recompute_batch_stats(config, model, variables, batches: Callable[[int], Iterator],
+                          mesh, epoch: int):
+  """BatchNorm statistics for averaged (SWA) weights: one pass over the data.
+
+  `batches(epoch)` yields global image batches of one fold.
+  """
   @jax.jit
   def update(variables, images):
     _, new = model.apply(variables, images, train=True, mutable=["batch_stats"])
     return {"params": variables["params"], "batch_stats": new["batch_stats"]}
-  for batch in input_pipeline.epoch_iterator(for_epoch, epoch):
-    variables = update(variables, parallel.global_from_local(batch, mesh)["image"])
+  variables = jax.device_put(variables, parallel.replicated(mesh))
+  for images in batches(epoch):
+    variables = update(variables, images)
   return jax.device_get(variables)
-
-
-def _flush(pending: list[dict], *, fold, epoch, first_step, nonfinite, checkpoints) -> dict:
-  """Brings the pending step metrics to the host; stops on a non-finite step."""
-  host = jax.device_get(pending)
-  bad = [first_step + j for j, m in enumerate(host) if not m["finite"]]
-  if bad and nonfinite == "stop":
-    last = checkpoints.latest.latest_step()
-    where = (f"the last good checkpoint is epoch {last} in {checkpoints.latest.directory}"
-             if last is not None else "no checkpoint was written yet")
-    raise NonFiniteError(
-        f"non-finite loss or gradient at step {bad[0]} (fold {fold}, epoch {epoch + 1});"
-        f" training stopped and {where}. Lower config.optimizer.learning_rate, set"
-        " config.optimizer.grad_clip, or set config.nonfinite='skip' to skip such steps.")
-  if bad:
-    logging.warning("fold %d epoch %d: skipped %d non-finite step(s), first at step %d",
-                    fold, epoch + 1, len(bad), bad[0])
-  good = [m for m in host if m["finite"]]
-  means = {k: float(np.mean([m[k] for m in good])) for k in host[0] if k != "finite"} if good else {}
-  return {"losses": [float(m["loss"]) for m in good], "means": means}
-
-
-# ------------------------------------------------------------- the whole job ---
-
-def write_training_curves(config, workdir: pathlib.Path) -> None:
-  """training_curves.png from the histories of the workdir's finished folds."""
-  if jax.process_index() != 0:
-    return
-  from saltjax import plots
-  done = {k: workdir / f"fold_{k}" / "done.json" for k in range(config.num_folds)}
-  histories = {k: json.loads(p.read_text())["history"] for k, p in done.items() if p.exists()}
-  plots.write_training_curves(workdir, histories, cycle_end_epochs(config))
-
-
-def folds_to_train(config) -> list[int]:
-  if config.fold == -1:
-    return list(range(config.num_folds))
-  if not 0 <= config.fold < config.num_folds:
-    raise ValueError(f"config.fold={config.fold} is out of range for"
-                     f" config.num_folds={config.num_folds} (use -1 for all folds)")
-  return [config.fold]
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data=None) -> dict:
-  """Trains the config's folds; when they are all of them, predicts."""
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  mesh = parallel.create_mesh()
-  logging.info("Devices: %d (%s), processes: %d", mesh.size, jax.devices()[0].platform,
-               jax.process_count())
-  data = data if data is not None else data_lib.load(config)
-  fold_of = data_lib.folds_for_run(config, data, workdir)
-  summaries = train_folds(config, workdir, data, fold_of, mesh)
-  if config.fold != -1:
-    return {"folds": summaries}
-  from saltjax import predict
-  test_probs = []
-  scores = predict.predict_and_submit(config, workdir, data=data, mesh=mesh,
-                                      test_probs_out=test_probs)
-  if config.pseudo_label.enabled:
-    scores = pseudo_label_round(config, workdir, data, fold_of, mesh, test_probs[0], scores)
-  return scores
-
-
-def train_folds(config, workdir: pathlib.Path, data, fold_of, mesh, extra=None) -> list:
-  """Trains the config's folds in turn (finished ones are skipped)."""
-  writer = metric_writers.create_default_writer(
-      str(workdir / "tensorboard"), just_logging=jax.process_index() > 0)
-  job, summaries = None, []
-  for fold in folds_to_train(config):
-    if job is None and not (workdir / f"fold_{fold}" / "done.json").exists():
-      job = Job.create(config, mesh, fold_of, writer,
-                       num_extra=0 if extra is None else len(extra[0]))
-    summaries.append(train_fold(job, workdir, fold, data, fold_of, extra))
-  writer.close()
-  write_training_curves(config, workdir)
-  return summaries
-
-
-def pseudo_label_round(config, workdir: pathlib.Path, data, fold_of, mesh,
-                       test_probs: np.ndarray, first_scores: dict) -> dict:
-  """A second round with confident test predictions added to every fold's training.
-
-  It runs in workdir/pseudo_round (its own checkpoints, resumable like the
-  first); its outputs then replace the workdir's submission, oof and scores,
-  and the first round's are kept as round1_*.
-  """
-  from saltjax import predict, pseudo
-  p = config.pseudo_label
-  chosen, masks = pseudo.select(test_probs, p.low, p.high, p.max_uncertain_fraction)
-  logging.info("Pseudo-labelling: %d of %d test images are confident", len(chosen),
-               len(test_probs))
-  round_dir = workdir / "pseudo_round"
-  round_dir.mkdir(exist_ok=True)
-  extra = (data.test_images[chosen], masks)
-  train_folds(config, round_dir, data, fold_of, mesh, extra=extra)
-  scores = predict.predict_and_submit(config, round_dir, data=data, mesh=mesh)
-  scores["pseudo_label"] = {"num_images": int(len(chosen)), "low": p.low, "high": p.high,
-                            "max_uncertain_fraction": p.max_uncertain_fraction,
-                            "round1_oof_score": first_scores["oof_score"]}
-  if jax.process_index() == 0:
-    for name in ("submission.csv", "oof.csv", "scores.json"):
-      data_lib.write_text_atomic((workdir / name).read_text(), workdir / f"round1_{name}")
-    for name in ("submission.csv", "oof.csv"):
-      data_lib.write_text_atomic((round_dir / name).read_text(), workdir / name)
-    data_lib.write_text_atomic(json.dumps(scores, indent=1), workdir / "scores.json")
-  return scores

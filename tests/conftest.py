@@ -27,6 +27,8 @@ TINY_OVERRIDES = {
     "optimizer.learning_rate": 3e-3,
     "log_every_steps": 2,
     "progress": False,
+    # Every epoch, so that a test can stop a run anywhere and find its resume point.
+    "checkpoint_every_seconds": 0,
 }
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 
 from saltjax import layout, rle, submission
+from saltjax import run as run_lib
 from tests.conftest import flag_args, run_main, tiny_config
 
 
@@ -14,7 +15,7 @@ def test_training_lowers_the_loss(tmp_path, data_cache, compile_cache):
   config = tiny_config(data_cache, compile_cache, fold=0, num_epochs=8,
                        **{"schedule.name": "constant"})
   run.enable_compilation_cache(config)
-  train.train_and_evaluate(config, str(tmp_path))
+  run_lib.train_and_evaluate(config, str(tmp_path))
   history = json.loads((tmp_path / "fold_0" / "done.json").read_text())["history"]
   losses = [h["train_loss"] for h in history]
   assert len(losses) == 8
@@ -89,15 +90,18 @@ def test_every_recipe_option_together(tmp_path, data_cache, compile_cache):
           "model.encoder_width": 4, "model.decoder_channels": (8, 8, 8, 8, 8),
           "synthetic.num_train": 24, "num_folds": 2})
   run.enable_compilation_cache(config)
-  scores = train.train_and_evaluate(config, str(tmp_path))
+  scores = run_lib.train_and_evaluate(config, str(tmp_path))
   history = json.loads((tmp_path / "fold_0" / "done.json").read_text())["history"]
   assert [h["loss_name"] for h in history] == ["bce_dice", "lovasz_symmetric_elu",
                                                "lovasz_symmetric_elu"]
   assert scores["classifier_gate"] and 0 <= scores["gate"] <= 1
+  # The submission's models are the pseudo-label round's.
+  history = json.loads((tmp_path / "pseudo_round" / "fold_0" / "done.json").read_text())[
+      "history"]
   assert scores["folds"]["0"]["models"] == ["best/" + str(history.index(max(
       history, key=lambda h: h["val_score"])) + 1), "swa/4"]
   # the pseudo-label round trained on every test image and made the submission
-  assert scores["pseudo_label"]["num_images"] == 12
+  assert scores["pseudo_label"]["num_images"] == {"0": 12, "1": 12}
   assert (tmp_path / "pseudo_round" / "fold_1" / "done.json").exists()
   assert (tmp_path / "round1_submission.csv").exists()
   assert (tmp_path / "submission.csv").read_text() == (

@@ -93,6 +93,21 @@ def _flat(tree, prefix: str) -> dict[str, np.ndarray]:
           for path, leaf in leaves}
 
 
+FOLD_STEPS = 3
+
+
+def _blobs(rng) -> dict[str, np.ndarray]:
+  """A batch of noise images whose masks are discs (two of them empty)."""
+  images = rng.uniform(size=(GLOBAL_BATCH, IMAGE_SIZE, IMAGE_SIZE, 1)).astype(np.float32)
+  yy, xx = np.mgrid[:IMAGE_SIZE, :IMAGE_SIZE]
+  centres = rng.uniform(8, IMAGE_SIZE - 8, size=(GLOBAL_BATCH, 2))
+  radii = rng.uniform(4, 20, size=GLOBAL_BATCH)
+  masks = ((yy - centres[:, :1, None]) ** 2 + (xx - centres[:, 1:, None]) ** 2
+           < radii[:, None, None] ** 2).astype(np.float32)
+  masks[:2] = 0.0
+  return {"image": images, "mask": masks}
+
+
 def _worker(out_dir: str) -> None:
   """Runs one train step on 8 devices and on 1; saves results and facts."""
   import jax
@@ -126,6 +141,7 @@ def _worker(out_dir: str) -> None:
            < radii[:, None, None] ** 2).astype(np.float32)
   masks[:2] = 0.0
   batch = {"image": images, "mask": masks}
+  assert batch["mask"].shape == _blobs(np.random.default_rng(1))["mask"].shape
 
   # The same global batch with its rows permuted: mathematically the same
   # step (every loss and statistic is a mean over the batch), numerically a
@@ -138,14 +154,16 @@ def _worker(out_dir: str) -> None:
   for name, mesh, step, host_batch in (("8", mesh8, step8, batch), ("1", mesh1, step1, batch),
                                        ("perm", mesh1, step1, permuted)):
     started = time.time()
-    # A fresh state per run: the step donates its input state.
-    state = jax.device_put(job.new_state(), parallel.replicated(mesh))
-    global_batch = parallel.global_from_local(host_batch, mesh)
+    # A fresh state per run (the step donates its input state), with a
+    # leading fold axis of one fold.
+    state = jax.device_put(train._stack([job.new_state()]), parallel.replicated(mesh))
+    folded = {k: v[None] for k, v in host_batch.items()}
+    global_batch = parallel.global_from_local(folded, mesh, fold_axis=True)
     x = global_batch["image"]
     facts[f"devices_{name}"] = len(x.sharding.device_set)
-    facts[f"shard_rows_{name}"] = sorted({s.data.shape[0] for s in x.addressable_shards})
+    facts[f"shard_rows_{name}"] = sorted({s.data.shape[1] for s in x.addressable_shards})
     facts[f"shards_match_rows_{name}"] = all(
-        np.array_equal(np.asarray(s.data), host_batch["image"][s.index])
+        np.array_equal(np.asarray(s.data), folded["image"][s.index])
         for s in x.addressable_shards)
     # Compiled once per mesh through the jitted step's own lowering, then run.
     if id(step) not in compiled:
@@ -158,18 +176,48 @@ def _worker(out_dir: str) -> None:
         jax.tree.leaves(new_state.params)[0].sharding.device_set)
     facts[f"state_replicated_{name}"] = all(
         leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(new_state.params))
-    facts[f"step_{name}"] = int(new_state.step)
-    results.update(_flat(step_metrics, f"{name}/metrics"))
-    results.update(_flat(new_state.params, f"{name}/params"))
-    results.update(_flat(new_state.batch_stats, f"{name}/batch_stats"))
-    results.update(_flat(new_state.opt_state, f"{name}/opt_state"))
+    facts[f"step_{name}"] = int(new_state.step[0])
+    one_fold = lambda tree: jax.tree.map(lambda x: x[0], tree)
+    results.update(_flat(one_fold(step_metrics), f"{name}/metrics"))
+    results.update(_flat(one_fold(new_state.params), f"{name}/params"))
+    results.update(_flat(one_fold(new_state.batch_stats), f"{name}/batch_stats"))
+    results.update(_flat(one_fold(new_state.opt_state), f"{name}/opt_state"))
     timings[name] = round(time.time() - started, 1)
 
   # Both device counts go through one code path: the same train_step function
   # under the same compile_train_steps, only the mesh differs.
   facts["same_step_function"] = all(
-      getattr(getattr(s, "__wrapped__", None), "func", None) is train.train_step
-      for s in (step8, step1))
+      getattr(getattr(getattr(s, "__wrapped__", None), "__wrapped__", None), "func", None)
+      is train.train_step for s in (step8, step1))
+
+  # Two folds trained together (one step function over a leading fold axis,
+  # the batch axis sharded over 8 devices) against each fold trained apart
+  # on one device: each fold model has its own state and batches.
+  started = time.time()
+  fold_batches = [[_blobs(rng) for _ in range(FOLD_STEPS)] for _ in range(2)]
+  state = jax.device_put(train._stack([job.new_state(), job.new_state()]),
+                         parallel.replicated(mesh8))
+  for t in range(FOLD_STEPS):
+    stacked = {k: np.stack([fold_batches[f][t][k] for f in range(2)])
+               for k in ("image", "mask")}
+    state, step_metrics = step8(state, parallel.global_from_local(stacked, mesh8,
+                                                                  fold_axis=True))
+    results[f"together/loss/{t}"] = np.asarray(jax.device_get(step_metrics["loss"]))
+  for f in range(2):
+    results.update(_flat(jax.tree.map(lambda x: x[f], state.params), f"together{f}/params"))
+    results.update(_flat(jax.tree.map(lambda x: x[f], state.batch_stats),
+                         f"together{f}/batch_stats"))
+  for f in range(2):
+    alone = jax.device_put(train._stack([job.new_state()]), parallel.replicated(mesh1))
+    for t in range(FOLD_STEPS):
+      folded = {k: v[None] for k, v in fold_batches[f][t].items()}
+      alone, step_metrics = step1(alone, parallel.global_from_local(folded, mesh1,
+                                                                    fold_axis=True))
+      results[f"apart{f}/loss/{t}"] = np.asarray(jax.device_get(step_metrics["loss"]))[0]
+    results.update(_flat(jax.tree.map(lambda x: x[0], alone.params), f"apart{f}/params"))
+    results.update(_flat(jax.tree.map(lambda x: x[0], alone.batch_stats),
+                         f"apart{f}/batch_stats"))
+  timings["folds"] = round(time.time() - started, 1)
 
   # What a per-device BatchNorm would have recorded: the statistics of one
   # device's 2 rows. The test checks the real ones are far from these, so
@@ -287,6 +335,40 @@ def test_batch_stats_are_over_the_global_batch(run):
   near = [key for key, a, _ in pairs
           if np.allclose(a, results[f"local/batch_stats{key}"], rtol=1e-3, atol=1e-4)]
   assert not near, f"per-device BatchNorm statistics equal the global ones: {near}"
+
+
+def test_folds_trained_together_equal_folds_trained_apart(run):
+  """config.parallel_folds: F fold models in one vmapped step, batch sharded over
+  8 devices, give each fold's own training on 1 device (loss, params, BatchNorm
+  statistics; SGD, float32)."""
+  _, results = run
+  for f in range(2):
+    for t in range(FOLD_STEPS):
+      np.testing.assert_allclose(results[f"together/loss/{t}"][f], results[f"apart{f}/loss/{t}"],
+                                 rtol=1e-5, err_msg=f"fold {f} step {t} loss")
+    keys = [k[len(f"apart{f}/batch_stats"):] for k in results
+            if k.startswith(f"apart{f}/batch_stats")]
+    assert keys
+    for key in keys:
+      np.testing.assert_allclose(
+          results[f"together{f}/batch_stats{key}"], results[f"apart{f}/batch_stats{key}"],
+          rtol=1e-4, atol=1e-5, err_msg=f"fold {f} batch_stats{key}")
+    # Parameters: each step moves them by lr * gradient, and gradients agree to
+    # GRAD_ATOL_OF_MAX of their largest entry (see the module docstring), so
+    # after FOLD_STEPS steps the parameters agree to that share of the largest
+    # distance any parameter moved.
+    keys = [k[len(f"apart{f}/params"):] for k in results if k.startswith(f"apart{f}/params")]
+    moved = max(float(np.max(np.abs(results[f"apart{f}/params{k}"] - results[f"init/params{k}"])))
+                for k in keys)
+    assert moved > 0
+    for key in keys:
+      np.testing.assert_allclose(
+          results[f"together{f}/params{key}"], results[f"apart{f}/params{key}"], rtol=0,
+          atol=FOLD_STEPS * GRAD_ATOL_OF_MAX * moved, err_msg=f"fold {f} params{key}")
+  # The two folds saw different data: their models differ.
+  differ = [k for k in results if k.startswith("apart0/params")
+            and not np.allclose(results[k], results["apart1" + k[len("apart0"):]])]
+  assert differ
 
 
 # ------------------------------------------------------------ configs/tpu ---

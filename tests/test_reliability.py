@@ -36,6 +36,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from saltjax import run as run_lib
+
 from tests.conftest import REPO, flag_args, run_main, tiny_config
 
 FOLD = 0
@@ -378,7 +380,7 @@ def test_a_finished_fold_is_not_trained_again(reference, tmp_path, monkeypatch, 
   shutil.copytree(reference, tmp_path / "run")
   monkeypatch.setattr(train.Job, "create", no_job)
   config = tiny_config(data_cache, compile_cache, fold=FOLD)
-  summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+  summary = run_lib.train_and_evaluate(config, str(tmp_path / "run"))
   done = json.loads((tmp_path / "run" / f"fold_{FOLD}" / "done.json").read_text())
   assert summary["folds"] == [done]
 
@@ -445,13 +447,13 @@ def test_crash_between_checkpoint_saves_of_an_epoch_resumes(reference, shared_jo
 
   monkeypatch.setattr(ckpt_lib.FoldCheckpoints, "save_latest", crashing)
   with pytest.raises(_Crash):
-    train.train_and_evaluate(config, str(tmp_path))
+    run_lib.train_and_evaluate(config, str(tmp_path))
   fold_dir = tmp_path / f"fold_{FOLD}"
   assert _steps(fold_dir / "latest") == [1]
   assert _steps(fold_dir / "snapshots") == [2]  # the cosine cycle's end: saved before latest
 
   monkeypatch.setattr(ckpt_lib.FoldCheckpoints, "save_latest", save_latest)
-  train.train_and_evaluate(config, str(tmp_path))
+  run_lib.train_and_evaluate(config, str(tmp_path))
   # Same as the uninterrupted main.py run (which is also in-process == subprocess).
   _assert_same_training(reference / f"fold_{FOLD}", fold_dir)
 
@@ -488,7 +490,7 @@ def test_nonfinite_loss_stops_naming_step_and_fold_and_keeps_last_good_checkpoin
   expected = f"non-finite loss or gradient at step {step} (fold {FOLD}, epoch 2)"
 
   with pytest.raises(train.NonFiniteError, match=re.escape(expected)):
-    train.train_and_evaluate(config, str(tmp_path))
+    run_lib.train_and_evaluate(config, str(tmp_path))
   latest = tmp_path / f"fold_{FOLD}" / "latest"
   assert _steps(latest) == [1]
 
@@ -537,7 +539,7 @@ def test_nonfinite_skip_leaves_the_state_unchanged_and_training_goes_on(
 
   monkeypatch.setattr(train.Job, "create", recording)
   caplog.set_level("WARNING")
-  summary = train.train_and_evaluate(config, str(tmp_path))
+  summary = run_lib.train_and_evaluate(config, str(tmp_path))
 
   assert len(seen) == 1
   before, after, metrics = seen[0]
@@ -681,7 +683,7 @@ def test_a_checkpoint_step_is_saved_again_and_swa_keeps_the_average_a_resume_nee
   # Resumed from `latest` at epoch 2 after a crash that followed the epoch-3
   # swa save: the epoch-2 average is still there.
   assert _steps(tmp_path / "swa") == [2, 3]
-  assert _steps(tmp_path / "best") == [3]
+  assert _steps(tmp_path / "best") == [2, 3]  # two kept, as for swa
   restored, meta = checkpoints.swa.restore(2, tree(0), checkpoints.fingerprint)
   assert meta["epoch"] == 2 and restored["params"]["w"].tolist() == [2, 2, 2]
   # ... and epoch 3 redone saves its step again, with what it computed this time.

@@ -1,0 +1,154 @@
+"""Every path a run writes (the README's "What a run writes" table), one atomic
+writer, and the lock that keeps a workdir to one run at a time.
+
+Model: big_vision's `utils.save_checkpoint_ts` — the code that writes a file
+and the code that reads it ask this module where it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import pathlib
+import socket
+from typing import Callable, Iterator
+
+from saltjax.errors import WorkdirError
+
+# Files at the top of a workdir.
+CONFIG_JSON = "config.json"
+VERSIONS_JSON = "versions.json"
+FOLDS_CSV = "folds.csv"
+SUBMISSION_CSV = "submission.csv"
+OOF_CSV = "oof.csv"
+SCORES_JSON = "scores.json"
+TENSORBOARD = "tensorboard"
+PSEUDO_ROUND = "pseudo_round"
+LOCK = ".lock"
+# Inside fold_<k>/: one orbax store per kind of checkpoint, and the summary.
+CHECKPOINT_STORES = ("latest", "best", "snapshots", "swa")
+DONE_JSON = "done.json"
+
+
+def fold_dir(workdir: pathlib.Path, fold: int) -> pathlib.Path:
+  return pathlib.Path(workdir) / f"fold_{fold}"
+
+
+def done_path(workdir: pathlib.Path, fold: int) -> pathlib.Path:
+  return fold_dir(workdir, fold) / DONE_JSON
+
+
+def read_done(workdir: pathlib.Path, fold: int) -> dict | None:
+  """A finished fold's summary, or None while it is not finished."""
+  path = done_path(workdir, fold)
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+# ------------------------------------------------------------ atomic writes ---
+
+def describe_os_error(e: OSError, path) -> str:
+  """One sentence naming the path and what to do about the error."""
+  if e.errno == errno.ENOSPC:
+    return f"no space left on the device holding {path}: free some space or use another --workdir"
+  if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+    return (f"cannot write {path} ({os.strerror(e.errno)}): use a --workdir you can write"
+            " to, or fix its permissions")
+  return f"cannot write {path}: {e.strerror or e}"
+
+
+def write_atomic(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> None:
+  """`write(tmp)` under a hidden temporary name, then a rename into place.
+
+  A reader never sees half a file; on any failure the temporary file is
+  removed (a half-written one would keep a full disk full) and an OSError
+  becomes a WorkdirError naming the path.
+  """
+  path = pathlib.Path(path)
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  except OSError as e:
+    raise WorkdirError(describe_os_error(e, path)) from e
+  finally:
+    with contextlib.suppress(OSError):
+      tmp.unlink()
+
+
+def write_text(text: str, path: pathlib.Path) -> None:
+  write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json(value, path: pathlib.Path) -> None:
+  write_text(json.dumps(value, indent=1), path)
+
+
+def write_csv(frame, path: pathlib.Path) -> None:
+  """A pandas DataFrame as CSV, without the index."""
+  write_text(frame.to_csv(index=False), path)
+
+
+def check_writable(directory: pathlib.Path) -> None:
+  """Finds out before any work whether `directory` can be created and written."""
+  directory = pathlib.Path(directory)
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise WorkdirError(describe_os_error(e, directory)) from e
+  write_text("", directory / ".write-test")
+  with contextlib.suppress(OSError):
+    (directory / ".write-test").unlink()
+
+
+# ------------------------------------------------------------------- lock ---
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+@contextlib.contextmanager
+def locked(directory: pathlib.Path) -> Iterator[None]:
+  """Holds `directory/.lock` (holder's PID and host) for the duration of a run.
+
+  A second run on the same workdir is refused at once, naming the holder; a
+  lock whose holder is dead (same host, no such PID) is taken over.
+  """
+  path = pathlib.Path(directory) / LOCK
+  me = {"pid": os.getpid(), "host": socket.gethostname()}
+  for _ in range(2):
+    try:
+      fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+      try:
+        holder = json.loads(path.read_text())
+      except (OSError, ValueError):
+        holder = {}
+      if holder.get("host") == me["host"] and not _alive(int(holder.get("pid", -1))):
+        with contextlib.suppress(FileNotFoundError):
+          path.unlink()  # its holder died without releasing it
+        continue
+      raise WorkdirError(
+          f"{directory} is in use by another run (PID {holder.get('pid', '?')} on host"
+          f" {holder.get('host', '?')}, lock file {path}); wait for it to finish or use"
+          " another --workdir. If that process is gone, delete the lock file.") from None
+    except OSError as e:
+      raise WorkdirError(describe_os_error(e, path)) from e
+    with os.fdopen(fd, "w") as f:
+      json.dump(me, f)
+    break
+  else:
+    raise WorkdirError(f"could not take the lock {path}; try again")
+  try:
+    yield
+  finally:
+    with contextlib.suppress(OSError):
+      if json.loads(path.read_text()).get("pid") == me["pid"]:
+        path.unlink()
