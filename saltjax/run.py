@@ -70,10 +70,11 @@ def main(config, workdir: str | None, config_file: str | None = None) -> int:
       config = config_checks.config_for_prediction(config, workdir)
       scores = predict.predict_and_submit(config, workdir)
     else:
-      # Data are read and validated, and the batch sizes checked against them
-      # and the devices, before the workdir gets anything.
+      # The ImageNet weights are found (or fetched), data read and validated,
+      # and the batch sizes checked, before the workdir gets anything.
       from saltjax import data as data_lib
-      from saltjax import parallel
+      from saltjax import imagenet_weights, parallel
+      imagenet_weights.resolve_weights(config.model.pretrained, config.cache_dir)
       data = data_lib.load(config)
       train.steps_per_epoch_for(config, parallel.create_mesh(),
                                 data_lib.fold_assignment(config, data)["fold"].to_numpy())
