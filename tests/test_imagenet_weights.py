@@ -211,3 +211,34 @@ def test_no_network_error_through_main_py(env, tmp_path):
     assert part in paragraph, part
   assert not workdir.exists()
   assert not any(p.is_file() for p in (cache / "pretrained").rglob("*"))
+
+
+def test_training_starts_from_the_cached_imagenet_weights(tmp_path, state_dict, no_hub,
+                                                         monkeypatch):
+  # train.initial_variables, as every fold calls it, with fold.py's default.
+  import jax
+  import jax.numpy as jnp
+  from saltjax import train
+
+  def zeros_of_the_model(key, model, image_size):
+    # The random init of a ResNet50 U-Net takes minutes to compile on a
+    # small CPU; its shapes are all that loading and merging depend on.
+    shapes = jax.eval_shape(model.init, key, jnp.zeros((1, image_size, image_size, 1)))
+    return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), dict(shapes))
+
+  monkeypatch.setattr(train, "initialized", zeros_of_the_model)
+  target = tmp_path / "pretrained" / "resnet50.tv_in1k.safetensors"
+  target.parent.mkdir()
+  save_file(state_dict, str(target))
+  config = fold.get_config()
+  config.cache_dir = str(tmp_path)
+  config.image_size = 32
+  config.model.decoder_channels = (8, 8, 8, 8, 8)
+  variables = train.initial_variables(config, train.create_model(config))
+  encoder = variables["params"]["encoder"]
+  np.testing.assert_array_equal(encoder["layer3_5"]["conv2"]["kernel"],
+                                state_dict["layer3.5.conv2.weight"].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(variables["batch_stats"]["encoder"]["layer2_0"]["bn3"]["var"],
+                                state_dict["layer2.0.bn3.running_var"])
+  assert encoder["conv1"]["kernel"].shape == (7, 7, 1, 64)  # the gray stem
+  assert not np.any(variables["params"]["decoder_0"]["conv1"]["kernel"])  # untouched
