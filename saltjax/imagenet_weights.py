@@ -40,8 +40,10 @@ import shutil
 import tempfile
 
 import numpy as np
+import safetensors
 
 from saltjax import config_checks
+from saltjax import pretrained
 
 DEFAULT_REPO = "timm/resnet50.tv_in1k"
 HUB_FILENAME = "model.safetensors"
@@ -124,8 +126,6 @@ def check_weights(path: pathlib.Path, sha256: str | None = None) -> str:
   The file must hash to `sha256` (or to its `.sha256` line, when one is
   beside it), and hold exactly ResNet50's keys and shapes with finite values.
   """
-  import safetensors
-  from saltjax import pretrained  # flax and jax only when weights are used
   expected = sha256 or _read_sidecar(path)
   if expected:
     got = file_sha256(path)
@@ -198,9 +198,14 @@ def _download(spec: str, repo_id: str, target: pathlib.Path) -> None:
         f"config.model.pretrained={spec!r}: {repo_id} has no {HUB_FILENAME}")
   sha256 = files[0].lfs.sha256 if files[0].lfs else None
 
-  target.parent.mkdir(parents=True, exist_ok=True)
-  staging = pathlib.Path(tempfile.mkdtemp(prefix=f".download-{target.stem}-",
-                                          dir=target.parent))
+  try:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".download-{target.stem}-",
+                                            dir=target.parent))
+  except OSError as e:
+    raise config_checks.ConfigError(
+        f"config.model.pretrained={spec!r}: cannot write the weights under"
+        f" {target.parent} ({e}); choose another --config.cache_dir") from None
   try:
     try:
       downloaded = huggingface_hub.hf_hub_download(
