@@ -7,7 +7,10 @@ torchvision's layout by tests/test_pretrained.py's hand-written reference.
 """
 
 import hashlib
+import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,7 +20,7 @@ from configs import fold
 from saltjax import config_checks
 from saltjax import imagenet_weights
 from saltjax import pretrained
-from tests.conftest import flag_args, run_main
+from tests.conftest import REPO, flag_args, run_main
 from tests.test_pretrained import _random_state_dict
 
 # A closed port: a connection attempt is refused at once, never timed out.
@@ -176,17 +179,119 @@ def test_downloaded_file_is_installed_only_when_it_checks_out(tmp_path, state_di
   assert (tmp_path / "resnet50.tv_in1k.safetensors.sha256").read_text().split()[0] == good_hash
 
 
-def test_no_network_error_in_process(tmp_path, monkeypatch):
-  import huggingface_hub
-  monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", NO_NETWORK["HF_ENDPOINT"])
-  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-  with pytest.raises(config_checks.ConfigError) as raised:
-    imagenet_weights.resolve_weights("timm/resnet50.tv2_in1k", str(tmp_path))
-  message = str(raised.value)
-  assert "timm/resnet50.tv2_in1k" in message
-  assert str(tmp_path / "pretrained" / "resnet50.tv2_in1k.safetensors") in message
-  # Nothing half-downloaded is left in the cache.
-  assert not any(p.is_file() for p in tmp_path.rglob("*"))
+class _LocalHub:
+  """A local HTTP server answering the three requests a download makes.
+
+  It stands in for the hub (which this machine cannot reach) so that the
+  real huggingface_hub client runs the download: paths-info (the file's
+  SHA-256), then HEAD and GET of `resolve/main/model.safetensors`.
+  """
+
+  def __init__(self, blob: bytes, served: bytes):
+    import http.server
+    import json
+    import threading
+    sha256 = hashlib.sha256(blob).hexdigest()
+    self.requests = []
+    requests = self.requests
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+
+      def _file_headers(self):
+        self.send_header("X-Repo-Commit", "c" * 40)
+        self.send_header("X-Linked-Etag", f'"{sha256}"')
+        self.send_header("X-Linked-Size", str(len(blob)))
+        self.send_header("Content-Length", str(len(served)))
+
+      def do_HEAD(self):  # pylint: disable=invalid-name
+        requests.append(("HEAD", self.path))
+        self.send_response(200)
+        self._file_headers()
+        self.end_headers()
+
+      def do_GET(self):  # pylint: disable=invalid-name
+        requests.append(("GET", self.path))
+        if not self.path.endswith("/resolve/main/model.safetensors"):
+          self.send_error(404)
+          return
+        self.send_response(200)
+        self._file_headers()
+        self.end_headers()
+        self.wfile.write(served)
+
+      def do_POST(self):  # pylint: disable=invalid-name
+        requests.append(("POST", self.path))
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = json.dumps([{"type": "file", "path": "model.safetensors", "size": len(blob),
+                            "oid": "b" * 40, "lfs": {"oid": sha256, "size": len(blob),
+                                                     "pointerSize": 134}}]).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+      def log_message(self, *args):
+        pass
+
+    self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+    threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+  def close(self):
+    self.server.shutdown()
+    self.server.server_close()
+
+
+# resolve_weights in a fresh process: huggingface_hub reads HF_ENDPOINT when
+# it is imported.
+_RESOLVE = """
+import sys
+from saltjax import config_checks, imagenet_weights
+try:
+  print(imagenet_weights.resolve_weights(sys.argv[1], sys.argv[2]))
+except config_checks.ConfigError as e:
+  sys.exit(f"error: {e}")
+"""
+
+
+def _resolve_in_process_with_endpoint(spec, cache, endpoint):
+  return subprocess.run(
+      [sys.executable, "-c", _RESOLVE, spec, str(cache)], cwd=REPO, capture_output=True,
+      text=True, timeout=300,
+      env={**os.environ, "JAX_PLATFORMS": "cpu", "HF_ENDPOINT": endpoint,
+           "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
+
+
+@pytest.mark.parametrize("damaged", [False, True], ids=["intact", "damaged_in_transit"])
+def test_download_through_the_hub_client(damaged, tmp_path, state_dict):
+  source = tmp_path / "model.safetensors"
+  save_file(state_dict, str(source))
+  blob = source.read_bytes()
+  # Same size, one byte changed: the hub client's size check passes, the
+  # SHA-256 check must not.
+  served = blob[:-3] + bytes([blob[-3] ^ 0xFF]) + blob[-2:] if damaged else blob
+  hub = _LocalHub(blob, served)
+  cache = tmp_path / "cache"
+  target = cache / "pretrained" / "resnet50.tv2_in1k.safetensors"
+  try:
+    result = _resolve_in_process_with_endpoint("timm/resnet50.tv2_in1k", cache, hub.url)
+    assert ("GET", "/timm/resnet50.tv2_in1k/resolve/main/model.safetensors") in hub.requests
+    if damaged:
+      assert result.returncode == 1
+      assert "SHA-256" in result.stderr and "refused" in result.stderr
+      assert not any(p.is_file() for p in cache.rglob("*"))  # nothing kept
+    else:
+      assert result.returncode == 0, result.stderr
+      assert result.stdout.strip().splitlines()[-1] == str(target)
+      assert target.read_bytes() == blob
+      assert target.with_name(target.name + ".sha256").read_text() == (
+          f"{hashlib.sha256(blob).hexdigest()}  {target.name}\n")
+      # Nothing else is left beside them (no temporary download folder).
+      assert sorted(p.name for p in target.parent.iterdir()) == [
+          target.name, target.name + ".sha256"]
+  finally:
+    hub.close()
 
 
 @pytest.mark.parametrize("env", [NO_NETWORK, {"HF_HUB_OFFLINE": "1"}], ids=["refused", "offline"])
