@@ -94,7 +94,7 @@ def check(config) -> None:
   need(m.scse_reduction > 0, "model.scse_reduction", "must be positive")
   need(m.upsample in ("nearest", "bilinear"), "model.upsample", "use 'nearest' or 'bilinear'")
   need(m.dtype in ("auto", "float32", "bfloat16"), "model.dtype", "use auto, float32 or bfloat16")
-  from saltjax import imagenet_weights  # it raises ConfigError: imported here, not above
+  from saltjax import imagenet_weights  # imports this module (ConfigError): not at the top
   hub = imagenet_weights.hub_repo(m.pretrained)
   need(not m.pretrained or hub or pathlib.Path(m.pretrained).expanduser().is_file(),
        "model.pretrained", "no such file, and not 'imagenet' or a timm/resnet50.<tag> name")
