@@ -117,6 +117,7 @@ def make_config(args):
   from configs import fold
   config = fold.get_config()
   config.model.dtype = args.dtype
+  config.model.pretrained = ""  # timing only: no weights to download
   if args.match_peer:
     config.model.scse_encoder = False
   if args.tiny:

@@ -42,7 +42,10 @@ def get_config():
       hypercolumn=False,
       deep_supervision=False,
       classifier=False,
-      pretrained="",  # torchvision/timm ResNet50 weights (.safetensors/.npz/.pth)
+      # ImageNet weights: 'imagenet' (timm/resnet50.tv_in1k, downloaded once into
+      # cache_dir/pretrained/), another timm/resnet50.<tag>, a local
+      # .safetensors/.npz/.pth file, or '' to train from scratch.
+      pretrained="imagenet",
       dtype="auto",  # bfloat16 on GPU/TPU, float32 on CPU
   ))
 

@@ -15,6 +15,7 @@ def get_config():
   config.model.stage_sizes = (1, 1, 1, 1)
   config.model.encoder_width = 8
   config.model.decoder_channels = (32, 16, 16, 8, 8)
+  config.model.pretrained = ""  # no ImageNet weights fit the tiny encoder
   config.model.scse_reduction = 4
   config.image_size = 64
   config.num_epochs = 16

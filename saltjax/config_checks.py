@@ -13,6 +13,7 @@ import ml_collections
 from saltjax import augment
 from saltjax import errors
 from saltjax import geometry
+from saltjax import imagenet_weights
 from saltjax import inference
 from saltjax import losses
 from saltjax import optim
@@ -102,8 +103,12 @@ def check(config) -> None:
   need(m.scse_reduction > 0, "model.scse_reduction", "must be positive")
   need(m.upsample in ("nearest", "bilinear"), "model.upsample", "use 'nearest' or 'bilinear'")
   need(m.dtype in ("auto", "float32", "bfloat16"), "model.dtype", "use auto, float32 or bfloat16")
-  need(not m.pretrained or pathlib.Path(m.pretrained).expanduser().is_file(),
-       "model.pretrained", "no such file")
+  hub = imagenet_weights.hub_repo(m.pretrained)
+  need(not m.pretrained or hub or pathlib.Path(m.pretrained).expanduser().is_file(),
+       "model.pretrained", "no such file, and not 'imagenet' or a timm/resnet50.<tag> name")
+  need(not m.pretrained or (tuple(m.stage_sizes) == (3, 4, 6, 3) and m.encoder_width == 64),
+       "model.pretrained", "ResNet50 weights need model.stage_sizes=(3,4,6,3) and"
+       " model.encoder_width=64 (or --config.model.pretrained='' to train from scratch)")
   need(config.data_dir == "" or pathlib.Path(config.data_dir).expanduser().is_dir(),
        "data_dir", "no such directory")
   need(config.synthetic.num_train >= 2 * config.num_folds, "synthetic.num_train",

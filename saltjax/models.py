@@ -23,8 +23,11 @@ import numpy as np
 Array = Any
 Dtype = Any
 
-# ImageNet statistics. A gray image gets the mean of the RGB statistics, which
-# is what the channel-summed stem kernel (see pretrained.py) expects.
+# ImageNet statistics. A gray image (in_channels=1) is normalised with one mean
+# and std, the means of the RGB ones; pretrained.fold_gray_stem folds the
+# per-channel RGB statistics into the 1-channel stem kernel and bn1's running
+# mean, so pretrained weights see what the RGB stem sees for the gray image
+# repeated to RGB. Trained from scratch, the gray input is simply centred.
 IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
 IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
 IMAGENET_MEAN_GRAY = 0.449

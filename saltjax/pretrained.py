@@ -24,6 +24,8 @@ import flax.core
 import jax.numpy as jnp
 import numpy as np
 
+from saltjax import models
+
 RESNET50_STAGE_SIZES = (3, 4, 6, 3)
 
 _TORCH_TO_SAFETENSORS = (
@@ -131,9 +133,10 @@ def load_resnet50(path: str, in_channels: int = 3) -> dict[str, Any]:
     path: a torch-named ResNet50 state dict as .safetensors or .npz (or
       .pth/.pt if torch is installed). A prefix shared by all keys, such as
       'module.' or 'encoder.', is stripped.
-    in_channels: 3 keeps the RGB stem; 1 sums the stem kernel over the RGB
-      input channels, so a gray image gives the same stem output as that image
-      repeated to RGB.
+    in_channels: 3 keeps the RGB stem; 1 folds the RGB stem and its
+      per-channel ImageNet normalisation into a 1-channel stem (see
+      `fold_gray_stem`): a gray image then gives the stem output of that
+      image repeated to RGB.
 
   Returns:
     {'params': ..., 'batch_stats': ...} as nested dicts of float32 numpy
@@ -177,10 +180,51 @@ def load_resnet50(path: str, in_channels: int = 3) -> dict[str, Any]:
       value = np.transpose(value, (2, 3, 1, 0))  # OIHW -> HWIO
     flat[(collection,) + flax_path] = value
   if in_channels == 1:
-    # Linear in the input: conv(gray repeated to RGB, K) == conv(gray, sum K).
-    stem = flat[('params', 'conv1', 'kernel')]
-    flat[('params', 'conv1', 'kernel')] = stem.sum(axis=2, keepdims=True)
+    kernel, bn1_mean = fold_gray_stem(flat[('params', 'conv1', 'kernel')],
+                                      flat[('batch_stats', 'bn1', 'mean')])
+    flat[('params', 'conv1', 'kernel')] = kernel
+    flat[('batch_stats', 'bn1', 'mean')] = bn1_mean
   return traverse_util.unflatten_dict(flat)
+
+
+def fold_gray_stem(kernel: np.ndarray,
+                   bn1_mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The RGB stem's per-channel normalisation, folded into a 1-channel stem.
+
+  The RGB model sees x_c = (g - m_c) / s_c for a gray image g repeated to RGB;
+  the gray model sees one channel (g - m) / s (`models.IMAGENET_MEAN_GRAY`,
+  `IMAGENET_STD_GRAY`). Over a window inside the image the RGB stem's conv is
+
+    sum_c K_c (g - m_c) / s_c = [s sum_c K_c / s_c] (g - m) / s + b,
+    b = sum over the 7x7 taps of sum_c K_c (m - m_c) / s_c  (per channel),
+
+  so the gray kernel is s sum_c K_c / s_c, and the constant b, which bn1
+  subtracts, moves into its running mean. Training from batch statistics
+  removes any per-channel constant, so only the running mean needs it.
+
+  Where the 7x7 window reaches into the zero padding (the first and last 2
+  rows and columns of the stem output) the padded taps contribute nothing in
+  either model, so the RGB conv holds only the in-image taps' share of b
+  while the running mean accounts for all of it: the gray stem differs there
+  by the padded taps' share. No 1-channel stem can match it, because the
+  RGB model's padding is a different raw value in each channel.
+
+  Args:
+    kernel: the RGB stem kernel, HWIO (7, 7, 3, 64).
+    bn1_mean: bn1's running mean (64,).
+
+  Returns:
+    The (7, 7, 1, 64) gray kernel and bn1's running mean, float32.
+  """
+  kernel = np.asarray(kernel, np.float64)
+  mean_rgb = np.asarray(models.IMAGENET_MEAN_RGB, np.float64)
+  std_rgb = np.asarray(models.IMAGENET_STD_RGB, np.float64)
+  per_input = kernel / std_rgb[:, None]  # K_c / s_c, channel axis 2
+  gray_kernel = models.IMAGENET_STD_GRAY * per_input.sum(axis=2, keepdims=True)
+  offset = (per_input * (models.IMAGENET_MEAN_GRAY - mean_rgb)[:, None]).sum(
+      axis=(0, 1, 2))
+  return (gray_kernel.astype(np.float32),
+          (np.asarray(bn1_mean, np.float64) - offset).astype(np.float32))
 
 
 def merge_encoder(variables: Mapping[str, Any],

@@ -130,9 +130,10 @@ def _on_sigterm(signum, frame) -> None:
 def _train(config, workdir: pathlib.Path) -> dict:
   """Validates the data, the devices and the workdir, then trains (and predicts)."""
   from saltjax import data as data_lib
-  from saltjax import parallel, train
-  # Data are read and validated, and the batch sizes checked against them
-  # and the devices, before the workdir gets anything.
+  from saltjax import imagenet_weights, parallel, train
+  # The ImageNet weights are found (or fetched), data read and validated, and
+  # the batch sizes checked, before the workdir gets anything.
+  imagenet_weights.resolve_weights(config.model.pretrained, config.cache_dir)
   data = data_lib.load(config)
   train.steps_per_epoch_for(config, parallel.create_mesh(),
                             data_lib.fold_assignment(config, data)["fold"].to_numpy())

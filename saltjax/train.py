@@ -70,11 +70,11 @@ def create_model(config, dtype=None) -> models.UNet:
 def initial_variables(config, model) -> dict:
   variables = models.initialized(jax.random.key(config.seed), model, config.image_size)
   if config.model.pretrained:
-    from saltjax import pretrained
-    encoder = pretrained.load_resnet50(config.model.pretrained,
-                                       in_channels=config.model.in_channels)
+    from saltjax import imagenet_weights, pretrained
+    path = imagenet_weights.resolve_weights(config.model.pretrained, config.cache_dir)
+    encoder = pretrained.load_resnet50(path, in_channels=config.model.in_channels)
     variables = pretrained.merge_encoder(variables, encoder)
-    logging.info("Encoder initialised from %s", config.model.pretrained)
+    logging.info("Encoder initialised from %s (%s)", config.model.pretrained, path)
   return variables
 
 

@@ -169,16 +169,74 @@ def test_stem_output_matches_numpy(loaded, state_dict):
   np.testing.assert_allclose(stem, expected, rtol=1e-4, atol=1e-3)
 
 
-def test_gray_stem_is_rgb_sum(weight_files, state_dict, loaded):
+# ImageNet statistics as torchvision publishes them, and the gray model's
+# single mean/std, written out here rather than read from saltjax.models.
+RGB_MEAN = np.array([0.485, 0.456, 0.406])
+RGB_STD = np.array([0.229, 0.224, 0.225])
+GRAY_MEAN, GRAY_STD = 0.449, 0.226
+
+
+def _torch_conv_stride2_pad3(x, w):
+  """conv2d(x, w, stride=2, padding=3) by loops: x (H, W, C), w OIHW."""
+  xp = np.pad(x, ((3, 3), (3, 3), (0, 0)))
+  out = (x.shape[0] + 6 - 7) // 2 + 1
+  y = np.zeros((out, out, w.shape[0]))
+  for i in range(out):
+    for j in range(out):
+      y[i, j] = np.einsum("hwc,ochw->o", xp[2 * i:2 * i + 7, 2 * j:2 * j + 7], w)
+  return y
+
+
+def test_gray_stem_sees_what_the_rgb_stem_sees(weight_files, state_dict, loaded):
+  """Gray model on g == torchvision's RGB stem on (g, g, g), normalisation included.
+
+  Truth: torchvision's eval-mode stem (conv 7x7/2 pad 3, bn1, ReLU) on the
+  gray image repeated to RGB and normalised per channel, in float64 numpy
+  from the torch-layout weights. The gray model runs as training and
+  prediction run it: UNet(in_channels=1) normalises, the loaded weights are
+  merged in, the encoder computes the stem.
+  """
   gray = pretrained.load_resnet50(weight_files['npz'], in_channels=1)
-  kernel = gray['params']['conv1']['kernel']
-  assert kernel.shape == (7, 7, 1, 64)
-  np.testing.assert_allclose(
-      kernel[:, :, 0, :],
-      state_dict['conv1.weight'].sum(axis=1).transpose(1, 2, 0), rtol=1e-6)
+  assert gray['params']['conv1']['kernel'].shape == (7, 7, 1, 64)
   # Everything but the stem is unchanged.
   np.testing.assert_array_equal(gray['params']['layer4_2']['conv3']['kernel'],
                                 loaded['params']['layer4_2']['conv3']['kernel'])
+  np.testing.assert_array_equal(gray['batch_stats']['bn1']['var'],
+                                loaded['batch_stats']['bn1']['var'])
+
+  size = 24
+  g = np.random.default_rng(5).uniform(0, 1, (size, size))
+  w = state_dict['conv1.weight'].astype(np.float64)
+  rgb = (np.repeat(g[..., None], 3, axis=-1) - RGB_MEAN) / RGB_STD
+  conv = _torch_conv_stride2_pad3(rgb, w)
+  bn = lambda k: state_dict[f'bn1.{k}'].astype(np.float64)
+  batch_norm = lambda y: ((y - bn('running_mean')) / np.sqrt(bn('running_var') + 1e-5)
+                          * bn('weight') + bn('bias'))
+  rgb_stem = np.maximum(batch_norm(conv), 0.0)
+
+  model = models.UNet(in_channels=1, scse_encoder=False, scse_decoder=False,
+                      decoder_channels=(8, 8, 8, 8, 8))
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size)))
+  variables = pretrained.merge_encoder(_zeros_like_shapes(shapes), gray)
+  _, state = model.apply(
+      variables, jnp.asarray(g[None], jnp.float32),
+      capture_intermediates=lambda mdl, _: isinstance(mdl, models.ResNetEncoder),
+      mutable=['intermediates'])
+  gray_stem = np.asarray(state['intermediates']['encoder']['__call__'][0][0][0])
+  assert gray_stem.shape == rgb_stem.shape == (12, 12, 64)
+
+  # Away from the zero padding (windows inside the image): equal.
+  np.testing.assert_allclose(gray_stem[2:-2, 2:-2], rgb_stem[2:-2, 2:-2],
+                             rtol=1e-4, atol=1e-4)
+  # Where the window reaches into the padding, the RGB model pads each
+  # channel with its own mean, which one gray channel cannot; the gray stem
+  # differs by exactly the padded taps of sum_c K_c (m - m_c) / s_c.
+  per_tap = np.einsum('ochw,c->ohw', w, (GRAY_MEAN - RGB_MEAN) / RGB_STD)
+  in_image = _torch_conv_stride2_pad3(np.ones((size, size, 1)), per_tap[:, None])
+  padded_share = per_tap.sum(axis=(1, 2)) - in_image
+  assert np.abs(padded_share[2:-2, 2:-2]).max() < 1e-9
+  np.testing.assert_allclose(gray_stem, np.maximum(batch_norm(conv + padded_share), 0.0),
+                             rtol=1e-4, atol=1e-4)
 
 
 def _save_variant(state, path):
