@@ -68,7 +68,7 @@ def create_model(config, dtype=None) -> models.UNet:
 
 
 def initial_variables(config, model) -> dict:
-  variables = models.initialized(jax.random.key(config.seed), model, config.image_size)
+  variables = initialized(jax.random.key(config.seed), model, config.image_size)
   if config.model.pretrained:
     from saltjax import imagenet_weights, pretrained
     path = imagenet_weights.resolve_weights(config.model.pretrained, config.cache_dir)
