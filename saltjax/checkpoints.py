@@ -16,8 +16,10 @@ checkpoint is refused as a whole instead of being half loaded.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import pathlib
 from typing import Any
 
@@ -48,6 +50,21 @@ def _first_line(e: BaseException, limit: int = 200) -> str:
   """The gist of a library error (tensorstore's can run to pages)."""
   text = (str(e).strip().splitlines() or [type(e).__name__])[0]
   return text if len(text) <= limit else text[:limit] + "..."
+
+
+# What tensorstore says for the errno values a user can act on.
+_WRITE_FAILURES = (("No space left", errno.ENOSPC), ("os_error_code='28'", errno.ENOSPC),
+                   ("Read-only file system", errno.EROFS), ("Permission denied", errno.EACCES))
+
+
+def _describe_write_failure(e: BaseException, directory: pathlib.Path) -> str:
+  text = str(e)
+  for words, code in _WRITE_FAILURES:
+    if words in text:
+      return (workdir_lib.describe_os_error(OSError(code, os.strerror(code)), directory)
+              + "; then run the same command again to resume")
+  return (f"writing a checkpoint in {directory} failed ({_first_line(e)}); run the same"
+          " command again to resume")
 
 
 def _check_structure(where, wanted: dict, saved: dict, error=None) -> None:
@@ -103,6 +120,8 @@ class Store:
           force=True)
     except OSError as e:
       raise WorkdirError(workdir_lib.describe_os_error(e, self.directory)) from e
+    except ValueError as e:  # tensorstore's write errors reach us as ValueError
+      raise WorkdirError(_describe_write_failure(e, self.directory)) from e
     self._unchecked.append(step)
 
   def finish(self) -> None:
@@ -110,9 +129,7 @@ class Store:
     try:
       self.manager.wait_until_finished()
     except Exception as e:  # orbax re-raises the background thread's error
-      raise WorkdirError(f"writing a checkpoint in {self.directory} failed:"
-                         f" {_first_line(e)}. Free some space or fix the permissions,"
-                         " then run the same command again to resume") from e
+      raise WorkdirError(_describe_write_failure(e, self.directory)) from e
     if jax.process_index() == 0:
       for step in self._unchecked:
         if (self.directory / str(step)).is_dir():

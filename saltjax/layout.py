@@ -39,9 +39,10 @@ import numpy as np
 import pandas as pd
 
 from saltjax import errors
+from saltjax import geometry
 from saltjax import rle
 
-IMAGE_SIZE = 101
+IMAGE_SIZE = geometry.ORIGINAL_SIZE
 
 # How many lines of one kind of problem a DataError message shows before it
 # summarises the rest; a broken download can have thousands of the same kind.
@@ -766,7 +767,7 @@ def read_test_images(data_dir) -> SaltData:
       source.close()
   if problems:
     raise DataError(problems.message(data_dir), problems.lines())
-  empty = np.zeros((0, 101, 101), np.uint8)
+  empty = np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
   return SaltData(train_ids=[], train_images=empty, train_masks=empty,
                   train_depths=np.zeros(0, np.int64), test_ids=test_ids,
                   test_images=_stack([image for image, _ in loaded]),

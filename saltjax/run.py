@@ -71,12 +71,30 @@ def set_up_process() -> None:
   # asyncio repeats a failed background write once per pending task.
   logging.getLogger("absl").setLevel(logging.WARNING)
   logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+  logging.getLogger("absl").addFilter(_drop_orbax_background_errors)
+  sys.unraisablehook = _quiet_closed_event_loops(sys.unraisablehook)
   warnings.filterwarnings("ignore", module="orbax")
   if "tensorflow" in sys.modules or _tensorflow_installed():
     import tensorflow as tf
     tf.config.set_visible_devices([], "GPU")
     if tf.config.list_physical_devices("TPU"):
       tf.config.set_visible_devices([], "TPU")
+
+
+def _drop_orbax_background_errors(record: logging.LogRecord) -> bool:
+  """Orbax logs each failed background write (a traceback per array); the failure
+  reaches the program as one error, which says what to do."""
+  return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
+def _quiet_closed_event_loops(hook):
+  """Orbax's abandoned writes complain once per pending task after a failure."""
+  def quiet(unraisable):
+    if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(
+        unraisable.exc_value):
+      return
+    hook(unraisable)
+  return quiet
 
 
 def _tensorflow_installed() -> bool:

@@ -41,13 +41,14 @@ import uuid
 import cv2
 import numpy as np
 
+from saltjax import geometry
 from saltjax import rle
 
 # Bump whenever the output for a given seed changes, so that datasets cached by
 # `ensure_dataset` under an old name are not mistaken for the new generator's.
 VERSION = 1
 
-IMAGE_SIZE = 101
+IMAGE_SIZE = geometry.ORIGINAL_SIZE
 _NUM_PIXELS = IMAGE_SIZE * IMAGE_SIZE
 
 # Coverage class counts of the 4,000 competition training masks (class 0 is

@@ -235,6 +235,11 @@ def _rmtree(rel):
 
 
 BROKEN = [
+    ("test_id_is_a_train_id", lambda root: [
+        _write_png("test/images/b2e1.png", _image(5))(root),
+        open(root / "sample_submission.csv", "a").write("b2e1,1 1\n"),
+        open(root / "depths.csv", "a").write("b2e1,345\n")],
+     ["test id(s) are also train ids", "b2e1"]),
     ("missing_mask", _remove("train/masks/b2e1.png"),
      ["train/masks/b2e1.png", "b2e1"]),
     ("missing_image", _remove("train/images/c3d2.png"),

@@ -81,6 +81,25 @@ runpy.run_path("main.py", run_name="__main__")
 """
 
 
+# main.py sent SIGTERM (what a preempted VM gets) while epoch 2's third batch
+# is handed to the train step; training goes on to the end of that epoch.
+_SIGTERM_MID_EPOCH = """
+import os, runpy, signal, sys
+from saltjax import input_pipeline
+original = input_pipeline.epoch_iterator
+
+def epoch_iterator(for_epoch, epoch, skip_batches=0):
+  for i, batch in enumerate(original(for_epoch, epoch, skip_batches)):
+    if (epoch, i) == (1, 2):
+      os.kill(os.getpid(), signal.SIGTERM)
+    yield batch
+
+input_pipeline.epoch_iterator = epoch_iterator
+sys.argv[0] = "main.py"
+runpy.run_path("main.py", run_name="__main__")
+"""
+
+
 def _steps(store_dir: pathlib.Path) -> list[int]:
   """Finished checkpoint steps (orbax's unfinished saves have other names)."""
   if not store_dir.is_dir():
@@ -138,6 +157,21 @@ def _assert_same_training(fold_a: pathlib.Path, fold_b: pathlib.Path) -> None:
   done_b = json.loads((fold_b / "done.json").read_text())
   assert _without_seconds(done_a) == _without_seconds(done_b)
   assert len(done_a["history"]) == EPOCHS
+
+
+def _assert_same_result(fold_a: pathlib.Path, fold_b: pathlib.Path) -> None:
+  """The same final state and models, however often each run wrote its checkpoints."""
+  a, b = _checkpoints(fold_a), _checkpoints(fold_b)
+  final = ["latest/%d" % EPOCHS, "best/%d" % max(_steps(fold_a / "best"))]
+  final += [k for k in a if k.startswith("snapshots/")]
+  assert final[1] in b and sorted(k for k in b if k.startswith("snapshots/")) == sorted(
+      k for k in a if k.startswith("snapshots/"))
+  for name in final:
+    assert a[name][0] == b[name][0], name
+    assert a[name][1] == b[name][1], name
+  done_a = json.loads((fold_a / "done.json").read_text())
+  done_b = json.loads((fold_b / "done.json").read_text())
+  assert _without_seconds(done_a) == _without_seconds(done_b)
 
 
 def _empty(workdir: pathlib.Path) -> bool:
@@ -388,8 +422,12 @@ def test_a_finished_fold_is_not_trained_again(reference, tmp_path, monkeypatch, 
 # ------------------------------------------------------------------ resume ---
 
 def _kill_mid_epoch_then_resume(args: list[str], workdir: pathlib.Path, logs: pathlib.Path,
-                                out: dict) -> None:
-  """main.py SIGKILLed mid-epoch 2, then the same command run again; facts into `out`."""
+                                out: dict, wait_for_epoch_1: bool = False) -> None:
+  """main.py SIGKILLed mid-epoch 2, then the same command run again; facts into `out`.
+
+  `wait_for_epoch_1`: kill only once epoch 1's resume point, written in the
+  background while epoch 2 trains, is on disk.
+  """
   marker = logs / "paused"
   proc = _popen_main(args, logs / "killed.stderr", env={"PAUSED_MARKER": str(marker)},
                      hook=_PAUSE_MID_EPOCH)
@@ -397,6 +435,10 @@ def _kill_mid_epoch_then_resume(args: list[str], workdir: pathlib.Path, logs: pa
   deadline = time.time() + 600
   try:
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
+      time.sleep(0.05)
+    latest = workdir / f"fold_{FOLD}" / "latest"
+    until = time.time() + 120
+    while wait_for_epoch_1 and not _steps(latest) and time.time() < until:
       time.sleep(0.05)
   finally:
     proc.send_signal(signal.SIGKILL)
@@ -408,22 +450,32 @@ def _kill_mid_epoch_then_resume(args: list[str], workdir: pathlib.Path, logs: pa
     out["resumed"] = run_main(args)
 
 
+# checkpoint_every_seconds: 0 writes the resume point every epoch; the
+# default (300) writes it only at the end of these short runs.
+CADENCES = (0, 300)
+
+
 @pytest.fixture(scope="module")
 def killed_and_resumed(reference, tmp_path_factory, data_cache, compile_cache):
   """Runs in the background from when the reference is done (on the compile cache it
-  filled), while the in-process tests go on."""
-  logs = tmp_path_factory.mktemp("killed")
-  workdir = logs / "run"
-  out = {}
-  thread = threading.Thread(target=_kill_mid_epoch_then_resume, daemon=True,
-                            args=(_main_args(workdir, data_cache, compile_cache), workdir,
-                                  logs, out))
-  thread.start()
-  yield thread, workdir, out
-  thread.join(timeout=900)
-  if "killed" in out and out["killed"].poll() is None:
-    out["killed"].kill()
-    out["killed"].wait()
+  filled), while the in-process tests go on; one run per checkpoint cadence."""
+  runs = {}
+  for cadence in CADENCES:
+    logs = tmp_path_factory.mktemp(f"killed_{cadence}")
+    workdir = logs / "run"
+    out = {}
+    args = _main_args(workdir, data_cache, compile_cache,
+                      checkpoint_every_seconds=cadence)
+    thread = threading.Thread(target=_kill_mid_epoch_then_resume, daemon=True,
+                              args=(args, workdir, logs, out, cadence == 0))
+    thread.start()
+    runs[cadence] = (thread, workdir, out)
+  yield runs
+  for thread, _, out in runs.values():
+    thread.join(timeout=900)
+    if "killed" in out and out["killed"].poll() is None:
+      out["killed"].kill()
+      out["killed"].wait()
 
 
 class _Crash(Exception):
@@ -699,16 +751,44 @@ def test_a_checkpoint_step_is_saved_again_and_swa_keeps_the_average_a_resume_nee
   checkpoints.close()
 
 
+def test_sigterm_saves_the_resume_point_then_resumes_to_the_same_result(
+    reference, tmp_path, data_cache, compile_cache):
+  """A preempted VM gets SIGTERM: the epoch in progress ends, its resume point is
+  written (although the default cadence would wait 300 s) and the program exits
+  143; the same command then finishes the run as if it was never stopped."""
+  workdir = tmp_path / "run"
+  args = _main_args(workdir, data_cache, compile_cache, checkpoint_every_seconds=300)
+  proc = _popen_main(args, tmp_path / "stopped.stderr", hook=_SIGTERM_MID_EPOCH)
+  rc = proc.wait(timeout=600)
+  err = (tmp_path / "stopped.stderr").read_text()
+  assert rc == 143, err[-3000:]
+  assert "error: stopped by SIGTERM after epoch 2" in err
+  assert "Traceback" not in err
+  assert _steps(workdir / f"fold_{FOLD}" / "latest") == [2]
+  assert not (workdir / f"fold_{FOLD}" / "done.json").exists()
+  result = run_main(args)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"Fold {FOLD}: resumed from epoch 2." in result.stderr
+  _assert_same_result(reference / f"fold_{FOLD}", workdir / f"fold_{FOLD}")
+
+
 # Last: the runs it checks have gone on in the background meanwhile.
-def test_sigkilled_run_resumes_to_bit_identical_results(reference, killed_and_resumed):
-  thread, workdir, out = killed_and_resumed
+@pytest.mark.parametrize("cadence", CADENCES)
+def test_sigkilled_run_resumes_to_bit_identical_results(cadence, reference,
+                                                        killed_and_resumed):
+  thread, workdir, out = killed_and_resumed[cadence]
   thread.join(timeout=900)
   assert not thread.is_alive()
   assert out["killed"].returncode == -signal.SIGKILL, out["killed_stderr"][-3000:]
-  assert out["latest_at_kill"] == [1]  # killed in epoch 2, after epoch 1's checkpoint
+  # Killed in epoch 2: after epoch 1's checkpoint when it is written every
+  # epoch, before any at the default cadence.
+  assert out["latest_at_kill"] == ([1] if cadence == 0 else [])
   assert not out["done_at_kill"]
   # The same command again, without the pause.
   result = out["resumed"]
   assert result.returncode == 0, result.stderr[-3000:]
-  assert f"Fold {FOLD}: resumed from epoch 1." in result.stderr
-  _assert_same_training(reference / f"fold_{FOLD}", workdir / f"fold_{FOLD}")
+  if cadence == 0:
+    assert f"Fold {FOLD}: resumed from epoch 1." in result.stderr
+    _assert_same_training(reference / f"fold_{FOLD}", workdir / f"fold_{FOLD}")
+  else:
+    _assert_same_result(reference / f"fold_{FOLD}", workdir / f"fold_{FOLD}")

@@ -1,0 +1,187 @@
+"""Seconds per epoch spent outside the train steps, at the full fold.py model size, on CPU.
+
+What decides whether a GPU stays busy can be measured without one: every
+second an epoch spends on checkpoints, validation bookkeeping, iterator start
+and logging is a second the accelerator waits. This runs the real training
+loop (`train.train_folds`, F folds together) with configs/fold.py's
+ResNet50-scSE U-Net (36.4M parameters, its Adam moments: 436 MB of state per
+fold) on data made tiny (32 px, one step per epoch), times the train steps
+and the validation forward passes (each ended by `block_until_ready`), and
+reports the rest of each epoch's wall time as overhead.
+
+Two settings of the same code:
+- `before`: the resume point written every epoch, synchronously, as the loop
+  did before the speed work (`checkpoint_every_seconds=0`, orbax synchronous);
+- `after`: the defaults (`checkpoint_every_seconds=300`, asynchronous writes).
+
+The per-epoch overhead of a 150-epoch run is projected from the measured
+parts: the bookkeeping every epoch pays, plus the resume-point writes that run
+makes (one every `checkpoint_every_seconds` of an H100 epoch estimate, and the
+final one) spread over its 150 epochs.
+
+  JAX_PLATFORMS=cpu python benchmarks/epoch_overhead.py            # ~10 min on 2 cores
+  JAX_PLATFORMS=cpu python benchmarks/epoch_overhead.py --folds 2 --epochs 4   # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import pathlib
+import platform
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks import report  # noqa: E402
+
+
+def _config(args, cache_dir: str, cadence: int):
+  from configs import fold
+  config = fold.get_config()
+  config.model.pretrained = ""  # the weights' values do not change the timings
+  config.num_folds = args.folds
+  config.fold = -1
+  config.parallel_folds = 0
+  config.image_size = 32
+  config.batch_size = args.batch_size
+  config.eval_batch_size = 2
+  config.synthetic.num_train = args.folds * 4 // 2 * 2 + args.folds * args.batch_size
+  config.synthetic.num_test = 2
+  config.num_epochs = args.epochs
+  config.schedule.cycle_epochs = max(1, args.epochs // 2)
+  config.checkpoint_every_seconds = cadence
+  config.cache_dir = cache_dir
+  config.compilation_cache = os.path.join(cache_dir, "jax_cache")
+  config.progress = False
+  config.log_every_steps = 1
+  return config
+
+
+def _timed(fn, bucket: list):
+  def wrapped(*a, **k):
+    started = time.perf_counter()
+    out = jax.block_until_ready(fn(*a, **k))
+    bucket.append(time.perf_counter() - started)
+    return out
+  return wrapped
+
+
+def measure(args, setting: str, job_cache: dict) -> dict:
+  from saltjax import checkpoints as ckpt_lib
+  from saltjax import data as data_lib
+  from saltjax import parallel, run, train
+  cadence = 0 if setting == "before" else 300
+  cache_dir = args.cache_dir
+  config = _config(args, cache_dir, cadence)
+  run.enable_compilation_cache(config)
+  data = data_lib.load(config)
+  mesh = parallel.create_mesh()
+  steps, validations, saves = [], [], []
+  with tempfile.TemporaryDirectory(dir=args.workdir_parent) as workdir:
+    workdir = pathlib.Path(workdir)
+    fold_of = data_lib.folds_for_run(config, data, workdir)
+    if "job" not in job_cache:
+      started = time.perf_counter()
+      job_cache["job"] = train.Job.create(config, mesh, fold_of, writer=None)
+      job_cache["create_s"] = time.perf_counter() - started
+    job = job_cache["job"]
+    job = train.Job(**{**job.__dict__, "config": config,
+                       "train_steps": {k: _timed(f, steps) for k, f in job.train_steps.items()},
+                       "validate_fn": _timed(job.validate_fn, validations)})
+    original_save, original_init = train._save, ckpt_lib.FoldCheckpoints.__init__
+
+    def timed_save(group, epoch):
+      started = time.perf_counter()
+      original_save(group, epoch)
+      saves.append(time.perf_counter() - started)
+
+    def init(self, fold_dir, config, asynchronous=False):
+      original_init(self, fold_dir, config, asynchronous=(setting == "after"))
+
+    train._save, ckpt_lib.FoldCheckpoints.__init__ = timed_save, init
+    try:
+      started = time.perf_counter()
+      train.train_folds(job, workdir, list(range(config.num_folds)), data, fold_of)
+      total = time.perf_counter() - started
+    finally:
+      train._save, ckpt_lib.FoldCheckpoints.__init__ = original_save, original_init
+    state_bytes = sum(p.stat().st_size for p in (workdir / "fold_0" / "latest").rglob("*")
+                      if p.is_file())
+  epochs = config.num_epochs
+  # The first step and validation compile (or load from the cache): not overhead.
+  compute = sum(steps[1:]) + sum(validations[len(validations) // epochs:])
+  first = steps[0] + sum(validations[:len(validations) // epochs])
+  outside = total - compute - first
+  final_save = saves[-1]
+  per_epoch_saves = sum(saves[:-1]) / max(len(saves) - 1, 1) if len(saves) > 1 else 0.0
+  bookkeeping = (outside - sum(saves)) / epochs
+  return {"setting": setting, "checkpoint_every_seconds": cadence, "epochs": epochs,
+          "folds": config.num_folds, "total_s": round(total, 3),
+          "train_steps_s": round(sum(steps), 3), "validation_s": round(sum(validations), 3),
+          "outside_steps_s": round(outside, 3), "saves": len(saves),
+          "save_s": [round(s, 3) for s in saves], "final_save_s": round(final_save, 3),
+          "per_epoch_save_s": round(per_epoch_saves, 3),
+          "bookkeeping_per_epoch_s": round(bookkeeping, 4),
+          "outside_per_epoch_s": round(outside / epochs, 4),
+          "latest_bytes_per_fold": state_bytes}
+
+
+def project(before: dict, after: dict, epochs: int, h100_epoch_s: float) -> dict:
+  """Overhead per epoch of an `epochs`-epoch run, from the measured parts."""
+  run_seconds = epochs * h100_epoch_s
+  after_saves = 1 + math.floor(run_seconds / 300)
+  return {
+      "epochs": epochs, "assumed_h100_epoch_s": h100_epoch_s,
+      "before_per_epoch_s": round(before["bookkeeping_per_epoch_s"]
+                                  + before["per_epoch_save_s"], 4),
+      "after_saves": after_saves,
+      "after_per_epoch_s": round(after["bookkeeping_per_epoch_s"]
+                                 + after_saves * after["final_save_s"] / epochs, 4),
+  }
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--folds", type=int, default=5)
+  parser.add_argument("--epochs", type=int, default=6)
+  parser.add_argument("--batch_size", type=int, default=2)
+  parser.add_argument("--h100_epoch_s", type=float, default=1.5,
+                      help="an H100 epoch of the seed recipe (issue measurement: 1-2 s)")
+  parser.add_argument("--cache_dir", default=os.path.expanduser("~/.cache/saltjax"))
+  parser.add_argument("--workdir_parent", default=None)
+  parser.add_argument("--output", default=None)
+  args = parser.parse_args()
+  from saltjax import run
+  run.set_up_process()
+  job_cache: dict = {}
+  rows = [measure(args, setting, job_cache) for setting in ("before", "after")]
+  for row in rows:
+    print(f"{row['setting']:>7}: {row['outside_per_epoch_s']:.3f} s/epoch outside the steps"
+          f" ({row['saves']} saves, final {row['final_save_s']:.2f} s, bookkeeping"
+          f" {row['bookkeeping_per_epoch_s']:.4f} s/epoch)")
+  projection = project(rows[0], rows[1], 150, args.h100_epoch_s)
+  print(f"150-epoch run: before {projection['before_per_epoch_s']:.3f} s/epoch, after"
+        f" {projection['after_per_epoch_s']:.3f} s/epoch")
+  result = {
+      "benchmark": "epoch_overhead", "date": datetime.datetime.now(
+          datetime.timezone.utc).isoformat(timespec="seconds"),
+      "device": f"{jax.devices()[0].platform} ({os.cpu_count()} cores)",
+      "host": platform.machine(), "jax": jax.__version__,
+      "model": "configs/fold.py ResNet50-scSE U-Net (32 px, tiny data)",
+      "job_create_s": round(job_cache["create_s"], 1),
+      "rows": rows, "projection_150_epochs": projection,
+  }
+  report.write_result(result, args.output, "epoch_overhead_cpu")
+
+
+if __name__ == "__main__":
+  main()

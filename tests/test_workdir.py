@@ -1,0 +1,135 @@
+"""The workdir: one atomic writer, disk and permission errors, one run at a time."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from saltjax import errors
+from saltjax import workdir as workdir_lib
+from tests.conftest import tiny_config
+
+
+def test_atomic_writer_leaves_no_temp_file_and_names_the_path_when_the_disk_is_full(
+    tmp_path):
+  target = tmp_path / "scores.json"
+
+  def half_then_full(tmp: pathlib.Path):
+    tmp.write_text("{\"half\": ")  # what a full disk leaves behind
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  with pytest.raises(errors.WorkdirError) as raised:
+    workdir_lib.write_atomic(target, half_then_full)
+  assert f"no space left on the device holding {target}" in str(raised.value)
+  assert list(tmp_path.iterdir()) == []  # neither the file nor its temporary
+
+
+def test_read_only_errors_say_what_to_do(tmp_path):
+  def read_only(tmp):
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+  with pytest.raises(errors.WorkdirError, match="use a --workdir you can write to"):
+    workdir_lib.write_atomic(tmp_path / "x.csv", read_only)
+
+
+def test_the_lock_refuses_a_second_run_and_names_the_holder(tmp_path):
+  with workdir_lib.locked(tmp_path):
+    held = json.loads((tmp_path / workdir_lib.LOCK).read_text())
+    assert held == {"pid": os.getpid(), "host": socket.gethostname()}
+    with pytest.raises(errors.WorkdirError) as raised:
+      with workdir_lib.locked(tmp_path):
+        pass
+    assert f"PID {os.getpid()} on host {socket.gethostname()}" in str(raised.value)
+  assert not (tmp_path / workdir_lib.LOCK).exists()  # released on exit
+
+
+def test_the_lock_of_a_dead_holder_is_taken_over(tmp_path):
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  (tmp_path / workdir_lib.LOCK).write_text(
+      json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+  with workdir_lib.locked(tmp_path):
+    assert json.loads((tmp_path / workdir_lib.LOCK).read_text())["pid"] == os.getpid()
+  assert not (tmp_path / workdir_lib.LOCK).exists()
+
+
+def test_main_refuses_a_workdir_in_use_before_writing_anything(tmp_path, data_cache,
+                                                              compile_cache, capfd,
+                                                              monkeypatch):
+  from saltjax import run
+  monkeypatch.delenv("SALTJAX_DEBUG", raising=False)
+  holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+  try:
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / workdir_lib.LOCK).write_text(
+        json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
+    config = tiny_config(data_cache, compile_cache, fold=0)
+    assert run.main(config, str(workdir)) == 1
+    err = capfd.readouterr().err
+    assert f"is in use by another run (PID {holder.pid}" in err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in workdir.iterdir()) == [workdir_lib.LOCK]
+  finally:
+    holder.kill()
+    holder.wait()
+
+
+def _mount_tmpfs(path: pathlib.Path, options: str) -> bool:
+  path.mkdir(parents=True, exist_ok=True)
+  result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                          capture_output=True)
+  return result.returncode == 0
+
+
+@pytest.fixture
+def small_mount(tmp_path):
+  """Mounts tmpfs filesystems for the test (where this machine lets the tests)."""
+  mounted = []
+
+  def mount(name: str, options: str) -> pathlib.Path:
+    path = tmp_path / name
+    if not _mount_tmpfs(path, options):
+      pytest.skip("mounting a tmpfs is not permitted here")
+    mounted.append(path)
+    return path
+
+  yield mount
+  for path in mounted:
+    subprocess.run(["umount", str(path)], capture_output=True)
+
+
+def test_a_read_only_workdir_is_found_before_training(small_mount, data_cache, compile_cache,
+                                                      capfd, monkeypatch):
+  from saltjax import run
+  monkeypatch.delenv("SALTJAX_DEBUG", raising=False)
+  workdir = small_mount("ro", "ro,size=1m") / "run"
+  config = tiny_config(data_cache, compile_cache, fold=0)
+  assert run.main(config, str(workdir)) == 1
+  err = capfd.readouterr().err
+  assert f"cannot write {workdir}" in err and "Read-only file system" in err
+  assert "Traceback" not in err
+
+
+def test_a_full_disk_during_training_ends_in_one_message(small_mount, data_cache,
+                                                         compile_cache, capfd, monkeypatch):
+  """Room for the run's records but not its checkpoints: one message, exit 1."""
+  from saltjax import run
+  monkeypatch.delenv("SALTJAX_DEBUG", raising=False)
+  workdir = small_mount("full", "size=64k") / "run"
+  config = tiny_config(data_cache, compile_cache, fold=0)
+  run.enable_compilation_cache(config)
+  assert run.main(config, str(workdir)) == 1
+  err = capfd.readouterr().err
+  assert "error: " in err
+  assert "no space left" in err.lower() or "No space left" in err
+  assert "Traceback" not in err
+  assert len(err.splitlines()) < 40, err[-3000:]
+  # No temporary file is left to keep the disk full.
+  assert not [p for p in workdir.rglob("*") if ".tmp-" in p.name]
