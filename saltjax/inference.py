@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from saltjax import input_pipeline
+from saltjax import device_input
 
 TTA_CHOICES = ("none", "hflip", "vflip", "hflip+vflip", "shift", "hflip+shift")
 _SHIFT = 4  # pixels, for the small-shift TTA
@@ -55,7 +55,7 @@ def make_infer_fn(model, resize_mode: str, tta: str):
       probs.append(inverse(jax.nn.sigmoid(out["logits"])))
       if "class_logits" in out:
         class_probs.append(jax.nn.sigmoid(out["class_logits"]))
-    result = {"probs": input_pipeline.to_original_size(
+    result = {"probs": device_input.to_original_size(
         jnp.mean(jnp.stack(probs), 0), resize_mode)}
     if class_probs:
       result["class_probs"] = jnp.mean(jnp.stack(class_probs), 0)

@@ -11,26 +11,20 @@ from __future__ import annotations
 
 from typing import Iterator
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 
 from saltjax import augment
+from saltjax import device_input
 
 # TensorFlow only feeds data here: it must never take accelerator memory.
 tf.config.set_visible_devices([], "GPU")
 tf.config.set_visible_devices([], "TPU") if tf.config.list_physical_devices("TPU") else None
 
-ORIGINAL_SIZE = 101
-
-
-def pad_widths(image_size: int, original: int = ORIGINAL_SIZE) -> tuple[int, int]:
-  """(before, after) padding that takes `original` to `image_size`."""
-  total = image_size - original
-  if total < 0:
-    raise ValueError(f"image_size {image_size} is smaller than the images ({original})")
-  return total // 2, total - total // 2
+# Shared with the on-device pipeline (TensorFlow-free), names kept here.
+ORIGINAL_SIZE = device_input.ORIGINAL_SIZE
+pad_widths = device_input.pad_widths
+to_original_size = device_input.to_original_size
 
 
 def to_model_size(image: tf.Tensor, image_size: int, mode: str,
@@ -44,14 +38,6 @@ def to_model_size(image: tf.Tensor, image_size: int, mode: str,
     pads = [[0, 0]] * (rank - 3) + [[before, after], [before, after], [0, 0]]
     return tf.pad(image, pads, mode="REFLECT")
   raise ValueError(f"unknown config.resize_mode {mode!r}: use 'resize' or 'pad'")
-
-
-def to_original_size(x: jnp.ndarray, mode: str) -> jnp.ndarray:
-  """(B, S, S) model-size maps -> (B, 101, 101): the inverse of to_model_size."""
-  if mode == "resize":
-    return jax.image.resize(x, (x.shape[0], ORIGINAL_SIZE, ORIGINAL_SIZE), "linear")
-  before, _ = pad_widths(x.shape[1])
-  return x[:, before:before + ORIGINAL_SIZE, before:before + ORIGINAL_SIZE]
 
 
 def _as_float(images: np.ndarray) -> tf.Tensor:
