@@ -271,11 +271,12 @@ class FoldIndices(NamedTuple):
   """Each fold's training rows of the device data, padded to one length.
 
   rows: (F, n_max) int32, fold f's rows first (sizes[f] of them), then padding;
-  sizes: (F,) int32; keys: (F,) PRNG keys, jax.random.key(seed * 100 + fold).
+  sizes: (F,) int32; seeds: (F,) int32, each fold's key is jax.random.key(seed),
+  seed = config.seed * 100 + fold (the tf.data pipeline's seed).
   """
   rows: jax.Array
   sizes: jax.Array
-  keys: jax.Array
+  seeds: jax.Array
 
 
 def fold_indices(fold_of: np.ndarray, folds: Sequence[int], *, seed: int,
@@ -293,9 +294,9 @@ def fold_indices(fold_of: np.ndarray, folds: Sequence[int], *, seed: int,
   table = np.zeros((len(rows), sizes.max()), np.int32)
   for f, r in enumerate(rows):
     table[f, :len(r)] = r
-  keys = jax.vmap(jax.random.key)(np.array([seed * 100 + f for f in folds]))
+  seeds = np.array([seed * 100 + f for f in folds], np.int32)
   put = (lambda x: jax.device_put(x, sharding)) if sharding is not None else jnp.asarray
-  return FoldIndices(put(table), put(sizes), put(keys))
+  return FoldIndices(put(table), put(sizes), put(seeds))
 
 
 def steps_per_epoch(folds: FoldIndices, batch_size: int) -> int:
@@ -352,7 +353,7 @@ def make_batch_fn(*, augment: str, image_size: int, resize_mode: str) -> Callabl
 
 
 def make_fold_batch_fn(config, batch_size: int) -> Callable:
-  """fn(data, rows, size, key, epoch, step) -> one fold's batch `step` of `epoch`.
+  """fn(data, rows, size, seed, epoch, step) -> one fold's batch `step` of `epoch`.
 
   Pure and jittable (epoch and step may be traced). `step` must be below
   `steps_per_epoch`: inside jit a slice past the end is clamped, not refused.
@@ -360,7 +361,8 @@ def make_fold_batch_fn(config, batch_size: int) -> Callable:
   batch_fn = make_batch_fn(augment=config.augment, image_size=config.image_size,
                            resize_mode=config.resize_mode)
 
-  def fold_batch(data: DeviceData, rows, size, key, epoch, step):
+  def fold_batch(data: DeviceData, rows, size, seed, epoch, step):
+    key = jax.random.key(seed)
     start = step * batch_size
     batch_rows = jax.lax.dynamic_slice(epoch_order(rows, size, key, epoch), (start,),
                                        (batch_size,))
@@ -380,7 +382,7 @@ def make_train_batch_fn(config, batch_size: int) -> Callable:
                         in_axes=(None, 0, 0, 0, None, None))
 
   def train_batch(data: DeviceData, folds: FoldIndices, epoch, step):
-    return fold_batch(data, folds.rows, folds.sizes, folds.keys, epoch, step)
+    return fold_batch(data, folds.rows, folds.sizes, folds.seeds, epoch, step)
 
   return train_batch
 

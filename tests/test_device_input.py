@@ -298,7 +298,7 @@ def test_epoch_order_is_a_permutation_of_the_fold(dataset):
     assert size == int((fold_of != f).sum())
     for epoch in (0, 1):
       order = np.asarray(device_input.epoch_order(folds.rows[f], folds.sizes[f],
-                                                  folds.keys[f], epoch))
+                                                  jax.random.key(folds.seeds[f]), epoch))
       # The fold's training rows, each once, none of its validation rows.
       np.testing.assert_array_equal(np.sort(order[:size]), np.flatnonzero(fold_of != f))
       orders[f, epoch] = order[:size]
@@ -319,7 +319,7 @@ def test_batches_follow_the_epoch_order(dataset):
   batch_fn = jax.jit(device_input.make_train_batch_fn(config, BATCH))
   for f in range(3):
     order = np.asarray(device_input.epoch_order(folds.rows[f], folds.sizes[f],
-                                                folds.keys[f], 4))
+                                                jax.random.key(folds.seeds[f]), 4))
     for step in range(device_input.steps_per_epoch(folds, BATCH)):
       batch = jax.device_get(batch_fn(data, folds, 4, step))
       rows = order[step * BATCH:(step + 1) * BATCH]
