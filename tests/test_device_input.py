@@ -208,6 +208,14 @@ def test_contrast_scales_around_the_mean():
   np.testing.assert_array_equal(out_mask, np.broadcast_to(mask, out_mask.shape))
 
 
+def test_augment_spec_fills_defaults():
+  ops = augment_spec.parse(" hflip | shift|scale(0.2)|contrast(0.3)|vflip(0.25) ")
+  assert [(op.name, op.args) for op in ops] == [
+      ("hflip", (0.5,)), ("shift", (8,)), ("scale", (0.2,)), ("contrast", (0.3,)),
+      ("vflip", (0.25,))]
+  assert augment_spec.parse("") == [] and augment_spec.parse("hflip()")[0].args == (0.5,)
+
+
 @pytest.mark.parametrize("spec,fault", [
     ("hflip|rotate(5)", "unknown augmentation 'rotate(5)'"),
     ("shift(200)", "pixels=200"),
