@@ -40,7 +40,8 @@ NUM_PROCESSES = 2
 GLOBAL_BATCH = 8
 IMAGE_SIZE = 64
 RTOL, ATOL = 1e-5, 1e-6
-TIMEOUT_S = 600  # generous: compiling the step takes ~35 s of CPU a process, more when the CPUs are shared
+# Generous: compiling the step takes ~35 s of CPU a process, more on shared CPUs.
+TIMEOUT_S = 600
 XLA_FLAGS = (
     # Compile-time savers: lower LLVM's effort on the CPU code, not what the
     # HLO computes; every process compared gets them.
