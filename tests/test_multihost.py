@@ -180,35 +180,40 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start(out_dir, process_id: int, port: int) -> subprocess.Popen:
+def _start(out_dir, process_id: int, port: int, log) -> subprocess.Popen:
   env = dict(os.environ)
   env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2",
              XLA_FLAGS=" ".join([env.get("XLA_FLAGS", ""), *XLA_FLAGS]).strip())
   env.pop("JAX_NUM_CPU_DEVICES", None)
   return subprocess.Popen(
       [sys.executable, __file__, str(out_dir), str(process_id), str(port)], cwd=REPO,
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   out = tmp_path_factory.mktemp("multihost")
   port = _free_port()
-  procs = {name: _start(out, pid, port) for name, pid in
+  # Output to files, not pipes: a full pipe would stall a process mid-collective.
+  logs = {name: open(out / f"{name}.log", "w") for name in ("process_0", "process_1", "single")}
+  procs = {name: _start(out, pid, port, logs[name]) for name, pid in
            (("process_0", 0), ("process_1", 1), ("single", -1))}
-  outputs, deadline = {}, time.time() + TIMEOUT_S
+  deadline, timed_out = time.time() + TIMEOUT_S, set()
   try:
     for name, proc in procs.items():
       try:
-        outputs[name] = proc.communicate(timeout=max(1.0, deadline - time.time()))[0]
+        proc.wait(timeout=max(1.0, deadline - time.time()))
       except subprocess.TimeoutExpired:
-        proc.kill()
-        outputs[name] = proc.communicate()[0] + f"\n[killed after {TIMEOUT_S}s]"
+        timed_out.add(name)
   finally:
-    for proc in procs.values():
+    for name, proc in procs.items():
       if proc.poll() is None:
         proc.kill()
         proc.wait()
+      logs[name].close()
+  outputs = {name: (out / f"{name}.log").read_text()
+             + (f"\n[killed: still running after {TIMEOUT_S}s]" if name in timed_out else "")
+             for name in procs}
   failed = {name: p.returncode for name, p in procs.items() if p.returncode != 0}
   assert not failed, "worker(s) failed: " + "".join(
       f"\n--- {name} (exit {procs[name].returncode}) ---\n{outputs[name][-4000:]}"
@@ -250,14 +255,6 @@ def test_one_step_equals_the_one_process_step(runs):
   for key in keys:
     np.testing.assert_array_equal(runs["process_0"][key], runs["process_1"][key])
   assert np.isfinite(single["loss"])
-
-
-def test_step_used_both_halves_of_the_batch(runs):
-  # A step on one half alone would give another loss: the equality above
-  # needs the other process's rows (against a mixed-up feed).
-  half = GLOBAL_BATCH // NUM_PROCESSES
-  assert runs["process_0"]["facts"]["local_rows"] == [half]
-  assert float(runs["single"]["loss"]) != 0.0
 
 
 def test_device_pipeline_batch_equals_one_process(runs):
