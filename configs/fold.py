@@ -29,6 +29,9 @@ def get_config():
   config.image_size = 128
   config.resize_mode = "resize"
   config.augment = "hflip"  # ops joined by '|': hflip vflip shift(n) scale(s) brightness(d) contrast(d)
+  # Where batches are made: 'tfdata' (host CPUs) or 'device' (decoded data on
+  # the accelerator, augmented in JAX: saltjax/device_input.py; no TensorFlow).
+  config.input_pipeline = "tfdata"
 
   config.model = ml_collections.ConfigDict(dict(
       stage_sizes=(3, 4, 6, 3),  # ResNet50

@@ -5,15 +5,18 @@ without new code: ``"hflip|shift(8)|brightness(0.1)"``. Every op is a function
 ``(image, mask, seed) -> (image, mask)`` on float32 (H, W, 1) tensors using
 TensorFlow's *stateless* random ops, so the same (seed, epoch, position)
 always gives the same augmentation: runs are reproducible and resumable.
+
+The spec string is read and checked by `saltjax.augment_spec` (no
+TensorFlow); `saltjax.device_input` implements the same ops in JAX.
 """
 
 from __future__ import annotations
 
-import ast
-import re
 from typing import Callable
 
 import tensorflow as tf
+
+from saltjax import augment_spec
 
 AugmentOp = Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
 _REGISTRY: dict[str, Callable[..., AugmentOp]] = {}
@@ -88,21 +91,9 @@ def scale(max_scale: float = 0.1) -> AugmentOp:
   return op
 
 
-_OP_RE = re.compile(r"^\s*([a-z_]+)\s*(?:\((.*)\))?\s*$")
-
-
 def parse(spec: str) -> list[AugmentOp]:
   """Parses ``"op|op(arg)|..."`` into ops; ValueError naming a bad op."""
-  ops = []
-  for part in filter(None, (p.strip() for p in (spec or "").split("|"))):
-    m = _OP_RE.match(part)
-    if not m or m.group(1) not in _REGISTRY:
-      raise ValueError(
-          f"unknown augmentation {part!r} in config.augment={spec!r}; known:"
-          f" {', '.join(sorted(_REGISTRY))}")
-    args = ast.literal_eval(f"({m.group(2)},)") if m.group(2) else ()
-    ops.append(_REGISTRY[m.group(1)](*args))
-  return ops
+  return [_REGISTRY[op.name](*op.args) for op in augment_spec.parse(spec)]
 
 
 def apply(ops: list[AugmentOp], image, mask, seed):

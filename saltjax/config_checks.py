@@ -10,7 +10,7 @@ import pathlib
 
 import ml_collections
 
-from saltjax import augment
+from saltjax import augment_spec
 from saltjax import errors
 from saltjax import geometry
 from saltjax import imagenet_weights
@@ -43,6 +43,8 @@ def check(config) -> None:
        "fold", f"must be -1 (all) or 0..{config.num_folds - 1}")
   need(config.stratify_by in ("coverage", "depth"), "stratify_by", "use 'coverage' or 'depth'")
   need(config.resize_mode in geometry.RESIZE_MODES, "resize_mode", "use 'resize' or 'pad'")
+  need(config.get("input_pipeline", "tfdata") in ("tfdata", "device"), "input_pipeline",
+       "use 'tfdata' (host) or 'device' (on the accelerator, no TensorFlow)")
   need(config.image_size >= 101 if config.resize_mode == "pad" else config.image_size >= 32,
        "image_size", "must be >= 101 with resize_mode='pad', >= 32 with 'resize'")
   need(config.image_size % 32 == 0, "image_size",
@@ -90,7 +92,7 @@ def check(config) -> None:
   need(not pl.enabled or config.fold == -1, "pseudo_label.enabled",
        "pseudo-labelling needs every fold trained first (config.fold=-1)")
   try:
-    augment.parse(config.augment)
+    augment_spec.parse(config.augment)
   except ValueError as e:
     problems.append(str(e))
   m = config.model
@@ -140,6 +142,7 @@ def check_same_training_config(previous: dict, current: dict, path) -> None:
   before = {k: v for k, v in _flatten(previous).items() if k.split(".")[0] not in _FREE_KEYS}
   now = {k: v for k, v in _flatten(json.loads(json.dumps(current, default=list))).items()
          if k.split(".")[0] not in _FREE_KEYS}
+  before.setdefault("input_pipeline", "tfdata")  # workdirs from before the option
   changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
   if changed:
     details = "; ".join(f"config.{k} was {before.get(k)!r}, now {now.get(k)!r}"

@@ -1,15 +1,17 @@
 """Image sizes: the competition's 101x101 tiles and the model's input size.
 
 Images enter the model at `image_size` (128 by default), either resized
-(bilinear, half-pixel centres, no antialiasing, as `tf.image.resize`) or
-reflect-padded; predictions come back to 101x101 by the inverse. TensorFlow
-is not needed here: prediction and the on-device input pipeline use these.
+(bilinear, half-pixel centres, no antialiasing: `tf.image.resize`'s taps and
+rounding, so the TF pipeline and these agree) or reflect-padded; predictions
+come back to 101x101 by the inverse. TensorFlow is not needed here: prediction
+and the on-device input pipeline use these.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 ORIGINAL_SIZE = 101  # the competition's tiles are 101x101 pixels
 RESIZE_MODES = ("resize", "pad")
@@ -23,16 +25,56 @@ def pad_widths(image_size: int, original: int = ORIGINAL_SIZE) -> tuple[int, int
   return total // 2, total - total // 2
 
 
-def to_model_size(x: jax.Array, image_size: int, mode: str) -> jax.Array:
-  """(B, 101, 101, C) float maps -> (B, S, S, C): what the model sees."""
+def _linear_taps(src, in_size: int, xp=jnp):
+  """TensorFlow's bilinear taps at source coordinates `src` (float32).
+
+  As in TF's resize kernel: lower = max(floor, 0), upper = min(ceil, n - 1),
+  weight = src - floor, so coordinates beyond an edge take the edge pixel.
+  """
+  floor = xp.floor(src)
+  lower = xp.maximum(floor, 0).astype(np.int32)
+  upper = xp.minimum(xp.ceil(src), in_size - 1).astype(np.int32)
+  return lower, upper, src - floor
+
+
+def _lerp_axis(x, axis: int, lower, upper, weight, xp=jnp):
+  """Linear interpolation along `axis` between the taps, as TF computes it."""
+  a, b = xp.take(x, lower, axis=axis), xp.take(x, upper, axis=axis)
+  shape = [1] * x.ndim
+  shape[axis] = -1
+  return a + (b - a) * weight.reshape(shape)
+
+
+def _resize_taps(in_size: int, out_size: int):
+  """Static taps of a half-pixel bilinear resize (numpy, float32 as TF)."""
+  ratio = np.float32(in_size) / np.float32(out_size)
+  src = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * ratio - np.float32(0.5)
+  return _linear_taps(src, in_size, xp=np)
+
+
+def _to_model_size(x, image_size: int, mode: str, xp, axes=(-3, -2)):
+  """101 -> image_size along the two spatial `axes` of x."""
+  h_axis, w_axis = (a % x.ndim for a in axes)
   if mode == "resize":
-    # Upsampling: antialiasing would not change anything, but say so.
-    return jax.image.resize(x, (x.shape[0], image_size, image_size, x.shape[3]),
-                            "linear", antialias=False)
+    # Width first, then height: the order of TF's kernel (same rounding).
+    x = _lerp_axis(x, w_axis, *_resize_taps(x.shape[w_axis], image_size), xp=xp)
+    return _lerp_axis(x, h_axis, *_resize_taps(x.shape[h_axis], image_size), xp=xp)
   if mode == "pad":
-    before, after = pad_widths(image_size, x.shape[1])
-    return jnp.pad(x, ((0, 0), (before, after), (before, after), (0, 0)), mode="reflect")
+    before, after = pad_widths(image_size, x.shape[w_axis])
+    pads = [(0, 0)] * x.ndim
+    pads[h_axis] = pads[w_axis] = (before, after)
+    return xp.pad(x, pads, mode="reflect")  # numpy's 'reflect' is TF's REFLECT
   raise ValueError(f"unknown config.resize_mode {mode!r}: use 'resize' or 'pad'")
+
+
+def to_model_size(x: jax.Array, image_size: int, mode: str) -> jax.Array:
+  """(..., 101, 101, C) float -> (..., S, S, C): `input_pipeline.to_model_size` in JAX."""
+  return _to_model_size(x, image_size, mode, jnp)
+
+
+def to_model_size_numpy(x: np.ndarray, image_size: int, mode: str) -> np.ndarray:
+  """The same on the host, in numpy (float32)."""
+  return _to_model_size(np.asarray(x, np.float32), image_size, mode, np)
 
 
 def to_original_size(x: jax.Array, mode: str) -> jax.Array:

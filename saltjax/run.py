@@ -243,12 +243,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data=Non
 
 def train_folds(config, workdir: pathlib.Path, data, fold_of, mesh, extra=None) -> list:
   """Trains the config's folds, `config.parallel_folds` at a time; finished ones are skipped."""
-  from clu import metric_writers
   from saltjax import train
   folds = folds_to_train(config)
   todo = [k for k in folds if workdir_lib.read_done(workdir, k) is None]
-  writer = metric_writers.create_default_writer(
-      str(workdir / workdir_lib.TENSORBOARD), just_logging=jax.process_index() > 0)
+  writer = _metric_writer(workdir)
   summaries = {}
   try:
     if not todo:  # nothing to compile: every fold is finished
@@ -262,6 +260,29 @@ def train_folds(config, workdir: pathlib.Path, data, fold_of, mesh, extra=None) 
     writer.close()
   write_training_curves(config, workdir)
   return [summaries[k] for k in folds]
+
+
+class _LoggingWriter:
+  """Metrics to the log alone, where TensorFlow (and so clu's writers) is missing."""
+
+  def write_scalars(self, step: int, scalars: dict) -> None:
+    logging.debug("step %d: %s", step, scalars)
+
+  def flush(self) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+def _metric_writer(workdir: pathlib.Path):
+  """clu's TensorBoard + log writer; the log alone on a machine without TensorFlow."""
+  if not _tensorflow_installed():
+    logging.info("TensorFlow is not installed: metrics go to the log, not TensorBoard.")
+    return _LoggingWriter()
+  from clu import metric_writers
+  return metric_writers.create_default_writer(
+      str(workdir / workdir_lib.TENSORBOARD), just_logging=jax.process_index() > 0)
 
 
 def pseudo_label_round(config, workdir: pathlib.Path, data, fold_of, mesh,

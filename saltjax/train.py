@@ -307,6 +307,44 @@ class TfDataFeeder:
       yield parallel.global_from_local(batch, self._mesh)["image"]
 
 
+class DeviceFeeder:
+  """Batches made on the accelerator (config.input_pipeline='device'): no TensorFlow.
+
+  The decoded uint8 images stay on the device; each step gathers, augments
+  and resizes its F batches in one jitted function (`device_input`), so the
+  host only dispatches. Epoch e's order and augmentation depend on (seed,
+  fold, e) alone: a resumed run rebuilds them exactly.
+  """
+
+  def __init__(self, config, data, fold_of, folds, extra, mesh, steps_per_epoch: int):
+    from saltjax import device_input
+    images, masks, extra_rows = [data.train_images], [data.train_masks], {}
+    start = len(data.train_images)
+    for fold in folds:
+      if extra is not None and fold in extra:
+        extra_images, extra_masks = extra[fold]
+        extra_rows[fold] = np.arange(start, start + len(extra_images))
+        images.append(extra_images)
+        masks.append(extra_masks)
+        start += len(extra_images)
+    repl = parallel.replicated(mesh)
+    self._data = device_input.put_on_device(np.concatenate(images), np.concatenate(masks),
+                                            sharding=repl)
+    self._folds = device_input.fold_indices(fold_of, folds, seed=config.seed,
+                                            extra_rows=extra_rows, sharding=repl)
+    self._batch = jax.jit(device_input.make_train_batch_fn(config, config.batch_size),
+                          out_shardings=parallel.data_sharding(mesh, fold_axis=True))
+    self._steps = steps_per_epoch
+
+  def epoch(self, epoch: int) -> Iterator[dict]:
+    for step in range(self._steps):
+      yield self._batch(self._data, self._folds, epoch, step)
+
+  def fold_epoch(self, i: int, epoch: int) -> Iterator[jax.Array]:
+    for batch in self.epoch(epoch):
+      yield batch["image"][i]
+
+
 def _validation_batches(config, data, folds, fold_of, mesh) -> list[tuple]:
   """Each fold's held-out images, padded to one length, as device-resident batches."""
   held_out = [np.flatnonzero(fold_of == k) for k in folds]
@@ -425,8 +463,11 @@ def train_folds(job: Job, workdir: pathlib.Path, folds: list[int], data,
 def _train_group(job: Job, workdir, folds, data, fold_of, extra, checkpoints, resumed):
   config, mesh = job.config, job.mesh
   repl = parallel.replicated(mesh)
-  examples = [_training_examples(config, data, k, fold_of, extra) for k in folds]
-  feeder = TfDataFeeder(config, examples, folds, mesh)
+  if config.get("input_pipeline", "tfdata") == "device":
+    feeder = DeviceFeeder(config, data, fold_of, folds, extra, mesh, job.steps_per_epoch)
+  else:
+    examples = [_training_examples(config, data, k, fold_of, extra) for k in folds]
+    feeder = TfDataFeeder(config, examples, folds, mesh)
   val_batches = _validation_batches(config, data, folds, fold_of, mesh)
   first = resumed[0][1].epoch
   group = _Group(
