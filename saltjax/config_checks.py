@@ -21,7 +21,7 @@ class ConfigError(ValueError):
 
 # Keys that may change between runs sharing a workdir (they don't change
 # what a fold's training computes).
-_FREE_KEYS = ("mode", "fold", "progress", "log_every_steps", "predict",
+_FREE_KEYS = ("mode", "fold", "progress", "log_every_steps", "predict", "segment",
               "compilation_cache", "distributed", "eval_batch_size")
 
 
@@ -32,7 +32,8 @@ def check(config) -> None:
     if not ok:
       problems.append(f"config.{key}={_get(config, key)!r}: {message}")
 
-  need(config.mode in ("train", "predict"), "mode", "use 'train' or 'predict'")
+  need(config.mode in ("train", "predict", "segment"), "mode",
+       "use 'train', 'predict' or 'segment'")
   need(isinstance(config.num_folds, int) and config.num_folds >= 2, "num_folds", "must be >= 2")
   need(isinstance(config.fold, int) and -1 <= config.fold < max(config.num_folds, 0),
        "fold", f"must be -1 (all) or 0..{config.num_folds - 1}")

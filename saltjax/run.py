@@ -37,7 +37,7 @@ def package_versions() -> dict:
 
 def default_workdir(config_file: str | None) -> str:
   name = pathlib.Path(config_file).stem if config_file else "run"
-  return os.path.join("runs", "fold" if name == "predict" else name)
+  return os.path.join("runs", "fold" if name in ("predict", "segment") else name)
 
 
 def enable_compilation_cache(config) -> None:
@@ -69,6 +69,9 @@ def main(config, workdir: str | None, config_file: str | None = None) -> int:
       from saltjax import predict
       config = config_checks.config_for_prediction(config, workdir)
       scores = predict.predict_and_submit(config, workdir)
+    elif config.mode == "segment":
+      from saltjax import sections
+      scores = sections.run(config, workdir)
     else:
       # Data are read and validated, and the batch sizes checked against them
       # and the devices, before the workdir gets anything.
