@@ -251,7 +251,7 @@ def open_input(path: str | os.PathLike, inlines: list[int] | None = None,
   # Anything else is taken for SEG-Y; segyio says if it is not.
   source = segy.SegyFile(path)
   try:
-    lines = source.lines(direction, numbers) if source.is_volume or numbers else source.lines()
+    lines = source.lines(direction, numbers)
   except BaseException:
     source.close()
     raise
@@ -642,3 +642,78 @@ def run(config, workdir) -> dict:
   print(f"segmented {len(summary['sections'])} section(s) of {summary['input']}"
         f" in {summary['seconds']:.1f} s; wrote {out_dir}/{pathlib.Path(summary['input']).stem}_*")
   return summary
+
+
+# ------------------------------------------------------------------ picture ---
+
+def write_before_after(path: str | os.PathLike, gray: np.ndarray, prob: np.ndarray,
+                       mask: np.ndarray, truth: np.ndarray | None = None,
+                       title: str = "") -> pathlib.Path:
+  """A PNG of a section before (gray) and after (probability, salt outline)."""
+  from matplotlib import figure as mfigure
+  from matplotlib import lines as mlines
+  from saltjax import plots
+
+  rows, cols = gray.shape
+  fig = mfigure.Figure(figsize=(3 * 4.2 * cols / max(rows, cols) + 0.6,
+                                4.2 * rows / max(rows, cols) + 1.1), layout="constrained")
+  axes = fig.subplots(1, 3)
+  panels = (("section (input)", gray, "gray", 255), ("salt probability", prob, "magma", 1),
+            ("salt mask over the section", gray, "gray", 255))
+  for ax, (name, image, cmap, top) in zip(axes, panels):
+    ax.imshow(image, cmap=cmap, vmin=0, vmax=top, interpolation="nearest", aspect="auto")
+    ax.set_title(name, fontsize=10)
+    ax.set_xlabel("trace")
+    ax.set_ylabel("sample")
+  handles = []
+  if truth is not None:
+    axes[2].contour(np.asarray(truth, float), levels=[0.5], colors=[plots.TRUTH_COLOR],
+                    linewidths=2.4)
+    handles.append(mlines.Line2D([], [], color=plots.TRUTH_COLOR, lw=2.4, label="true body"))
+  axes[2].contour(np.asarray(mask, float), levels=[0.5], colors=[plots.PRED_COLOR],
+                  linewidths=1.2)
+  handles.append(mlines.Line2D([], [], color=plots.PRED_COLOR, lw=1.2, label="predicted salt"))
+  fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
+  if title:
+    fig.suptitle(title, fontsize=11)
+  path = pathlib.Path(path)
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  try:
+    fig.savefig(tmp, format="png", dpi=90)
+    os.replace(tmp, path)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+  return path
+
+
+def _figure_main(argv: Sequence[str] | None = None) -> None:
+  """python -m saltjax.sections --workdir=runs/x --out=docs/section_before_after.png"""
+  import argparse
+  from configs import segment as segment_config
+  from saltjax import metrics
+  from saltjax import synthetic
+  parser = argparse.ArgumentParser(description="Before/after picture of a synthetic section")
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--seed", type=int, default=3)
+  parser.add_argument("--rows", type=int, default=250)
+  parser.add_argument("--cols", type=int, default=500)
+  args = parser.parse_args(argv)
+  workdir = pathlib.Path(args.workdir)
+  config = segment_config.get_config()
+  trained = config_checks.config_for_prediction(config, workdir)
+  trained.segment = config.segment
+  ensemble = load_ensemble(trained, workdir)
+  amplitude, truth = synthetic.generate_section(args.seed, args.rows, args.cols)
+  gray = amplitude_to_gray(amplitude, clip_level(amplitude, config.segment.clip_percentile))
+  (prob,) = segment_sections([gray], ensemble.predict_tiles, config.segment.stride)
+  mask = remove_small_regions(prob > ensemble.threshold, ensemble.min_area)
+  iou = float(metrics.iou_per_image(truth[None], mask[None])[0])
+  title = (f"synthetic section {args.rows} x {args.cols} (seed {args.seed}),"
+           f" {len(ensemble.models)} model(s), IoU with the true body {iou:.2f}")
+  print(write_before_after(args.out, gray, prob, mask, truth, title), title)
+
+
+if __name__ == "__main__":
+  _figure_main()

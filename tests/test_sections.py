@@ -20,8 +20,9 @@ from tests.conftest import run_main, tiny_config
 
 ROWS, COLS = 250, 400  # samples x traces of the test section: 4 x 7 tiles at stride 50
 # The tiny model's training: enough for the salt body to be found clearly.
-TRAIN = {"synthetic.num_train": 128, "num_epochs": 8, "schedule.cycle_epochs": 8,
-         "fold": 0, "batch_size": 16, "model.encoder_width": 8,
+# Fold 0 of 4 trains on 96 synthetic tiles, 12 steps an epoch (about 50 s of CPU time).
+TRAIN = {"synthetic.num_train": 128, "num_folds": 4, "fold": 0, "num_epochs": 8,
+         "schedule.cycle_epochs": 8, "batch_size": 8, "model.encoder_width": 8,
          "predict.tta": "none", "predict.batch_size": 32}
 
 
@@ -160,7 +161,7 @@ def test_segy_line_is_segmented_and_its_headers_round_trip(trained, tmp_path,
   iou = _iou(mask, truth)
   fraction = truth.mean()
   assert 0.15 < fraction < 0.4
-  assert iou > max(0.5, fraction + 0.25), (iou, fraction)
+  assert iou > max(0.6, fraction + 0.3), (iou, fraction)
 
   # PNGs: the section's size; the mask PNG is the mask, the probability PNG its 8-bit image.
   for what in ("probability", "mask", "overlay"):
