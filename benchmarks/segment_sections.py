@@ -130,7 +130,9 @@ def main(argv=None) -> dict:
       "git_commit": git_commit(),
       "device": {"platform": device.platform, "device_kind": device.device_kind,
                  "num_devices": jax.device_count(), "host": platform.node(),
-                 "host_cpus": os.cpu_count()},
+                 "host_cpus": os.cpu_count(),
+                 # Other jobs on a shared host slow the numbers: recorded, not hidden.
+                 "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()]},
       "versions": versions(),
       "settings": {
           "section": f"{args.rows} samples x {args.cols} traces",
