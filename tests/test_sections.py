@@ -127,6 +127,63 @@ def test_segy_section_orientation_matches_segyio(tmp_path):
     np.testing.assert_array_equal(f.read(line), section)
 
 
+def test_generate_section_draws_a_known_dome_with_the_tile_renderer():
+  amplitude, mask = synthetic.generate_section(5, 220, 310)
+  again, mask_again = synthetic.generate_section(5, 220, 310)
+  np.testing.assert_array_equal(amplitude, again)
+  np.testing.assert_array_equal(mask, mask_again)
+  assert amplitude.shape == mask.shape == (220, 310) and amplitude.dtype == np.float32
+  assert set(np.unique(mask)) == {0, 1} and np.isfinite(amplitude).all()
+  # A diapir rising from the base: salt below a top-of-salt surface, so every
+  # column is sediment above some depth and salt below it, and the body
+  # reaches the base but not the top.
+  assert (np.diff(mask.astype(int), axis=0) >= 0).all()
+  assert mask[-1].any() and not mask[0].any()
+  # Salt's inside is weak and chaotic: its amplitudes spread less than the
+  # layered sediments' (the texture the tiles taught the model).
+  inside = cv2.erode(mask, np.ones((7, 7), np.uint8)) > 0
+  outside = cv2.dilate(mask, np.ones((7, 7), np.uint8)) == 0
+  assert amplitude[inside].std() < 0.7 * amplitude[outside].std()
+  assert not np.array_equal(synthetic.generate_section(6, 220, 310)[1], mask)
+  # The clipping rule puts the section in the gray range the model learned
+  # from: its spread lies inside the middle 90% of the training tiles' spreads.
+  gray = sections.amplitude_to_gray(amplitude, sections.clip_level(amplitude, 99))
+  tile_spreads = [synthetic.generate_example(np.random.default_rng([0, 0, i]))[0].std()
+                  for i in range(100)]
+  low, high = np.percentile(tile_spreads, [5, 95])
+  assert low < gray.std() < high, (low, gray.std(), high)
+  assert abs(gray.mean() - 127.5) < 10
+
+
+@pytest.mark.parametrize("fmt, kept", [(1, 1), (5, 5), (3, 5), (8, 5)])
+def test_probability_copy_keeps_float_formats_and_makes_integers_float(tmp_path, fmt, kept):
+  src_path = tmp_path / f"in{fmt}.sgy"
+  spec = segyio.spec()
+  spec.samples = list(range(110))
+  spec.tracecount = 6
+  spec.format = fmt
+  with segyio.create(str(src_path), spec) as f:
+    f.bin.update(hns=110, hdt=2000, format=fmt)
+    f.text[0] = segyio.tools.create_text_header({1: "SALT TEST", 2: f"FORMAT {fmt}"})
+    for i in range(6):
+      f.header[i] = {segyio.TraceField.CDP: 500 + i, segyio.TraceField.offset: 7 * i,
+                     segyio.TraceField.SourceX: 1000 * i}
+      f.trace[i] = np.full(110, i + 1, f.dtype)
+  probs = np.linspace(0.0, 1.0, 6 * 110, dtype=np.float32).reshape(6, 110)
+  with segy.SegyFile(src_path) as source:
+    segy.write_probability_copy(source, tmp_path / "out.sgy", np.arange(6),
+                                lambda idx: probs[idx])
+  with segyio.open(str(src_path), ignore_geometry=True) as src, \
+      segyio.open(str(tmp_path / "out.sgy"), ignore_geometry=True) as dst:
+    assert dst.bin[segyio.BinField.Format] == kept
+    assert dst.text[0] == src.text[0]
+    for i in range(6):
+      assert dict(dst.header[i]) == dict(src.header[i])
+    # IBM float keeps about 6 significant digits; IEEE is exact.
+    np.testing.assert_allclose(dst.trace.raw[:], probs, atol=1e-6)
+  assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
+
+
 def test_line_numbers_parse():
   assert sections.parse_line_numbers("", "inlines") is None
   assert sections.parse_line_numbers("3, 5-7,3", "inlines") == [3, 5, 6, 7]
