@@ -411,3 +411,14 @@ def test_main_py_segments_a_png_from_the_command_line(trained, tmp_path, compile
   summary = json.loads((trained / "sections" / "cli_segment.json").read_text())
   assert summary["stride"] == 40 and summary["shape"] == [120, 150]
   assert pathlib.Path(trained / "sections" / "cli_overlay.png").is_file()
+
+
+def test_bad_segment_config_values_are_all_named(tmp_path, compile_cache, capsys):
+  config = _segment_config(compile_cache, tmp_path / "missing.sgy", stride=0,
+                           clip_percentile=0.0, inlines="3", crosslines="4")
+  assert _run(config, tmp_path / "run") == 1
+  err = capsys.readouterr().err
+  for text in ("config.segment.input=", "no such file", "config.segment.stride=0",
+               "config.segment.clip_percentile=0.0", "config.segment.crosslines='4'"):
+    assert text in err, err
+  assert not (tmp_path / "run").exists()
