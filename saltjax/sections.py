@@ -56,9 +56,9 @@ _SEGY_SUFFIXES = (".sgy", ".segy")
 
 # --------------------------------------------------------------- amplitudes ---
 
-def clip_level(abs_amplitudes: np.ndarray, percentile: float) -> float:
+def clip_level(amplitudes: np.ndarray, percentile: float) -> float:
   """The amplitude mapped to full gray: a percentile of |amplitude|."""
-  return float(np.percentile(np.abs(abs_amplitudes), percentile))
+  return float(np.percentile(np.abs(amplitudes), percentile))
 
 
 def amplitude_to_gray(amplitude: np.ndarray, clip: float) -> np.ndarray:
@@ -157,9 +157,8 @@ def parse_line_numbers(text: str, key: str) -> list[int] | None:
   try:
     for part in text.split(","):
       part = part.strip()
-      if "-" in part[1:]:
-        first, last = part.split("-", 1) if not part.startswith("-") else (part, "")
-        first, last = int(first), int(last)
+      if "-" in part:  # a range; line numbers are not negative
+        first, last = (int(n) for n in part.split("-", 1))
         if last < first:
           raise ValueError(part)
         numbers += range(first, last + 1)
@@ -504,8 +503,8 @@ def _png_name(stem: str, label: str, what: str) -> str:
   return f"{stem}_{label}_{what}.png" if label else f"{stem}_{what}.png"
 
 
-def _chunks(sections: Sequence[Section], tiles_per_section: Sequence[int]
-            ) -> Iterator[list[int]]:
+def _chunks(tiles_per_section: Sequence[int]) -> Iterator[list[int]]:
+  """Indices of sections predicted together: about _CHUNK_TILES tiles at a time."""
   chunk, count = [], 0
   for i, n in enumerate(tiles_per_section):
     if chunk and count + n > _CHUNK_TILES:
@@ -552,7 +551,7 @@ def _segment_and_write(config, workdir, source: SectionInput, clip: float,
                  ] * len(source.sections)
     window = tile_window()
     salt_fraction = {}
-    for chunk in _chunks(source.sections, tiles_per):
+    for chunk in _chunks(tiles_per):
       grays = []
       for i in chunk:
         values = source.sections[i].read()

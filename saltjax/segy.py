@@ -35,7 +35,7 @@ from saltjax.layout import DataError
 # (4, 2, 1 bytes), 5 IEEE float, 6 IEEE double, 10/11/16 unsigned integers.
 _FORMATS = {1: "IBM float", 2: "int32", 3: "int16", 5: "IEEE float", 6: "IEEE double",
             8: "int8", 10: "uint32", 11: "uint16", 16: "uint8"}
-_FLOAT_FORMATS = (1, 5, 6)
+_FLOAT_FORMATS = (1, 5)
 _IEEE_FLOAT = 5
 
 INLINE, CROSSLINE = "inline", "crossline"
