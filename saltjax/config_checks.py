@@ -37,7 +37,8 @@ def check(config) -> None:
     if not ok:
       problems.append(f"config.{key}={_get(config, key)!r}: {message}")
 
-  need(config.mode in ("train", "predict"), "mode", "use 'train' or 'predict'")
+  need(config.mode in ("train", "predict", "segment"), "mode",
+       "use 'train', 'predict' or 'segment'")
   need(isinstance(config.num_folds, int) and config.num_folds >= 2, "num_folds", "must be >= 2")
   need(isinstance(config.fold, int) and -1 <= config.fold < max(config.num_folds, 0),
        "fold", f"must be -1 (all) or 0..{config.num_folds - 1}")

@@ -248,24 +248,31 @@ def _layered_log_impedance(rng: np.random.Generator, length: int,
   return trace[:, None] * lateral
 
 
-def _render_image(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
-  """Renders a seismic-looking uint8 image for a {0, 1} salt mask."""
-  size = IMAGE_SIZE + 2 * _PAD
+def _render_amplitudes(rng: np.random.Generator,
+                       mask: np.ndarray) -> tuple[np.ndarray, float]:
+  """Seismic amplitudes for a {0, 1} salt mask of any (rows, cols) shape.
+
+  Returns the float32 section (depth down the rows) and the amplitude level
+  that `_render_image` maps to its gray spread.  For a 101x101 mask the draws
+  are exactly those the dataset has always been made with.
+  """
+  rows, cols = mask.shape
+  height, width = rows + 2 * _PAD, cols + 2 * _PAD
   salt = cv2.copyMakeBorder(mask.astype(np.uint8), _PAD, _PAD, _PAD, _PAD,
                             cv2.BORDER_REPLICATE)
   has_salt = bool(mask.any())
-  yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+  yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
 
   # Depth coordinate of the layering at each pixel: regional dip, folds that
   # vary mostly along x, and fault throws.  A layer is a level set of it.
-  depth = (yy + rng.normal(0.0, 0.15) * (xx - size / 2)
+  depth = (yy + rng.normal(0.0, 0.15) * (xx - width / 2)
            + rng.uniform(0.0, 6.0) * _smooth_noise(
-               rng, (size, size), (int(rng.integers(1, 3)),
+               rng, (height, width), (int(rng.integers(1, 3)),
                                    int(rng.integers(1, 4)))))
   for _ in range(rng.poisson(0.6)):
     # A steep fault through a random point; one side is thrown down.
     angle = rng.uniform(np.deg2rad(55), np.deg2rad(85)) * rng.choice([-1, 1])
-    px, py = rng.uniform(0, size, 2)
+    px, py = rng.uniform(0, (width, height))
     side = (xx - px) * np.sin(angle) - (yy - py) * np.cos(angle)
     depth += rng.uniform(2.0, 10.0) * rng.choice([-1, 1]) * np.clip(
         side + 0.5, 0.0, 1.0)
@@ -276,7 +283,7 @@ def _render_image(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
 
   top = int(np.floor(depth.min())) - 2
   length = int(np.ceil(depth.max())) - top + 3
-  layered = _layered_log_impedance(rng, length, size)
+  layered = _layered_log_impedance(rng, length, width)
   sediment = cv2.remap(layered, xx, depth - top, cv2.INTER_LINEAR,
                        borderMode=cv2.BORDER_REFLECT)
   sediment *= 1.0 / (sediment.std() + 1e-6)
@@ -291,7 +298,7 @@ def _render_image(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
     # reflector), with a weak, chaotic inside.
     contrast = rng.uniform(1.5, 3.5)
     chaos = cv2.GaussianBlur(
-        rng.standard_normal((size, size)).astype(np.float32), (0, 0),
+        rng.standard_normal((height, width)).astype(np.float32), (0, 0),
         rng.uniform(0.7, 1.5))
     chaos *= 1.0 / (chaos.std() + 1e-6) * rng.uniform(0.15, 0.5)
     impedance = (1.0 - soft) * sediment + soft * (contrast + chaos)
@@ -322,10 +329,10 @@ def _render_image(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
                          borderType=cv2.BORDER_REFLECT)
     # Limited lateral resolution.
     trace = cv2.GaussianBlur(trace, (0, 0), sigmaX=lateral_blur, sigmaY=0.3)
-    return trace[_PAD:_PAD + IMAGE_SIZE, _PAD:_PAD + IMAGE_SIZE]
+    return trace[_PAD:_PAD + rows, _PAD:_PAD + cols]
 
   reflectivity += (rng.uniform(0.05, 0.8) * reflectivity.std()
-                   * rng.standard_normal((size, size)).astype(np.float32))
+                   * rng.standard_normal((height, width)).astype(np.float32))
   trace = image_of(reflectivity)
   trace += rng.uniform(0.0, 0.15) * trace.std() * rng.standard_normal(
       trace.shape).astype(np.float32)
@@ -337,7 +344,12 @@ def _render_image(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
     own = rng.uniform(0.0, 0.6)
     reference = image_of(vertical_derivative(sediment)).std() + 1e-6
     scale = reference ** (1.0 - own) * scale ** own
+  return trace, float(scale)
 
+
+def _render_image(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
+  """Renders a seismic-looking uint8 image for a {0, 1} salt mask."""
+  trace, scale = _render_amplitudes(rng, mask)
   # Map amplitudes to gray around the real mean of ~120, with the wide spread
   # of contrast in the real images; a few are blurry and washed out.
   if rng.random() < 0.1:
@@ -364,6 +376,44 @@ def generate_example(
   depth = int(rng.integers(*_DEPTH_RANGE))
   return image, mask, depth
 
+
+
+def section_mask(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
+  """A salt diapir rising from the base of a (rows, cols) section, uint8 {0, 1}.
+
+  The top of salt is a dome: a parabola whose crest lies in the upper half of
+  the section and whose flanks reach the base, with a gently wobbling outline.
+  """
+  y = (np.arange(rows, dtype=np.float32)[:, None] + 0.5) / rows
+  x = (np.arange(cols, dtype=np.float32)[None, :] + 0.5) / cols
+  crest_x, crest_y = rng.uniform(0.35, 0.65), rng.uniform(0.3, 0.5)
+  half_width = rng.uniform(0.25, 0.38)
+  top = crest_y + (1.0 - crest_y) * ((x - crest_x) / half_width) ** 2
+  top = top + 0.03 * _smooth_noise(rng, (1, cols), (1, int(rng.integers(2, 5))))
+  return (y > top).astype(np.uint8)
+
+
+def generate_section(seed: int, rows: int = 300,
+                     cols: int = 400) -> tuple[np.ndarray, np.ndarray]:
+  """A seismic section larger than a tile, with a known salt body.
+
+  The section is drawn by the same renderer as the 101x101 examples (layers,
+  folds and faults, drag against the salt, the salt's chaotic inside and
+  strong boundary, the shadow beneath it, Ricker wavelet, noise), at the same
+  pixel scale, so a model trained on the tiles sees familiar texture.
+
+  Returns:
+    amplitude: float32 (rows, cols), depth down the rows and traces along the
+      columns, in arbitrary units of about unit spread (map it to gray with
+      `saltjax.sections.amplitude_to_gray`, as for a real section).
+    mask: uint8 (rows, cols) in {0, 1}, 1 where salt.
+  """
+  if rows < 1 or cols < 1:
+    raise ValueError(f"a section needs rows, cols >= 1, got {rows}, {cols}")
+  rng = np.random.default_rng([seed, 0x5EC7])
+  mask = section_mask(rng, rows, cols)
+  trace, scale = _render_amplitudes(rng, mask)
+  return (trace / scale).astype(np.float32), mask
 
 def _make_ids(seed: int, count: int) -> list[str]:
   """`count` distinct 10-hex-digit ids, determined by the seed alone."""

@@ -1,0 +1,717 @@
+"""Segmenting whole seismic sections with a trained workdir's ensemble.
+
+python main.py --config=configs/segment.py --workdir=runs/fold \\
+    --config.segment.input=line.sgy
+
+The competition's 101x101 tiles were cut from seismic sections; this module
+runs the workdir's model on sections of any size, the way an interpreter
+would use it:
+
+1. Read the input: a SEG-Y 2-D line or 3-D volume (every inline, or the
+   inlines or crosslines asked for), a .npy array, or a PNG.  Sections are
+   (samples, traces): depth down the rows, traces along the columns.
+2. Map amplitudes to the model's 8-bit range (`amplitude_to_gray`): gray =
+   127.5 + 127.5 * clip(a / c, -1, 1), rounded, where c is the
+   `clip_percentile`-th percentile of |a| over every selected line (or
+   `clip_value` when set).  8-bit inputs (PNG, uint8 arrays) are used as-is.
+3. Cut overlapping 101x101 tiles (`stride` apart; the last tile of a row or
+   column is aligned with the section's edge), predict every tile with the
+   fold x snapshot ensemble and TTA (as `configs/predict.py` does), and
+   blend the tile probabilities with a smooth window that falls to almost 0
+   at a tile's border, so no seam shows (`blend_tiles`).
+4. Binarise the blended probability at the threshold tuned on the
+   out-of-fold predictions (scores.json) and remove salt regions smaller
+   than the tuned minimum area (on a tile that rule empties small masks; on
+   a section it removes small connected regions).
+5. Write the outputs under <workdir>/sections/, each file under a temporary
+   name first and all renamed into place at the end: nothing is written
+   when the input is bad.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import time
+from typing import Callable, Iterator, Sequence
+
+import cv2
+import numpy as np
+
+from saltjax import config_checks
+from saltjax import segy
+from saltjax import workdir as workdir_lib
+from saltjax.layout import DataError
+
+TILE = 101
+SECTIONS_DIR = "sections"
+# At most this many |amplitude| values (evenly strided) set the clip level.
+_CLIP_SAMPLE = 4_000_000
+# Tiles predicted together; several small lines share one chunk.
+_CHUNK_TILES = 2048
+_SEGY_SUFFIXES = (".sgy", ".segy")
+
+
+# --------------------------------------------------------------- amplitudes ---
+
+def clip_level(amplitudes: np.ndarray, percentile: float) -> float:
+  """The amplitude mapped to full gray: a percentile of |amplitude|."""
+  return float(np.percentile(np.abs(amplitudes), percentile))
+
+
+def amplitude_to_gray(amplitude: np.ndarray, clip: float) -> np.ndarray:
+  """uint8 gray: 0 at -clip and below, 255 at +clip and above, 127.5 at 0."""
+  scaled = np.clip(np.asarray(amplitude, np.float64) / clip, -1.0, 1.0)
+  return np.rint(127.5 + 127.5 * scaled).astype(np.uint8)
+
+
+# ------------------------------------------------------------ tile and blend ---
+
+def tile_starts(length: int, stride: int, tile: int = TILE) -> np.ndarray:
+  """Tile origins along one axis: every `stride`, the last flush with the end."""
+  if length < tile:
+    raise ValueError(f"a section of {length} samples is shorter than a tile ({tile})")
+  starts = list(range(0, length - tile + 1, stride))
+  if starts[-1] != length - tile:
+    starts.append(length - tile)
+  return np.array(starts, np.int64)
+
+
+def tile_window(tile: int = TILE) -> np.ndarray:
+  """(tile, tile) blending weights: a product of sin^2 tapers, > 0 everywhere.
+
+  The weight is about 1 in the tile's middle and about 2e-4 on its border, so
+  a tile's prediction fades out before its edge (where a CNN sees least
+  context) and the neighbouring tiles, whose middles cover that place, take
+  over continuously.  It never reaches 0, so pixels that only one tile covers
+  (at the section's edges) keep that tile's value exactly.
+  """
+  taper = np.sin(np.pi * (np.arange(tile) + 0.5) / tile) ** 2
+  return np.outer(taper, taper)
+
+
+def cut_tiles(section: np.ndarray, stride: int, tile: int = TILE
+              ) -> tuple[np.ndarray, np.ndarray]:
+  """Overlapping tiles of a (rows, cols) section: (N, tile, tile) and origins (N, 2)."""
+  rows, cols = tile_starts(section.shape[0], stride, tile), tile_starts(
+      section.shape[1], stride, tile)
+  origins = np.array([(r, c) for r in rows for c in cols], np.int64)
+  tiles = np.stack([section[r:r + tile, c:c + tile] for r, c in origins])
+  return tiles, origins
+
+
+def blend_tiles(tile_probs: np.ndarray, origins: np.ndarray, shape: tuple[int, int],
+                window: np.ndarray | None) -> np.ndarray:
+  """The weighted mean of overlapping tile predictions at every pixel.
+
+  window=None weights every pixel of every tile equally (a plain average).
+  """
+  tile = tile_probs.shape[-1]
+  weight = np.ones((tile, tile)) if window is None else window
+  total = np.zeros(shape, np.float64)
+  norm = np.zeros(shape, np.float64)
+  for p, (r, c) in zip(tile_probs, origins):
+    total[r:r + tile, c:c + tile] += weight * p
+    norm[r:r + tile, c:c + tile] += weight
+  return (total / norm).astype(np.float32)
+
+
+def remove_small_regions(mask: np.ndarray, min_area: int) -> np.ndarray:
+  """Drops 8-connected salt regions of fewer than `min_area` pixels."""
+  mask = np.asarray(mask, bool)
+  if min_area <= 1 or not mask.any():
+    return mask
+  count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8),
+                                                              connectivity=8)
+  keep = stats[:, cv2.CC_STAT_AREA] >= min_area
+  keep[0] = False  # background
+  return keep[labels]
+
+
+def segment_sections(gray_sections: Sequence[np.ndarray], predict_tiles: Callable,
+                     stride: int, window: np.ndarray | None = None) -> list[np.ndarray]:
+  """Blended salt probabilities of uint8 (rows, cols) sections, predicted together.
+
+  predict_tiles: uint8 (N, 101, 101) tiles -> float (N, 101, 101) probabilities.
+  """
+  window = tile_window() if window is None else window
+  cut = [cut_tiles(g, stride) for g in gray_sections]
+  probs = predict_tiles(np.concatenate([tiles for tiles, _ in cut]))
+  out, start = [], 0
+  for g, (tiles, origins) in zip(gray_sections, cut):
+    out.append(blend_tiles(probs[start:start + len(tiles)], origins, g.shape, window))
+    start += len(tiles)
+  return out
+
+
+# ------------------------------------------------------------------- config ---
+
+def parse_line_numbers(text: str, key: str) -> list[int] | None:
+  """'100,102,110-120' -> [100, 102, 110, ..., 120]; '' -> None (every line)."""
+  text = str(text).strip()
+  if not text:
+    return None
+  numbers = []
+  try:
+    for part in text.split(","):
+      part = part.strip()
+      if "-" in part:  # a range; line numbers are not negative
+        first, last = (int(n) for n in part.split("-", 1))
+        if last < first:
+          raise ValueError(part)
+        numbers += range(first, last + 1)
+      else:
+        numbers.append(int(part))
+  except ValueError:
+    raise config_checks.ConfigError(
+        f"config.segment.{key}={text!r}: use line numbers and ranges such as"
+        " '100,102,110-120'") from None
+  return list(dict.fromkeys(numbers))
+
+
+def check_config(config) -> None:
+  """The `segment` section's values; every problem at once, naming its key."""
+  s = config.segment
+  problems = []
+
+  def need(ok, key, message):
+    if not ok:
+      problems.append(f"config.segment.{key}={s[key]!r}: {message}")
+
+  need(bool(s.input), "input", "give the SEG-Y, .npy or PNG file to segment")
+  need(not s.input or pathlib.Path(s.input).expanduser().is_file(), "input", "no such file")
+  need(isinstance(s.stride, int) and 1 <= s.stride <= TILE, "stride",
+       f"must be an integer from 1 to {TILE} (a larger stride would leave gaps)")
+  need(0 < s.clip_percentile <= 100, "clip_percentile", "must be in (0, 100]")
+  need(s.clip_value >= 0, "clip_value", "must be >= 0 (0: use clip_percentile)")
+  need(s.threshold < 0 or 0 < s.threshold < 1, "threshold",
+       "must be in (0, 1), or -1 for the threshold tuned in scores.json")
+  need(isinstance(s.min_area, int) and s.min_area >= -1, "min_area",
+       "must be >= 0, or -1 for the minimum area tuned in scores.json")
+  need(not (str(s.inlines).strip() and str(s.crosslines).strip()), "crosslines",
+       "segment inlines or crosslines in one run, not both")
+  if problems:
+    raise config_checks.ConfigError("bad config:\n  " + "\n  ".join(problems))
+  parse_line_numbers(s.inlines, "inlines")
+  parse_line_numbers(s.crosslines, "crosslines")
+
+
+# ------------------------------------------------------------------- inputs ---
+
+@dataclasses.dataclass
+class Section:
+  """One section of the input: its name and how to read it."""
+  name: str  # "line", "inline 105", "crossline 7"
+  label: str  # the part of an output file name: "" for a 2-D input, "inline105"
+  read: Callable[[], np.ndarray]  # -> (samples, traces)
+  traces: np.ndarray | None = None  # SEG-Y trace indices, left to right
+
+
+@dataclasses.dataclass
+class SectionInput:
+  path: pathlib.Path
+  kind: str  # "segy", "npy", "png"
+  sections: list[Section]
+  is_volume: bool
+  is_gray: bool  # already 8-bit: no amplitude mapping
+  direction: str
+  segy_file: segy.SegyFile | None = None
+
+  def close(self):
+    if self.segy_file is not None:
+      self.segy_file.close()
+
+
+def _select(direction: str, numbers: list[int] | None, available: int, path) -> list[int]:
+  if numbers is None:
+    return list(range(available))
+  missing = [n for n in numbers if not 0 <= n < available]
+  if missing:
+    raise DataError(f"{path}: has no {direction}(s) {', '.join(map(str, missing[:10]))};"
+                    f" its {direction}s are numbered 0 to {available - 1} (array index)")
+  return numbers
+
+
+def open_input(path: str | os.PathLike, inlines: list[int] | None = None,
+               crosslines: list[int] | None = None) -> SectionInput:
+  """Opens a SEG-Y file, .npy array or PNG as a list of sections."""
+  path = pathlib.Path(path).expanduser()
+  if not path.is_file():
+    raise DataError(f"{path}: no such file")
+  direction = segy.CROSSLINE if crosslines is not None else segy.INLINE
+  numbers = crosslines if crosslines is not None else inlines
+  suffix = path.suffix.lower()
+  if suffix == ".npy":
+    return _open_npy(path, direction, numbers)
+  if suffix == ".png":
+    return _open_png(path, direction, numbers)
+  # Anything else is taken for SEG-Y; segyio says if it is not.
+  source = segy.SegyFile(path)
+  try:
+    lines = source.lines(direction, numbers)
+  except BaseException:
+    source.close()
+    raise
+  sections = [Section(line.name, "" if not source.is_volume else line.name.replace(" ", ""),
+                      (lambda line=line: source.read(line)), line.traces) for line in lines]
+  return SectionInput(path, "segy", sections, source.is_volume, False, direction, source)
+
+
+def _open_npy(path: pathlib.Path, direction: str, numbers) -> SectionInput:
+  try:
+    array = np.load(path, mmap_mode="r", allow_pickle=False)
+  except (ValueError, OSError, EOFError) as e:
+    raise DataError(f"{path}: not a readable .npy array ({e})") from e
+  if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+    raise DataError(f"{path}: holds {array.dtype} values; expected real numbers")
+  if array.ndim == 2:
+    if numbers is not None:
+      raise DataError(f"{path}: is one 2-D section, so config.segment.{direction}s"
+                      " cannot select lines in it")
+    sections = [Section("line", "", lambda: np.asarray(array))]
+  elif array.ndim == 3:
+    # (lines, samples, traces): inline k is array[k]; crossline j is the j-th
+    # trace of every inline.
+    if direction == segy.INLINE:
+      chosen = _select(direction, numbers, array.shape[0], path)
+      sections = [Section(f"inline {k}", f"inline{k}", lambda k=k: np.asarray(array[k]))
+                  for k in chosen]
+    else:
+      chosen = _select(direction, numbers, array.shape[2], path)
+      sections = [Section(f"crossline {k}", f"crossline{k}",
+                          lambda k=k: np.asarray(array[:, :, k]).T) for k in chosen]
+  else:
+    raise DataError(f"{path}: has shape {array.shape}; expected a section (samples, traces)"
+                    " or a volume (lines, samples, traces)")
+  return SectionInput(path, "npy", sections, array.ndim == 3, array.dtype == np.uint8,
+                      direction)
+
+
+def _open_png(path: pathlib.Path, direction: str, numbers) -> SectionInput:
+  if numbers is not None:
+    raise DataError(f"{path}: a PNG is one 2-D section, so config.segment.{direction}s"
+                    " cannot select lines in it")
+  image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+  if image is None:
+    raise DataError(f"{path}: not a readable PNG image (unreadable or truncated)")
+  if image.ndim == 3 and image.shape[2] in (3, 4):
+    color = image[:, :, :3]
+    if not (np.array_equal(color[..., 0], color[..., 1])
+            and np.array_equal(color[..., 0], color[..., 2])):
+      raise DataError(f"{path}: is a color image; expected a gray section")
+    image = color[..., 0]
+  if image.ndim != 2 or image.dtype not in (np.uint8, np.uint16):
+    raise DataError(f"{path}: is not an 8- or 16-bit gray image ({image.dtype},"
+                    f" shape {image.shape})")
+  # 16-bit PNGs are amplitudes (centred on 32768), mapped like any others.
+  gray = image.dtype == np.uint8
+  data = image if gray else image.astype(np.float32) - 32768.0
+  return SectionInput(path, "png", [Section("line", "", lambda: data)], False, gray, direction)
+
+
+def _check_section(source: SectionInput, section: Section, values: np.ndarray) -> None:
+  where = f"{source.path}" + ("" if section.name == "line" else f" ({section.name})")
+  rows, cols = values.shape
+  if rows < TILE or cols < TILE:
+    raise DataError(
+        f"{where}: the section is {rows} samples x {cols} traces; it must be at least"
+        f" {TILE} x {TILE} (one tile) to be segmented")
+  bad = ~np.isfinite(values)
+  if bad.any():
+    r, c = np.argwhere(bad)[0]
+    raise DataError(
+        f"{where}: {int(bad.sum())} sample(s) are NaN or infinite (the first at sample"
+        f" {r}, trace {c}); fix or mute them before segmenting")
+
+
+def scan_input(source: SectionInput, clip_percentile: float, clip_value: float
+               ) -> tuple[float, tuple[int, int]]:
+  """Checks every section (size, finite samples); returns (clip level, shape).
+
+  Everything is read once here, before anything is written, so bad input
+  fails without leaving outputs behind.  The clip level is 0 for 8-bit input.
+  """
+  samples, shape = [], None
+  for section in source.sections:
+    values = section.read()
+    _check_section(source, section, values)
+    shape = shape or values.shape
+    if values.shape != shape:
+      raise DataError(f"{source.path}: {section.name} is {values.shape[0]} x"
+                      f" {values.shape[1]}, unlike the first line's {shape[0]} x {shape[1]}")
+    if not source.is_gray and clip_value <= 0:
+      step = max(1, values.size * len(source.sections) // _CLIP_SAMPLE)
+      samples.append(np.abs(values.astype(np.float32)).ravel()[::step])
+  if source.is_gray:
+    return 0.0, shape
+  if clip_value > 0:
+    return float(clip_value), shape
+  level = clip_level(np.concatenate(samples), clip_percentile)
+  if not level > 0:
+    raise DataError(
+        f"{source.path}: the {clip_percentile:g}th percentile of |amplitude| is 0 (the"
+        " section is mostly zeros); set config.segment.clip_value to the amplitude"
+        " that should map to full gray")
+  return level, shape
+
+
+# ----------------------------------------------------------------- ensemble ---
+
+@dataclasses.dataclass
+class Ensemble:
+  """The workdir's models as one tile predictor, and its post-processing."""
+  predict_tiles: Callable[[np.ndarray], np.ndarray]
+  models: list[str]
+  threshold: float
+  min_area: int
+  tta: str
+
+
+def load_ensemble(config, workdir: pathlib.Path) -> Ensemble:
+  """Every trained fold's chosen checkpoints (config.predict.checkpoints), with TTA.
+
+  Probabilities are averaged over a fold's checkpoints, then over folds, as
+  in `predict.predict_and_submit`.
+  """
+  from saltjax import checkpoints as ckpt_lib
+  from saltjax import models
+  from saltjax import predict
+
+  usable, left_out = predict.usable_folds(workdir, config.num_folds,
+                                          config.predict.checkpoints)
+  if not usable:
+    raise ckpt_lib.CheckpointError(
+        f"{workdir} holds no trained fold with {config.predict.checkpoints!r} checkpoints"
+        " (config.predict.checkpoints): train first (python main.py"
+        " --config=configs/fold.py --workdir=...)")
+  for fold, reason in left_out.items():
+    logging.warning("fold %d left out of the ensemble: %s", fold, reason)
+  folds = sorted(usable)
+  threshold, min_area = _postprocessing(config, workdir)
+  model = models.create_model(config.model)
+  members, names = [], []
+  for fold in folds:
+    fold_dir = workdir / f"fold_{fold}"
+    chosen = usable[fold]
+    for store, step in chosen:
+      members.append((predict.load_variables(config, model, fold_dir, store, step),
+                      1.0 / (len(chosen) * len(folds))))
+      names.append(f"fold_{fold}/{store}/{step}")
+  return Ensemble(tile_predictor(config, model, members), names, threshold, min_area,
+                  config.predict.tta)
+
+
+def tile_predictor(config, model, members: Sequence[tuple[dict, float]]
+                   ) -> Callable[[np.ndarray], np.ndarray]:
+  """uint8 (N, 101, 101) tiles -> the weighted sum of the members' TTA probabilities.
+
+  members: (variables, weight) pairs; the weights should sum to 1.
+  """
+  import jax
+  from saltjax import inference
+  from saltjax import parallel
+
+  mesh = parallel.create_mesh()
+  parallel.check_batch_size(config.predict.batch_size, mesh, "config.predict.batch_size")
+  infer_fn = jax.jit(inference.make_infer_fn(model, config.image_size, config.resize_mode,
+                                             config.predict.tta))
+  on_device = [(jax.device_put(variables, parallel.replicated(mesh)), weight)
+               for variables, weight in members]
+
+  def predict_tiles(tiles: np.ndarray) -> np.ndarray:
+    total = np.zeros(tiles.shape, np.float32)
+    for variables, weight in on_device:
+      out = inference.predict_probs(infer_fn, variables, tiles,
+                                    batch_size=config.predict.batch_size, mesh=mesh)
+      total += weight * out["probs"]
+    return total
+
+  return predict_tiles
+
+
+def _postprocessing(config, workdir: pathlib.Path) -> tuple[float, int]:
+  """(threshold, min_area): the config's when set, else scores.json's."""
+  s = config.segment
+  if s.threshold >= 0 and s.min_area >= 0:
+    return float(s.threshold), int(s.min_area)
+  scores_path = workdir / "scores.json"
+  if not scores_path.is_file():
+    raise config_checks.ConfigError(
+        f"{scores_path} not found: the tuned threshold and minimum area come from a"
+        f" prediction run (python main.py --config=configs/predict.py --workdir={workdir}),"
+        " or set --config.segment.threshold and --config.segment.min_area")
+  try:
+    scores = json.loads(scores_path.read_text())
+    tuned = float(scores["threshold"]), int(scores["min_area"])
+  except (ValueError, KeyError, TypeError) as e:
+    raise config_checks.ConfigError(f"{scores_path} is unreadable or has no threshold"
+                                    f" and min_area ({e})") from e
+  return (float(s.threshold) if s.threshold >= 0 else tuned[0],
+          int(s.min_area) if s.min_area >= 0 else tuned[1])
+
+
+# ------------------------------------------------------------------ outputs ---
+
+class _StagedOutputs:
+  """Files written under temporary names, renamed into place together."""
+
+  def __init__(self, directory: pathlib.Path):
+    self.directory = directory
+    self.pending: list[tuple[pathlib.Path, pathlib.Path]] = []
+
+  def temp_path(self, name: str) -> pathlib.Path:
+    final = self.directory / name
+    tmp = self.directory / f".{name}.tmp-{os.getpid()}"
+    self.pending.append((tmp, final))
+    return tmp
+
+  def write_bytes(self, name: str, data: bytes) -> None:
+    self.temp_path(name).write_bytes(data)
+
+  def write_png(self, name: str, image: np.ndarray) -> None:
+    ok, encoded = cv2.imencode(".png", image)
+    if not ok:
+      raise OSError(f"could not encode {self.directory / name}")
+    self.write_bytes(name, encoded.tobytes())
+
+  def commit(self) -> list[pathlib.Path]:
+    for tmp, final in self.pending:
+      os.replace(tmp, final)
+    return [final for _, final in self.pending]
+
+  def discard(self) -> None:
+    for tmp, _ in self.pending:
+      if tmp.exists():
+        tmp.unlink()
+
+
+def overlay_image(gray: np.ndarray, mask: np.ndarray) -> np.ndarray:
+  """BGR picture of the section with the salt outline in red."""
+  picture = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
+  contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_LIST,
+                                 cv2.CHAIN_APPROX_NONE)
+  thickness = max(1, min(gray.shape) // 300)
+  cv2.drawContours(picture, contours, -1, (0, 0, 255), thickness)
+  return picture
+
+
+def output_names(stem: str) -> dict[str, str]:
+  """The file names written for an input named <stem>.<ext>."""
+  return {"probability": f"{stem}_probability.npy", "mask": f"{stem}_mask.npy",
+          "segy": f"{stem}_probability.sgy", "summary": f"{stem}_segment.json"}
+
+
+def _png_name(stem: str, label: str, what: str) -> str:
+  return f"{stem}_{label}_{what}.png" if label else f"{stem}_{what}.png"
+
+
+def _chunks(tiles_per_section: Sequence[int]) -> Iterator[list[int]]:
+  """Indices of sections predicted together: about _CHUNK_TILES tiles at a time."""
+  chunk, count = [], 0
+  for i, n in enumerate(tiles_per_section):
+    if chunk and count + n > _CHUNK_TILES:
+      yield chunk
+      chunk, count = [], 0
+    chunk.append(i)
+    count += n
+  if chunk:
+    yield chunk
+
+
+def segment_input(config, workdir: pathlib.Path, ensemble: Ensemble | None = None) -> dict:
+  """Segments config.segment.input with the workdir's ensemble; writes the outputs.
+
+  Returns the summary also written as <stem>_segment.json.
+  """
+  s = config.segment
+  started = time.time()
+  source = open_input(s.input, parse_line_numbers(s.inlines, "inlines"),
+                      parse_line_numbers(s.crosslines, "crosslines"))
+  try:
+    clip, shape = scan_input(source, s.clip_percentile, s.clip_value)
+    ensemble = ensemble or load_ensemble(config, workdir)
+    return _segment_and_write(config, workdir, source, clip, shape, ensemble, started)
+  finally:
+    source.close()
+
+
+def _segment_and_write(config, workdir, source: SectionInput, clip: float,
+                       shape: tuple[int, int], ensemble: Ensemble, started: float) -> dict:
+  s = config.segment
+  stem = source.path.stem
+  names = output_names(stem)
+  out_dir = workdir / SECTIONS_DIR
+  out_dir.mkdir(parents=True, exist_ok=True)
+  staged = _StagedOutputs(out_dir)
+  try:
+    stacked = (len(source.sections),) + shape if source.is_volume else shape
+    prob_out = np.lib.format.open_memmap(staged.temp_path(names["probability"]), mode="w+",
+                                         dtype=np.float32, shape=stacked)
+    mask_out = np.lib.format.open_memmap(staged.temp_path(names["mask"]), mode="w+",
+                                         dtype=np.uint8, shape=stacked)
+    tiles_per = [len(tile_starts(shape[0], s.stride)) * len(tile_starts(shape[1], s.stride))
+                 ] * len(source.sections)
+    window = tile_window()
+    salt_fraction = {}
+    for chunk in _chunks(tiles_per):
+      grays = []
+      for i in chunk:
+        values = source.sections[i].read()
+        grays.append(values if source.is_gray else amplitude_to_gray(values, clip))
+      probs = segment_sections(grays, ensemble.predict_tiles, s.stride, window)
+      for i, gray, prob in zip(chunk, grays, probs):
+        section = source.sections[i]
+        mask = remove_small_regions(prob > ensemble.threshold, ensemble.min_area)
+        target = (i,) if source.is_volume else ()
+        prob_out[target] = prob
+        mask_out[target] = mask
+        staged.write_png(_png_name(stem, section.label, "probability"),
+                         np.rint(prob * 255.0).astype(np.uint8))
+        staged.write_png(_png_name(stem, section.label, "mask"), mask.astype(np.uint8) * 255)
+        staged.write_png(_png_name(stem, section.label, "overlay"), overlay_image(gray, mask))
+        salt_fraction[section.name] = float(mask.mean())
+        logging.info("%s%s: %.1f%% salt", source.path.name,
+                     "" if section.name == "line" else f" {section.name}",
+                     100 * salt_fraction[section.name])
+    prob_out.flush()
+    mask_out.flush()
+    written_segy = None
+    if source.kind == "segy":
+      written_segy = _write_segy_copy(source, prob_out, staged.temp_path(names["segy"]))
+    summary = {
+        "input": str(source.path),
+        "kind": source.kind,
+        "volume": source.is_volume,
+        "direction": source.direction if source.is_volume else None,
+        "sections": [sec.name for sec in source.sections],
+        "shape": list(stacked),
+        "layout": ("(lines, samples, traces)" if source.is_volume else "(samples, traces)"),
+        "amplitude_to_gray": (
+            "input is 8-bit gray: used as-is" if source.is_gray else
+            f"gray = round(127.5 + 127.5 * clip(a / {clip:.6g}, -1, 1)); clip level ="
+            + (" config.segment.clip_value" if s.clip_value > 0 else
+               f" {s.clip_percentile:g}th percentile of |a|")),
+        "clip_level": clip,
+        "stride": s.stride,
+        "threshold": ensemble.threshold,
+        "min_area": ensemble.min_area,
+        "tta": ensemble.tta,
+        "models": ensemble.models,
+        "salt_fraction": salt_fraction,
+        "seconds": round(time.time() - started, 3),
+        "outputs": sorted(p.name for _, p in staged.pending) + [names["summary"]],
+    }
+    if written_segy:
+      summary["segy_traces"] = written_segy
+    staged.write_bytes(names["summary"], (json.dumps(summary, indent=1) + "\n").encode())
+    del prob_out, mask_out
+    staged.commit()
+  except BaseException:
+    staged.discard()
+    raise
+  return summary
+
+
+def _write_segy_copy(source: SectionInput, probs: np.ndarray, tmp_path: pathlib.Path) -> int:
+  """The probability as SEG-Y: the segmented traces of the input, its headers."""
+  line_of = {}
+  for i, section in enumerate(source.sections):
+    for column, trace in enumerate(section.traces):
+      line_of[int(trace)] = (i, column)
+  traces = np.array(sorted(line_of), np.int64)
+
+  def probability_of(indices: np.ndarray) -> np.ndarray:
+    where = [line_of[int(t)] for t in indices]
+    if source.is_volume:
+      return np.stack([probs[i, :, column] for i, column in where])
+    return np.stack([probs[:, column] for _, column in where])
+
+  # write_probability_copy renames into its own target; stage it at tmp_path.
+  segy.write_probability_copy(source.segy_file, tmp_path, traces, probability_of)
+  return len(traces)
+
+
+def run(config, workdir) -> dict:
+  """What `main.py --config=configs/segment.py` runs."""
+  workdir = pathlib.Path(workdir)
+  check_config(config)
+  segment = config.segment
+  trained = config_checks.config_for_prediction(config, workdir)
+  trained.segment = segment
+  summary = segment_input(trained, workdir)
+  out_dir = workdir / SECTIONS_DIR
+  print(f"segmented {len(summary['sections'])} section(s) of {summary['input']}"
+        f" in {summary['seconds']:.1f} s; wrote {out_dir}/{pathlib.Path(summary['input']).stem}_*")
+  return summary
+
+
+# ------------------------------------------------------------------ picture ---
+
+def write_before_after(path: str | os.PathLike, gray: np.ndarray, prob: np.ndarray,
+                       mask: np.ndarray, truth: np.ndarray | None = None,
+                       title: str = "") -> pathlib.Path:
+  """A PNG of a section before (gray) and after (probability, salt outline)."""
+  from matplotlib import figure as mfigure
+  from matplotlib import lines as mlines
+  from saltjax import plots
+
+  rows, cols = gray.shape
+  fig = mfigure.Figure(figsize=(3 * 4.2 * cols / max(rows, cols) + 0.6,
+                                4.2 * rows / max(rows, cols) + 1.1), layout="constrained")
+  axes = fig.subplots(1, 3)
+  panels = (("section (input)", gray, "gray", 255), ("salt probability", prob, "magma", 1),
+            ("salt mask over the section", gray, "gray", 255))
+  for ax, (name, image, cmap, top) in zip(axes, panels):
+    ax.imshow(image, cmap=cmap, vmin=0, vmax=top, interpolation="nearest", aspect="auto")
+    ax.set_title(name, fontsize=10)
+    ax.set_xlabel("trace")
+    ax.set_ylabel("sample")
+  handles = []
+  if truth is not None:
+    axes[2].contour(np.asarray(truth, float), levels=[0.5], colors=[plots.TRUTH_COLOR],
+                    linewidths=2.4)
+    handles.append(mlines.Line2D([], [], color=plots.TRUTH_COLOR, lw=2.4, label="true body"))
+  axes[2].contour(np.asarray(mask, float), levels=[0.5], colors=[plots.PRED_COLOR],
+                  linewidths=1.2)
+  handles.append(mlines.Line2D([], [], color=plots.PRED_COLOR, lw=1.2, label="predicted salt"))
+  fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
+  if title:
+    fig.suptitle(title, fontsize=11)
+  path = pathlib.Path(path)
+  workdir_lib.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+  return path
+
+
+def _figure_main(argv: Sequence[str] | None = None) -> None:
+  """python -m saltjax.sections --workdir=runs/x --out=docs/section_before_after.png"""
+  import argparse
+  from configs import segment as segment_config
+  from saltjax import metrics
+  from saltjax import synthetic
+  parser = argparse.ArgumentParser(description="Before/after picture of a synthetic section")
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--seed", type=int, default=3)
+  parser.add_argument("--rows", type=int, default=250)
+  parser.add_argument("--cols", type=int, default=500)
+  args = parser.parse_args(argv)
+  workdir = pathlib.Path(args.workdir)
+  config = segment_config.get_config()
+  trained = config_checks.config_for_prediction(config, workdir)
+  trained.segment = config.segment
+  ensemble = load_ensemble(trained, workdir)
+  amplitude, truth = synthetic.generate_section(args.seed, args.rows, args.cols)
+  gray = amplitude_to_gray(amplitude, clip_level(amplitude, config.segment.clip_percentile))
+  (prob,) = segment_sections([gray], ensemble.predict_tiles, config.segment.stride)
+  mask = remove_small_regions(prob > ensemble.threshold, ensemble.min_area)
+  iou = float(metrics.iou_per_image(truth[None], mask[None])[0])
+  title = (f"synthetic section {args.rows} x {args.cols} (seed {args.seed}),"
+           f" {len(ensemble.models)} model(s), IoU with the true body {iou:.2f}")
+  print(write_before_after(args.out, gray, prob, mask, truth, title), title)
+
+
+if __name__ == "__main__":
+  _figure_main()

@@ -1,0 +1,424 @@
+"""Whole-section segmentation: SEG-Y / .npy / PNG in, salt probability and masks out.
+
+A tiny model is trained once (module fixture) on the embedded synthetic tiles,
+then asked to find the salt body of synthetic sections several tiles wide,
+whose true masks the generator knows.
+"""
+
+import json
+import pathlib
+
+import cv2
+import numpy as np
+import pytest
+import segyio
+
+from saltjax import sections
+from saltjax import segy
+from saltjax import synthetic
+from tests.conftest import run_main, tiny_config
+
+ROWS, COLS = 250, 400  # samples x traces of the test section: 4 x 7 tiles at stride 50
+# The tiny model's training: enough for the salt body to be found clearly.
+# Fold 0 of 4 trains on 96 synthetic tiles, 12 steps an epoch (about 50 s of CPU time).
+TRAIN = {"synthetic.num_train": 128, "num_folds": 4, "fold": 0, "num_epochs": 8,
+         "schedule.cycle_epochs": 8, "batch_size": 8, "model.encoder_width": 8,
+         "predict.tta": "none", "predict.batch_size": 32}
+
+
+def _run(config, workdir):
+  from saltjax import run
+  return run.main(config, str(workdir))
+
+
+def _segment_config(compile_cache, path, **segment):
+  from configs import segment as segment_config
+  config = segment_config.get_config()
+  config.compilation_cache = compile_cache
+  config.progress = False
+  config.predict.tta = "none"
+  config.predict.batch_size = 32
+  config.segment.input = str(path)
+  for key, value in segment.items():
+    config.segment[key] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_cache, compile_cache):
+  """A workdir with one trained fold and the tuned post-processing (scores.json)."""
+  workdir = tmp_path_factory.mktemp("sections") / "run"
+  config = tiny_config(data_cache, compile_cache, **TRAIN)
+  assert _run(config, workdir) == 0
+  from configs import predict as predict_config
+  config = predict_config.get_config()
+  config.compilation_cache = compile_cache
+  config.progress = False
+  config.predict.tta = "none"
+  config.predict.batch_size = 32
+  assert _run(config, workdir) == 0
+  return workdir
+
+
+def _iou(a, b):
+  a, b = np.asarray(a, bool), np.asarray(b, bool)
+  return (a & b).sum() / max((a | b).sum(), 1)
+
+
+def _segy_line(path, seed):
+  amplitude, mask = synthetic.generate_section(seed, ROWS, COLS)
+  # Arbitrary units, as in real data: the clipping rule makes them irrelevant.
+  segy.write_section(path, 350.0 * amplitude)
+  return amplitude, mask
+
+
+# ------------------------------------------------------------ pure pieces ---
+
+def test_amplitude_to_gray_is_symmetric_clipping():
+  # clip level 2: -2 and below -> 0, 0 -> 127.5 (rounds to 128), 1 -> 191.25, 2+ -> 255
+  gray = sections.amplitude_to_gray(np.array([-5.0, -2.0, -1.0, 0.0, 1.0, 2.0, 7.0]), 2.0)
+  np.testing.assert_array_equal(gray, [0, 0, 64, 128, 191, 255, 255])
+  assert gray.dtype == np.uint8
+  # the 99th percentile of |a| over 0..100 (linear interpolation) is 99
+  assert sections.clip_level(-np.arange(101.0), 99) == pytest.approx(99.0)
+
+
+def test_tiles_cover_the_section_and_blending_a_consistent_field_returns_it():
+  np.testing.assert_array_equal(sections.tile_starts(101, 50), [0])
+  np.testing.assert_array_equal(sections.tile_starts(300, 50), [0, 50, 100, 150, 199])
+  np.testing.assert_array_equal(sections.tile_starts(202, 101), [0, 101])
+  with pytest.raises(ValueError):
+    sections.tile_starts(100, 50)
+  window = sections.tile_window()
+  assert window.min() > 0 and window.max() <= 1
+  np.testing.assert_allclose(window, window.T)
+  np.testing.assert_allclose(window, window[::-1, ::-1])
+  # If every tile predicts exactly the crop of one field, the blend is that field.
+  rng = np.random.default_rng(0)
+  field = rng.random((230, 317))
+  tiles, origins = sections.cut_tiles(field, 37)
+  covered = np.zeros(field.shape, bool)
+  for r, c in origins:
+    covered[r:r + 101, c:c + 101] = True
+  assert covered.all()
+  blended = sections.blend_tiles(tiles, origins, field.shape, window)
+  np.testing.assert_allclose(blended, field, rtol=1e-6)
+
+
+def test_remove_small_regions_counts_8_connected_pixels():
+  mask = np.zeros((8, 8), bool)
+  mask[0, 0] = mask[1, 1] = True  # one diagonal region of 2
+  mask[5:8, 5:8] = True  # 9
+  assert sections.remove_small_regions(mask, 3).sum() == 9
+  assert sections.remove_small_regions(mask, 2).sum() == 11
+  assert sections.remove_small_regions(mask, 10).sum() == 0
+
+
+def test_segy_section_orientation_matches_segyio(tmp_path):
+  # value = 1000 * sample + trace: depth down the rows, traces along the columns
+  section = (1000.0 * np.arange(120)[:, None] + np.arange(130)[None, :]).astype(np.float32)
+  path = segy.write_section(tmp_path / "line.sgy", section)
+  with segyio.open(str(path), ignore_geometry=True) as f:
+    assert f.tracecount == 130 and len(f.samples) == 120
+    assert f.trace[7][11] == 11 * 1000 + 7  # trace 7, sample 11
+  with segy.SegyFile(path) as f:
+    assert not f.is_volume
+    (line,) = f.lines()
+    np.testing.assert_array_equal(f.read(line), section)
+
+
+def test_generate_section_draws_a_known_dome_with_the_tile_renderer():
+  amplitude, mask = synthetic.generate_section(5, 220, 310)
+  again, mask_again = synthetic.generate_section(5, 220, 310)
+  np.testing.assert_array_equal(amplitude, again)
+  np.testing.assert_array_equal(mask, mask_again)
+  assert amplitude.shape == mask.shape == (220, 310) and amplitude.dtype == np.float32
+  assert set(np.unique(mask)) == {0, 1} and np.isfinite(amplitude).all()
+  # A diapir rising from the base: salt below a top-of-salt surface, so every
+  # column is sediment above some depth and salt below it, and the body
+  # reaches the base but not the top.
+  assert (np.diff(mask.astype(int), axis=0) >= 0).all()
+  assert mask[-1].any() and not mask[0].any()
+  # Salt's inside is weak and chaotic: its amplitudes spread less than the
+  # layered sediments' (the texture the tiles taught the model).
+  inside = cv2.erode(mask, np.ones((7, 7), np.uint8)) > 0
+  outside = cv2.dilate(mask, np.ones((7, 7), np.uint8)) == 0
+  assert amplitude[inside].std() < 0.7 * amplitude[outside].std()
+  assert not np.array_equal(synthetic.generate_section(6, 220, 310)[1], mask)
+  # The clipping rule puts the section in the gray range the model learned
+  # from: its spread lies inside the middle 90% of the training tiles' spreads.
+  gray = sections.amplitude_to_gray(amplitude, sections.clip_level(amplitude, 99))
+  tile_spreads = [synthetic.generate_example(np.random.default_rng([0, 0, i]))[0].std()
+                  for i in range(100)]
+  low, high = np.percentile(tile_spreads, [5, 95])
+  assert low < gray.std() < high, (low, gray.std(), high)
+  assert abs(gray.mean() - 127.5) < 10
+
+
+@pytest.mark.parametrize("fmt, kept", [(1, 1), (5, 5), (3, 5), (8, 5)])
+def test_probability_copy_keeps_float_formats_and_makes_integers_float(tmp_path, fmt, kept):
+  src_path = tmp_path / f"in{fmt}.sgy"
+  spec = segyio.spec()
+  spec.samples = list(range(110))
+  spec.tracecount = 6
+  spec.format = fmt
+  with segyio.create(str(src_path), spec) as f:
+    f.bin.update(hns=110, hdt=2000, format=fmt)
+    f.text[0] = segyio.tools.create_text_header({1: "SALT TEST", 2: f"FORMAT {fmt}"})
+    for i in range(6):
+      f.header[i] = {segyio.TraceField.CDP: 500 + i, segyio.TraceField.offset: 7 * i,
+                     segyio.TraceField.SourceX: 1000 * i}
+      f.trace[i] = np.full(110, i + 1, f.dtype)
+  probs = np.linspace(0.0, 1.0, 6 * 110, dtype=np.float32).reshape(6, 110)
+  with segy.SegyFile(src_path) as source:
+    segy.write_probability_copy(source, tmp_path / "out.sgy", np.arange(6),
+                                lambda idx: probs[idx])
+  with segyio.open(str(src_path), ignore_geometry=True) as src, \
+      segyio.open(str(tmp_path / "out.sgy"), ignore_geometry=True) as dst:
+    assert dst.bin[segyio.BinField.Format] == kept
+    assert dst.text[0] == src.text[0]
+    for i in range(6):
+      assert dict(dst.header[i]) == dict(src.header[i])
+    # IBM float keeps about 6 significant digits; IEEE is exact.
+    np.testing.assert_allclose(dst.trace.raw[:], probs, atol=1e-6)
+  assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
+
+
+def test_line_numbers_parse():
+  assert sections.parse_line_numbers("", "inlines") is None
+  assert sections.parse_line_numbers("3, 5-7,3", "inlines") == [3, 5, 6, 7]
+  with pytest.raises(Exception, match="config.segment.inlines='5-x'"):
+    sections.parse_line_numbers("5-x", "inlines")
+
+
+# --------------------------------------------------- with a trained model ---
+
+def test_segy_line_is_segmented_and_its_headers_round_trip(trained, tmp_path,
+                                                           compile_cache):
+  path = tmp_path / "line_a.sgy"
+  _, truth = _segy_line(path, seed=11)
+  assert _run(_segment_config(compile_cache, path), trained) == 0
+  out = trained / "sections"
+  names = {p.name for p in out.iterdir()}
+  assert {"line_a_probability.npy", "line_a_mask.npy", "line_a_probability.png",
+          "line_a_mask.png", "line_a_overlay.png", "line_a_probability.sgy",
+          "line_a_segment.json"} <= names
+  assert not [n for n in names if ".tmp" in n]
+  prob = np.load(out / "line_a_probability.npy")
+  mask = np.load(out / "line_a_mask.npy")
+  summary = json.loads((out / "line_a_segment.json").read_text())
+  scores = json.loads((trained / "scores.json").read_text())
+  assert prob.shape == mask.shape == (ROWS, COLS)
+  assert summary["threshold"] == scores["threshold"]
+  assert summary["min_area"] == scores["min_area"]
+
+  # The mask finds the known salt body: far better than chance, i.e. than
+  # calling everything salt (IoU = the salt fraction) or a random mask of the
+  # right size (IoU about fraction / (2 - fraction)).
+  iou = _iou(mask, truth)
+  fraction = truth.mean()
+  assert 0.15 < fraction < 0.4
+  assert iou > max(0.6, fraction + 0.3), (iou, fraction)
+
+  # PNGs: the section's size; the mask PNG is the mask, the probability PNG its 8-bit image.
+  for what in ("probability", "mask", "overlay"):
+    image = cv2.imread(str(out / f"line_a_{what}.png"), cv2.IMREAD_UNCHANGED)
+    assert image.shape[:2] == (ROWS, COLS)
+  np.testing.assert_array_equal(
+      cv2.imread(str(out / "line_a_mask.png"), cv2.IMREAD_UNCHANGED) > 0, mask > 0)
+
+  # The SEG-Y copy: same text, binary and trace headers; samples are the probability.
+  with segyio.open(str(path), ignore_geometry=True) as src, \
+      segyio.open(str(out / "line_a_probability.sgy"), ignore_geometry=True) as dst:
+    assert dst.tracecount == src.tracecount == COLS
+    np.testing.assert_array_equal(dst.samples, src.samples)
+    assert dst.text[0] == src.text[0]
+    assert dict(dst.bin) == dict(src.bin)
+    for i in range(src.tracecount):
+      assert dict(dst.header[i]) == dict(src.header[i])
+    np.testing.assert_allclose(dst.trace.raw[:], prob.T, atol=1e-7)
+
+
+def _jumps(prob, axis):
+  """Mean |difference| between neighbouring columns (axis 1) or rows (axis 0)."""
+  return np.abs(np.diff(prob, axis=axis)).mean(axis=1 - axis)
+
+
+def _seam_ratio(prob, starts_rows, starts_cols):
+  """How much larger the jumps across tile borders are than the jumps elsewhere.
+
+  Entry k of _jumps(.., axis) is the step between pixels k and k+1; a tile
+  starting at s (or ending at s + 100) puts a border between s-1 and s (or
+  s+100 and s+101).  The ratio is the largest border step over the 95th
+  percentile of the other steps, per axis.
+  """
+  ratios = []
+  for axis, starts, length in ((0, starts_rows, prob.shape[0]), (1, starts_cols, prob.shape[1])):
+    jumps = _jumps(prob, axis)
+    borders = {s - 1 for s in starts if s > 0} | {s + 100 for s in starts if s + 101 < length}
+    border = np.array(sorted(borders))
+    others = np.delete(jumps, border)
+    ratios.append(jumps[border].max() / np.percentile(others, 95))
+  return max(ratios)
+
+
+def test_blended_tiles_leave_no_seams_where_plain_tiling_does(trained, tmp_path,
+                                                             compile_cache):
+  from saltjax import config_checks
+  amplitude, _ = synthetic.generate_section(12, ROWS, COLS)
+  config = config_checks.config_for_prediction(
+      _segment_config(compile_cache, tmp_path / "unused"), trained)
+  config.segment = _segment_config(compile_cache, tmp_path / "unused").segment
+  ensemble = sections.load_ensemble(config, trained)
+  gray = sections.amplitude_to_gray(amplitude, sections.clip_level(amplitude, 99))
+
+  (blended,) = sections.segment_sections([gray], ensemble.predict_tiles, stride=50)
+  ratio = _seam_ratio(blended, sections.tile_starts(ROWS, 50), sections.tile_starts(COLS, 50))
+  assert ratio < 1.5, ratio
+
+  # Side by side, non-overlapping tiles (the last one flush with the edge),
+  # averaged without a window: each tile's edge shows.
+  (plain,) = sections.segment_sections([gray], ensemble.predict_tiles, stride=101,
+                                       window=np.ones((101, 101)))
+  plain_ratio = _seam_ratio(plain, sections.tile_starts(ROWS, 101),
+                            sections.tile_starts(COLS, 101))
+  assert plain_ratio > 2.0, plain_ratio
+
+
+def test_volume_gives_one_mask_per_inline_and_crosslines_on_request(trained, tmp_path,
+                                                                    compile_cache):
+  truths, lines = [], []
+  for seed in (21, 22, 23):
+    amplitude, mask = synthetic.generate_section(seed, ROWS, COLS)
+    lines.append(amplitude)
+    truths.append(mask)
+  path = segy.write_section(tmp_path / "cube.sgy", np.stack(lines), inlines=[100, 101, 102])
+  config = _segment_config(compile_cache, path, inlines="100,102")
+  assert _run(config, trained) == 0
+  out = trained / "sections"
+  prob = np.load(out / "cube_probability.npy")
+  mask = np.load(out / "cube_mask.npy")
+  assert prob.shape == mask.shape == (2, ROWS, COLS)
+  for k, inline in enumerate((100, 102)):
+    for what in ("probability", "mask", "overlay"):
+      assert (out / f"cube_inline{inline}_{what}.png").is_file()
+    assert _iou(mask[k], truths[inline - 100]) > 0.5
+  assert not (out / "cube_inline101_mask.png").exists()
+  # The SEG-Y copy holds the two inlines' traces with their own headers.
+  with segyio.open(str(path), ignore_geometry=True) as src, \
+      segyio.open(str(out / "cube_probability.sgy"), ignore_geometry=True) as dst:
+    assert dst.tracecount == 2 * COLS
+    kept = [i for i in range(src.tracecount)
+            if src.header[i][segyio.TraceField.INLINE_3D] in (100, 102)]
+    for j, i in enumerate(kept):
+      assert dict(dst.header[j]) == dict(src.header[i])
+    np.testing.assert_allclose(dst.trace.raw[COLS:], prob[1].T, atol=1e-7)
+
+  # Every inline by default: three masks, one per line, in inline order.
+  assert _run(_segment_config(compile_cache, path), trained) == 0
+  assert np.load(out / "cube_mask.npy").shape == (3, ROWS, COLS)
+  # A crossline of a three-inline volume is 3 traces wide: smaller than a tile.
+  bad = _segment_config(compile_cache, path, crosslines="5")
+  assert _run(bad, trained) == 1
+
+
+def test_npy_and_png_inputs_of_any_size(trained, tmp_path, compile_cache):
+  amplitude, truth = synthetic.generate_section(31, 180, 333)
+  np.save(tmp_path / "arr.npy", amplitude)
+  assert _run(_segment_config(compile_cache, tmp_path / "arr.npy"), trained) == 0
+  mask = np.load(trained / "sections" / "arr_mask.npy")
+  assert mask.shape == (180, 333) and _iou(mask, truth) > 0.5
+  assert not (trained / "sections" / "arr_probability.sgy").exists()
+  # A PNG is already 8-bit gray: it is used as-is.
+  gray = sections.amplitude_to_gray(amplitude, sections.clip_level(amplitude, 99))
+  cv2.imwrite(str(tmp_path / "pic.png"), gray)
+  assert _run(_segment_config(compile_cache, tmp_path / "pic.png"), trained) == 0
+  np.testing.assert_array_equal(np.load(trained / "sections" / "pic_mask.npy"), mask)
+
+
+# -------------------------------------------------------------- bad input ---
+
+def _bad_inputs(tmp_path):
+  """(path, text the error must contain) for each kind of bad input."""
+  cases = []
+  text = tmp_path / "notes.sgy"
+  text.write_text("this is not seismic data\n" * 200)
+  cases.append((text, "not a readable SEG-Y file"))
+  good = segy.write_section(tmp_path / "whole.sgy",
+                            np.ones((150, 120), np.float32))
+  data = good.read_bytes()
+  truncated = tmp_path / "truncated.sgy"
+  truncated.write_bytes(data[:len(data) - 301])  # cut inside the last trace
+  cases.append((truncated, "not a readable SEG-Y file"))
+  small = segy.write_section(tmp_path / "small.sgy", np.ones((80, 300), np.float32))
+  cases.append((small, "at least 101 x 101"))
+  with_nan = np.random.default_rng(0).standard_normal((150, 150)).astype(np.float32)
+  with_nan[40, 70] = np.nan
+  np.save(tmp_path / "nan.npy", with_nan)
+  cases.append((tmp_path / "nan.npy", "NaN or infinite (the first at sample 40, trace 70)"))
+  with_inf = np.random.default_rng(1).standard_normal((150, 150)).astype(np.float32)
+  with_inf[3, 4] = np.inf
+  cases.append((segy.write_section(tmp_path / "inf.sgy", with_inf), "NaN or infinite"))
+  garbage = tmp_path / "garbage.npy"
+  garbage.write_bytes(b"\x93NUMPY garbage")
+  cases.append((garbage, "not a readable .npy array"))
+  return cases
+
+
+def test_bad_input_is_refused_naming_the_file_and_writing_nothing(trained, tmp_path,
+                                                                  compile_cache, capsys):
+  before = sorted(p.name for p in (trained / "sections").iterdir()) \
+      if (trained / "sections").exists() else []
+  for path, expected in _bad_inputs(tmp_path):
+    capsys.readouterr()
+    assert _run(_segment_config(compile_cache, path), trained) == 1, path
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(path) in err and expected in err, err
+    assert "Traceback" not in err
+    now = sorted(p.name for p in (trained / "sections").iterdir()) \
+        if (trained / "sections").exists() else []
+    assert now == before, path
+
+
+def test_empty_or_untrained_workdir_is_refused(trained, tmp_path, compile_cache, capsys):
+  line = tmp_path / "line.sgy"
+  segy.write_section(line, np.random.default_rng(0).standard_normal((150, 150)))
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  assert _run(_segment_config(compile_cache, line), empty) == 1
+  err = capsys.readouterr().err
+  assert str(empty / "config.json") in err
+  untrained = tmp_path / "untrained"
+  untrained.mkdir()
+  (untrained / "config.json").write_text((trained / "config.json").read_text())
+  assert _run(_segment_config(compile_cache, line), untrained) == 1
+  err = capsys.readouterr().err
+  assert str(untrained) in err and "no trained fold" in err
+  for workdir in (empty, untrained):
+    assert not (workdir / "sections").exists()
+
+
+def test_main_py_segments_a_png_from_the_command_line(trained, tmp_path, compile_cache):
+  amplitude, _ = synthetic.generate_section(41, 120, 150)
+  cv2.imwrite(str(tmp_path / "cli.png"),
+              sections.amplitude_to_gray(amplitude, sections.clip_level(amplitude, 99)))
+  result = run_main(["--config=configs/segment.py", f"--workdir={trained}",
+                     f"--config.segment.input={tmp_path / 'cli.png'}",
+                     f"--config.compilation_cache={compile_cache}", "--config.progress=False",
+                     "--config.predict.tta=none", "--config.predict.batch_size=32",
+                     "--config.segment.stride=40"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = json.loads((trained / "sections" / "cli_segment.json").read_text())
+  assert summary["stride"] == 40 and summary["shape"] == [120, 150]
+  assert pathlib.Path(trained / "sections" / "cli_overlay.png").is_file()
+
+
+def test_bad_segment_config_values_are_all_named(tmp_path, compile_cache, capsys):
+  config = _segment_config(compile_cache, tmp_path / "missing.sgy", stride=0,
+                           clip_percentile=0.0, inlines="3", crosslines="4")
+  assert _run(config, tmp_path / "run") == 1
+  err = capsys.readouterr().err
+  for text in ("config.segment.input=", "no such file", "config.segment.stride=0",
+               "config.segment.clip_percentile=0.0", "config.segment.crosslines='4'"):
+    assert text in err, err
+  assert not (tmp_path / "run").exists()
