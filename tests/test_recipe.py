@@ -59,6 +59,43 @@ def test_warmup_then_cosine():
   assert float(lr(20 + 20)) == pytest.approx(sgdr(20, 10, 1e-3, 1e-5, [4]), rel=1e-5)
 
 
+@pytest.mark.parametrize("cycle_mult, cycles", [(1.0, [3, 3]), (2.0, [2, 4, 8])])
+def test_warm_restarts_land_on_the_cycle_ends(cycle_mult, cycles):
+  # Warm-up of 2 epochs, then SGDR cycles counted from the end of the warm-up:
+  # the rate is at min_lr at every cycle end (where the snapshots are taken)
+  # and back at the peak on the first step of the next epoch.
+  warmup, spe, base, min_lr = 2, 10, 1e-3, 1e-5
+  config = config_with(cycle_epochs=cycles[0], cycle_mult=cycle_mult, warmup_epochs=warmup)
+  config.num_epochs = warmup + sum(cycles)
+  ends = train.cycle_end_epochs(config)
+  assert ends == [warmup + sum(cycles[:i + 1]) for i in range(len(cycles))]
+  lr = train.create_learning_rate_fn(config, steps_per_epoch=spe)
+  for step in range(warmup * spe):   # linear warm-up from min_lr to the peak
+    assert float(lr(step)) == pytest.approx(
+        min_lr + (base - min_lr) * step / (warmup * spe), rel=1e-5)
+  for step in range(warmup * spe, config.num_epochs * spe):
+    assert float(lr(step)) == pytest.approx(
+        sgdr(step - warmup * spe, spe, base, min_lr, cycles), rel=1e-5), step
+  one_step = 0.5 * (base - min_lr) * (1 + math.cos(math.pi * (1 - 1 / (min(cycles) * spe))))
+  for end in ends:
+    last = end * spe - 1  # the step whose weights the snapshot of epoch `end` keeps
+    assert float(lr(last)) < min_lr + one_step * 1.01
+    if end < config.num_epochs:
+      assert float(lr(end * spe)) == pytest.approx(base, rel=1e-5)  # restart
+
+
+def test_warm_restarts_worked_example():
+  # warm-up 2, cycles of 3, 8 epochs: snapshots at the ends of epochs 5 and
+  # 8, a restart on the first step of epoch 6 (1-based, as in the logs).
+  config = config_with(cycle_epochs=3, warmup_epochs=2)
+  config.num_epochs = 8
+  assert train.cycle_end_epochs(config) == [5, 8]
+  lr = train.create_learning_rate_fn(config, steps_per_epoch=4)
+  at_end_of_epoch = lambda e: float(lr(4 * e - 1))
+  assert at_end_of_epoch(5) < 1e-4 and at_end_of_epoch(8) < 1e-4
+  assert float(lr(4 * 5)) == pytest.approx(1e-3)   # first step of epoch 6
+
+
 def test_step_and_constant():
   lr = train.create_learning_rate_fn(config_with(name="step", step_epochs=3, step_factor=0.1), 10)
   assert [float(lr(s)) for s in (0, 29, 30, 59, 60)] == pytest.approx(
