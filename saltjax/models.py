@@ -32,6 +32,11 @@ IMAGENET_STD_GRAY = 0.226
 
 UPSAMPLE_METHODS = ('nearest', 'bilinear')
 
+# flax's momentum 0.9 is torch's momentum 0.1: running = 0.9 * running + 0.1 *
+# batch. Every BatchNorm of the model uses it (train.recompute_batch_stats
+# relies on that to read a batch's statistics off one update).
+BATCH_NORM_MOMENTUM = 0.9
+
 # torchvision initialises ResNet convs with kaiming_normal(fan_out, relu);
 # smp initialises decoder convs with kaiming_uniform(fan_in, relu) and the
 # head with xavier_uniform.
@@ -143,9 +148,10 @@ class BottleneckBlock(nn.Module):
     conv = functools.partial(
         nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
         kernel_init=_encoder_conv_init)
-    # momentum 0.9 in flax is torch's momentum 0.1; stats are kept in float32.
+    # Statistics are kept in float32.
     norm = functools.partial(
-        nn.BatchNorm, use_running_average=not train, momentum=0.9,
+        nn.BatchNorm, use_running_average=not train,
+        momentum=BATCH_NORM_MOMENTUM,
         epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32)
 
     residual = x
@@ -202,7 +208,8 @@ class ResNetEncoder(nn.Module):
     x = nn.Conv(self.num_filters, (7, 7), strides=(2, 2), padding=_pad(7),
                 use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
                 kernel_init=_encoder_conv_init, name='conv1')(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+    x = nn.BatchNorm(use_running_average=not train,
+                     momentum=BATCH_NORM_MOMENTUM, epsilon=1e-5,
                      dtype=self.dtype, param_dtype=jnp.float32, name='bn1')(x)
     x = nn.relu(x)
     features = [x]
@@ -260,8 +267,8 @@ class DecoderBlock(nn.Module):
       x = nn.Conv(self.features, (3, 3), padding=_pad(3), use_bias=False,
                   dtype=self.dtype, param_dtype=jnp.float32,
                   kernel_init=_decoder_conv_init, name=f'conv{k}')(x)
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                       epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32,
+      x = nn.BatchNorm(use_running_average=not train,
+                       momentum=BATCH_NORM_MOMENTUM, epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32,
                        name=f'bn{k}')(x)
       x = nn.relu(x)
     if self.scse:
