@@ -17,11 +17,30 @@ TTA_CHOICES = ("none", "hflip", "vflip", "hflip+vflip", "shift", "hflip+shift")
 _SHIFT = 4  # pixels, for the small-shift TTA
 
 
-def _views(tta: str):
-  """(forward, inverse) pairs on (B, H, W, C) / (B, H, W) arrays."""
+def _flip_at_original_size(flip):
+  """`flip` of a reflect-padded model-size array, done on its 101x101 content.
+
+  The padding is not symmetric (13 before, 14 after at 128): flipping the
+  padded array would move the content to offset 14, one pixel off where
+  training put it. So: crop the content, flip it, pad it again.
+  """
+  def flipped(x):
+    before, after = input_pipeline.pad_widths(x.shape[1])
+    content = input_pipeline.to_original_size(x, "pad")
+    pads = [(0, 0), (before, after), (before, after)] + [(0, 0)] * (x.ndim - 3)
+    return jnp.pad(flip(content), pads, mode="reflect")  # tf.pad's REFLECT
+  return flipped
+
+
+def _views(tta: str, resize_mode: str = "resize"):
+  """(forward, inverse) pairs on (B, H, W, C) / (B, H, W) arrays at model size."""
   identity = (lambda x: x, lambda y: y)
-  hflip = (lambda x: x[:, :, ::-1], lambda y: y[:, :, ::-1])
-  vflip = (lambda x: x[:, ::-1], lambda y: y[:, ::-1])
+  flip_w, flip_h = (lambda x: x[:, :, ::-1]), (lambda x: x[:, ::-1])
+  if resize_mode == "pad":
+    flip_w, flip_h = _flip_at_original_size(flip_w), _flip_at_original_size(flip_h)
+  # A resize is symmetric (pixel centres at half-pixel offsets): flipping
+  # before or after it is the same, so in 'resize' mode the views flip as is.
+  hflip, vflip = (flip_w, flip_w), (flip_h, flip_h)
 
   def shift(dx):
     # Rolling with edge padding keeps the image statistics at the border.
@@ -46,7 +65,7 @@ def _views(tta: str):
 
 def make_infer_fn(model, resize_mode: str, tta: str):
   """fn(variables, images (B,S,S,1)) -> {'probs': (B,101,101), 'class_probs'?: (B,)}."""
-  views = _views(tta)
+  views = _views(tta, resize_mode)
 
   def infer(variables, images):
     probs, class_probs = [], []

@@ -49,7 +49,10 @@ def to_model_size(image: tf.Tensor, image_size: int, mode: str,
 def to_original_size(x: jnp.ndarray, mode: str) -> jnp.ndarray:
   """(B, S, S) model-size maps -> (B, 101, 101): the inverse of to_model_size."""
   if mode == "resize":
-    return jax.image.resize(x, (x.shape[0], ORIGINAL_SIZE, ORIGINAL_SIZE), "linear")
+    # Plain bilinear (half-pixel centres), like the forward tf.image.resize:
+    # antialiasing would widen the kernel by 128/101 and blur the map.
+    return jax.image.resize(x, (x.shape[0], ORIGINAL_SIZE, ORIGINAL_SIZE), "linear",
+                            antialias=False)
   before, _ = pad_widths(x.shape[1])
   return x[:, before:before + ORIGINAL_SIZE, before:before + ORIGINAL_SIZE]
 
