@@ -165,7 +165,7 @@ class BottleneckBlock(nn.Module):
     if self.scse:
       # Inserted into a (pretrained) ResNet, the block must start as the block
       # without it: with torchvision's fan-out init the C -> 1 spatial conv
-      # has weights of std sqrt(2), its logits an std of ~sqrt(2C) (24 at
+      # has weights of std sqrt(2), its logits an std of ~sqrt(2C) (~23 at
       # C=256), so most gates would sit at 0 or 1, masking the pretrained
       # residual branch at random with near-zero gradients. Hence an identity
       # start, and the fan-in init of the decoder's convs for the bottleneck.
@@ -268,7 +268,8 @@ class DecoderBlock(nn.Module):
                   dtype=self.dtype, param_dtype=jnp.float32,
                   kernel_init=_decoder_conv_init, name=f'conv{k}')(x)
       x = nn.BatchNorm(use_running_average=not train,
-                       momentum=BATCH_NORM_MOMENTUM, epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32,
+                       momentum=BATCH_NORM_MOMENTUM, epsilon=1e-5,
+                       dtype=self.dtype, param_dtype=jnp.float32,
                        name=f'bn{k}')(x)
       x = nn.relu(x)
     if self.scse:
