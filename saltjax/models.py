@@ -168,9 +168,9 @@ class BottleneckBlock(nn.Module):
       # has weights of std sqrt(2), its logits an std of ~sqrt(2C) (~23 at
       # C=256), so most gates would sit at 0 or 1, masking the pretrained
       # residual branch at random with near-zero gradients. Hence an identity
-      # start, and the fan-in init of the decoder's convs for the bottleneck.
+      # start (zero gate convs); the cSE bottleneck keeps the encoder's init.
       y = ScSE(reduction=self.scse_reduction, dtype=self.dtype,
-               kernel_init=_decoder_conv_init, identity_init=True,
+               kernel_init=_encoder_conv_init, identity_init=True,
                name='scse')(y)
     if self.downsample:
       residual = conv(4 * self.filters, (1, 1),
