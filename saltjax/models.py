@@ -35,6 +35,11 @@ IMAGENET_STD_GRAY = 0.226
 
 UPSAMPLE_METHODS = ('nearest', 'bilinear')
 
+# flax's momentum 0.9 is torch's momentum 0.1: running = 0.9 * running + 0.1 *
+# batch. Every BatchNorm of the model uses it (train.recompute_batch_stats
+# relies on that to read a batch's statistics off one update).
+BATCH_NORM_MOMENTUM = 0.9
+
 # torchvision initialises ResNet convs with kaiming_normal(fan_out, relu);
 # smp initialises decoder convs with kaiming_uniform(fan_in, relu) and the
 # head with xavier_uniform.
@@ -84,13 +89,23 @@ class ScSE(nn.Module):
   (C -> C // reduction) -> ReLU -> 1x1 conv (-> C) -> sigmoid, and sSE is a 1x1
   conv (C -> 1) -> sigmoid. All convs have biases.
 
+  With `identity_init` the last conv of each gate (`cse_expand`, `sse`)
+  starts at zero, so both gates start at sigmoid(0) = 0.5 and the module
+  starts as the identity: x * 0.5 + x * 0.5 = x. The gates still get
+  gradients at once (they are the outputs of those convs), so attention is
+  learnt from there, as zero-initialised residual branches are.
+
   Attributes:
     reduction: channel reduction of the cSE bottleneck.
     dtype: computation dtype.
+    kernel_init: initialiser of the convs (of `cse_reduce` only when
+      `identity_init`).
+    identity_init: start as the identity (zero-initialised gate convs).
   """
   reduction: int = 16
   dtype: Dtype = jnp.float32
   kernel_init: Callable[..., Array] = _decoder_conv_init
+  identity_init: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -103,11 +118,13 @@ class ScSE(nn.Module):
         bias_init=nn.initializers.zeros_init())
     # Average in float32: a bf16 sum over a large map loses precision.
     pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True)
+    gate_init = (nn.initializers.zeros_init() if self.identity_init
+                 else self.kernel_init)
     c = dense(hidden, name='cse_reduce')(pooled)
     c = nn.relu(c)
-    c = dense(channels, name='cse_expand')(c)
+    c = dense(channels, kernel_init=gate_init, name='cse_expand')(c)
     c = nn.sigmoid(c)
-    s = nn.sigmoid(dense(1, name='sse')(x))
+    s = nn.sigmoid(dense(1, kernel_init=gate_init, name='sse')(x))
     return (x * c + x * s).astype(self.dtype)
 
 
@@ -134,9 +151,10 @@ class BottleneckBlock(nn.Module):
     conv = functools.partial(
         nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
         kernel_init=_encoder_conv_init)
-    # momentum 0.9 in flax is torch's momentum 0.1; stats are kept in float32.
+    # Statistics are kept in float32.
     norm = functools.partial(
-        nn.BatchNorm, use_running_average=not train, momentum=0.9,
+        nn.BatchNorm, use_running_average=not train,
+        momentum=BATCH_NORM_MOMENTUM,
         epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32)
 
     residual = x
@@ -148,8 +166,15 @@ class BottleneckBlock(nn.Module):
     y = conv(4 * self.filters, (1, 1), padding=_pad(1), name='conv3')(y)
     y = norm(name='bn3')(y)
     if self.scse:
+      # Inserted into a (pretrained) ResNet, the block must start as the block
+      # without it: with torchvision's fan-out init the C -> 1 spatial conv
+      # has weights of std sqrt(2), its logits an std of ~sqrt(2C) (~23 at
+      # C=256), so most gates would sit at 0 or 1, masking the pretrained
+      # residual branch at random with near-zero gradients. Hence an identity
+      # start (zero gate convs); the cSE bottleneck keeps the encoder's init.
       y = ScSE(reduction=self.scse_reduction, dtype=self.dtype,
-               kernel_init=_encoder_conv_init, name='scse')(y)
+               kernel_init=_encoder_conv_init, identity_init=True,
+               name='scse')(y)
     if self.downsample:
       residual = conv(4 * self.filters, (1, 1),
                       strides=(self.strides, self.strides), padding=_pad(1),
@@ -186,7 +211,8 @@ class ResNetEncoder(nn.Module):
     x = nn.Conv(self.num_filters, (7, 7), strides=(2, 2), padding=_pad(7),
                 use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
                 kernel_init=_encoder_conv_init, name='conv1')(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+    x = nn.BatchNorm(use_running_average=not train,
+                     momentum=BATCH_NORM_MOMENTUM, epsilon=1e-5,
                      dtype=self.dtype, param_dtype=jnp.float32, name='bn1')(x)
     x = nn.relu(x)
     features = [x]
@@ -233,6 +259,9 @@ class DecoderBlock(nn.Module):
       x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
       # As in smp, the input scSE only runs where there is a skip; smp's last
       # block builds it but never calls it, so it has no parameters here.
+      # The decoder keeps smp's init (no identity start): it is trained from
+      # scratch, there are no pretrained features to preserve, and the
+      # fan-in init gives gate logits of std ~sqrt(2) * rms(x), unsaturated.
       if self.scse:
         x = ScSE(self.scse_reduction, dtype=self.dtype, name='scse_in')(x)
     else:
@@ -241,8 +270,9 @@ class DecoderBlock(nn.Module):
       x = nn.Conv(self.features, (3, 3), padding=_pad(3), use_bias=False,
                   dtype=self.dtype, param_dtype=jnp.float32,
                   kernel_init=_decoder_conv_init, name=f'conv{k}')(x)
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                       epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32,
+      x = nn.BatchNorm(use_running_average=not train,
+                       momentum=BATCH_NORM_MOMENTUM, epsilon=1e-5,
+                       dtype=self.dtype, param_dtype=jnp.float32,
                        name=f'bn{k}')(x)
       x = nn.relu(x)
     if self.scse:

@@ -43,14 +43,16 @@ def create_learning_rate_fn(config, steps_per_epoch: int) -> Callable:
   warmup = s.warmup_epochs * steps_per_epoch
   if s.name == "cosine_restarts":
     # SGDR (Loshchilov & Hutter): cosine from base to min_lr, restarted at
-    # every cycle end; cycles may grow by cycle_mult.
+    # every cycle end; cycles may grow by cycle_mult. The boundaries count
+    # from the end of the warm-up: the join below already shifts this whole
+    # schedule by `warmup` steps, so the restarts land on cycle_end_epochs.
     schedules, boundaries, length, total = [], [], float(s.cycle_epochs), 0
     starts = [0] + cycle_end_epochs(config)
     for i in range(len(starts) + 1):
       steps = max(1, round(length)) * steps_per_epoch
       schedules.append(optax.cosine_decay_schedule(base, steps, alpha=s.min_lr / base))
       total += steps
-      boundaries.append(warmup + total)
+      boundaries.append(total)
       length *= s.cycle_mult
     main = optax.join_schedules(schedules, boundaries[:-1])
   elif s.name in ("constant", "plateau"):

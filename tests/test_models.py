@@ -7,8 +7,11 @@ Full-size models are only traced (jax.eval_shape); anything that really runs
 uses tiny widths.
 """
 
+import functools
 import types
 
+import flax
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -81,8 +84,11 @@ def test_resnet50_encoder_param_count():
 
 
 @pytest.mark.parametrize('scse_decoder, expected', [
-    (True, 33_809_609),   # smp Unet('resnet50', in_channels=1, classes=1,
-                          #          decoder_attention_type='scse')
+    # smp Unet('resnet50', in_channels=1, classes=1,
+    # decoder_attention_type='scse') counts 33,809,804: 195 of them are the
+    # 32-channel input scSE of its last block (32*2+2 + 2*32+32 + 32+1),
+    # which smp builds but never calls (no skip there).
+    (True, 33_809_804 - 195),
     (False, 32_514_833),  # smp Unet('resnet50', in_channels=1, classes=1)
 ])
 def test_unet_param_count_matches_smp(scse_decoder, expected):
@@ -203,6 +209,58 @@ def test_scse_reduction_larger_than_channels_keeps_one_channel():
   params = jax.eval_shape(module.init, jax.random.PRNGKey(0),
                           jnp.ones((1, 2, 2, 8)))
   assert params['params']['cse_reduce']['kernel'].shape == (1, 1, 8, 1)
+
+
+def test_identity_init_scse_is_the_identity_and_learns():
+  x = jax.random.normal(jax.random.PRNGKey(5), (2, 6, 6, 32))
+  module = models.ScSE(reduction=4, identity_init=True)
+  params = module.init(jax.random.PRNGKey(0), x)
+  # Both gates start at sigmoid(0) = 0.5: x * 0.5 + x * 0.5 = x.
+  np.testing.assert_array_equal(module.apply(params, x), x)
+  # ... and both gates get gradients from the first step on.
+  target = jax.random.normal(jax.random.PRNGKey(6), x.shape)
+  grads = jax.grad(lambda p: jnp.sum(module.apply(p, x) * target))(params)
+  for name in ('sse', 'cse_expand'):
+    assert np.abs(grads['params'][name]['kernel']).max() > 1e-3, name
+
+
+@pytest.mark.parametrize('train', [False, True])
+def test_encoder_scse_starts_as_the_pretrained_encoder(train):
+  # Pretrained-like weights for the encoder without scSE, copied into a
+  # freshly initialised encoder with scSE (what merge_encoder does with
+  # ImageNet weights): the features must be those of the plain encoder.
+  # Width 16 puts scSE on 64 to 512 channels, where a fan-out-initialised
+  # spatial gate would have logits of std ~ sqrt(2 C) = 11 to 32.
+  x = jax.random.normal(jax.random.PRNGKey(7), (2, 64, 64, 3))
+  plain = models.ResNetEncoder(stage_sizes=(1, 1, 1, 1), num_filters=16)
+  with_scse = models.ResNetEncoder(stage_sizes=(1, 1, 1, 1), num_filters=16,
+                                   scse=True)
+  pretrained = _fake_init(plain, x, seed=1)
+  variables = flax.core.unfreeze(
+      jax.jit(with_scse.init)(jax.random.PRNGKey(0), x))
+  copied = 0
+  for collection, tree in pretrained.items():
+    target = flax.traverse_util.flatten_dict(variables[collection])
+    for path, value in flax.traverse_util.flatten_dict(tree).items():
+      assert target[path].shape == value.shape
+      target[path] = value
+      copied += 1
+    variables[collection] = flax.traverse_util.unflatten_dict(target)
+  assert copied == len(jax.tree_util.tree_leaves(pretrained))
+  extra = set(flax.traverse_util.flatten_dict(variables['params'])) - set(
+      flax.traverse_util.flatten_dict(pretrained['params']))
+  assert extra and all('scse' in path[1] for path in extra)
+
+  def features(model, v):
+    if train:
+      return model.apply(v, x, train=True, mutable=['batch_stats'])[0]
+    return model.apply(v, x)
+
+  want = jax.jit(functools.partial(features, plain))(pretrained)
+  got = jax.jit(functools.partial(features, with_scse))(variables)
+  for g, w in zip(got, want):
+    scale = float(np.abs(w).max())
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * scale)
 
 
 def test_stride2_bottleneck_matches_torch_style_numpy():
