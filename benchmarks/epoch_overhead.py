@@ -37,11 +37,11 @@ import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
-from benchmarks import report  # noqa: E402
+import report  # noqa: E402  (beside this script)
 
 
 def _config(args, cache_dir: str, cadence: int):
@@ -175,7 +175,9 @@ def main():
       "benchmark": "epoch_overhead", "date": datetime.datetime.now(
           datetime.timezone.utc).isoformat(timespec="seconds"),
       "device": f"{jax.devices()[0].platform} ({os.cpu_count()} cores)",
-      "host": platform.machine(), "jax": jax.__version__,
+      "host": platform.machine(), "versions": report.versions(("jax", "jaxlib", "flax",
+                                                               "orbax-checkpoint")),
+      "git_commit": report.git_commit(),
       "model": "configs/fold.py ResNet50-scSE U-Net (32 px, tiny data)",
       "job_create_s": round(job_cache["create_s"], 1),
       "rows": rows, "projection_150_epochs": projection,

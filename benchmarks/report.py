@@ -4,8 +4,32 @@ from __future__ import annotations
 
 import json
 import pathlib
+import platform
+import subprocess
+from importlib import metadata
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+REPO = RESULTS.parents[1]
+
+
+def versions(names) -> dict:
+  """Python's version and those of the named packages that are installed."""
+  out = {"python": platform.python_version()}
+  for name in names:
+    try:
+      out[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      pass
+  return out
+
+
+def git_commit() -> str:
+  """The checkout's commit, short, or '' outside a git checkout."""
+  try:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                          capture_output=True, text=True, check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return ""
 
 
 def slug(text: str) -> str:

@@ -26,7 +26,6 @@ import os
 import pathlib
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -63,23 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def versions() -> dict:
-  from importlib import metadata
-  out = {"python": platform.python_version()}
-  for name in ("jax", "jaxlib", "flax", "numpy", "opencv-python-headless", "segyio",
-               "jax-cuda12-plugin", "jax-cuda13-plugin"):
-    try:
-      out[name] = metadata.version(name)
-    except metadata.PackageNotFoundError:
-      pass
-  return out
-
-
-def git_commit() -> str:
-  try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                          capture_output=True, text=True, check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return ""
+  return report.versions(("jax", "jaxlib", "flax", "numpy", "opencv-python-headless", "segyio",
+               "jax-cuda12-plugin", "jax-cuda13-plugin"))
 
 
 def main(argv=None) -> dict:
@@ -127,7 +111,7 @@ def main(argv=None) -> dict:
   result = {
       "benchmark": "whole-section segmentation (benchmarks/segment_sections.py)",
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "git_commit": git_commit(),
+      "git_commit": report.git_commit(),
       "device": {"platform": device.platform, "device_kind": device.device_kind,
                  "num_devices": jax.device_count(), "host": platform.node(),
                  "host_cpus": os.cpu_count(),

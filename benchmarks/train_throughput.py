@@ -39,7 +39,6 @@ import os
 import pathlib
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -267,23 +266,8 @@ def guarded(fn, *a) -> dict:
 
 
 def versions() -> dict:
-  from importlib import metadata
-  out = {"python": platform.python_version()}
-  for name in ("jax", "jaxlib", "flax", "optax", "numpy", "jax-cuda12-plugin",
-               "jax-cuda13-plugin", "libtpu"):
-    try:
-      out[name] = metadata.version(name)
-    except metadata.PackageNotFoundError:
-      pass
-  return out
-
-
-def git_commit() -> str:
-  try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                          capture_output=True, text=True, check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return ""
+  return report.versions(("jax", "jaxlib", "flax", "optax", "numpy", "jax-cuda12-plugin",
+               "jax-cuda13-plugin", "libtpu"))
 
 
 def print_table(title: str, rows: list[dict]) -> None:
@@ -336,7 +320,7 @@ def main(argv=None) -> dict:
       "label": args.label or ("CPU smoke test (--tiny): tiny model, not the GPU target"
                               if args.tiny else ""),
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "git_commit": git_commit(),
+      "git_commit": report.git_commit(),
       "device": {"platform": devices[0].platform, "device_kind": devices[0].device_kind,
                  "num_devices": len(devices), "host": platform.node(),
                  "host_cpus": len(os.sched_getaffinity(0))},

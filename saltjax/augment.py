@@ -22,11 +22,7 @@ AugmentOp = Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tens
 _REGISTRY: dict[str, Callable[..., AugmentOp]] = {}
 
 
-def register(name: str):
-  def wrap(factory):
-    _REGISTRY[name] = factory
-    return factory
-  return wrap
+register = augment_spec.registrar(_REGISTRY)
 
 
 @register("hflip")

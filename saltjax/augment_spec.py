@@ -22,6 +22,20 @@ from saltjax import geometry
 ORIGINAL_SIZE = geometry.ORIGINAL_SIZE
 
 
+def registrar(registry: dict) -> Callable:
+  """A decorator that files an op factory under a name in `registry`.
+
+  Each implementation of the ops (TensorFlow, JAX) keeps its own table of
+  exactly the names `OPS` lists.
+  """
+  def register(name: str):
+    def wrap(factory):
+      registry[name] = factory
+      return factory
+    return wrap
+  return register
+
+
 def _probability(x) -> str | None:
   return None if 0 <= x <= 1 else "must be in [0, 1]"
 

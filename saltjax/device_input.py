@@ -68,11 +68,7 @@ to_original_size = geometry.to_original_size
 
 # --------------------------------------------------- augmentation ops (JAX) ---
 
-def register(name: str):
-  def wrap(factory):
-    _REGISTRY[name] = factory
-    return factory
-  return wrap
+register = augment_spec.registrar(_REGISTRY)
 
 
 @register("hflip")
@@ -140,7 +136,7 @@ def zoom_crop(image, mask, sizes, offsets):
     n = image.shape[axis]
     ratio = in_sizes[axis] / jnp.asarray(sizes[axis]).astype(jnp.float32)
     out = (offsets[axis] + jnp.arange(n)).astype(jnp.float32) + 0.5
-    image = _lerp_axis(image, axis, *_linear_taps(out * ratio - 0.5, n))
+    image = geometry.lerp_axis(image, axis, *geometry.linear_taps(out * ratio - 0.5, n))
     # tf.image.resize 'nearest' (half-pixel centres): floor((y + 0.5) * ratio).
     nearest = jnp.clip(jnp.floor(out * ratio).astype(jnp.int32), 0, n - 1)
     mask = jnp.take(mask, nearest, axis=axis)
@@ -282,8 +278,8 @@ def make_batch_fn(*, augment: str, image_size: int, resize_mode: str) -> Callabl
     mask = mask.astype(jnp.float32)
     image, mask = apply(ops, image, mask, key)
     # On (H, W): a trailing channel axis of 1 makes XLA's CPU gathers slow.
-    image = _to_model_size(image, image_size, resize_mode, jnp, axes=(0, 1))
-    mask = _to_model_size(mask, image_size, resize_mode, jnp, axes=(0, 1))
+    image = geometry.resample_to_model_size(image, image_size, resize_mode, jnp, axes=(0, 1))
+    mask = geometry.resample_to_model_size(mask, image_size, resize_mode, jnp, axes=(0, 1))
     return image[..., None], (mask >= 0.5).astype(jnp.float32)
 
   def batch_fn(images, masks, rows, keys):

@@ -25,7 +25,7 @@ def pad_widths(image_size: int, original: int = ORIGINAL_SIZE) -> tuple[int, int
   return total // 2, total - total // 2
 
 
-def _linear_taps(src, in_size: int, xp=jnp):
+def linear_taps(src, in_size: int, xp=jnp):
   """TensorFlow's bilinear taps at source coordinates `src` (float32).
 
   As in TF's resize kernel: lower = max(floor, 0), upper = min(ceil, n - 1),
@@ -37,7 +37,7 @@ def _linear_taps(src, in_size: int, xp=jnp):
   return lower, upper, src - floor
 
 
-def _lerp_axis(x, axis: int, lower, upper, weight, xp=jnp):
+def lerp_axis(x, axis: int, lower, upper, weight, xp=jnp):
   """Linear interpolation along `axis` between the taps, as TF computes it."""
   a, b = xp.take(x, lower, axis=axis), xp.take(x, upper, axis=axis)
   shape = [1] * x.ndim
@@ -45,20 +45,20 @@ def _lerp_axis(x, axis: int, lower, upper, weight, xp=jnp):
   return a + (b - a) * weight.reshape(shape)
 
 
-def _resize_taps(in_size: int, out_size: int):
+def resize_taps(in_size: int, out_size: int):
   """Static taps of a half-pixel bilinear resize (numpy, float32 as TF)."""
   ratio = np.float32(in_size) / np.float32(out_size)
   src = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * ratio - np.float32(0.5)
-  return _linear_taps(src, in_size, xp=np)
+  return linear_taps(src, in_size, xp=np)
 
 
-def _to_model_size(x, image_size: int, mode: str, xp, axes=(-3, -2)):
+def resample_to_model_size(x, image_size: int, mode: str, xp, axes=(-3, -2)):
   """101 -> image_size along the two spatial `axes` of x."""
   h_axis, w_axis = (a % x.ndim for a in axes)
   if mode == "resize":
     # Width first, then height: the order of TF's kernel (same rounding).
-    x = _lerp_axis(x, w_axis, *_resize_taps(x.shape[w_axis], image_size), xp=xp)
-    return _lerp_axis(x, h_axis, *_resize_taps(x.shape[h_axis], image_size), xp=xp)
+    x = lerp_axis(x, w_axis, *resize_taps(x.shape[w_axis], image_size), xp=xp)
+    return lerp_axis(x, h_axis, *resize_taps(x.shape[h_axis], image_size), xp=xp)
   if mode == "pad":
     before, after = pad_widths(image_size, x.shape[w_axis])
     pads = [(0, 0)] * x.ndim
@@ -69,12 +69,12 @@ def _to_model_size(x, image_size: int, mode: str, xp, axes=(-3, -2)):
 
 def to_model_size(x: jax.Array, image_size: int, mode: str) -> jax.Array:
   """(..., 101, 101, C) float -> (..., S, S, C): `input_pipeline.to_model_size` in JAX."""
-  return _to_model_size(x, image_size, mode, jnp)
+  return resample_to_model_size(x, image_size, mode, jnp)
 
 
 def to_model_size_numpy(x: np.ndarray, image_size: int, mode: str) -> np.ndarray:
   """The same on the host, in numpy (float32)."""
-  return _to_model_size(np.asarray(x, np.float32), image_size, mode, np)
+  return resample_to_model_size(np.asarray(x, np.float32), image_size, mode, np)
 
 
 def to_original_size(x: jax.Array, mode: str) -> jax.Array:

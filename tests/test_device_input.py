@@ -205,6 +205,9 @@ def test_augment_spec_fills_defaults():
     ("shift(2.5)", "pixels=2.5"),
     ("contrast(0)", "delta=0"),
     ("hflip(p=1)", "bad arguments"),
+    ("hflip|shift(8))", "bad arguments"),
+    ("shift(1,2)", "bad arguments"),
+    ("scale(-0.9)", "max_scale=-0.9"),
     ("scale(0.1, 2)", "bad arguments"),
     ("brightness('a')", "bad arguments"),
 ])

@@ -219,6 +219,8 @@ BAD_CONFIG = [
     ("image_size_not_multiple_of_32", {"image_size": 100},
      ["config.image_size=100", "multiple of 32"]),
     ("unknown_nonfinite", {"nonfinite": "ignore"}, ["config.nonfinite='ignore'"]),
+    ("augment_argument_out_of_range", {"augment": "hflip|shift(200)"},
+     ["config.augment='hflip|shift(200)'", "pixels=200 must be in [0, 100]"]),
     # Valid on its own, too big for the data: checked before anything is written.
     ("batch_bigger_than_a_fold", {"batch_size": 64, "eval_batch_size": 64},
      ["config.batch_size=64", "24 training images"]),
@@ -227,7 +229,8 @@ CASES = [pytest.param("data", kind, {}, words, id=kind) for kind, words in BAD_D
     pytest.param("config", name, overrides, words, id=name)
     for name, overrides, words in BAD_CONFIG]
 # The ones also run through main.py itself (each costs a process's imports).
-VIA_MAIN_PY = ("missing_mask", "fold_out_of_range", "batch_bigger_than_a_fold")
+VIA_MAIN_PY = ("missing_mask", "fold_out_of_range", "batch_bigger_than_a_fold",
+               "augment_argument_out_of_range")
 
 
 @pytest.fixture(scope="module")
