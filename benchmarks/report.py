@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
-import platform
 import subprocess
-from importlib import metadata
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 REPO = RESULTS.parents[1]
@@ -14,13 +12,10 @@ REPO = RESULTS.parents[1]
 
 def versions(names) -> dict:
   """Python's version and those of the named packages that are installed."""
-  out = {"python": platform.python_version()}
-  for name in names:
-    try:
-      out[name] = metadata.version(name)
-    except metadata.PackageNotFoundError:
-      pass
-  return out
+  import sys
+  sys.path.insert(0, str(REPO))
+  from saltjax import run  # light: no TensorFlow, no model
+  return run.package_versions(names)
 
 
 def git_commit() -> str:

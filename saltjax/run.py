@@ -36,9 +36,10 @@ _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-c
              "opencv-python-headless", "scikit-learn")
 
 
-def package_versions() -> dict:
+def package_versions(names=_PACKAGES) -> dict:
+  """Python's version and those of the named packages that are installed."""
   versions = {"python": platform.python_version()}
-  for name in _PACKAGES:
+  for name in names:
     try:
       versions[name] = metadata.version(name)
     except metadata.PackageNotFoundError:

@@ -63,10 +63,6 @@ import time
 if importlib.util.find_spec("importlib_resources") is None:
   sys.modules["importlib_resources"] = importlib.resources
 
-# TensorFlow's C++ start-up chatter (oneDNN, CPU features, buffer sizes) says
-# nothing useful about an input reader; a user's own setting still wins.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -71,3 +72,34 @@ def run_main(args, timeout=600, env=None):
       [sys.executable, str(REPO / "main.py"), *args], cwd=REPO, capture_output=True,
       text=True, timeout=timeout,
       env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
+
+
+def step_config(batch_size: int, image_size: int):
+  """configs/quick.py shrunk for comparing single train steps: same code path,
+  seconds to compile, float32 sums, and SGD (whose update is linear in the
+  gradient, unlike Adam's sign-like first step)."""
+  from configs import quick
+  config = quick.get_config()
+  config.model.stage_sizes = (1, 1, 1, 1)
+  config.model.encoder_width = 4
+  config.model.decoder_channels = (8, 8, 8, 8, 8)
+  config.model.scse_reduction = 4
+  config.model.dtype = "float32"
+  config.image_size = image_size
+  config.batch_size = batch_size
+  config.eval_batch_size = batch_size
+  config.optimizer.name = "sgd"
+  return config
+
+
+def blob_batch(rng: np.random.Generator, batch_size: int, image_size: int) -> dict:
+  """Noise images whose masks are discs, two of them empty: BCE + Dice see
+  realistic masks, and the empty ones exercise Dice's smoothing term."""
+  images = rng.uniform(size=(batch_size, image_size, image_size, 1)).astype(np.float32)
+  yy, xx = np.mgrid[:image_size, :image_size]
+  centres = rng.uniform(8, image_size - 8, size=(batch_size, 2))
+  radii = rng.uniform(4, 20, size=batch_size)
+  masks = ((yy - centres[:, :1, None]) ** 2 + (xx - centres[:, 1:, None]) ** 2
+           < radii[:, None, None] ** 2).astype(np.float32)
+  masks[:2] = 0.0
+  return {"image": images, "mask": masks}

@@ -53,32 +53,16 @@ XLA_FLAGS = (
 # -------------------------------------------------------- the processes ---
 
 def _tiny_config():
-  from configs import quick
-  config = quick.get_config()
-  config.model.stage_sizes = (1, 1, 1, 1)
-  config.model.encoder_width = 4
-  config.model.decoder_channels = (8, 8, 8, 8, 8)
-  config.model.scse_reduction = 4
-  config.model.dtype = "float32"
-  config.image_size = IMAGE_SIZE
-  config.batch_size = GLOBAL_BATCH
-  config.eval_batch_size = GLOBAL_BATCH
-  config.optimizer.name = "sgd"
+  from tests.conftest import step_config
+  config = step_config(GLOBAL_BATCH, IMAGE_SIZE)
   config.augment = "hflip|shift(4)|brightness(0.1)"
   return config
 
 
 def _global_batch():
   """The fixed global batch: noise images, blob masks (two empty)."""
-  rng = np.random.default_rng(0)
-  images = rng.uniform(size=(GLOBAL_BATCH, IMAGE_SIZE, IMAGE_SIZE, 1)).astype(np.float32)
-  yy, xx = np.mgrid[:IMAGE_SIZE, :IMAGE_SIZE]
-  centres = rng.uniform(8, IMAGE_SIZE - 8, size=(GLOBAL_BATCH, 2))
-  radii = rng.uniform(4, 20, size=GLOBAL_BATCH)
-  masks = ((yy - centres[:, :1, None]) ** 2 + (xx - centres[:, 1:, None]) ** 2
-           < radii[:, None, None] ** 2).astype(np.float32)
-  masks[:2] = 0.0
-  return {"image": images, "mask": masks}
+  from tests.conftest import blob_batch
+  return blob_batch(np.random.default_rng(0), GLOBAL_BATCH, IMAGE_SIZE)
 
 
 def _dataset():

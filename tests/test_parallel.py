@@ -70,19 +70,8 @@ XLA_FLAGS = (
 
 def tiny_config():
   """configs/quick.py shrunk further: same code path, seconds to compile."""
-  from configs import quick
-  config = quick.get_config()
-  config.model.stage_sizes = (1, 1, 1, 1)
-  config.model.encoder_width = 4
-  config.model.decoder_channels = (8, 8, 8, 8, 8)
-  config.model.scse_reduction = 4
-  config.model.dtype = "float32"  # the comparison is about float32 sums
-  config.image_size = IMAGE_SIZE
-  config.batch_size = GLOBAL_BATCH
-  config.eval_batch_size = GLOBAL_BATCH
-  # SGD rather than the recipe's Adam: see the module docstring.
-  config.optimizer.name = "sgd"
-  return config
+  from tests.conftest import step_config
+  return step_config(GLOBAL_BATCH, IMAGE_SIZE)
 
 
 def _flat(tree, prefix: str) -> dict[str, np.ndarray]:
@@ -97,15 +86,8 @@ FOLD_STEPS = 3
 
 
 def _blobs(rng) -> dict[str, np.ndarray]:
-  """A batch of noise images whose masks are discs (two of them empty)."""
-  images = rng.uniform(size=(GLOBAL_BATCH, IMAGE_SIZE, IMAGE_SIZE, 1)).astype(np.float32)
-  yy, xx = np.mgrid[:IMAGE_SIZE, :IMAGE_SIZE]
-  centres = rng.uniform(8, IMAGE_SIZE - 8, size=(GLOBAL_BATCH, 2))
-  radii = rng.uniform(4, 20, size=GLOBAL_BATCH)
-  masks = ((yy - centres[:, :1, None]) ** 2 + (xx - centres[:, 1:, None]) ** 2
-           < radii[:, None, None] ** 2).astype(np.float32)
-  masks[:2] = 0.0
-  return {"image": images, "mask": masks}
+  from tests.conftest import blob_batch
+  return blob_batch(rng, GLOBAL_BATCH, IMAGE_SIZE)
 
 
 def _worker(out_dir: str) -> None:
@@ -131,24 +113,15 @@ def _worker(out_dir: str) -> None:
   step1 = train.compile_train_steps(config, mesh1)[config.loss.name]
 
   rng = np.random.default_rng(0)
-  images = rng.uniform(size=(GLOBAL_BATCH, IMAGE_SIZE, IMAGE_SIZE, 1)).astype(np.float32)
-  # Blobs rather than noise so that BCE + Dice see realistic masks; two
-  # empty masks exercise Dice's smoothing term.
-  yy, xx = np.mgrid[:IMAGE_SIZE, :IMAGE_SIZE]
-  centres = rng.uniform(8, IMAGE_SIZE - 8, size=(GLOBAL_BATCH, 2))
-  radii = rng.uniform(4, 20, size=GLOBAL_BATCH)
-  masks = ((yy - centres[:, :1, None]) ** 2 + (xx - centres[:, 1:, None]) ** 2
-           < radii[:, None, None] ** 2).astype(np.float32)
-  masks[:2] = 0.0
-  batch = {"image": images, "mask": masks}
-  assert batch["mask"].shape == _blobs(np.random.default_rng(1))["mask"].shape
+  batch = _blobs(rng)
+  images = batch["image"]
 
   # The same global batch with its rows permuted: mathematically the same
   # step (every loss and statistic is a mean over the batch), numerically a
   # different float32 summation order. Its distance from the 1-device run
   # is the noise floor that a failing gradient comparison reports.
   perm = rng.permutation(GLOBAL_BATCH)
-  permuted = {"image": images[perm], "mask": masks[perm]}
+  permuted = {"image": images[perm], "mask": batch["mask"][perm]}
 
   facts, results, compiled = {}, {}, {}
   for name, mesh, step, host_batch in (("8", mesh8, step8, batch), ("1", mesh1, step1, batch),
