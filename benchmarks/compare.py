@@ -36,10 +36,13 @@ def compare(ours: dict, peer: dict) -> dict:
     rows = []
     for size in sorted(set(a) | set(b)):
       x, y = a.get(size, {}), b.get(size, {})
-      row = {"batch_size": size,
-             "ours_images_per_s": x.get("images_per_s"),
-             "peer_images_per_s": y.get("images_per_s"),
-             "ours_error": x.get("error"), "peer_error": y.get("error")}
+      row = {
+          "batch_size": size,
+          "ours_images_per_s": x.get("images_per_s"),
+          "peer_images_per_s": y.get("images_per_s"),
+          "ours_error": x.get("error"),
+          "peer_error": y.get("error"),
+      }
       if row["ours_images_per_s"] and row["peer_images_per_s"]:
         row["ratio_ours_over_peer"] = row["ours_images_per_s"] / row["peer_images_per_s"]
       rows.append(row)
@@ -49,13 +52,24 @@ def compare(ours: dict, peer: dict) -> dict:
     ours_best = max((r["ours_images_per_s"] or 0 for r in rows), default=0)
     peer_best = max((r["peer_images_per_s"] or 0 for r in rows), default=0)
     if ours_best and peer_best:
-      best[kind] = {"ours_images_per_s": ours_best, "peer_images_per_s": peer_best,
-                    "ratio_ours_over_peer": ours_best / peer_best}
-  return {"device": kinds[0], "ours_date": ours["date"], "peer_date": peer["date"],
-          "ours_versions": ours.get("versions"), "peer_versions": peer.get("versions"),
-          "ours_settings": ours.get("settings"), "peer_settings": peer.get("settings"),
-          "warnings": warnings, "train": tables["train"], "tta": tables["tta"],
-          "best": best}
+      best[kind] = {
+          "ours_images_per_s": ours_best,
+          "peer_images_per_s": peer_best,
+          "ratio_ours_over_peer": ours_best / peer_best,
+      }
+  return {
+      "device": kinds[0],
+      "ours_date": ours["date"],
+      "peer_date": peer["date"],
+      "ours_versions": ours.get("versions"),
+      "peer_versions": peer.get("versions"),
+      "ours_settings": ours.get("settings"),
+      "peer_settings": peer.get("settings"),
+      "warnings": warnings,
+      "train": tables["train"],
+      "tta": tables["tta"],
+      "best": best,
+  }
 
 
 def format_markdown(result: dict) -> str:
@@ -64,17 +78,23 @@ def format_markdown(result: dict) -> str:
   for kind, title in (("train", "Training step"), ("tta", "TTA inference (hflip)")):
     if not result[kind]:
       continue
-    lines += ["", f"{title}:", "",
-              "| batch | saltjax images/s | smp+torch images/s | ours / peer |",
-              "| ---: | ---: | ---: | ---: |"]
+    lines += [
+        "",
+        f"{title}:",
+        "",
+        "| batch | saltjax images/s | smp+torch images/s | ours / peer |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
     for r in result[kind]:
       ours = f"{r['ours_images_per_s']:.0f}" if r["ours_images_per_s"] else (r["ours_error"] or "-")
       peer = f"{r['peer_images_per_s']:.0f}" if r["peer_images_per_s"] else (r["peer_error"] or "-")
       ratio = f"{r['ratio_ours_over_peer']:.2f}x" if "ratio_ours_over_peer" in r else "-"
       lines.append(f"| {r['batch_size']} | {ours[:40]} | {peer[:40]} | {ratio} |")
   for kind, b in result["best"].items():
-    lines.append(f"\nBest {kind}: ours {b['ours_images_per_s']:.0f} vs peer"
-                 f" {b['peer_images_per_s']:.0f} images/s ({b['ratio_ours_over_peer']:.2f}x)")
+    lines.append(
+        f"\nBest {kind}: ours {b['ours_images_per_s']:.0f} vs peer"
+        f" {b['peer_images_per_s']:.0f} images/s ({b['ratio_ours_over_peer']:.2f}x)"
+    )
   return "\n".join(lines)
 
 
@@ -84,8 +104,10 @@ def main(argv=None) -> dict:
   p.add_argument("peer")
   p.add_argument("--output", default="")
   args = p.parse_args(argv)
-  result = compare(json.loads(pathlib.Path(args.ours).read_text()),
-                   json.loads(pathlib.Path(args.peer).read_text()))
+  result = compare(
+      json.loads(pathlib.Path(args.ours).read_text()),
+      json.loads(pathlib.Path(args.peer).read_text()),
+  )
   result["ours_file"], result["peer_file"] = args.ours, args.peer
   print(format_markdown(result))
   if args.output:

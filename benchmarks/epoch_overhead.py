@@ -46,6 +46,7 @@ import report  # noqa: E402  (beside this script)
 
 def _config(args, cache_dir: str, cadence: int):
   from configs import fold
+
   config = fold.get_config()
   config.model.pretrained = ""  # the weights' values do not change the timings
   config.num_folds = args.folds
@@ -72,6 +73,7 @@ def _timed(fn, bucket: list):
     out = jax.block_until_ready(fn(*a, **k))
     bucket.append(time.perf_counter() - started)
     return out
+
   return wrapped
 
 
@@ -79,6 +81,7 @@ def measure(args, setting: str, job_cache: dict) -> dict:
   from saltjax import checkpoints as ckpt_lib
   from saltjax import data as data_lib
   from saltjax import parallel, run, train
+
   cadence = 0 if setting == "before" else 300
   cache_dir = args.cache_dir
   config = _config(args, cache_dir, cadence)
@@ -94,9 +97,14 @@ def measure(args, setting: str, job_cache: dict) -> dict:
       job_cache["job"] = train.Job.create(config, mesh, fold_of, writer=None)
       job_cache["create_s"] = time.perf_counter() - started
     job = job_cache["job"]
-    job = train.Job(**{**job.__dict__, "config": config,
-                       "train_steps": {k: _timed(f, steps) for k, f in job.train_steps.items()},
-                       "validate_fn": _timed(job.validate_fn, validations)})
+    job = train.Job(
+        **{
+            **job.__dict__,
+            "config": config,
+            "train_steps": {k: _timed(f, steps) for k, f in job.train_steps.items()},
+            "validate_fn": _timed(job.validate_fn, validations),
+        }
+    )
     original_save, original_init = train._save, ckpt_lib.FoldCheckpoints.__init__
 
     def timed_save(group, epoch):
@@ -114,25 +122,34 @@ def measure(args, setting: str, job_cache: dict) -> dict:
       total = time.perf_counter() - started
     finally:
       train._save, ckpt_lib.FoldCheckpoints.__init__ = original_save, original_init
-    state_bytes = sum(p.stat().st_size for p in (workdir / "fold_0" / "latest").rglob("*")
-                      if p.is_file())
+    state_bytes = sum(
+        p.stat().st_size for p in (workdir / "fold_0" / "latest").rglob("*") if p.is_file()
+    )
   epochs = config.num_epochs
   # The first step and validation compile (or load from the cache): not overhead.
-  compute = sum(steps[1:]) + sum(validations[len(validations) // epochs:])
-  first = steps[0] + sum(validations[:len(validations) // epochs])
+  compute = sum(steps[1:]) + sum(validations[len(validations) // epochs :])
+  first = steps[0] + sum(validations[: len(validations) // epochs])
   outside = total - compute - first
   final_save = saves[-1]
   per_epoch_saves = sum(saves[:-1]) / max(len(saves) - 1, 1) if len(saves) > 1 else 0.0
   bookkeeping = (outside - sum(saves)) / epochs
-  return {"setting": setting, "checkpoint_every_seconds": cadence, "epochs": epochs,
-          "folds": config.num_folds, "total_s": round(total, 3),
-          "train_steps_s": round(sum(steps), 3), "validation_s": round(sum(validations), 3),
-          "outside_steps_s": round(outside, 3), "saves": len(saves),
-          "save_s": [round(s, 3) for s in saves], "final_save_s": round(final_save, 3),
-          "per_epoch_save_s": round(per_epoch_saves, 3),
-          "bookkeeping_per_epoch_s": round(bookkeeping, 4),
-          "outside_per_epoch_s": round(outside / epochs, 4),
-          "latest_bytes_per_fold": state_bytes}
+  return {
+      "setting": setting,
+      "checkpoint_every_seconds": cadence,
+      "epochs": epochs,
+      "folds": config.num_folds,
+      "total_s": round(total, 3),
+      "train_steps_s": round(sum(steps), 3),
+      "validation_s": round(sum(validations), 3),
+      "outside_steps_s": round(outside, 3),
+      "saves": len(saves),
+      "save_s": [round(s, 3) for s in saves],
+      "final_save_s": round(final_save, 3),
+      "per_epoch_save_s": round(per_epoch_saves, 3),
+      "bookkeeping_per_epoch_s": round(bookkeeping, 4),
+      "outside_per_epoch_s": round(outside / epochs, 4),
+      "latest_bytes_per_fold": state_bytes,
+  }
 
 
 def project(before: dict, after: dict, epochs: int, h100_epoch_s: float) -> dict:
@@ -140,12 +157,15 @@ def project(before: dict, after: dict, epochs: int, h100_epoch_s: float) -> dict
   run_seconds = epochs * h100_epoch_s
   after_saves = 1 + math.floor(run_seconds / 300)
   return {
-      "epochs": epochs, "assumed_h100_epoch_s": h100_epoch_s,
-      "before_per_epoch_s": round(before["bookkeeping_per_epoch_s"]
-                                  + before["per_epoch_save_s"], 4),
+      "epochs": epochs,
+      "assumed_h100_epoch_s": h100_epoch_s,
+      "before_per_epoch_s": round(
+          before["bookkeeping_per_epoch_s"] + before["per_epoch_save_s"], 4
+      ),
       "after_saves": after_saves,
-      "after_per_epoch_s": round(after["bookkeeping_per_epoch_s"]
-                                 + after_saves * after["final_save_s"] / epochs, 4),
+      "after_per_epoch_s": round(
+          after["bookkeeping_per_epoch_s"] + after_saves * after["final_save_s"] / epochs, 4
+      ),
   }
 
 
@@ -154,33 +174,43 @@ def main():
   parser.add_argument("--folds", type=int, default=5)
   parser.add_argument("--epochs", type=int, default=6)
   parser.add_argument("--batch_size", type=int, default=2)
-  parser.add_argument("--h100_epoch_s", type=float, default=1.5,
-                      help="an H100 epoch of the seed recipe (issue measurement: 1-2 s)")
+  parser.add_argument(
+      "--h100_epoch_s",
+      type=float,
+      default=1.5,
+      help="an H100 epoch of the seed recipe (issue measurement: 1-2 s)",
+  )
   parser.add_argument("--cache_dir", default=os.path.expanduser("~/.cache/saltjax"))
   parser.add_argument("--workdir_parent", default=None)
   parser.add_argument("--output", default=None)
   args = parser.parse_args()
   from saltjax import run
+
   run.set_up_process()
   job_cache: dict = {}
   rows = [measure(args, setting, job_cache) for setting in ("before", "after")]
   for row in rows:
-    print(f"{row['setting']:>7}: {row['outside_per_epoch_s']:.3f} s/epoch outside the steps"
-          f" ({row['saves']} saves, final {row['final_save_s']:.2f} s, bookkeeping"
-          f" {row['bookkeeping_per_epoch_s']:.4f} s/epoch)")
+    print(
+        f"{row['setting']:>7}: {row['outside_per_epoch_s']:.3f} s/epoch outside the steps"
+        f" ({row['saves']} saves, final {row['final_save_s']:.2f} s, bookkeeping"
+        f" {row['bookkeeping_per_epoch_s']:.4f} s/epoch)"
+    )
   projection = project(rows[0], rows[1], 150, args.h100_epoch_s)
-  print(f"150-epoch run: before {projection['before_per_epoch_s']:.3f} s/epoch, after"
-        f" {projection['after_per_epoch_s']:.3f} s/epoch")
+  print(
+      f"150-epoch run: before {projection['before_per_epoch_s']:.3f} s/epoch, after"
+      f" {projection['after_per_epoch_s']:.3f} s/epoch"
+  )
   result = {
-      "benchmark": "epoch_overhead", "date": datetime.datetime.now(
-          datetime.timezone.utc).isoformat(timespec="seconds"),
+      "benchmark": "epoch_overhead",
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "device": f"{jax.devices()[0].platform} ({os.cpu_count()} cores)",
-      "host": platform.machine(), "versions": report.versions(("jax", "jaxlib", "flax",
-                                                               "orbax-checkpoint")),
+      "host": platform.machine(),
+      "versions": report.versions(("jax", "jaxlib", "flax", "orbax-checkpoint")),
       "git_commit": report.git_commit(),
       "model": "configs/fold.py ResNet50-scSE U-Net (32 px, tiny data)",
       "job_create_s": round(job_cache["create_s"], 1),
-      "rows": rows, "projection_150_epochs": projection,
+      "rows": rows,
+      "projection_150_epochs": projection,
   }
   report.write_result(result, args.output, "epoch_overhead_cpu")
 

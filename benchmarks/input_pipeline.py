@@ -42,14 +42,27 @@ HEAVY = "hflip|shift(8)|brightness(0.1)|contrast(0.1)"
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--configs", nargs="+", default=["quick", "fold"],
-                 help="config modules under configs/ (their data, batch and image size)")
-  p.add_argument("--augment", nargs="+", default=["hflip", HEAVY],
-                 help="augmentation specs to time (config.augment syntax)")
-  p.add_argument("--epochs", type=int, default=10,
-                 help="timed epochs after the warm-up (an epoch is well under a second)")
-  p.add_argument("--cache_dir", default="",
-                 help="where the synthetic data go (default: a temporary directory)")
+  p.add_argument(
+      "--configs",
+      nargs="+",
+      default=["quick", "fold"],
+      help="config modules under configs/ (their data, batch and image size)",
+  )
+  p.add_argument(
+      "--augment",
+      nargs="+",
+      default=["hflip", HEAVY],
+      help="augmentation specs to time (config.augment syntax)",
+  )
+  p.add_argument(
+      "--epochs",
+      type=int,
+      default=10,
+      help="timed epochs after the warm-up (an epoch is well under a second)",
+  )
+  p.add_argument(
+      "--cache_dir", default="", help="where the synthetic data go (default: a temporary directory)"
+  )
   p.add_argument("--label", default="", help="free text stored in the JSON")
   p.add_argument("--output", default="", help="JSON path (default benchmarks/results/...)")
   return p.parse_args(argv)
@@ -57,6 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def time_epoch(for_epoch, epoch: int) -> tuple[float, int]:
   from saltjax import input_pipeline
+
   started, images = time.perf_counter(), 0
   for batch in input_pipeline.epoch_iterator(for_epoch, epoch):
     images += len(batch["image"])
@@ -65,11 +79,17 @@ def time_epoch(for_epoch, epoch: int) -> tuple[float, int]:
 
 def bench(config_name: str, spec: str, data, args) -> dict:
   from saltjax import input_pipeline
+
   config = importlib.import_module(f"configs.{config_name}").get_config()
   for_epoch = input_pipeline.train_dataset(
-      data.train_images, data.train_masks, batch_size=config.batch_size,
-      image_size=config.image_size, resize_mode=config.resize_mode,
-      augment_spec=spec, seed=config.seed)
+      data.train_images,
+      data.train_masks,
+      batch_size=config.batch_size,
+      image_size=config.image_size,
+      resize_mode=config.resize_mode,
+      augment_spec=spec,
+      seed=config.seed,
+  )
   warmup_s, _ = time_epoch(for_epoch, 0)
   seconds, images = 0.0, 0
   per_epoch = []
@@ -77,14 +97,21 @@ def bench(config_name: str, spec: str, data, args) -> dict:
     s, n = time_epoch(for_epoch, epoch)
     seconds, images = seconds + s, images + n
     per_epoch.append(n / s)
-  return {"config": config_name, "augment": spec, "batch_size": config.batch_size,
-          "image_size": config.image_size, "resize_mode": config.resize_mode,
-          "num_images": len(data.train_images), "warmup_epoch_s": warmup_s,
-          "timed_epochs": args.epochs, "images_per_s": images / seconds,
-          # Less sensitive than the mean to other jobs sharing the CPUs.
-          "images_per_s_median_epoch": statistics.median(per_epoch),
-          "images_per_s_per_epoch": per_epoch,
-          "batches_per_s": images / seconds / config.batch_size}
+  return {
+      "config": config_name,
+      "augment": spec,
+      "batch_size": config.batch_size,
+      "image_size": config.image_size,
+      "resize_mode": config.resize_mode,
+      "num_images": len(data.train_images),
+      "warmup_epoch_s": warmup_s,
+      "timed_epochs": args.epochs,
+      "images_per_s": images / seconds,
+      # Less sensitive than the mean to other jobs sharing the CPUs.
+      "images_per_s_median_epoch": statistics.median(per_epoch),
+      "images_per_s_per_epoch": per_epoch,
+      "batches_per_s": images / seconds / config.batch_size,
+  }
 
 
 def main(argv=None) -> dict:
@@ -103,9 +130,13 @@ def main(argv=None) -> dict:
       "benchmark": "saltjax tf.data training pipeline (benchmarks/input_pipeline.py)",
       "label": args.label,
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "host": {"cpus_usable": cpus, "cpu_count": os.cpu_count(),
-               "processor": platform.processor(), "node": platform.node(),
-               "load_average_before": os.getloadavg()},
+      "host": {
+          "cpus_usable": cpus,
+          "cpu_count": os.cpu_count(),
+          "processor": platform.processor(),
+          "node": platform.node(),
+          "load_average_before": os.getloadavg(),
+      },
       "versions": {"python": platform.python_version(), "tensorflow": tf.__version__},
       "results": [],
   }
@@ -117,15 +148,21 @@ def main(argv=None) -> dict:
     if key not in loaded:
       started = time.perf_counter()
       loaded[key] = data_lib.load(config, load_test=False)
-      print(f"{name}: {len(loaded[key].train_images)} training images loaded in"
-            f" {time.perf_counter() - started:.1f}s", flush=True)
+      print(
+          f"{name}: {len(loaded[key].train_images)} training images loaded in"
+          f" {time.perf_counter() - started:.1f}s",
+          flush=True,
+      )
     for spec in args.augment:
       row = bench(name, spec, loaded[key], args)
       result["results"].append(row)
-      print(f"{name:>6} batch {row['batch_size']:>3} {row['image_size']}px"
-            f"  {spec:<45} {row['images_per_s']:>6.0f} images/s"
-            f" (median epoch {row['images_per_s_median_epoch']:.0f})"
-            f"  (warm-up epoch {row['warmup_epoch_s']:.1f}s)", flush=True)
+      print(
+          f"{name:>6} batch {row['batch_size']:>3} {row['image_size']}px"
+          f"  {spec:<45} {row['images_per_s']:>6.0f} images/s"
+          f" (median epoch {row['images_per_s_median_epoch']:.0f})"
+          f"  (warm-up epoch {row['warmup_epoch_s']:.1f}s)",
+          flush=True,
+      )
   result["host"]["load_average_after"] = os.getloadavg()
   if tmp is not None:
     tmp.cleanup()

@@ -47,19 +47,30 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--folds", type=int, default=5, help="folds fed at once (F)")
   p.add_argument("--batch_size", type=int, default=32, help="batch per fold (B)")
   p.add_argument("--image_size", type=int, default=128)
-  p.add_argument("--augment", nargs="+", default=["hflip", HEAVY],
-                 help="augmentation specs to time (config.augment syntax)")
-  p.add_argument("--pipelines", nargs="+", default=["tfdata", "device"],
-                 choices=["tfdata", "device"])
+  p.add_argument(
+      "--augment",
+      nargs="+",
+      default=["hflip", HEAVY],
+      help="augmentation specs to time (config.augment syntax)",
+  )
+  p.add_argument(
+      "--pipelines", nargs="+", default=["tfdata", "device"], choices=["tfdata", "device"]
+  )
   p.add_argument("--epochs", type=int, default=3, help="timed epochs after the warm-up")
-  p.add_argument("--max_steps", type=int, default=0,
-                 help="cap on steps per epoch (0: the whole epoch)")
-  p.add_argument("--num_train", type=int, default=0,
-                 help="synthetic training images (default: the config's)")
-  p.add_argument("--quick", action="store_true",
-                 help="smoke test: 2 folds x 8, 1 timed epoch of 3 steps, 200 images")
-  p.add_argument("--cache_dir", default="",
-                 help="where the synthetic data go (default: a temporary directory)")
+  p.add_argument(
+      "--max_steps", type=int, default=0, help="cap on steps per epoch (0: the whole epoch)"
+  )
+  p.add_argument(
+      "--num_train", type=int, default=0, help="synthetic training images (default: the config's)"
+  )
+  p.add_argument(
+      "--quick",
+      action="store_true",
+      help="smoke test: 2 folds x 8, 1 timed epoch of 3 steps, 200 images",
+  )
+  p.add_argument(
+      "--cache_dir", default="", help="where the synthetic data go (default: a temporary directory)"
+  )
   p.add_argument("--label", default="", help="free text stored in the JSON")
   p.add_argument("--output", default="", help="JSON path (default benchmarks/results/...)")
   args = p.parse_args(argv)
@@ -77,14 +88,22 @@ def _steps(fold_sizes, batch_size, max_steps) -> int:
 def bench_tfdata(config, data, fold_of, spec, args) -> dict:
   import numpy as np
   from saltjax import input_pipeline
+
   pipelines, sizes = [], []
   for fold in range(args.folds):
     rows = np.flatnonzero(fold_of != fold)
     sizes.append(len(rows))
-    pipelines.append(input_pipeline.train_dataset(
-        data.train_images[rows], data.train_masks[rows], batch_size=args.batch_size,
-        image_size=args.image_size, resize_mode=config.resize_mode, augment_spec=spec,
-        seed=config.seed * 100 + fold))
+    pipelines.append(
+        input_pipeline.train_dataset(
+            data.train_images[rows],
+            data.train_masks[rows],
+            batch_size=args.batch_size,
+            image_size=args.image_size,
+            resize_mode=config.resize_mode,
+            augment_spec=spec,
+            seed=config.seed * 100 + fold,
+        )
+    )
   steps = _steps(sizes, args.batch_size, args.max_steps)
 
   def epoch(e):
@@ -93,18 +112,27 @@ def bench_tfdata(config, data, fold_of, spec, args) -> dict:
     for _ in range(steps):
       batches = [next(it) for it in iterators]
       batch = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
-    assert batch["image"].shape == (args.folds, args.batch_size, args.image_size,
-                                    args.image_size, 1)
+    assert batch["image"].shape == (
+        args.folds,
+        args.batch_size,
+        args.image_size,
+        args.image_size,
+        1,
+    )
     return time.perf_counter() - started
 
   warmup_s = epoch(0)
-  return {"warmup_epoch_s": warmup_s, "steps_per_epoch": steps,
-          "epoch_s": [epoch(e) for e in range(1, args.epochs + 1)]}
+  return {
+      "warmup_epoch_s": warmup_s,
+      "steps_per_epoch": steps,
+      "epoch_s": [epoch(e) for e in range(1, args.epochs + 1)],
+  }
 
 
 def bench_device(config, data, fold_of, spec, args) -> dict:
   import jax
   from saltjax import device_input
+
   config = config.copy_and_resolve_references()
   config.augment = spec
   config.image_size = args.image_size
@@ -122,13 +150,22 @@ def bench_device(config, data, fold_of, spec, args) -> dict:
     for step in range(steps):
       batch = compiled(on_device, folds, e, step)
       jax.block_until_ready(batch)
-    assert batch["image"].shape == (args.folds, args.batch_size, args.image_size,
-                                    args.image_size, 1)
+    assert batch["image"].shape == (
+        args.folds,
+        args.batch_size,
+        args.image_size,
+        args.image_size,
+        1,
+    )
     return time.perf_counter() - started
 
   warmup_s = epoch(0)
-  return {"compile_s": compile_s, "warmup_epoch_s": warmup_s, "steps_per_epoch": steps,
-          "epoch_s": [epoch(e) for e in range(1, args.epochs + 1)]}
+  return {
+      "compile_s": compile_s,
+      "warmup_epoch_s": warmup_s,
+      "steps_per_epoch": steps,
+      "epoch_s": [epoch(e) for e in range(1, args.epochs + 1)],
+  }
 
 
 def main(argv=None) -> dict:
@@ -140,6 +177,7 @@ def main(argv=None) -> dict:
 
   try:
     import tensorflow as tf
+
     tf_version = tf.__version__
   except ImportError:
     tf_version = None
@@ -162,25 +200,44 @@ def main(argv=None) -> dict:
   started = time.perf_counter()
   data = data_lib.load(config, load_test=False)
   fold_of = data_lib.fold_assignment(config, data)["fold"].to_numpy()
-  print(f"{len(data.train_images)} training images loaded in"
-        f" {time.perf_counter() - started:.1f}s; {args.folds} folds x {args.batch_size}"
-        f" at {args.image_size} px", flush=True)
+  print(
+      f"{len(data.train_images)} training images loaded in"
+      f" {time.perf_counter() - started:.1f}s; {args.folds} folds x {args.batch_size}"
+      f" at {args.image_size} px",
+      flush=True,
+  )
 
   device = jax.devices()[0]
   result = {
       "benchmark": "saltjax input for F folds at once (benchmarks/input_pipeline_folds.py)",
       "label": args.label,
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "host": {"cpus_usable": len(os.sched_getaffinity(0)), "cpu_count": os.cpu_count(),
-               "node": platform.node(), "load_average_before": os.getloadavg()},
-      "device": {"platform": device.platform, "kind": device.device_kind,
-                 "count": jax.device_count()},
-      "versions": {"python": platform.python_version(), "jax": jax.__version__,
-                   "tensorflow": tf_version},
-      "settings": {"config": args.config, "folds": args.folds, "batch_size": args.batch_size,
-                   "image_size": args.image_size, "resize_mode": config.resize_mode,
-                   "num_images": len(data.train_images), "timed_epochs": args.epochs,
-                   "max_steps": args.max_steps},
+      "host": {
+          "cpus_usable": len(os.sched_getaffinity(0)),
+          "cpu_count": os.cpu_count(),
+          "node": platform.node(),
+          "load_average_before": os.getloadavg(),
+      },
+      "device": {
+          "platform": device.platform,
+          "kind": device.device_kind,
+          "count": jax.device_count(),
+      },
+      "versions": {
+          "python": platform.python_version(),
+          "jax": jax.__version__,
+          "tensorflow": tf_version,
+      },
+      "settings": {
+          "config": args.config,
+          "folds": args.folds,
+          "batch_size": args.batch_size,
+          "image_size": args.image_size,
+          "resize_mode": config.resize_mode,
+          "num_images": len(data.train_images),
+          "timed_epochs": args.epochs,
+          "max_steps": args.max_steps,
+      },
       "results": [],
   }
   benches = {"tfdata": bench_tfdata, "device": bench_device}
@@ -189,21 +246,29 @@ def main(argv=None) -> dict:
       row = benches[pipeline](config, data, fold_of, spec, args)
       images = args.folds * args.batch_size * row["steps_per_epoch"]
       per_epoch = [images / s for s in row["epoch_s"]]
-      row.update(pipeline=pipeline, augment=spec,
-                 images_per_s=images * len(row["epoch_s"]) / sum(row["epoch_s"]),
-                 images_per_s_median_epoch=statistics.median(per_epoch),
-                 images_per_s_per_epoch=per_epoch,
-                 steps_per_s=row["steps_per_epoch"] * len(row["epoch_s"]) / sum(row["epoch_s"]))
+      row.update(
+          pipeline=pipeline,
+          augment=spec,
+          images_per_s=images * len(row["epoch_s"]) / sum(row["epoch_s"]),
+          images_per_s_median_epoch=statistics.median(per_epoch),
+          images_per_s_per_epoch=per_epoch,
+          steps_per_s=row["steps_per_epoch"] * len(row["epoch_s"]) / sum(row["epoch_s"]),
+      )
       result["results"].append(row)
       extra = f"  compile {row['compile_s']:.1f}s" if "compile_s" in row else ""
-      print(f"{pipeline:>7}  {spec:<45} {row['images_per_s']:>7.0f} images/s"
-            f"  {row['steps_per_s']:>6.1f} steps/s (median epoch"
-            f" {row['images_per_s_median_epoch']:.0f}){extra}", flush=True)
+      print(
+          f"{pipeline:>7}  {spec:<45} {row['images_per_s']:>7.0f} images/s"
+          f"  {row['steps_per_s']:>6.1f} steps/s (median epoch"
+          f" {row['images_per_s_median_epoch']:.0f}){extra}",
+          flush=True,
+      )
   result["host"]["load_average_after"] = os.getloadavg()
   if tmp is not None:
     tmp.cleanup()
-  stem = (f"input_pipeline_folds{args.folds}x{args.batch_size}_{args.image_size}px_"
-          f"{report.slug(device.platform)}{result['host']['cpus_usable']}")
+  stem = (
+      f"input_pipeline_folds{args.folds}x{args.batch_size}_{args.image_size}px_"
+      f"{report.slug(device.platform)}{result['host']['cpus_usable']}"
+  )
   report.write_result(result, args.output, stem)
   return result
 

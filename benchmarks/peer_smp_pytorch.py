@@ -50,6 +50,7 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import report  # noqa: E402  (beside this script)
+
 RESULTS = REPO / "benchmarks" / "results"
 ORIGINAL_SIZE = 101
 
@@ -74,28 +75,53 @@ carry .whl/ to the machine, and install it there with
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--batch_sizes", type=int, nargs="+", default=None,
-                 help="batch sizes (default 32 64 128 256 512; --tiny: 2 4)")
+  p.add_argument(
+      "--batch_sizes",
+      type=int,
+      nargs="+",
+      default=None,
+      help="batch sizes (default 32 64 128 256 512; --tiny: 2 4)",
+  )
   p.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported)")
   p.add_argument("--steps", type=int, default=20, help="steps per timed repeat")
   p.add_argument("--image_size", type=int, default=None, help="default 128; --tiny: 64")
   p.add_argument("--encoder", default=None, help="smp encoder (default resnet50; --tiny: resnet18)")
-  p.add_argument("--dtype", default=None, choices=("bfloat16", "float32"),
-                 help="autocast dtype (default bfloat16; --tiny: float32)")
-  p.add_argument("--compile_mode", default=None,
-                 help="torch.compile mode: default, reduce-overhead, max-autotune, or"
-                      " none (default 'default'; --tiny: none)")
-  p.add_argument("--tta", default="hflip", choices=("hflip", ""),
-                 help="TTA of the inference timing ('' skips it)")
-  p.add_argument("--matmul_size", type=int, default=None,
-                 help="n of the n^3 matmul whose rate is the reference (default 8192)")
+  p.add_argument(
+      "--dtype",
+      default=None,
+      choices=("bfloat16", "float32"),
+      help="autocast dtype (default bfloat16; --tiny: float32)",
+  )
+  p.add_argument(
+      "--compile_mode",
+      default=None,
+      help="torch.compile mode: default, reduce-overhead, max-autotune, or"
+      " none (default 'default'; --tiny: none)",
+  )
+  p.add_argument(
+      "--tta",
+      default="hflip",
+      choices=("hflip", ""),
+      help="TTA of the inference timing ('' skips it)",
+  )
+  p.add_argument(
+      "--matmul_size",
+      type=int,
+      default=None,
+      help="n of the n^3 matmul whose rate is the reference (default 8192)",
+  )
   p.add_argument("--tiny", action="store_true", help="CPU smoke test of this script")
   p.add_argument("--label", default="", help="free text stored in the JSON")
   p.add_argument("--output", default="", help="JSON path (default benchmarks/results/...)")
   args = p.parse_args(argv)
-  defaults = dict(batch_sizes=([2, 4], [32, 64, 128, 256, 512]), image_size=(64, 128),
-                  encoder=("resnet18", "resnet50"), dtype=("float32", "bfloat16"),
-                  compile_mode=("none", "default"), matmul_size=(1024, 8192))
+  defaults = dict(
+      batch_sizes=([2, 4], [32, 64, 128, 256, 512]),
+      image_size=(64, 128),
+      encoder=("resnet18", "resnet50"),
+      dtype=("float32", "bfloat16"),
+      compile_mode=("none", "default"),
+      matmul_size=(1024, 8192),
+  )
   for key, (tiny, full) in defaults.items():
     if getattr(args, key) is None:
       setattr(args, key, tiny if args.tiny else full)
@@ -108,6 +134,7 @@ def bce_dice(logits, masks, smooth: float = 1.0):
   """saltjax.losses.bce_dice in torch: mean BCE + mean per-image soft Dice."""
   import torch
   import torch.nn.functional as F
+
   logits, masks = logits.float(), masks.float()
   # Every image has the same pixel count: the mean over all pixels equals the
   # mean of per-image means, as in saltjax.losses.bce.
@@ -124,6 +151,7 @@ class Timer:
 
   def __init__(self, device):
     import torch
+
     self._sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
   def __call__(self, fn, *args) -> float:
@@ -148,8 +176,12 @@ def matmul_rate(torch, device, n: int, dtype, timer: Timer, repeats=5, iters=10)
     return timer(lambda: [a @ b for _ in range(iters)]) / iters
 
   seconds, _ = median_time(once, repeats)
-  return {"n": n, "dtype": str(dtype).replace("torch.", ""), "seconds": seconds,
-          "tflops": 2.0 * n ** 3 / seconds / 1e12}
+  return {
+      "n": n,
+      "dtype": str(dtype).replace("torch.", ""),
+      "seconds": seconds,
+      "tflops": 2.0 * n**3 / seconds / 1e12,
+  }
 
 
 def reset_compiler(torch) -> None:
@@ -158,8 +190,9 @@ def reset_compiler(torch) -> None:
 
 
 def new_model(smp, torch, args, device):
-  model = smp.Unet(args.encoder, encoder_weights=None, in_channels=1, classes=1,
-                   decoder_attention_type="scse")
+  model = smp.Unet(
+      args.encoder, encoder_weights=None, in_channels=1, classes=1, decoder_attention_type="scse"
+  )
   return model.to(device=device, memory_format=torch.channels_last)
 
 
@@ -168,8 +201,9 @@ def make_compiled(torch, fn, args):
     return fn
   # dynamic=False: a static specialisation per batch size. Without it, the
   # second batch size would switch dynamo to dynamic-shape kernels.
-  return torch.compile(fn, mode=None if args.compile_mode == "default" else args.compile_mode,
-                       dynamic=False)
+  return torch.compile(
+      fn, mode=None if args.compile_mode == "default" else args.compile_mode, dynamic=False
+  )
 
 
 def count_flops(torch, fn) -> float | None:
@@ -183,8 +217,16 @@ def count_flops(torch, fn) -> float | None:
   return float(counter.get_total_flops())
 
 
-def bench_train(smp, torch, args, device, batch_size: int, timer: Timer,
-                peak_tflops: float, flops_per_image: dict) -> dict:
+def bench_train(
+    smp,
+    torch,
+    args,
+    device,
+    batch_size: int,
+    timer: Timer,
+    peak_tflops: float,
+    flops_per_image: dict,
+) -> dict:
   reset_compiler(torch)
   amp = args.dtype == "bfloat16"
   model = new_model(smp, torch, args, device).train()
@@ -192,8 +234,11 @@ def bench_train(smp, torch, args, device, batch_size: int, timer: Timer,
   opt = torch.optim.Adam(model.parameters(), lr=3e-4, fused=fused)
   gen = torch.Generator(device="cpu").manual_seed(0)
   size = args.image_size
-  x = torch.rand(batch_size, 1, size, size, generator=gen).to(
-      device).contiguous(memory_format=torch.channels_last)
+  x = (
+      torch.rand(batch_size, 1, size, size, generator=gen)
+      .to(device)
+      .contiguous(memory_format=torch.channels_last)
+  )
   y = (torch.rand(batch_size, size, size, generator=gen) > 0.7).float().to(device)
 
   def forward_loss(x, y):
@@ -223,9 +268,14 @@ def bench_train(smp, torch, args, device, batch_size: int, timer: Timer,
 
   step_s, all_s = median_time(once, args.repeats)
   loss = float(train_step().detach())
-  row = {"batch_size": batch_size, "compile_s": first_s, "step_ms": 1e3 * step_s,
-         "step_ms_repeats": [1e3 * s for s in all_s], "images_per_s": batch_size / step_s,
-         "loss_finite": bool(loss == loss and abs(loss) != float("inf"))}
+  row = {
+      "batch_size": batch_size,
+      "compile_s": first_s,
+      "step_ms": 1e3 * step_s,
+      "step_ms_repeats": [1e3 * s for s in all_s],
+      "images_per_s": batch_size / step_s,
+      "loss_finite": bool(loss == loss and abs(loss) != float("inf")),
+  }
   if flops_per_image.get("train"):
     row["flops"] = flops_per_image["train"] * batch_size
     row["tflops"] = row["flops"] / step_s / 1e12
@@ -233,16 +283,28 @@ def bench_train(smp, torch, args, device, batch_size: int, timer: Timer,
   return row
 
 
-def bench_tta(smp, torch, args, device, batch_size: int, timer: Timer,
-              peak_tflops: float, flops_per_image: dict) -> dict:
+def bench_tta(
+    smp,
+    torch,
+    args,
+    device,
+    batch_size: int,
+    timer: Timer,
+    peak_tflops: float,
+    flops_per_image: dict,
+) -> dict:
   import torch.nn.functional as F
+
   reset_compiler(torch)
   amp = args.dtype == "bfloat16"
   model = new_model(smp, torch, args, device).eval()
   gen = torch.Generator(device="cpu").manual_seed(1)
   size = args.image_size
-  x = torch.rand(batch_size, 1, size, size, generator=gen).to(
-      device).contiguous(memory_format=torch.channels_last)
+  x = (
+      torch.rand(batch_size, 1, size, size, generator=gen)
+      .to(device)
+      .contiguous(memory_format=torch.channels_last)
+  )
 
   def tta(x):
     # Identity + hflip, averaged on probabilities, then back to 101x101: what
@@ -251,8 +313,9 @@ def bench_tta(smp, torch, args, device, batch_size: int, timer: Timer,
       plain = torch.sigmoid(model(x).float())
       flipped = torch.sigmoid(model(torch.flip(x, dims=[3])).float())
     probs = 0.5 * (plain + torch.flip(flipped, dims=[3]))
-    return F.interpolate(probs, size=(ORIGINAL_SIZE, ORIGINAL_SIZE), mode="bilinear",
-                         align_corners=False)[:, 0]
+    return F.interpolate(
+        probs, size=(ORIGINAL_SIZE, ORIGINAL_SIZE), mode="bilinear", align_corners=False
+    )[:, 0]
 
   compiled = make_compiled(torch, tta, args)
   with torch.inference_mode():
@@ -266,8 +329,13 @@ def bench_tta(smp, torch, args, device, batch_size: int, timer: Timer,
       return timer(lambda: [compiled(x) for _ in range(args.steps)]) / args.steps
 
     step_s, all_s = median_time(once, args.repeats)
-  row = {"batch_size": batch_size, "compile_s": first_s, "step_ms": 1e3 * step_s,
-         "step_ms_repeats": [1e3 * s for s in all_s], "images_per_s": batch_size / step_s}
+  row = {
+      "batch_size": batch_size,
+      "compile_s": first_s,
+      "step_ms": 1e3 * step_s,
+      "step_ms_repeats": [1e3 * s for s in all_s],
+      "images_per_s": batch_size / step_s,
+  }
   if flops_per_image.get("tta"):
     row["flops"] = flops_per_image["tta"] * batch_size
     row["tflops"] = row["flops"] / step_s / 1e12
@@ -293,8 +361,12 @@ def guarded(torch, fn, *a) -> dict:
 
 def versions(torch) -> dict:
   from importlib import metadata
-  out = {"python": platform.python_version(), "torch": torch.__version__,
-         "cuda": torch.version.cuda}
+
+  out = {
+      "python": platform.python_version(),
+      "torch": torch.__version__,
+      "cuda": torch.version.cuda,
+  }
   if torch.backends.cudnn.is_available():
     out["cudnn"] = torch.backends.cudnn.version()
   for name in ("segmentation-models-pytorch", "timm", "torchvision", "triton"):
@@ -313,8 +385,10 @@ def print_table(title: str, rows: list[dict]) -> None:
       print(f"{r['batch_size']:>6}  {r['error'][:70]}")
       continue
     tf = f"{r['tflops']:.3g}" if r.get("tflops") else "-"
-    print(f"{r['batch_size']:>6} {r['images_per_s']:>10.1f} {r['step_ms']:>9.2f} {tf:>8}"
-          f" {r['compile_s']:>8.1f}")
+    print(
+        f"{r['batch_size']:>6} {r['images_per_s']:>10.1f} {r['step_ms']:>9.2f} {tf:>8}"
+        f" {r['compile_s']:>8.1f}"
+    )
   print("* convs and matmuls only (torch.utils.flop_counter)")
 
 
@@ -339,52 +413,82 @@ def main(argv=None) -> dict:
   torch.backends.cudnn.benchmark = True
   torch.set_float32_matmul_precision("high")
   timer = Timer(device)
-  print(f"{device_kind}, torch {torch.__version__}, smp {smp.__version__},"
-        f" autocast {args.dtype}, compile {args.compile_mode}", flush=True)
+  print(
+      f"{device_kind}, torch {torch.__version__}, smp {smp.__version__},"
+      f" autocast {args.dtype}, compile {args.compile_mode}",
+      flush=True,
+  )
 
   peak = matmul_rate(torch, device, args.matmul_size, getattr(torch, args.dtype), timer)
-  print(f"reference: {args.matmul_size}^3 {args.dtype} matmul at {peak['tflops']:.1f}"
-        " TFLOP/s", flush=True)
+  print(
+      f"reference: {args.matmul_size}^3 {args.dtype} matmul at {peak['tflops']:.1f}" " TFLOP/s",
+      flush=True,
+  )
   params = sum(p.numel() for p in new_model(smp, torch, args, torch.device("cpu")).parameters())
 
   result = {
       "benchmark": "segmentation_models_pytorch peer (benchmarks/peer_smp_pytorch.py)",
-      "label": args.label or ("CPU smoke test (--tiny): tiny model, not the GPU target"
-                              if args.tiny else ""),
+      "label": args.label
+      or ("CPU smoke test (--tiny): tiny model, not the GPU target" if args.tiny else ""),
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "device": {"platform": device.type, "device_kind": device_kind, "num_devices": 1,
-                 "host": platform.node(), "host_cpus": len(os.sched_getaffinity(0))},
+      "device": {
+          "platform": device.type,
+          "device_kind": device_kind,
+          "num_devices": 1,
+          "host": platform.node(),
+          "host_cpus": len(os.sched_getaffinity(0)),
+      },
       "versions": versions(torch),
-      "settings": {"tiny": args.tiny, "encoder": args.encoder, "image_size": args.image_size,
-                   "dtype": args.dtype, "compile_mode": args.compile_mode,
-                   "channels_last": True, "loss": "bce_dice", "optimizer": "adam (fused)"
-                   if device.type == "cuda" else "adam",
-                   "steps_per_repeat": args.steps, "repeats": args.repeats, "tta": args.tta},
+      "settings": {
+          "tiny": args.tiny,
+          "encoder": args.encoder,
+          "image_size": args.image_size,
+          "dtype": args.dtype,
+          "compile_mode": args.compile_mode,
+          "channels_last": True,
+          "loss": "bce_dice",
+          "optimizer": "adam (fused)" if device.type == "cuda" else "adam",
+          "steps_per_repeat": args.steps,
+          "repeats": args.repeats,
+          "tta": args.tta,
+      },
       "model_params": params,
       "matmul": peak,
-      "train": [], "tta": [],
+      "train": [],
+      "tta": [],
   }
   flops_per_image: dict = {}
   for b in args.batch_sizes:
-    row = guarded(torch, bench_train, smp, torch, args, device, b, timer, peak["tflops"],
-                  flops_per_image)
+    row = guarded(
+        torch, bench_train, smp, torch, args, device, b, timer, peak["tflops"], flops_per_image
+    )
     result["train"].append(row)
-    print(f"train batch {b}: " + (row.get("error") or
-          f"{row['images_per_s']:.1f} images/s, {row['step_ms']:.2f} ms/step"), flush=True)
+    print(
+        f"train batch {b}: "
+        + (row.get("error") or f"{row['images_per_s']:.1f} images/s, {row['step_ms']:.2f} ms/step"),
+        flush=True,
+    )
   if args.tta:
     for b in args.batch_sizes:
-      row = guarded(torch, bench_tta, smp, torch, args, device, b, timer, peak["tflops"],
-                    flops_per_image)
+      row = guarded(
+          torch, bench_tta, smp, torch, args, device, b, timer, peak["tflops"], flops_per_image
+      )
       result["tta"].append(row)
-      print(f"tta batch {b}: " + (row.get("error") or f"{row['images_per_s']:.1f} images/s"),
-            flush=True)
+      print(
+          f"tta batch {b}: " + (row.get("error") or f"{row['images_per_s']:.1f} images/s"),
+          flush=True,
+      )
 
-  print_table(f"smp Unet({args.encoder}, scse) training ({params / 1e6:.1f}M params,"
-              f" {args.dtype}, {args.image_size}px) on {device_kind}", result["train"])
+  print_table(
+      f"smp Unet({args.encoder}, scse) training ({params / 1e6:.1f}M params,"
+      f" {args.dtype}, {args.image_size}px) on {device_kind}",
+      result["train"],
+  )
   if result["tta"]:
     print_table(f"TTA inference ({args.tta}) on {device_kind}", result["tta"])
-  report.write_result(result, args.output,
-                      f"peer_smp_{report.slug(device_kind)}{'_tiny' if args.tiny else ''}")
+  report.write_result(
+      result, args.output, f"peer_smp_{report.slug(device_kind)}{'_tiny' if args.tiny else ''}"
+  )
   return result
 
 

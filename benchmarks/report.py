@@ -13,16 +13,23 @@ REPO = RESULTS.parents[1]
 def versions(names) -> dict:
   """Python's version and those of the named packages that are installed."""
   import sys
+
   sys.path.insert(0, str(REPO))
   from saltjax import run  # light: no TensorFlow, no model
+
   return run.package_versions(names)
 
 
 def git_commit() -> str:
   """The checkout's commit, short, or '' outside a git checkout."""
   try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                          capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
     return ""
 

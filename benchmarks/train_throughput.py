@@ -45,27 +45,50 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import report  # noqa: E402  (beside this script)
+
 sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--batch_sizes", type=int, nargs="+", default=None,
-                 help="global batch sizes (default 32 64 128 256 512; --tiny: 8 16)")
+  p.add_argument(
+      "--batch_sizes",
+      type=int,
+      nargs="+",
+      default=None,
+      help="global batch sizes (default 32 64 128 256 512; --tiny: 8 16)",
+  )
   p.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported)")
   p.add_argument("--steps", type=int, default=20, help="steps per timed repeat")
-  p.add_argument("--dtype", default=None, choices=("bfloat16", "float32"),
-                 help="compute dtype (default bfloat16; --tiny: float32)")
+  p.add_argument(
+      "--dtype",
+      default=None,
+      choices=("bfloat16", "float32"),
+      help="compute dtype (default bfloat16; --tiny: float32)",
+  )
   p.add_argument("--tta", default="hflip", help="TTA of the inference timing ('' skips it)")
-  p.add_argument("--matmul_size", type=int, default=None,
-                 help="n of the n^3 matmul whose rate is the reference (default 8192; --tiny: 1024)")
-  p.add_argument("--match_peer", action="store_true",
-                 help="no scSE in the encoder: exactly smp's Unet('resnet50', scse decoder)")
-  p.add_argument("--tiny", action="store_true",
-                 help="tiny model at 64x64: a CPU smoke test of this script, not a benchmark")
-  p.add_argument("--compilation_cache", default="",
-                 help="JAX persistent compilation cache dir (compile_s then measures a cache hit)")
+  p.add_argument(
+      "--matmul_size",
+      type=int,
+      default=None,
+      help="n of the n^3 matmul whose rate is the reference (default 8192; --tiny: 1024)",
+  )
+  p.add_argument(
+      "--match_peer",
+      action="store_true",
+      help="no scSE in the encoder: exactly smp's Unet('resnet50', scse decoder)",
+  )
+  p.add_argument(
+      "--tiny",
+      action="store_true",
+      help="tiny model at 64x64: a CPU smoke test of this script, not a benchmark",
+  )
+  p.add_argument(
+      "--compilation_cache",
+      default="",
+      help="JAX persistent compilation cache dir (compile_s then measures a cache hit)",
+  )
   p.add_argument("--label", default="", help="free text stored in the JSON")
   p.add_argument("--output", default="", help="JSON path (default benchmarks/results/...)")
   args = p.parse_args(argv)
@@ -92,6 +115,7 @@ def stub_missing_host_only_packages() -> list[str]:
   nothing here feeds to JAX).
   """
   from unittest import mock
+
   stubbed = []
   for name in ("tensorflow", "clu"):
     try:
@@ -107,13 +131,17 @@ def stub_missing_host_only_packages() -> list[str]:
     sys.modules["clu.metric_writers"] = mock.MagicMock(name="clu.metric_writers")
     stubbed.append("clu.metric_writers")
   if stubbed:
-    print(f"note: {', '.join(stubbed)} not importable here; stubbed (unused by the"
-          " timed functions)", file=sys.stderr)
+    print(
+        f"note: {', '.join(stubbed)} not importable here; stubbed (unused by the"
+        " timed functions)",
+        file=sys.stderr,
+    )
   return stubbed
 
 
 def make_config(args):
   from configs import fold
+
   config = fold.get_config()
   config.model.dtype = args.dtype
   config.model.pretrained = ""  # timing only: no weights to download
@@ -139,6 +167,7 @@ def matmul_rate(n: int, dtype_name: str, repeats: int = 5, iters: int = 10) -> d
   """Measured n^3 matmul rate in TFLOP/s: the reference 'peak' of the device."""
   import jax
   import jax.numpy as jnp
+
   dtype = jnp.dtype(dtype_name)
   ka, kb = jax.random.split(jax.random.key(0))
   a = jax.random.normal(ka, (n, n), dtype)
@@ -154,8 +183,7 @@ def matmul_rate(n: int, dtype_name: str, repeats: int = 5, iters: int = 10) -> d
     return (time.perf_counter() - t) / iters
 
   seconds, _ = median_time(once, repeats)
-  return {"n": n, "dtype": dtype_name, "seconds": seconds,
-          "tflops": 2.0 * n ** 3 / seconds / 1e12}
+  return {"n": n, "dtype": dtype_name, "seconds": seconds, "tflops": 2.0 * n**3 / seconds / 1e12}
 
 
 def cost(compiled) -> dict:
@@ -164,8 +192,10 @@ def cost(compiled) -> dict:
   if isinstance(analysis, (list, tuple)):  # older jax: one dict per device program
     analysis = analysis[0] if analysis else {}
   analysis = analysis or {}
-  return {"flops": float(analysis.get("flops", 0.0)) or None,
-          "bytes_accessed": float(analysis.get("bytes accessed", 0.0)) or None}
+  return {
+      "flops": float(analysis.get("flops", 0.0)) or None,
+      "bytes_accessed": float(analysis.get("bytes accessed", 0.0)) or None,
+  }
 
 
 def is_oom(e: Exception) -> bool:
@@ -177,12 +207,15 @@ def bench_train(job, batch_size: int, args, peak_tflops: float) -> dict:
   import jax
   import numpy as np
   from saltjax import parallel
+
   config, mesh = job.config, job.mesh
   step = job.train_steps[config.loss.name]
   rng = np.random.default_rng(0)
   size = config.image_size
-  host = {"image": rng.uniform(size=(batch_size, size, size, 1)).astype(np.float32),
-          "mask": (rng.uniform(size=(batch_size, size, size)) > 0.7).astype(np.float32)}
+  host = {
+      "image": rng.uniform(size=(batch_size, size, size, 1)).astype(np.float32),
+      "mask": (rng.uniform(size=(batch_size, size, size)) > 0.7).astype(np.float32),
+  }
   batch = parallel.global_from_local(host, mesh)
   state = jax.device_put(job.new_state(), parallel.replicated(mesh))
   jax.block_until_ready((state, batch))
@@ -208,11 +241,17 @@ def bench_train(job, batch_size: int, args, peak_tflops: float) -> dict:
 
   step_s, all_s = median_time(once, args.repeats)
   costs = cost(compiled)
-  row = {"batch_size": batch_size, "trace_s": trace_s, "compile_s": compile_s,
-         "first_step_s": first_step_s, "step_ms": 1e3 * step_s,
-         "step_ms_repeats": [1e3 * s for s in all_s],
-         "images_per_s": batch_size / step_s, **costs,
-         "loss_finite": bool(jax.device_get(metrics["finite"]))}
+  row = {
+      "batch_size": batch_size,
+      "trace_s": trace_s,
+      "compile_s": compile_s,
+      "first_step_s": first_step_s,
+      "step_ms": 1e3 * step_s,
+      "step_ms_repeats": [1e3 * s for s in all_s],
+      "images_per_s": batch_size / step_s,
+      **costs,
+      "loss_finite": bool(jax.device_get(metrics["finite"])),
+  }
   if costs["flops"]:
     row["tflops"] = costs["flops"] / step_s / 1e12
     row["fraction_of_matmul_rate"] = row["tflops"] / peak_tflops
@@ -224,6 +263,7 @@ def bench_tta(job, batch_size: int, args, peak_tflops: float) -> dict:
   import numpy as np
   from saltjax import inference
   from saltjax import parallel
+
   config, mesh = job.config, job.mesh
   # As saltjax.train.Job and saltjax.predict build it.
   infer = jax.jit(inference.make_infer_fn(job.model, config.resize_mode, args.tta))
@@ -231,7 +271,8 @@ def bench_tta(job, batch_size: int, args, peak_tflops: float) -> dict:
   rng = np.random.default_rng(1)
   size = config.image_size
   images = parallel.global_from_local(
-      rng.uniform(size=(batch_size, size, size, 1)).astype(np.float32), mesh)
+      rng.uniform(size=(batch_size, size, size, 1)).astype(np.float32), mesh
+  )
   t = time.perf_counter()
   compiled = infer.lower(variables, images).compile()
   compile_s = time.perf_counter() - t
@@ -246,9 +287,14 @@ def bench_tta(job, batch_size: int, args, peak_tflops: float) -> dict:
 
   step_s, all_s = median_time(once, args.repeats)
   costs = cost(compiled)
-  row = {"batch_size": batch_size, "compile_s": compile_s, "step_ms": 1e3 * step_s,
-         "step_ms_repeats": [1e3 * s for s in all_s],
-         "images_per_s": batch_size / step_s, **costs}
+  row = {
+      "batch_size": batch_size,
+      "compile_s": compile_s,
+      "step_ms": 1e3 * step_s,
+      "step_ms_repeats": [1e3 * s for s in all_s],
+      "images_per_s": batch_size / step_s,
+      **costs,
+  }
   if costs["flops"]:
     row["tflops"] = costs["flops"] / step_s / 1e12
     row["fraction_of_matmul_rate"] = row["tflops"] / peak_tflops
@@ -266,28 +312,43 @@ def guarded(fn, *a) -> dict:
 
 
 def versions() -> dict:
-  return report.versions(("jax", "jaxlib", "flax", "optax", "numpy", "jax-cuda12-plugin",
-               "jax-cuda13-plugin", "libtpu"))
+  return report.versions(
+      (
+          "jax",
+          "jaxlib",
+          "flax",
+          "optax",
+          "numpy",
+          "jax-cuda12-plugin",
+          "jax-cuda13-plugin",
+          "libtpu",
+      )
+  )
 
 
 def print_table(title: str, rows: list[dict]) -> None:
   print(f"\n{title}")
-  print(f"{'batch':>6} {'images/s':>10} {'ms/step':>9} {'TFLOP/s':>8} {'of matmul':>9}"
-        f" {'compile s':>9}")
+  print(
+      f"{'batch':>6} {'images/s':>10} {'ms/step':>9} {'TFLOP/s':>8} {'of matmul':>9}"
+      f" {'compile s':>9}"
+  )
   for r in rows:
     if "error" in r:
       print(f"{r['batch_size']:>6}  {r['error'][:70]}")
       continue
     tf = f"{r['tflops']:.3g}" if r.get("tflops") else "-"
     frac = f"{100 * r['fraction_of_matmul_rate']:.0f}%" if r.get("tflops") else "-"
-    print(f"{r['batch_size']:>6} {r['images_per_s']:>10.1f} {r['step_ms']:>9.2f} {tf:>8}"
-          f" {frac:>9} {r['compile_s']:>9.1f}")
+    print(
+        f"{r['batch_size']:>6} {r['images_per_s']:>10.1f} {r['step_ms']:>9.2f} {tf:>8}"
+        f" {frac:>9} {r['compile_s']:>9.1f}"
+    )
 
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
   stubbed = stub_missing_host_only_packages()
   import jax
+
   if args.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.compilation_cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
@@ -301,12 +362,17 @@ def main(argv=None) -> dict:
   for b in args.batch_sizes:
     parallel.check_batch_size(b, mesh, "--batch_sizes")
   devices = jax.devices()
-  print(f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform}),"
-        f" jax {jax.__version__}, model dtype {args.dtype}", flush=True)
+  print(
+      f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform}),"
+      f" jax {jax.__version__}, model dtype {args.dtype}",
+      flush=True,
+  )
 
   peak = matmul_rate(args.matmul_size, args.dtype)
-  print(f"reference: {args.matmul_size}^3 {args.dtype} matmul at {peak['tflops']:.1f}"
-        " TFLOP/s", flush=True)
+  print(
+      f"reference: {args.matmul_size}^3 {args.dtype} matmul at {peak['tflops']:.1f}" " TFLOP/s",
+      flush=True,
+  )
 
   # The real Job (model, optimiser, initial variables, jitted steps); folds
   # only size its steps_per_epoch, so a made-up assignment serves.
@@ -317,47 +383,70 @@ def main(argv=None) -> dict:
 
   result = {
       "benchmark": "saltjax train step (benchmarks/train_throughput.py)",
-      "label": args.label or ("CPU smoke test (--tiny): tiny model, not the GPU target"
-                              if args.tiny else ""),
+      "label": args.label
+      or ("CPU smoke test (--tiny): tiny model, not the GPU target" if args.tiny else ""),
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "git_commit": report.git_commit(),
-      "device": {"platform": devices[0].platform, "device_kind": devices[0].device_kind,
-                 "num_devices": len(devices), "host": platform.node(),
-                 "host_cpus": len(os.sched_getaffinity(0))},
+      "device": {
+          "platform": devices[0].platform,
+          "device_kind": devices[0].device_kind,
+          "num_devices": len(devices),
+          "host": platform.node(),
+          "host_cpus": len(os.sched_getaffinity(0)),
+      },
       "versions": versions(),
       "stubbed_modules": stubbed,
-      "settings": {"tiny": args.tiny, "match_peer": args.match_peer,
-                   "image_size": config.image_size, "dtype": args.dtype,
-                   "loss": config.loss.name, "optimizer": config.optimizer.name,
-                   "model": {k: (list(v) if isinstance(v, tuple) else v)
-                             for k, v in config.model.to_dict().items()},
-                   "steps_per_repeat": args.steps, "repeats": args.repeats,
-                   "tta": args.tta, "compilation_cache": args.compilation_cache},
+      "settings": {
+          "tiny": args.tiny,
+          "match_peer": args.match_peer,
+          "image_size": config.image_size,
+          "dtype": args.dtype,
+          "loss": config.loss.name,
+          "optimizer": config.optimizer.name,
+          "model": {
+              k: (list(v) if isinstance(v, tuple) else v) for k, v in config.model.to_dict().items()
+          },
+          "steps_per_repeat": args.steps,
+          "repeats": args.repeats,
+          "tta": args.tta,
+          "compilation_cache": args.compilation_cache,
+      },
       "model_params": models.count_params(job.initial_variables["params"]),
       "init_s": init_s,
       "matmul": peak,
-      "train": [], "tta": [],
+      "train": [],
+      "tta": [],
   }
   for b in args.batch_sizes:
     row = guarded(bench_train, job, b, args, peak["tflops"])
     result["train"].append(row)
-    print(f"train batch {b}: " + (row.get("error") or
-          f"{row['images_per_s']:.1f} images/s, {row['step_ms']:.2f} ms/step"), flush=True)
+    print(
+        f"train batch {b}: "
+        + (row.get("error") or f"{row['images_per_s']:.1f} images/s, {row['step_ms']:.2f} ms/step"),
+        flush=True,
+    )
   if args.tta:
     for b in args.batch_sizes:
       row = guarded(bench_tta, job, b, args, peak["tflops"])
       result["tta"].append(row)
-      print(f"tta batch {b}: " + (row.get("error") or
-            f"{row['images_per_s']:.1f} images/s"), flush=True)
+      print(
+          f"tta batch {b}: " + (row.get("error") or f"{row['images_per_s']:.1f} images/s"),
+          flush=True,
+      )
 
-  print_table(f"train step ({result['model_params'] / 1e6:.1f}M params, {args.dtype},"
-              f" {config.image_size}px) on {devices[0].device_kind}", result["train"])
+  print_table(
+      f"train step ({result['model_params'] / 1e6:.1f}M params, {args.dtype},"
+      f" {config.image_size}px) on {devices[0].device_kind}",
+      result["train"],
+  )
   if result["tta"]:
     print_table(f"TTA inference ({args.tta}) on {devices[0].device_kind}", result["tta"])
 
-  report.write_result(result, args.output,
-                      f"train_throughput_{report.slug(devices[0].device_kind)}"
-                      f"{'_tiny' if args.tiny else ''}")
+  report.write_result(
+      result,
+      args.output,
+      f"train_throughput_{report.slug(devices[0].device_kind)}" f"{'_tiny' if args.tiny else ''}",
+  )
   return result
 
 

@@ -16,8 +16,7 @@ def get_config():
   # synthetic dataset (generated once into cache_dir).
   config.data_dir = ""
   config.cache_dir = "~/.cache/saltjax"
-  config.synthetic = ml_collections.ConfigDict(
-      dict(num_train=1000, num_test=500, seed=0))
+  config.synthetic = ml_collections.ConfigDict(dict(num_train=1000, num_test=500, seed=0))
   config.use_tfds = True  # read through the tensorflow-datasets builders
 
   # Folds: stratified K-fold; fold=-1 trains every fold in turn.
@@ -28,29 +27,33 @@ def get_config():
   # Input: 101 -> image_size by 'resize' (bilinear) or 'pad' (reflect).
   config.image_size = 128
   config.resize_mode = "resize"
-  config.augment = "hflip"  # ops joined by '|': hflip vflip shift(n) scale(s) brightness(d) contrast(d)
+  config.augment = (
+      "hflip"  # ops joined by '|': hflip vflip shift(n) scale(s) brightness(d) contrast(d)
+  )
   # Where batches are made: 'tfdata' (host CPUs) or 'device' (decoded data on
   # the accelerator, augmented in JAX: saltjax/device_input.py; no TensorFlow).
   config.input_pipeline = "tfdata"
 
-  config.model = ml_collections.ConfigDict(dict(
-      stage_sizes=(3, 4, 6, 3),  # ResNet50
-      encoder_width=64,
-      in_channels=1,
-      scse_encoder=True,
-      scse_decoder=True,
-      scse_reduction=16,
-      decoder_channels=(256, 128, 64, 32, 16),
-      upsample="nearest",
-      hypercolumn=False,
-      deep_supervision=False,
-      classifier=False,
-      # ImageNet weights: 'imagenet' (timm/resnet50.tv_in1k, downloaded once into
-      # cache_dir/pretrained/), another timm/resnet50.<tag>, a local
-      # .safetensors/.npz/.pth file, or '' to train from scratch.
-      pretrained="imagenet",
-      dtype="auto",  # bfloat16 on GPU/TPU, float32 on CPU
-  ))
+  config.model = ml_collections.ConfigDict(
+      dict(
+          stage_sizes=(3, 4, 6, 3),  # ResNet50
+          encoder_width=64,
+          in_channels=1,
+          scse_encoder=True,
+          scse_decoder=True,
+          scse_reduction=16,
+          decoder_channels=(256, 128, 64, 32, 16),
+          upsample="nearest",
+          hypercolumn=False,
+          deep_supervision=False,
+          classifier=False,
+          # ImageNet weights: 'imagenet' (timm/resnet50.tv_in1k, downloaded once into
+          # cache_dir/pretrained/), another timm/resnet50.<tag>, a local
+          # .safetensors/.npz/.pth file, or '' to train from scratch.
+          pretrained="imagenet",
+          dtype="auto",  # bfloat16 on GPU/TPU, float32 on CPU
+      )
+  )
 
   config.num_epochs = 150
   config.batch_size = 32  # per fold: the global batch of each fold model, split over every device
@@ -63,47 +66,55 @@ def get_config():
   config.checkpoint_every_seconds = 300
   config.eval_batch_size = 64
 
-  config.optimizer = ml_collections.ConfigDict(dict(
-      name="adam",  # adam, adamw, sgd, rmsprop
-      learning_rate=3e-4,
-      weight_decay=0.0,
-      momentum=0.9,
-      nesterov=True,
-      grad_clip=0.0,  # global-norm clipping when > 0
-  ))
-  config.schedule = ml_collections.ConfigDict(dict(
-      name="cosine_restarts",  # cosine_restarts, constant, step, plateau
-      cycle_epochs=50,  # SGDR cycle length; a snapshot is kept at each cycle end
-      cycle_mult=1.0,
-      min_lr=1e-6,
-      warmup_epochs=0,
-      step_epochs=30,  # 'step': multiply by step_factor every step_epochs
-      step_factor=0.1,
-      plateau_patience=5,  # 'plateau': epochs without a better validation score
-      plateau_factor=0.5,
-  ))
+  config.optimizer = ml_collections.ConfigDict(
+      dict(
+          name="adam",  # adam, adamw, sgd, rmsprop
+          learning_rate=3e-4,
+          weight_decay=0.0,
+          momentum=0.9,
+          nesterov=True,
+          grad_clip=0.0,  # global-norm clipping when > 0
+      )
+  )
+  config.schedule = ml_collections.ConfigDict(
+      dict(
+          name="cosine_restarts",  # cosine_restarts, constant, step, plateau
+          cycle_epochs=50,  # SGDR cycle length; a snapshot is kept at each cycle end
+          cycle_mult=1.0,
+          min_lr=1e-6,
+          warmup_epochs=0,
+          step_epochs=30,  # 'step': multiply by step_factor every step_epochs
+          step_factor=0.1,
+          plateau_patience=5,  # 'plateau': epochs without a better validation score
+          plateau_factor=0.5,
+      )
+  )
   # Epochs count from 1, as in the logs.
   config.swa_from_epoch = -1  # stochastic weight averaging from this epoch on (-1: off)
 
-  config.loss = ml_collections.ConfigDict(dict(
-      name="bce_dice",  # bce, dice, bce_dice, lovasz, lovasz_elu, lovasz_symmetric(_elu)
-      bce_weight=1.0,
-      dice_weight=1.0,
-      second_name="lovasz",  # two-stage training: switch to this loss ...
-      second_from_epoch=-1,  # ... from this epoch on (-1: one stage)
-      deep_supervision_weight=0.1,
-      classifier_weight=0.05,
-  ))
+  config.loss = ml_collections.ConfigDict(
+      dict(
+          name="bce_dice",  # bce, dice, bce_dice, lovasz, lovasz_elu, lovasz_symmetric(_elu)
+          bce_weight=1.0,
+          dice_weight=1.0,
+          second_name="lovasz",  # two-stage training: switch to this loss ...
+          second_from_epoch=-1,  # ... from this epoch on (-1: one stage)
+          deep_supervision_weight=0.1,
+          classifier_weight=0.05,
+      )
+  )
   config.nonfinite = "stop"  # on a non-finite loss/gradient: 'stop' or 'skip' the step
 
-  config.predict = ml_collections.ConfigDict(dict(
-      tta="hflip",  # none, hflip, hflip+vflip, hflip+shift
-      checkpoints="snapshots",  # best, latest, snapshots, best+snapshots
-      threshold=-1.0,  # -1: tuned on the out-of-fold predictions
-      min_area=-1,  # -1: tuned on the out-of-fold predictions; 0: off
-      classifier_gate=True,  # use the empty-mask head when the model has one
-      batch_size=64,
-  ))
+  config.predict = ml_collections.ConfigDict(
+      dict(
+          tta="hflip",  # none, hflip, hflip+vflip, hflip+shift
+          checkpoints="snapshots",  # best, latest, snapshots, best+snapshots
+          threshold=-1.0,  # -1: tuned on the out-of-fold predictions
+          min_area=-1,  # -1: tuned on the out-of-fold predictions; 0: off
+          classifier_gate=True,  # use the empty-mask head when the model has one
+          batch_size=64,
+      )
+  )
 
   # JAX's persistent compilation cache: later folds and runs skip compiling.
   config.compilation_cache = "~/.cache/saltjax/jax_cache"
@@ -111,8 +122,9 @@ def get_config():
   # images (at most max_uncertain_fraction of their pixels inside [low, high])
   # join each fold's training set for a second round, whose ensemble then
   # makes the submission.
-  config.pseudo_label = ml_collections.ConfigDict(dict(
-      enabled=False, low=0.2, high=0.8, max_uncertain_fraction=0.005))
+  config.pseudo_label = ml_collections.ConfigDict(
+      dict(enabled=False, low=0.2, high=0.8, max_uncertain_fraction=0.005)
+  )
 
   config.log_every_steps = 50
   config.progress = True  # progress bars (off when stdout is not a terminal)

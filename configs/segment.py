@@ -16,16 +16,18 @@ from configs import fold
 def get_config():
   config = fold.get_config()
   config.mode = "segment"
-  config.segment = ml_collections.ConfigDict(dict(
-      input="",  # a SEG-Y file (2-D line or 3-D volume), a .npy array or a PNG
-      inlines="",  # 3-D: inline numbers to segment, e.g. '100,102,110-120' ('' = every inline)
-      crosslines="",  # 3-D: crossline numbers instead of inlines (not both)
-      stride=50,  # pixels between tile origins; 101-pixel tiles overlap by 101 - stride
-      # Amplitude -> gray: 127.5 + 127.5 * clip(a / c, -1, 1), where c is this
-      # percentile of |a| over every selected line ...
-      clip_percentile=99.0,
-      clip_value=0.0,  # ... or this amplitude when > 0
-      threshold=-1.0,  # -1: the threshold tuned on the OOF predictions (scores.json)
-      min_area=-1,  # -1: the tuned minimum area; salt regions smaller are removed
-  ))
+  config.segment = ml_collections.ConfigDict(
+      dict(
+          input="",  # a SEG-Y file (2-D line or 3-D volume), a .npy array or a PNG
+          inlines="",  # 3-D: inline numbers to segment, e.g. '100,102,110-120' ('' = every inline)
+          crosslines="",  # 3-D: crossline numbers instead of inlines (not both)
+          stride=50,  # pixels between tile origins; 101-pixel tiles overlap by 101 - stride
+          # Amplitude -> gray: 127.5 + 127.5 * clip(a / c, -1, 1), where c is this
+          # percentile of |a| over every selected line ...
+          clip_percentile=99.0,
+          clip_value=0.0,  # ... or this amplitude when > 0
+          threshold=-1.0,  # -1: the threshold tuned on the OOF predictions (scores.json)
+          min_area=-1,  # -1: the tuned minimum area; salt regions smaller are removed
+      )
+  )
   return config

@@ -61,8 +61,7 @@ def get_config():
   # shrinks by sqrt(8)) rather than the linear one, which overshoots with
   # Adam. A short linear warm-up keeps the first large steps from wrecking
   # the freshly initialised BatchNorm statistics. A starting point, not tuned.
-  config.optimizer.learning_rate = 3e-4 * math.sqrt(
-      config.batch_size / _SEED_BATCH_SIZE)
+  config.optimizer.learning_rate = 3e-4 * math.sqrt(config.batch_size / _SEED_BATCH_SIZE)
   config.schedule.warmup_epochs = 2
   # SGDR cycles start after the warm-up: 2 more epochs keep all three of the
   # seed's cycle-end snapshots (epochs 52, 102, 152).

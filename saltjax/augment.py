@@ -28,26 +28,35 @@ register = augment_spec.registrar(_REGISTRY)
 @register("hflip")
 def hflip(p: float = 0.5) -> AugmentOp:
   """Horizontal flip: seismic sections are statistically left-right symmetric."""
+
   def op(image, mask, seed):
     flip = tf.random.stateless_uniform([], seed) < p
-    return (tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image),
-            tf.cond(flip, lambda: tf.reverse(mask, [1]), lambda: mask))
+    return (
+        tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image),
+        tf.cond(flip, lambda: tf.reverse(mask, [1]), lambda: mask),
+    )
+
   return op
 
 
 @register("vflip")
 def vflip(p: float = 0.5) -> AugmentOp:
   """Vertical flip (not physical for seismic, offered on request)."""
+
   def op(image, mask, seed):
     flip = tf.random.stateless_uniform([], seed) < p
-    return (tf.cond(flip, lambda: tf.reverse(image, [0]), lambda: image),
-            tf.cond(flip, lambda: tf.reverse(mask, [0]), lambda: mask))
+    return (
+        tf.cond(flip, lambda: tf.reverse(image, [0]), lambda: image),
+        tf.cond(flip, lambda: tf.reverse(mask, [0]), lambda: mask),
+    )
+
   return op
 
 
 @register("shift")
 def shift(pixels: int = 8) -> AugmentOp:
   """Random translation by up to `pixels`, reflect-padding the border."""
+
   def op(image, mask, seed):
     h, w = tf.shape(image)[0], tf.shape(image)[1]
     pad = [[pixels, pixels], [pixels, pixels], [0, 0]]
@@ -55,6 +64,7 @@ def shift(pixels: int = 8) -> AugmentOp:
     both = tf.pad(both, pad, mode="REFLECT")
     both = tf.image.stateless_random_crop(both, [h, w, 2], seed)
     return both[..., :1], both[..., 1:]
+
   return op
 
 
@@ -62,6 +72,7 @@ def shift(pixels: int = 8) -> AugmentOp:
 def brightness(delta: float = 0.1) -> AugmentOp:
   def op(image, mask, seed):
     return tf.image.stateless_random_brightness(image, delta, seed), mask
+
   return op
 
 
@@ -69,21 +80,23 @@ def brightness(delta: float = 0.1) -> AugmentOp:
 def contrast(delta: float = 0.1) -> AugmentOp:
   def op(image, mask, seed):
     return tf.image.stateless_random_contrast(image, 1 - delta, 1 + delta, seed), mask
+
   return op
 
 
 @register("scale")
 def scale(max_scale: float = 0.1) -> AugmentOp:
   """Random zoom-in by up to `max_scale`, cropping back to the input size."""
+
   def op(image, mask, seed):
     h, w = tf.shape(image)[0], tf.shape(image)[1]
     s = tf.random.stateless_uniform([], seed, 1.0, 1.0 + max_scale)
     size = tf.cast(tf.round(tf.cast(tf.stack([h, w]), tf.float32) * s), tf.int32)
     image = tf.image.resize(image, size, "bilinear")
     mask = tf.image.resize(mask, size, "nearest")
-    both = tf.image.stateless_random_crop(
-        tf.concat([image, mask], -1), [h, w, 2], seed + 1)
+    both = tf.image.stateless_random_crop(tf.concat([image, mask], -1), [h, w, 2], seed + 1)
     return both[..., :1], both[..., 1:]
+
   return op
 
 

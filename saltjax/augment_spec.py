@@ -28,11 +28,14 @@ def registrar(registry: dict) -> Callable:
   Each implementation of the ops (TensorFlow, JAX) keeps its own table of
   exactly the names `OPS` lists.
   """
+
   def register(name: str):
     def wrap(factory):
       registry[name] = factory
       return factory
+
     return wrap
+
   return register
 
 
@@ -82,6 +85,7 @@ OPS: dict[str, tuple[Param, ...]] = {
 @dataclasses.dataclass(frozen=True)
 class OpSpec:
   """One parsed op: its name and every argument (defaults filled in)."""
+
   name: str
   args: tuple
 
@@ -97,24 +101,30 @@ def parse(spec: str) -> list[OpSpec]:
     if not m or m.group(1) not in OPS:
       raise ValueError(
           f"unknown augmentation {part!r} in config.augment={spec!r}; known:"
-          f" {', '.join(sorted(OPS))}")
+          f" {', '.join(sorted(OPS))}"
+      )
     name, params = m.group(1), OPS[m.group(1)]
     try:
       args = ast.literal_eval(f"({m.group(2)},)") if m.group(2) else ()
     except (ValueError, SyntaxError):
       args = None
     usage = f"{name}({', '.join(p.name for p in params)})"
-    if (args is None or len(args) > len(params)
-        or not all(isinstance(a, numbers.Real) and not isinstance(a, bool) for a in args)):
+    if (
+        args is None
+        or len(args) > len(params)
+        or not all(isinstance(a, numbers.Real) and not isinstance(a, bool) for a in args)
+    ):
       raise ValueError(
           f"bad arguments in augmentation {part!r} of config.augment={spec!r}:"
-          f" use {usage} with numbers")
-    args = tuple(args) + tuple(p.default for p in params[len(args):])
+          f" use {usage} with numbers"
+      )
+    args = tuple(args) + tuple(p.default for p in params[len(args) :])
     for param, value in zip(params, args):
       problem = param.check(value)
       if problem:
         raise ValueError(
             f"augmentation {part!r} in config.augment={spec!r}: {param.name}={value!r}"
-            f" {problem}")
+            f" {problem}"
+        )
     ops.append(OpSpec(name, args))
   return ops

@@ -53,18 +53,26 @@ def _first_line(e: BaseException, limit: int = 200) -> str:
 
 
 # What tensorstore says for the errno values a user can act on.
-_WRITE_FAILURES = (("No space left", errno.ENOSPC), ("os_error_code='28'", errno.ENOSPC),
-                   ("Read-only file system", errno.EROFS), ("Permission denied", errno.EACCES))
+_WRITE_FAILURES = (
+    ("No space left", errno.ENOSPC),
+    ("os_error_code='28'", errno.ENOSPC),
+    ("Read-only file system", errno.EROFS),
+    ("Permission denied", errno.EACCES),
+)
 
 
 def _describe_write_failure(e: BaseException, directory: pathlib.Path) -> str:
   text = str(e)
   for words, code in _WRITE_FAILURES:
     if words in text:
-      return (workdir_lib.describe_os_error(OSError(code, os.strerror(code)), directory)
-              + "; then run the same command again to resume")
-  return (f"writing a checkpoint in {directory} failed ({_first_line(e)}); run the same"
-          " command again to resume")
+      return (
+          workdir_lib.describe_os_error(OSError(code, os.strerror(code)), directory)
+          + "; then run the same command again to resume"
+      )
+  return (
+      f"writing a checkpoint in {directory} failed ({_first_line(e)}); run the same"
+      " command again to resume"
+  )
 
 
 def _check_structure(where, wanted: dict, saved: dict, error=None) -> None:
@@ -73,19 +81,21 @@ def _check_structure(where, wanted: dict, saved: dict, error=None) -> None:
   extra = sorted(set(saved) - set(wanted))
   reshaped = sorted(k for k in set(wanted) & set(saved) if wanted[k] != saved[k])
   if missing or extra or reshaped:
-    details = "; ".join(f"{what}: {', '.join(keys[:3])}" for what, keys in
-                        (("missing", missing), ("unexpected", extra),
-                         ("other shape", reshaped)) if keys)
+    details = "; ".join(
+        f"{what}: {', '.join(keys[:3])}"
+        for what, keys in (("missing", missing), ("unexpected", extra), ("other shape", reshaped))
+        if keys
+    )
     raise CheckpointError(
         f"checkpoint {where} is intact but holds a different structure than this"
         f" program expects ({details}); it was written by another version or"
-        " model config") from error
+        " model config"
+    ) from error
 
 
 def _tree_shapes(tree) -> dict[str, tuple]:
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {jax.tree_util.keystr(path): tuple(getattr(leaf, "shape", ()))
-          for path, leaf in flat}
+  return {jax.tree_util.keystr(path): tuple(getattr(leaf, "shape", ())) for path, leaf in flat}
 
 
 class Store:
@@ -97,16 +107,16 @@ class Store:
   an unfinished temporary directory, which orbax never mistakes for a step.
   """
 
-  def __init__(self, directory: pathlib.Path, max_to_keep: int | None,
-               asynchronous: bool = False):
+  def __init__(self, directory: pathlib.Path, max_to_keep: int | None, asynchronous: bool = False):
     self.directory = pathlib.Path(directory)
     self._unchecked: list[int] = []  # saved steps still without checksums
     self.manager = ocp.CheckpointManager(
         self.directory.absolute(),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True,
-            enable_async_checkpointing=asynchronous),
-        item_names=("state", "meta"))
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=asynchronous
+        ),
+        item_names=("state", "meta"),
+    )
 
   def save(self, step: int, pytree: Any, meta: dict) -> None:
     self.finish()
@@ -115,9 +125,13 @@ class Store:
         # A resumed run redoing an epoch that a crash interrupted after this
         # store was written: orbax never overwrites a step.
         self.manager.delete(step)
-      self.manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(pytree), meta=ocp.args.JsonSave(meta)),
-          force=True)
+      self.manager.save(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardSave(pytree), meta=ocp.args.JsonSave(meta)
+          ),
+          force=True,
+      )
     except OSError as e:
       raise WorkdirError(workdir_lib.describe_os_error(e, self.directory)) from e
     except ValueError as e:  # tensorstore's write errors reach us as ValueError
@@ -143,8 +157,7 @@ class Store:
     return self.manager.latest_step()
 
   def meta(self, step: int) -> dict:
-    return self.manager.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore()))["meta"]
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def _checked_meta(self, step: int, expected_fingerprint: str) -> dict:
     where = self.directory / str(step)
@@ -152,14 +165,17 @@ class Store:
     try:
       meta = self.meta(step)
     except Exception as e:  # orbax raises many types for unreadable files
-      raise CheckpointError(f"checkpoint {where} is unreadable or corrupt"
-                            f" ({_first_line(e)}); delete that directory or use a new"
-                            " --workdir") from e
+      raise CheckpointError(
+          f"checkpoint {where} is unreadable or corrupt"
+          f" ({_first_line(e)}); delete that directory or use a new"
+          " --workdir"
+      ) from e
     if meta.get("fingerprint") != expected_fingerprint:
       raise CheckpointError(
           f"checkpoint {where} was written for another model/input config"
           f" (fingerprint {meta.get('fingerprint')} != {expected_fingerprint});"
-          " use a new --workdir or the config the run was started with")
+          " use a new --workdir or the config the run was started with"
+      )
     return meta
 
   def restore(self, step: int, target: Any, expected_fingerprint: str) -> tuple[Any, dict]:
@@ -167,8 +183,9 @@ class Store:
     meta = self._checked_meta(step, expected_fingerprint)
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
     try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract)))["state"]
+      restored = self.manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+      )["state"]
     except Exception as e:
       self._raise_restore_error(step, target, e)
     return restored, meta
@@ -177,11 +194,13 @@ class Store:
     """The step's pytree as saved (nested dicts of arrays), and its meta."""
     meta = self._checked_meta(step, expected_fingerprint)
     try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore()))["state"]
+      restored = self.manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+      )["state"]
     except Exception as e:
-      raise CheckpointError(f"checkpoint {self.directory / str(step)} is corrupt or"
-                            f" incomplete ({_first_line(e)})") from e
+      raise CheckpointError(
+          f"checkpoint {self.directory / str(step)} is corrupt or" f" incomplete ({_first_line(e)})"
+      ) from e
     return restored, meta
 
   def _raise_restore_error(self, step: int, target: Any, error: Exception):
@@ -193,9 +212,11 @@ class Store:
       saved = None
     if saved is not None:
       _check_structure(where, _tree_shapes(target), saved, error)
-    raise CheckpointError(f"checkpoint {where} is corrupt or incomplete"
-                          f" ({_first_line(error)}); delete that directory or use a new"
-                          " --workdir") from error
+    raise CheckpointError(
+        f"checkpoint {where} is corrupt or incomplete"
+        f" ({_first_line(error)}); delete that directory or use a new"
+        " --workdir"
+    ) from error
 
   def close(self):
     self.finish()
@@ -224,8 +245,7 @@ def _file_digests(step_dir: pathlib.Path) -> dict[str, list]:
 
 def _write_checksums(step_dir: pathlib.Path) -> None:
   """Written (atomically) once orbax has finished the step directory."""
-  workdir_lib.write_text(json.dumps(_file_digests(step_dir), indent=0),
-                         step_dir / _CHECKSUMS)
+  workdir_lib.write_text(json.dumps(_file_digests(step_dir), indent=0), step_dir / _CHECKSUMS)
 
 
 def _verify_checksums(step_dir: pathlib.Path) -> None:
@@ -245,12 +265,16 @@ def _verify_checksums(step_dir: pathlib.Path) -> None:
   missing = sorted(set(expected) - set(found))
   changed = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
   if missing or changed:
-    details = "; ".join(f"{what}: {', '.join(names[:5])}" for what, names in
-                        (("missing", missing), ("damaged", changed)) if names)
+    details = "; ".join(
+        f"{what}: {', '.join(names[:5])}"
+        for what, names in (("missing", missing), ("damaged", changed))
+        if names
+    )
     raise CheckpointError(
         f"checkpoint {step_dir} is corrupt or incomplete ({details}); nothing was"
         " loaded from it. Delete that directory to go on without it (training restarts"
-        " from an earlier checkpoint, if any), or use a new --workdir")
+        " from an earlier checkpoint, if any), or use a new --workdir"
+    )
 
 
 class FoldCheckpoints:
@@ -266,8 +290,7 @@ class FoldCheckpoints:
     self.fingerprint = fingerprint(config)
     self.latest = Store(fold_dir / "latest", max_to_keep=1, asynchronous=asynchronous)
     self.best = Store(fold_dir / "best", max_to_keep=2, asynchronous=asynchronous)
-    self.snapshots = Store(fold_dir / "snapshots", max_to_keep=None,
-                           asynchronous=asynchronous)
+    self.snapshots = Store(fold_dir / "snapshots", max_to_keep=None, asynchronous=asynchronous)
     self.swa = Store(fold_dir / "swa", max_to_keep=2, asynchronous=asynchronous)
 
   def stores(self) -> tuple[Store, ...]:
@@ -295,8 +318,7 @@ def _steps_on_disk(directory: pathlib.Path) -> list[int]:
   # Names that are not all digits are orbax's unfinished (temporary) saves.
   if not directory.is_dir():
     return []
-  return sorted(int(p.name) for p in directory.iterdir()
-                if p.is_dir() and p.name.isdigit())
+  return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
 
 
 def model_checkpoints(fold_dir: pathlib.Path, which: str) -> list[tuple[str, int]]:
@@ -312,7 +334,8 @@ def model_checkpoints(fold_dir: pathlib.Path, which: str) -> list[tuple[str, int
     if part not in STORES:
       raise CheckpointError(
           f"unknown config.predict.checkpoints part {part!r}: use"
-          f" {', '.join(STORES)} or several joined by '+'")
+          f" {', '.join(STORES)} or several joined by '+'"
+      )
     steps = _steps_on_disk(fold_dir / part)
     if part in ("best", "latest", "swa"):
       steps = steps[-1:]
@@ -322,8 +345,9 @@ def model_checkpoints(fold_dir: pathlib.Path, which: str) -> list[tuple[str, int
   return list(dict.fromkeys(chosen))
 
 
-def restore_variables(fold_dir: pathlib.Path, store: str, step: int, target: Any,
-                      expected_fingerprint: str) -> dict:
+def restore_variables(
+    fold_dir: pathlib.Path, store: str, step: int, target: Any, expected_fingerprint: str
+) -> dict:
   """{params, batch_stats} of a fold's checkpoint, shaped as `target`.
 
   `latest` holds the whole train state (optimiser moments too); its model
@@ -334,10 +358,8 @@ def restore_variables(fold_dir: pathlib.Path, store: str, step: int, target: Any
     if store != "latest":
       return manager.restore(step, target, expected_fingerprint)[0]
     raw, _ = manager.restore_raw(step, expected_fingerprint)
-    variables = {"params": raw.get("params") or {},
-                 "batch_stats": raw.get("batch_stats") or {}}
-    _check_structure(manager.directory / str(step), _tree_shapes(target),
-                     _tree_shapes(variables))
+    variables = {"params": raw.get("params") or {}, "batch_stats": raw.get("batch_stats") or {}}
+    _check_structure(manager.directory / str(step), _tree_shapes(target), _tree_shapes(variables))
     return jax.tree.map(lambda t, v: jax.numpy.asarray(v, t.dtype), target, variables)
   finally:
     manager.manager.close()

@@ -21,14 +21,19 @@ def resolve_data_dir(config) -> pathlib.Path:
   if config.data_dir:
     return pathlib.Path(os.path.expanduser(config.data_dir))
   from saltjax import synthetic  # only needed for the default dataset
+
   cache = pathlib.Path(os.path.expanduser(config.cache_dir))
   try:
-    path = synthetic.ensure_dataset(cache, num_train=config.synthetic.num_train,
-                                    num_test=config.synthetic.num_test,
-                                    seed=config.synthetic.seed)
+    path = synthetic.ensure_dataset(
+        cache,
+        num_train=config.synthetic.num_train,
+        num_test=config.synthetic.num_test,
+        seed=config.synthetic.seed,
+    )
   except OSError as e:
-    raise WorkdirError(workdir_lib.describe_os_error(e, cache).replace(
-        "--workdir", "--config.cache_dir")) from e
+    raise WorkdirError(
+        workdir_lib.describe_os_error(e, cache).replace("--workdir", "--config.cache_dir")
+    ) from e
   logging.info("Embedded synthetic dataset: %s", path)
   return path
 
@@ -38,6 +43,7 @@ def load(config, load_test: bool = True) -> layout.SaltData:
   data_dir = resolve_data_dir(config)
   if config.get("use_tfds", False):
     from saltjax import tfds_builders
+
     return tfds_builders.load(config, data_dir, load_test=load_test)
   return layout.read_layout(data_dir, load_test=load_test)
 
@@ -50,14 +56,20 @@ def load_test(config, data_dir) -> layout.SaltData:
 def fold_assignment(config, data: layout.SaltData) -> pd.DataFrame:
   """The fold of every training id, as written to workdir/folds.csv."""
   fold_of = folds_lib.assign_folds(
-      data.train_masks, config.num_folds, config.seed,
-      depths=data.train_depths, stratify_by=config.stratify_by)
-  return pd.DataFrame({
-      "id": data.train_ids,
-      "fold": fold_of,
-      "coverage_class": metrics.coverage_class(data.train_masks),
-      "depth": data.train_depths,
-  })
+      data.train_masks,
+      config.num_folds,
+      config.seed,
+      depths=data.train_depths,
+      stratify_by=config.stratify_by,
+  )
+  return pd.DataFrame(
+      {
+          "id": data.train_ids,
+          "fold": fold_of,
+          "coverage_class": metrics.coverage_class(data.train_masks),
+          "depth": data.train_depths,
+      }
+  )
 
 
 # The workdir module holds the one atomic writer; these names stay for callers.
@@ -77,7 +89,8 @@ def folds_for_run(config, data: layout.SaltData, workdir: pathlib.Path) -> np.nd
     if list(saved["id"]) != list(data.train_ids) or saved["fold"].max() + 1 != config.num_folds:
       raise DataError(
           f"{path} was made for other training ids or another config.num_folds;"
-          " use a new --workdir")
+          " use a new --workdir"
+      )
     return saved["fold"].to_numpy()
   frame = fold_assignment(config, data)
   write_csv_atomic(frame, path)

@@ -74,18 +74,22 @@ register = augment_spec.registrar(_REGISTRY)
 @register("hflip")
 def hflip(p: float = 0.5) -> AugmentOp:
   """Horizontal flip with probability p."""
+
   def op(image, mask, key):
     flip = jax.random.uniform(key) < p
     return (jnp.where(flip, image[:, ::-1], image), jnp.where(flip, mask[:, ::-1], mask))
+
   return op
 
 
 @register("vflip")
 def vflip(p: float = 0.5) -> AugmentOp:
   """Vertical flip with probability p."""
+
   def op(image, mask, key):
     flip = jax.random.uniform(key) < p
     return (jnp.where(flip, image[::-1], image), jnp.where(flip, mask[::-1], mask))
+
   return op
 
 
@@ -96,30 +100,35 @@ def shift(pixels: int = 8) -> AugmentOp:
   As TF's op: pad by `pixels` a side (REFLECT), then a random crop at
   offsets uniform in [0, 2 * pixels] on each axis independently.
   """
+
   def op(image, mask, key):
     offsets = jax.random.randint(key, (2,), 0, 2 * pixels + 1)
     # A padded copy and a dynamic slice: far cheaper than a gather on CPU.
-    crop = lambda x: jax.lax.dynamic_slice(jnp.pad(x, pixels, mode="reflect"), offsets,
-                                           x.shape)
+    crop = lambda x: jax.lax.dynamic_slice(jnp.pad(x, pixels, mode="reflect"), offsets, x.shape)
     return crop(image), crop(mask)
+
   return op
 
 
 @register("brightness")
 def brightness(delta: float = 0.1) -> AugmentOp:
   """image + d, d ~ U[-delta, delta) (tf.image.stateless_random_brightness, no clip)."""
+
   def op(image, mask, key):
     return image + jax.random.uniform(key, (), minval=-delta, maxval=delta), mask
+
   return op
 
 
 @register("contrast")
 def contrast(delta: float = 0.1) -> AugmentOp:
   """(image - mean) * f + mean, f ~ U[1 - delta, 1 + delta) (tf.image.stateless_random_contrast)."""
+
   def op(image, mask, key):
     factor = jax.random.uniform(key, (), minval=1 - delta, maxval=1 + delta)
     mean = jnp.mean(image)
     return (image - mean) * factor + mean, mask
+
   return op
 
 
@@ -150,12 +159,14 @@ def scale(max_scale: float = 0.1) -> AugmentOp:
   As TF's op: resize to round(101 * s), then a crop at offsets uniform in
   [0, size - 101] on each axis.
   """
+
   def op(image, mask, key):
     size_key, crop_key = jax.random.split(key)
     s = jax.random.uniform(size_key, (), minval=1.0, maxval=1.0 + max_scale)
     sizes = jnp.round(jnp.array(image.shape, jnp.float32) * s).astype(jnp.int32)
     offsets = jax.random.randint(crop_key, (2,), 0, sizes - jnp.array(image.shape) + 1)
     return zoom_crop(image, mask, sizes, offsets)
+
   return op
 
 
@@ -173,8 +184,10 @@ def apply(ops: Sequence[AugmentOp], image, mask, key):
 
 # ------------------------------------------------------------------ batches ---
 
+
 class DeviceData(NamedTuple):
   """The decoded dataset on the device: (N, 101, 101) uint8 images and masks in {0, 1}."""
+
   images: jax.Array
   masks: jax.Array
 
@@ -206,13 +219,21 @@ class FoldIndices(NamedTuple):
   sizes: (F,) int32; seeds: (F,) int32, each fold's key is jax.random.key(seed),
   seed = config.seed * 100 + fold (the tf.data pipeline's seed).
   """
+
   rows: jax.Array
   sizes: jax.Array
   seeds: jax.Array
 
 
-def fold_indices(fold_of: np.ndarray, folds: Sequence[int], *, seed: int,
-                 num_extra: int = 0, extra_rows=None, sharding=None) -> FoldIndices:
+def fold_indices(
+    fold_of: np.ndarray,
+    folds: Sequence[int],
+    *,
+    seed: int,
+    num_extra: int = 0,
+    extra_rows=None,
+    sharding=None,
+) -> FoldIndices:
   """The training rows of each of `folds` (every example whose fold differs).
 
   `num_extra` examples appended to the device data after the training set
@@ -223,13 +244,16 @@ def fold_indices(fold_of: np.ndarray, folds: Sequence[int], *, seed: int,
   """
   fold_of = np.asarray(fold_of)
   extra = np.arange(len(fold_of), len(fold_of) + num_extra)
-  rows = [np.concatenate([np.flatnonzero(fold_of != f), extra,
-                          np.asarray((extra_rows or {}).get(f, []), np.int64)])
-          for f in folds]
+  rows = [
+      np.concatenate(
+          [np.flatnonzero(fold_of != f), extra, np.asarray((extra_rows or {}).get(f, []), np.int64)]
+      )
+      for f in folds
+  ]
   sizes = np.array([len(r) for r in rows], np.int32)
   table = np.zeros((len(rows), sizes.max()), np.int32)
   for f, r in enumerate(rows):
-    table[f, :len(r)] = r
+    table[f, : len(r)] = r
   seeds = np.array([seed * 100 + f for f in folds], np.int32)
   put = (lambda x: jax.device_put(x, sharding)) if sharding is not None else jnp.asarray
   return FoldIndices(put(table), put(sizes), put(seeds))
@@ -239,8 +263,9 @@ def steps_per_epoch(folds: FoldIndices, batch_size: int) -> int:
   """Full batches in an epoch of the smallest fold (the last partial one is dropped)."""
   smallest = int(np.min(np.asarray(folds.sizes)))
   if smallest < batch_size:
-    raise ValueError(f"a fold has only {smallest} training images, fewer than"
-                     f" config.batch_size={batch_size}")
+    raise ValueError(
+        f"a fold has only {smallest} training images, fewer than" f" config.batch_size={batch_size}"
+    )
   return smallest // batch_size
 
 
@@ -252,7 +277,8 @@ def epoch_order(rows: jax.Array, size, key: jax.Array, epoch) -> jax.Array:
   in a uniformly random order (the padding, after them, is never read).
   """
   perm = jax.random.permutation(
-      jax.random.fold_in(jax.random.fold_in(key, _ORDER_STREAM), epoch), rows.shape[0])
+      jax.random.fold_in(jax.random.fold_in(key, _ORDER_STREAM), epoch), rows.shape[0]
+  )
   perm = perm[jnp.argsort(perm >= size, stable=True)]
   return rows[perm]
 
@@ -295,14 +321,14 @@ def make_fold_batch_fn(config, batch_size: int) -> Callable:
   Pure and jittable (epoch and step may be traced). `step` must be below
   `steps_per_epoch`: inside jit a slice past the end is clamped, not refused.
   """
-  batch_fn = make_batch_fn(augment=config.augment, image_size=config.image_size,
-                           resize_mode=config.resize_mode)
+  batch_fn = make_batch_fn(
+      augment=config.augment, image_size=config.image_size, resize_mode=config.resize_mode
+  )
 
   def fold_batch(data: DeviceData, rows, size, seed, epoch, step):
     key = jax.random.key(seed)
     start = step * batch_size
-    batch_rows = jax.lax.dynamic_slice(epoch_order(rows, size, key, epoch), (start,),
-                                       (batch_size,))
+    batch_rows = jax.lax.dynamic_slice(epoch_order(rows, size, key, epoch), (start,), (batch_size,))
     keys = example_keys(key, epoch, start + jnp.arange(batch_size))
     return batch_fn(data.images, data.masks, batch_rows, keys)
 
@@ -315,8 +341,7 @@ def make_train_batch_fn(config, batch_size: int) -> Callable:
   Batch `step` of `epoch` for every fold of `folds` at once (vmapped over the
   fold axis); `batch_size` is the global batch of one fold.
   """
-  fold_batch = jax.vmap(make_fold_batch_fn(config, batch_size),
-                        in_axes=(None, 0, 0, 0, None, None))
+  fold_batch = jax.vmap(make_fold_batch_fn(config, batch_size), in_axes=(None, 0, 0, 0, None, None))
 
   def train_batch(data: DeviceData, folds: FoldIndices, epoch, step):
     return fold_batch(data, folds.rows, folds.sizes, folds.seeds, epoch, step)
@@ -324,8 +349,15 @@ def make_train_batch_fn(config, batch_size: int) -> Callable:
   return train_batch
 
 
-def epoch_batches(batch_fn: Callable, data: DeviceData, folds: FoldIndices, epoch: int,
-                  *, steps: int, start_step: int = 0) -> Iterator[dict]:
+def epoch_batches(
+    batch_fn: Callable,
+    data: DeviceData,
+    folds: FoldIndices,
+    epoch: int,
+    *,
+    steps: int,
+    start_step: int = 0,
+) -> Iterator[dict]:
   """The batches of `epoch` from `start_step` on (resume mid-epoch), on the device.
 
   `batch_fn` is `make_train_batch_fn(...)`, usually jitted (with

@@ -15,9 +15,13 @@ def depth_class(depths: np.ndarray, num_bins: int = 10) -> np.ndarray:
   return np.searchsorted(edges, depths, side="right")
 
 
-def assign_folds(masks: np.ndarray, num_folds: int, seed: int,
-                 depths: np.ndarray | None = None,
-                 stratify_by: str = "coverage") -> np.ndarray:
+def assign_folds(
+    masks: np.ndarray,
+    num_folds: int,
+    seed: int,
+    depths: np.ndarray | None = None,
+    stratify_by: str = "coverage",
+) -> np.ndarray:
   """Returns the validation fold (0..num_folds-1) of every training image.
 
   Stratified on the coverage class (0 = empty, i = (i-1)/10 < cov <= i/10)
@@ -32,16 +36,14 @@ def assign_folds(masks: np.ndarray, num_folds: int, seed: int,
       raise ValueError("stratify_by='depth' needs depths")
     classes = depth_class(depths)
   else:
-    raise ValueError(
-        f"unknown fold stratification {stratify_by!r}: use 'coverage' or 'depth'")
+    raise ValueError(f"unknown fold stratification {stratify_by!r}: use 'coverage' or 'depth'")
   n = len(classes)
   if n < num_folds:
     raise ValueError(f"{n} training images cannot make {num_folds} folds")
   # Classes rarer than num_folds cannot be spread over every fold: sklearn
   # would warn; merge them into their nearest populated neighbour instead.
   classes = _merge_rare_classes(classes, num_folds)
-  splitter = model_selection.StratifiedKFold(
-      n_splits=num_folds, shuffle=True, random_state=seed)
+  splitter = model_selection.StratifiedKFold(n_splits=num_folds, shuffle=True, random_state=seed)
   fold_of = np.empty(n, np.int64)
   for k, (_, val_idx) in enumerate(splitter.split(np.zeros(n), classes)):
     fold_of[val_idx] = k

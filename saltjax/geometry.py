@@ -84,7 +84,8 @@ def to_original_size(x: jax.Array, mode: str) -> jax.Array:
   bilinear map both ways, and a constant or linear ramp survives the round trip.
   """
   if mode == "resize":
-    return jax.image.resize(x, (x.shape[0], ORIGINAL_SIZE, ORIGINAL_SIZE), "linear",
-                            antialias=False)
+    return jax.image.resize(
+        x, (x.shape[0], ORIGINAL_SIZE, ORIGINAL_SIZE), "linear", antialias=False
+    )
   before, _ = pad_widths(x.shape[1])
-  return x[:, before:before + ORIGINAL_SIZE, before:before + ORIGINAL_SIZE]
+  return x[:, before : before + ORIGINAL_SIZE, before : before + ORIGINAL_SIZE]

@@ -70,9 +70,11 @@ def cached_path(repo_id: str, cache_dir: str) -> pathlib.Path:
 def fetch_instructions(repo_id: str, target: pathlib.Path) -> str:
   """How to fetch the weights on a connected machine and where they go."""
   folder = target.stem  # e.g. resnet50.tv_in1k
-  return (f"on a machine with internet run `pip install {HUB_CLIENT} && hf download"
-          f" {repo_id} {HUB_FILENAME} --local-dir {folder}` and copy"
-          f" {folder}/{HUB_FILENAME} to {target}")
+  return (
+      f"on a machine with internet run `pip install {HUB_CLIENT} && hf download"
+      f" {repo_id} {HUB_FILENAME} --local-dir {folder}` and copy"
+      f" {folder}/{HUB_FILENAME} to {target}"
+  )
 
 
 def resolve_weights(spec: str, cache_dir: str) -> str:
@@ -102,7 +104,8 @@ def resolve_weights(spec: str, cache_dir: str) -> str:
     if not path.is_file():
       raise ConfigError(
           f"config.model.pretrained={spec!r}: no such file, and not 'imagenet' or a"
-          f" timm/resnet50.<tag> hub name; use {_SCRATCH_HINT} to train from scratch")
+          f" timm/resnet50.<tag> hub name; use {_SCRATCH_HINT} to train from scratch"
+      )
     return str(path)
 
   target = cached_path(repo_id, cache_dir)
@@ -114,7 +117,8 @@ def resolve_weights(spec: str, cache_dir: str) -> str:
           f" {problem}. Delete {target} (and {_sidecar(target).name} beside it) and run"
           f" again to download {repo_id} anew, or put a good copy there by hand"
           f" ({fetch_instructions(repo_id, target)}); or train from scratch with"
-          f" {_SCRATCH_HINT}")
+          f" {_SCRATCH_HINT}"
+      )
     return str(target)
   _download(spec, repo_id, target)
   return str(target)
@@ -181,7 +185,8 @@ def _download(spec: str, repo_id: str, target: pathlib.Path) -> None:
         f"config.model.pretrained={spec!r} wants the ImageNet weights {repo_id}"
         f" ({HUB_FILENAME}), which are not in the cache and could not be downloaded"
         f" ({reason}). Put the file at {target}: {fetch_instructions(repo_id, target)},"
-        f" then run again; or train from scratch with {_SCRATCH_HINT}")
+        f" then run again; or train from scratch with {_SCRATCH_HINT}"
+    )
 
   try:
     entries = huggingface_hub.HfApi().get_paths_info(repo_id, [HUB_FILENAME])
@@ -189,27 +194,28 @@ def _download(spec: str, repo_id: str, target: pathlib.Path) -> None:
     raise ConfigError(
         f"config.model.pretrained={spec!r}: the hub has no repository {repo_id}; use"
         f" 'imagenet' ({DEFAULT_REPO}), another timm/resnet50.<tag>, a local file,"
-        f" or {_SCRATCH_HINT}") from None
+        f" or {_SCRATCH_HINT}"
+    ) from None
   except (OSError, httpx2.HTTPError) as e:
     raise offline(_one_line(e)) from None
   files = [e for e in entries if isinstance(e, huggingface_hub.hf_api.RepoFile)]
   if not files:
-    raise ConfigError(
-        f"config.model.pretrained={spec!r}: {repo_id} has no {HUB_FILENAME}")
+    raise ConfigError(f"config.model.pretrained={spec!r}: {repo_id} has no {HUB_FILENAME}")
   sha256 = files[0].lfs.sha256 if files[0].lfs else None
 
   try:
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".download-{target.stem}-",
-                                            dir=target.parent))
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".download-{target.stem}-", dir=target.parent))
   except OSError as e:
     raise ConfigError(
         f"config.model.pretrained={spec!r}: cannot write the weights under"
-        f" {target.parent} ({e}); choose another --config.cache_dir") from None
+        f" {target.parent} ({e}); choose another --config.cache_dir"
+    ) from None
   try:
     try:
       downloaded = huggingface_hub.hf_hub_download(
-          repo_id, HUB_FILENAME, local_dir=staging, cache_dir=staging)
+          repo_id, HUB_FILENAME, local_dir=staging, cache_dir=staging
+      )
     except (OSError, httpx2.HTTPError) as e:
       raise offline(_one_line(e)) from None
     problem = install(pathlib.Path(downloaded), target, sha256)
@@ -217,7 +223,8 @@ def _download(spec: str, repo_id: str, target: pathlib.Path) -> None:
       raise ConfigError(
           f"config.model.pretrained={spec!r}: the file downloaded from {repo_id} is"
           f" refused: {problem}. Nothing was written to {target}; run again, or train"
-          f" from scratch with {_SCRATCH_HINT}")
+          f" from scratch with {_SCRATCH_HINT}"
+      )
   finally:
     shutil.rmtree(staging, ignore_errors=True)
 

@@ -26,14 +26,17 @@ _SHIFT = 4  # pixels, for the small-shift TTA
 
 def _shift(dx: int):
   """(forward, inverse) of a horizontal shift by dx, edge-padding the border."""
+
   def fwd(x):
     pad = [(0, 0), (0, 0), (max(dx, 0), max(-dx, 0))] + [(0, 0)] * (x.ndim - 3)
     x = jnp.pad(x, pad, mode="edge")
-    return x[:, :, max(-dx, 0):x.shape[2] - max(dx, 0)]
+    return x[:, :, max(-dx, 0) : x.shape[2] - max(dx, 0)]
+
   def inv(y):
     pad = [(0, 0), (0, 0), (max(-dx, 0), max(dx, 0))]
     y = jnp.pad(y, pad, mode="edge")
-    return y[:, :, max(dx, 0):y.shape[2] - max(-dx, 0)]
+    return y[:, :, max(dx, 0) : y.shape[2] - max(-dx, 0)]
+
   return fwd, inv
 
 
@@ -65,8 +68,9 @@ def make_infer_fn(model, image_size: int, resize_mode: str, tta: str) -> Callabl
     for forward, inverse in views:
       x = geometry.to_model_size(forward(images), image_size, resize_mode)
       out = model.apply(variables, x, train=False)
-      prob = geometry.to_original_size(jax.nn.sigmoid(out["logits"].astype(jnp.float32)),
-                                       resize_mode)
+      prob = geometry.to_original_size(
+          jax.nn.sigmoid(out["logits"].astype(jnp.float32)), resize_mode
+      )
       probs.append(inverse(prob))
       if "class_logits" in out:
         class_probs.append(jax.nn.sigmoid(out["class_logits"].astype(jnp.float32)))
@@ -85,20 +89,21 @@ def fixed_size_batches(images: np.ndarray, batch_size: int) -> Iterator[tuple[np
   rows are real.
   """
   for start in range(0, len(images), batch_size):
-    batch = images[start:start + batch_size]
+    batch = images[start : start + batch_size]
     valid = len(batch)
     if valid < batch_size:
       batch = np.concatenate(
-          [batch, np.zeros((batch_size - valid,) + batch.shape[1:], batch.dtype)])
+          [batch, np.zeros((batch_size - valid,) + batch.shape[1:], batch.dtype)]
+      )
     yield batch, valid
 
 
-def predict_probs(infer_fn, variables, images: np.ndarray, *, batch_size: int, mesh,
-                  progress: str | None = None) -> dict[str, np.ndarray]:
+def predict_probs(
+    infer_fn, variables, images: np.ndarray, *, batch_size: int, mesh, progress: str | None = None
+) -> dict[str, np.ndarray]:
   """Probabilities at 101x101 for `images` (uint8, N x 101 x 101)."""
   outputs: dict[str, list] = {}
-  bar = tqdm.tqdm(total=len(images), desc=progress, unit="img",
-                  disable=not progress, leave=False)
+  bar = tqdm.tqdm(total=len(images), desc=progress, unit="img", disable=not progress, leave=False)
   for batch, valid in fixed_size_batches(np.asarray(images, np.uint8), batch_size):
     out = infer_fn(variables, parallel.global_from_replicated(batch, mesh))
     for k, v in out.items():

@@ -19,8 +19,9 @@ from saltjax import geometry
 from saltjax.geometry import ORIGINAL_SIZE, pad_widths, to_original_size  # noqa: F401
 
 
-def to_model_size(image: tf.Tensor, image_size: int, mode: str,
-                  method: str = "bilinear") -> tf.Tensor:
+def to_model_size(
+    image: tf.Tensor, image_size: int, mode: str, method: str = "bilinear"
+) -> tf.Tensor:
   """(H, W, C) or (B, H, W, C) float tensor at 101 -> `image_size`."""
   if mode == "resize":
     return tf.image.resize(image, [image_size, image_size], method)
@@ -36,9 +37,16 @@ def _as_float(images: np.ndarray) -> tf.Tensor:
   return tf.cast(images, tf.float32)[..., None] / 255.0
 
 
-def train_dataset(images: np.ndarray, masks: np.ndarray, *, batch_size: int,
-                  image_size: int, resize_mode: str, augment_spec: str,
-                  seed: int) -> tf.data.Dataset:
+def train_dataset(
+    images: np.ndarray,
+    masks: np.ndarray,
+    *,
+    batch_size: int,
+    image_size: int,
+    resize_mode: str,
+    augment_spec: str,
+    seed: int,
+) -> tf.data.Dataset:
   """The training set as a tf.data pipeline that yields one *epoch*.
 
   Call `epoch_iterator(ds, epoch)` to get the batches of a given epoch: the
@@ -50,8 +58,7 @@ def train_dataset(images: np.ndarray, masks: np.ndarray, *, batch_size: int,
   base = tf.data.Dataset.from_tensor_slices((images, masks.astype(np.uint8))).cache()
   n = len(images)
   if n < batch_size:
-    raise ValueError(
-        f"only {n} training images for config.batch_size={batch_size} per process")
+    raise ValueError(f"only {n} training images for config.batch_size={batch_size} per process")
 
   def for_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
     epoch_seed = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
@@ -67,8 +74,7 @@ def train_dataset(images: np.ndarray, masks: np.ndarray, *, batch_size: int,
       return {"image": image, "mask": mask[..., 0]}
 
     ds = base.shuffle(n, seed=seed * 7_919 + int(epoch), reshuffle_each_iteration=False)
-    ds = ds.enumerate().map(prepare, num_parallel_calls=tf.data.AUTOTUNE,
-                            deterministic=True)
+    ds = ds.enumerate().map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
   return for_epoch

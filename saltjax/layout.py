@@ -66,6 +66,7 @@ class DataError(errors.DataError):
 @dataclasses.dataclass
 class SaltData:
   """The contents of a data directory, in train.csv / test-id order."""
+
   train_ids: list[str]
   train_images: np.ndarray  # (N, 101, 101) uint8
   train_masks: np.ndarray  # (N, 101, 101) uint8 in {0, 1}
@@ -145,18 +146,18 @@ def _to_gray(array: np.ndarray) -> tuple[np.ndarray | None, list[str]]:
     if channels == 4:
       issues.append("has 4 channels (RGBA); expected gray or 3 equal channels")
     elif channels == 3:
-      if not (np.array_equal(array[:, :, 0], array[:, :, 1]) and
-              np.array_equal(array[:, :, 0], array[:, :, 2])):
-        issues.append("has 3 channels that are not equal (a color image);"
-                      " expected gray")
+      if not (
+          np.array_equal(array[:, :, 0], array[:, :, 1])
+          and np.array_equal(array[:, :, 0], array[:, :, 2])
+      ):
+        issues.append("has 3 channels that are not equal (a color image);" " expected gray")
     else:
       issues.append(f"has {channels} channels; expected gray")
   elif array.ndim != 2:
     issues.append(f"has unexpected array shape {array.shape}")
   if array.ndim >= 2 and array.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE):
     height, width = array.shape[:2]
-    issues.append(f"is {width}x{height} pixels; expected"
-                  f" {IMAGE_SIZE}x{IMAGE_SIZE}")
+    issues.append(f"is {width}x{height} pixels; expected" f" {IMAGE_SIZE}x{IMAGE_SIZE}")
   if issues:
     return None, issues
   return (array[:, :, 0] if array.ndim == 3 else array), []
@@ -170,8 +171,7 @@ def _check_image(array: np.ndarray) -> tuple[np.ndarray | None, list[str]]:
   """An 8-bit (101, 101) gray image, or the reasons it is not one."""
   gray, issues = _to_gray(array)
   if array.dtype != np.uint8:
-    issues.append(
-        f"is {_bits(array)}-bit ({array.dtype}); images must be 8-bit")
+    issues.append(f"is {_bits(array)}-bit ({array.dtype}); images must be 8-bit")
   if issues:
     return None, issues
   return np.ascontiguousarray(gray), []
@@ -198,7 +198,8 @@ def _check_mask(array: np.ndarray) -> tuple[np.ndarray | None, list[str]]:
       article = "an" if _bits(array) == 8 else "a"
       issues.append(
           f"has values {{{text}}}; {article} {_bits(array)}-bit mask must hold"
-          f" only 0 and {max(allowed[0])} or 0 and 1")
+          f" only 0 and {max(allowed[0])} or 0 and 1"
+      )
   if issues:
     return None, issues
   return (gray != 0).astype(np.uint8), []
@@ -211,8 +212,9 @@ def _load_checked(path: str, kind: str) -> tuple[np.ndarray | None, list[str]]:
   return (_check_image if kind == "image" else _check_mask)(array)
 
 
-def _load_entry(source: "_PngSource", sub: str, stem: str,
-                kind: str) -> tuple[np.ndarray | None, list[str]]:
+def _load_entry(
+    source: "_PngSource", sub: str, stem: str, kind: str
+) -> tuple[np.ndarray | None, list[str]]:
   try:
     data = source.read(sub, stem)
   except OSError as e:
@@ -223,8 +225,9 @@ def _load_entry(source: "_PngSource", sub: str, stem: str,
   return (_check_image if kind == "image" else _check_mask)(array)
 
 
-def _load_many(entries: Sequence[tuple["_PngSource", str, str, str]]
-              ) -> list[tuple[np.ndarray | None, list[str]]]:
+def _load_many(
+    entries: Sequence[tuple["_PngSource", str, str, str]],
+) -> list[tuple[np.ndarray | None, list[str]]]:
   """Reads and checks (source, sub, stem, kind) entries, in order."""
   # cv2.imdecode and file reads release the GIL, so threads overlap both the
   # disk and the decoding without the pickling cost of processes.
@@ -258,15 +261,15 @@ def read_mask(path) -> np.ndarray:
 # CSV files and directory listings.
 
 
-def _read_csv(data_dir: str, name: str, columns: list[str] | None,
-              problems: _Problems) -> pd.DataFrame | None:
+def _read_csv(
+    data_dir: str, name: str, columns: list[str] | None, problems: _Problems
+) -> pd.DataFrame | None:
   """Reads a CSV as strings; None (with a problem) when unusable."""
   path = os.path.join(data_dir, name)
   try:
     # Strings throughout: ids like "00e1" must not become numbers and an empty
     # rle_mask must stay "" rather than NaN.
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False,
-                        encoding="utf-8-sig")
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
   except pd.errors.EmptyDataError:
     problems.add("bad csv files", f"{name} is empty (expected a header line)")
     return None
@@ -277,14 +280,16 @@ def _read_csv(data_dir: str, name: str, columns: list[str] | None,
     return None
   frame.columns = [str(c).strip() for c in frame.columns]
   if columns is not None and list(frame.columns) != columns:
-    problems.add("bad csv files",
-                 f"{name} has columns {list(frame.columns)}; expected"
-                 f" {columns} (header line {','.join(columns)!r})")
+    problems.add(
+        "bad csv files",
+        f"{name} has columns {list(frame.columns)}; expected"
+        f" {columns} (header line {','.join(columns)!r})",
+    )
     return None
   if columns is None and "id" not in frame.columns:
-    problems.add("bad csv files",
-                 f"{name} has columns {list(frame.columns)}; expected an 'id'"
-                 " column")
+    problems.add(
+        "bad csv files", f"{name} has columns {list(frame.columns)}; expected an 'id'" " column"
+    )
     return None
   frame["id"] = frame["id"].str.strip()
   return frame
@@ -297,12 +302,11 @@ def _check_ids(name: str, ids: Sequence[str], problems: _Problems) -> None:
     lines_by_id[id_].append(row + 2)  # Line 1 is the header.
   for id_, lines in lines_by_id.items():
     if not id_:
-      problems.add("empty ids",
-                   f"{name} has an empty id on line(s) {_short(lines)}")
+      problems.add("empty ids", f"{name} has an empty id on line(s) {_short(lines)}")
     elif len(lines) > 1:
-      problems.add("duplicated ids",
-                   f"{name} has id {id_!r} {len(lines)} times (lines"
-                   f" {_short(lines)})")
+      problems.add(
+          "duplicated ids", f"{name} has id {id_!r} {len(lines)} times (lines" f" {_short(lines)})"
+      )
 
 
 def _short(items: Iterable, limit: int = 5) -> str:
@@ -313,8 +317,7 @@ def _short(items: Iterable, limit: int = 5) -> str:
 
 def _png_stems(directory: str) -> set[str]:
   with os.scandir(directory) as entries:
-    return {e.name[:-4] for e in entries
-            if e.name.endswith(".png") and e.is_file()}
+    return {e.name[:-4] for e in entries if e.name.endswith(".png") and e.is_file()}
 
 
 # ---------------------------------------------------------------------------
@@ -369,15 +372,15 @@ class _FolderSource(_PngSource):
 
 # Archivers add these beside the real members; they are never data.
 def _is_junk_member(name: str) -> bool:
-  return (name.startswith("__MACOSX/") or
-          os.path.basename(name).startswith("._"))
+  return name.startswith("__MACOSX/") or os.path.basename(name).startswith("._")
 
 
 class _ZipSource(_PngSource):
   """<part>.zip members <prefix><sub>/<id>.png, named '<part>.zip:<member>'."""
 
-  def __init__(self, archive: zipfile.ZipFile, label: str, prefix: str,
-               members: dict[str, dict[str, str]]):
+  def __init__(
+      self, archive: zipfile.ZipFile, label: str, prefix: str, members: dict[str, dict[str, str]]
+  ):
     self._archive = archive
     self._label = label  # e.g. "train.zip"
     self._prefix = prefix  # "" or e.g. "train/"
@@ -390,8 +393,7 @@ class _ZipSource(_PngSource):
     return set(self._members.get(sub, {}))
 
   def name(self, sub, stem):
-    member = self._members.get(sub, {}).get(stem,
-                                            f"{self._prefix}{sub}/{stem}.png")
+    member = self._members.get(sub, {}).get(stem, f"{self._prefix}{sub}/{stem}.png")
     return f"{self._label}:{member}"
 
   def where(self, sub):
@@ -402,8 +404,7 @@ class _ZipSource(_PngSource):
     try:
       with self._lock:
         return self._archive.read(member)
-    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError,
-            RuntimeError) as e:
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as e:
       # A corrupt member (bad CRC, cut-off data), an unsupported compression
       # method or encryption: say why, naming the member like any bad PNG.
       raise OSError(f"{type(e).__name__}: {e}") from e
@@ -412,21 +413,22 @@ class _ZipSource(_PngSource):
     self._archive.close()
 
 
-def _open_zip(data_dir: str, part: str, subdirs: Sequence[str],
-              problems: _Problems) -> _ZipSource | None:
+def _open_zip(
+    data_dir: str, part: str, subdirs: Sequence[str], problems: _Problems
+) -> _ZipSource | None:
   """Opens <part>.zip and finds its sub-folders; None (with a problem) if bad."""
   label = f"{part}.zip"
   path = os.path.join(data_dir, label)
   holds = " and ".join(f"{s}/" for s in subdirs)
-  unpack_hint = (f"re-download it, or unzip a good copy (holding {holds}) into"
-                 f" {os.path.join(data_dir, part)}")
+  unpack_hint = (
+      f"re-download it, or unzip a good copy (holding {holds}) into"
+      f" {os.path.join(data_dir, part)}"
+  )
   try:
     archive = zipfile.ZipFile(path)
-  except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError,
-          ValueError) as e:
+  except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError) as e:
     detail = getattr(e, "strerror", None) or e
-    problems.add("bad zip files",
-                 f"{label} is not a readable zip file ({detail}); {unpack_hint}")
+    problems.add("bad zip files", f"{label} is not a readable zip file ({detail}); {unpack_hint}")
     return None
   # prefix -> sub -> stem -> member.  Kaggle's archives put the folders at the
   # top, but re-zipped copies often nest them under '<part>/'; look anywhere.
@@ -439,31 +441,33 @@ def _open_zip(data_dir: str, part: str, subdirs: Sequence[str],
     if len(parts) < 2 or parts[-2] not in subdirs:
       continue
     prefix = "".join(f"{p}/" for p in parts[:-2])
-    found.setdefault(prefix, {}).setdefault(parts[-2], {})[parts[-1][:-4]] = (
-        name)
-  complete = sorted(p for p, subs in found.items()
-                    if all(s in subs for s in subdirs))
+    found.setdefault(prefix, {}).setdefault(parts[-2], {})[parts[-1][:-4]] = name
+  complete = sorted(p for p, subs in found.items() if all(s in subs for s in subdirs))
   if len(complete) == 1:
     prefix = complete[0]
     return _ZipSource(archive, label, prefix, found[prefix])
   archive.close()
   if complete:
     shown = ", ".join(repr(p or "(top)") for p in complete)
-    problems.add("bad zip files",
-                 f"{label} holds {holds} in more than one folder ({shown});"
-                 f" keep one copy, or unzip the one you mean into"
-                 f" {os.path.join(data_dir, part)}")
+    problems.add(
+        "bad zip files",
+        f"{label} holds {holds} in more than one folder ({shown});"
+        f" keep one copy, or unzip the one you mean into"
+        f" {os.path.join(data_dir, part)}",
+    )
   else:
     seen = sorted({f"{p}{s}/" for p, subs in found.items() for s in subs})
-    what = (f"only {', '.join(seen)}" if seen else "no such folders of PNGs")
-    problems.add("bad zip files",
-                 f"{label} should hold {holds} with <id>.png files but has"
-                 f" {what}; {unpack_hint}")
+    what = f"only {', '.join(seen)}" if seen else "no such folders of PNGs"
+    problems.add(
+        "bad zip files",
+        f"{label} should hold {holds} with <id>.png files but has" f" {what}; {unpack_hint}",
+    )
   return None
 
 
-def _open_sources(data_dir: str, check_test: bool, problems: _Problems
-                 ) -> tuple[dict[str, bool], dict[str, _PngSource | None]]:
+def _open_sources(
+    data_dir: str, check_test: bool, problems: _Problems
+) -> tuple[dict[str, bool], dict[str, _PngSource | None]]:
   """Reports missing files and opens the PNG sources of each part.
 
   Returns:
@@ -489,14 +493,15 @@ def _open_sources(data_dir: str, check_test: bool, problems: _Problems
       sources[part] = None
       for sub in subdirs:
         if not have[sub]:
-          problems.add("missing files",
-                       f"directory {part}/{sub} is missing from {data_dir}"
-                       f" (and there is no {part}.zip to read instead)")
+          problems.add(
+              "missing files",
+              f"directory {part}/{sub} is missing from {data_dir}"
+              f" (and there is no {part}.zip to read instead)",
+          )
   return present, sources
 
 
-def _parse_depths(frame: pd.DataFrame,
-                  problems: _Problems) -> dict[str, int | None]:
+def _parse_depths(frame: pd.DataFrame, problems: _Problems) -> dict[str, int | None]:
   """Depth per id; None where z is not an integer (reported once, here)."""
   depths = {}
   for id_, z in zip(frame["id"], frame["z"]):
@@ -509,8 +514,7 @@ def _parse_depths(frame: pd.DataFrame,
       except ValueError:
         value = None
     if value is None:
-      problems.add("bad depths", f"depths.csv has non-integer z {z!r} for id"
-                   f" {id_!r}")
+      problems.add("bad depths", f"depths.csv has non-integer z {z!r} for id" f" {id_!r}")
     # Keep the id even when z is bad, so it is not also reported as missing.
     depths.setdefault(id_, value)
   return depths
@@ -525,8 +529,7 @@ def _scan(data_dir, with_test: bool) -> tuple[_Problems, SaltData | None]:
   problems = _Problems()
   data_dir = os.fspath(data_dir)
   if not os.path.isdir(data_dir):
-    what = ("is not a directory" if os.path.exists(data_dir) else
-            "does not exist")
+    what = "is not a directory" if os.path.exists(data_dir) else "does not exist"
     problems.add("missing files", f"data_dir {data_dir} {what}")
     return problems, None
   present, sources = _open_sources(data_dir, with_test, problems)
@@ -539,9 +542,12 @@ def _scan(data_dir, with_test: bool) -> tuple[_Problems, SaltData | None]:
   return problems, data
 
 
-def _scan_sources(data_dir: str, present: dict[str, bool],
-                  sources: dict[str, _PngSource | None],
-                  problems: _Problems) -> SaltData | None:
+def _scan_sources(
+    data_dir: str,
+    present: dict[str, bool],
+    sources: dict[str, _PngSource | None],
+    problems: _Problems,
+) -> SaltData | None:
   """The body of `_scan`, once the PNG sources are open."""
   train_ids: list[str] | None = None
   # Decoded RLE per train id (None where it is invalid), checked even for ids
@@ -561,8 +567,7 @@ def _scan_sources(data_dir: str, present: dict[str, bool],
           rle_masks[id_] = rle.decode(text, (IMAGE_SIZE, IMAGE_SIZE))
         except rle.RLEError as e:
           rle_masks[id_] = None
-          problems.add("bad RLE",
-                       f"train.csv rle_mask for id {id_!r} is invalid: {e}")
+          problems.add("bad RLE", f"train.csv rle_mask for id {id_!r} is invalid: {e}")
 
   depths: dict[str, int | None] | None = None
   if present["depths.csv"]:
@@ -582,17 +587,18 @@ def _scan_sources(data_dir: str, present: dict[str, bool],
       if id_ in seen:
         continue  # A duplicated row is reported once and decoded once.
       seen.add(id_)
-      missing = [train_source.name(sub, id_) for sub in ("images", "masks")
-                 if id_ not in stems[sub]]
+      missing = [
+          train_source.name(sub, id_) for sub in ("images", "masks") if id_ not in stems[sub]
+      ]
       if missing:
-        problems.add("missing images or masks",
-                     f"train.csv id {id_!r} has no {' and no '.join(missing)}")
+        problems.add(
+            "missing images or masks", f"train.csv id {id_!r} has no {' and no '.join(missing)}"
+        )
       elif id_:
         train_rows.append(row)
     for sub in ("images", "masks"):
       for stem in sorted(stems[sub] - known):
-        problems.add(f"extra {sub}",
-                     f"{train_source.name(sub, stem)} has no row in train.csv")
+        problems.add(f"extra {sub}", f"{train_source.name(sub, stem)} has no row in train.csv")
 
   test_ids: list[str] = []
   test_present: list[str] = []
@@ -611,29 +617,30 @@ def _scan_sources(data_dir: str, present: dict[str, bool],
         _check_ids("sample_submission.csv", test_ids, problems)
         for id_ in test_ids:
           if id_ and id_ not in test_stems:
-            problems.add("missing test images",
-                         f"sample_submission.csv id {id_!r} has no"
-                         f" {test_source.name('images', id_)}")
+            problems.add(
+                "missing test images",
+                f"sample_submission.csv id {id_!r} has no" f" {test_source.name('images', id_)}",
+            )
     else:
       test_ids = sorted(test_stems)
     if not test_ids and source is not None:
-      empty = ("has no rows" if source == "sample_submission.csv" else
-               "has no PNG files")
+      empty = "has no rows" if source == "sample_submission.csv" else "has no PNG files"
       problems.add("missing files", f"{source} {empty}; there are no test ids")
     test_present = [i for i in dict.fromkeys(test_ids) if i in test_stems]
 
   both = sorted(set(train_ids or []) & set(test_ids) - {""})
   if both:
-    problems.add("ids in both train and test",
-                 f"{len(both)} test id(s) are also train ids (a test image must not be"
-                 f" trained on): {_short(both)}")
+    problems.add(
+        "ids in both train and test",
+        f"{len(both)} test id(s) are also train ids (a test image must not be"
+        f" trained on): {_short(both)}",
+    )
 
   if depths is not None:
     for name, ids in (("train.csv", train_ids or []), ("test", test_ids)):
       for id_ in dict.fromkeys(ids):
         if id_ and id_ not in depths:
-          problems.add("ids missing from depths.csv",
-                       f"{name} id {id_!r} has no row in depths.csv")
+          problems.add("ids missing from depths.csv", f"{name} id {id_!r} has no row in depths.csv")
 
   # Decode every PNG once, in one pool, so train and test decoding overlap.
   entries = []
@@ -656,16 +663,17 @@ def _scan_sources(data_dir: str, present: dict[str, bool],
     if mask is not None and rle_mask is not None:
       differ = int(np.count_nonzero(rle_mask != mask))
       if differ:
-        problems.add("RLE/mask disagreements",
-                     f"train.csv rle_mask for id {id_!r} disagrees with"
-                     f" {train_source.name('masks', id_)} in {differ}"
-                     " pixel(s)")
+        problems.add(
+            "RLE/mask disagreements",
+            f"train.csv rle_mask for id {id_!r} disagrees with"
+            f" {train_source.name('masks', id_)} in {differ}"
+            " pixel(s)",
+        )
     if image is not None:
       images[id_] = image
     if mask is not None:
       masks[id_] = mask
-  test_images = {id_: loaded[2 * len(train_rows) + i][0]
-                 for i, id_ in enumerate(test_present)}
+  test_images = {id_: loaded[2 * len(train_rows) + i][0] for i, id_ in enumerate(test_present)}
 
   if problems:
     return None
@@ -676,7 +684,8 @@ def _scan_sources(data_dir: str, present: dict[str, bool],
       train_depths=np.array([depths[i] for i in train_ids], np.int64),
       test_ids=list(test_ids),
       test_images=_stack([test_images[i] for i in test_ids]),
-      test_depths=np.array([depths[i] for i in test_ids], np.int64))
+      test_depths=np.array([depths[i] for i in test_ids], np.int64),
+  )
 
 
 def _stack(arrays: list[np.ndarray]) -> np.ndarray:
@@ -738,8 +747,11 @@ def read_test_images(data_dir) -> SaltData:
   elif os.path.isfile(os.path.join(data_dir, "test.zip")):
     source = _open_zip(data_dir, "test", ("images",), problems)
   else:
-    problems.add("missing files", f"directory test/images is missing from {data_dir}"
-                 " (and there is no test.zip to read instead)")
+    problems.add(
+        "missing files",
+        f"directory test/images is missing from {data_dir}"
+        " (and there is no test.zip to read instead)",
+    )
   test_ids: list[str] = []
   loaded = []
   try:
@@ -751,8 +763,10 @@ def read_test_images(data_dir) -> SaltData:
         _check_ids("sample_submission.csv", test_ids, problems)
         for id_ in test_ids:
           if id_ not in stems:
-            problems.add("missing test images", f"sample_submission.csv id {id_!r} has"
-                         f" no {source.name('images', id_)}")
+            problems.add(
+                "missing test images",
+                f"sample_submission.csv id {id_!r} has" f" no {source.name('images', id_)}",
+            )
       else:
         test_ids = sorted(stems)
       if not test_ids:
@@ -768,7 +782,12 @@ def read_test_images(data_dir) -> SaltData:
   if problems:
     raise DataError(problems.message(data_dir), problems.lines())
   empty = np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
-  return SaltData(train_ids=[], train_images=empty, train_masks=empty,
-                  train_depths=np.zeros(0, np.int64), test_ids=test_ids,
-                  test_images=_stack([image for image, _ in loaded]),
-                  test_depths=np.zeros(len(test_ids), np.int64))
+  return SaltData(
+      train_ids=[],
+      train_images=empty,
+      train_masks=empty,
+      train_depths=np.zeros(0, np.int64),
+      test_ids=test_ids,
+      test_images=_stack([image for image, _ in loaded]),
+      test_depths=np.zeros(len(test_ids), np.int64),
+  )

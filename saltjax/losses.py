@@ -58,9 +58,7 @@ def bce(logits: Array, labels: Array) -> Array:
   return bce_per_image(logits, labels).mean()
 
 
-def soft_dice_per_image(
-    logits: Array, labels: Array, smooth: float = 1.0
-) -> Array:
+def soft_dice_per_image(logits: Array, labels: Array, smooth: float = 1.0) -> Array:
   """Soft Dice loss per image: 1 - (2 sum(p y) + s) / (sum p + sum y + s)."""
   logits, labels = _as_f32(logits, labels)
   probs = _flatten_images(jax.nn.sigmoid(logits))
@@ -84,9 +82,9 @@ def bce_dice_per_image(
     dice_weight: float = 1.0,
 ) -> Array:
   """bce_weight * BCE + dice_weight * soft Dice, per image."""
-  return bce_weight * bce_per_image(
+  return bce_weight * bce_per_image(logits, labels) + dice_weight * soft_dice_per_image(
       logits, labels
-  ) + dice_weight * soft_dice_per_image(logits, labels)
+  )
 
 
 def bce_dice(
@@ -96,9 +94,7 @@ def bce_dice(
     dice_weight: float = 1.0,
 ) -> Array:
   """bce_weight * BCE + dice_weight * soft Dice, averaged over the batch."""
-  return bce_dice_per_image(
-      logits, labels, bce_weight=bce_weight, dice_weight=dice_weight
-  ).mean()
+  return bce_dice_per_image(logits, labels, bce_weight=bce_weight, dice_weight=dice_weight).mean()
 
 
 # ----------------------------------------------------------------------------
@@ -130,20 +126,16 @@ def lovasz_grad(gt_sorted: Array) -> Array:
 
 
 def _hinge_activation(activation: str) -> Callable[[Array], Array]:
-  if activation == 'relu':
+  if activation == "relu":
     return jax.nn.relu
-  if activation == 'elu':
+  if activation == "elu":
     # The TGS variant: elu(x) + 1 is smooth and strictly positive, so pixels
     # already beyond the margin still get a (small) gradient.
     return lambda x: jax.nn.elu(x) + 1.0
-  raise ValueError(
-      f"Unknown Lovász activation {activation!r}; expected 'relu' or 'elu'."
-  )
+  raise ValueError(f"Unknown Lovász activation {activation!r}; expected 'relu' or 'elu'.")
 
 
-def _lovasz_hinge_flat(
-    logits: Array, labels: Array, activation: Callable[[Array], Array]
-) -> Array:
+def _lovasz_hinge_flat(logits: Array, labels: Array, activation: Callable[[Array], Array]) -> Array:
   """Lovász hinge of one flat (P,) vector of logits; `lovasz_hinge_flat`."""
   signs = 2.0 * labels - 1.0
   errors = 1.0 - logits * signs
@@ -157,9 +149,7 @@ def _lovasz_hinge_flat(
   return jnp.dot(activation(errors_sorted), grad)
 
 
-def lovasz_hinge_per_image(
-    logits: Array, labels: Array, activation: str = 'relu'
-) -> Array:
+def lovasz_hinge_per_image(logits: Array, labels: Array, activation: str = "relu") -> Array:
   """Lovász hinge of each image, shape (B,)."""
   logits, labels = _as_f32(logits, labels)
   act = _hinge_activation(activation)
@@ -172,7 +162,7 @@ def lovasz_hinge(
     logits: Array,
     labels: Array,
     per_image: bool = True,
-    activation: str = 'relu',
+    activation: str = "relu",
 ) -> Array:
   """Binary Lovász hinge loss.
 
@@ -190,14 +180,10 @@ def lovasz_hinge(
   if per_image:
     return lovasz_hinge_per_image(logits, labels, activation=activation).mean()
   logits, labels = _as_f32(logits, labels)
-  return _lovasz_hinge_flat(
-      logits.reshape(-1), labels.reshape(-1), _hinge_activation(activation)
-  )
+  return _lovasz_hinge_flat(logits.reshape(-1), labels.reshape(-1), _hinge_activation(activation))
 
 
-def symmetric_lovasz_per_image(
-    logits: Array, labels: Array, activation: str = 'relu'
-) -> Array:
+def symmetric_lovasz_per_image(logits: Array, labels: Array, activation: str = "relu") -> Array:
   """(L(x, y) + L(-x, 1 - y)) / 2 per image, shape (B,)."""
   logits, labels = _as_f32(logits, labels)
   return 0.5 * (
@@ -210,7 +196,7 @@ def symmetric_lovasz(
     logits: Array,
     labels: Array,
     per_image: bool = True,
-    activation: str = 'relu',
+    activation: str = "relu",
 ) -> Array:
   """(L(x, y) + L(-x, 1 - y)) / 2: the Lovász hinge of salt and of background.
 
@@ -220,9 +206,7 @@ def symmetric_lovasz(
   logits, labels = _as_f32(logits, labels)
   return 0.5 * (
       lovasz_hinge(logits, labels, per_image=per_image, activation=activation)
-      + lovasz_hinge(
-          -logits, 1.0 - labels, per_image=per_image, activation=activation
-      )
+      + lovasz_hinge(-logits, 1.0 - labels, per_image=per_image, activation=activation)
   )
 
 
@@ -234,22 +218,22 @@ def symmetric_lovasz(
 # The one table of losses: name -> per-image form (B,) given the BCE/Dice
 # weights. The checks, the scalar losses and the train step all read it.
 PER_IMAGE_LOSSES: Dict[str, Callable[..., PerImageLossFn]] = {
-    'bce': lambda bce_weight, dice_weight: bce_per_image,
-    'dice': lambda bce_weight, dice_weight: soft_dice_per_image,
-    'bce_dice': lambda bce_weight, dice_weight: functools.partial(
+    "bce": lambda bce_weight, dice_weight: bce_per_image,
+    "dice": lambda bce_weight, dice_weight: soft_dice_per_image,
+    "bce_dice": lambda bce_weight, dice_weight: functools.partial(
         bce_dice_per_image, bce_weight=bce_weight, dice_weight=dice_weight
     ),
-    'lovasz': lambda bce_weight, dice_weight: functools.partial(
-        lovasz_hinge_per_image, activation='relu'
+    "lovasz": lambda bce_weight, dice_weight: functools.partial(
+        lovasz_hinge_per_image, activation="relu"
     ),
-    'lovasz_elu': lambda bce_weight, dice_weight: functools.partial(
-        lovasz_hinge_per_image, activation='elu'
+    "lovasz_elu": lambda bce_weight, dice_weight: functools.partial(
+        lovasz_hinge_per_image, activation="elu"
     ),
-    'lovasz_symmetric': lambda bce_weight, dice_weight: functools.partial(
-        symmetric_lovasz_per_image, activation='relu'
+    "lovasz_symmetric": lambda bce_weight, dice_weight: functools.partial(
+        symmetric_lovasz_per_image, activation="relu"
     ),
-    'lovasz_symmetric_elu': lambda bce_weight, dice_weight: functools.partial(
-        symmetric_lovasz_per_image, activation='elu'
+    "lovasz_symmetric_elu": lambda bce_weight, dice_weight: functools.partial(
+        symmetric_lovasz_per_image, activation="elu"
     ),
 }
 
@@ -260,8 +244,7 @@ def _per_image_loss_fn(
   """The per-image (B,) form of the loss `name`."""
   if name not in PER_IMAGE_LOSSES:
     raise ValueError(
-        f'Unknown loss {name!r}; valid losses are:'
-        f' {", ".join(sorted(PER_IMAGE_LOSSES))}.'
+        f"Unknown loss {name!r}; valid losses are:" f' {", ".join(sorted(PER_IMAGE_LOSSES))}.'
     )
   return PER_IMAGE_LOSSES[name](bce_weight, dice_weight)
 
@@ -276,9 +259,7 @@ LOSSES: Dict[str, LossFn] = {
 }
 
 
-def get_loss_fn(
-    name: str, bce_weight: float = 1.0, dice_weight: float = 1.0
-) -> LossFn:
+def get_loss_fn(name: str, bce_weight: float = 1.0, dice_weight: float = 1.0) -> LossFn:
   """Returns fn(logits, labels) -> scalar for the loss `name`.
 
   Args:
@@ -289,9 +270,7 @@ def get_loss_fn(
   Raises:
     ValueError: if `name` is not a known loss.
   """
-  return _batch_mean(
-      _per_image_loss_fn(name, bce_weight=bce_weight, dice_weight=dice_weight)
-  )
+  return _batch_mean(_per_image_loss_fn(name, bce_weight=bce_weight, dice_weight=dice_weight))
 
 
 # ----------------------------------------------------------------------------
@@ -333,37 +312,32 @@ def model_loss(
     unweighted components 'main', and 'side' / 'class' when present.
   """
   name = name if name is not None else loss_config.name
-  bce_weight = getattr(loss_config, 'bce_weight', 1.0)
-  dice_weight = getattr(loss_config, 'dice_weight', 1.0)
-  per_image_fn = _per_image_loss_fn(
-      name, bce_weight=bce_weight, dice_weight=dice_weight
-  )
+  bce_weight = getattr(loss_config, "bce_weight", 1.0)
+  dice_weight = getattr(loss_config, "dice_weight", 1.0)
+  per_image_fn = _per_image_loss_fn(name, bce_weight=bce_weight, dice_weight=dice_weight)
   masks = jnp.asarray(masks, jnp.float32)
   has_salt = (_flatten_images(masks).max(axis=1) > 0.5).astype(jnp.float32)
 
-  main = per_image_fn(outputs['logits'], masks).mean()
-  aux = {'main': main}
+  main = per_image_fn(outputs["logits"], masks).mean()
+  aux = {"main": main}
   total = main
 
-  side_logits = outputs.get('side_logits')
+  side_logits = outputs.get("side_logits")
   # `len` rather than truthiness: a stacked (S, B, H, W) array is also allowed.
   if side_logits is not None and len(side_logits) > 0:
     # A masked mean over the batch keeps shapes static under jit; the max(., 1)
     # makes the term exactly 0 (with zero gradient) on a batch without salt.
     n_salt = jnp.maximum(has_salt.sum(), 1.0)
-    side_terms = [
-        jnp.sum(has_salt * per_image_fn(s, masks)) / n_salt
-        for s in side_logits
-    ]
+    side_terms = [jnp.sum(has_salt * per_image_fn(s, masks)) / n_salt for s in side_logits]
     side = jnp.mean(jnp.stack(side_terms))
-    aux['side'] = side
-    total = total + getattr(loss_config, 'deep_supervision_weight', 0.1) * side
+    aux["side"] = side
+    total = total + getattr(loss_config, "deep_supervision_weight", 0.1) * side
 
-  class_logits = outputs.get('class_logits')
+  class_logits = outputs.get("class_logits")
   if class_logits is not None:
     class_logits = jnp.asarray(class_logits, jnp.float32).reshape(-1)
     cls = optax.sigmoid_binary_cross_entropy(class_logits, has_salt).mean()
-    aux['class'] = cls
-    total = total + getattr(loss_config, 'classifier_weight', 0.05) * cls
+    aux["class"] = cls
+    total = total + getattr(loss_config, "classifier_weight", 0.05) * cls
 
   return total, aux

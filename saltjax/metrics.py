@@ -38,8 +38,7 @@ def scores_from_counts(inter, union, xp=np):
 
 def _counts(truth: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   t, p = _flat_bool(truth), _flat_bool(pred)
-  return (np.logical_and(t, p).sum(1).astype(np.int64),
-          np.logical_or(t, p).sum(1).astype(np.int64))
+  return (np.logical_and(t, p).sum(1).astype(np.int64), np.logical_or(t, p).sum(1).astype(np.int64))
 
 
 def iou_per_image(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
@@ -68,6 +67,7 @@ def score_by_coverage_class(truth: np.ndarray, pred: np.ndarray) -> dict[int, di
   """The competition score split by the truth's coverage class."""
   classes = coverage_class(truth)
   scores = precision_per_image(truth, pred)
-  return {int(c): {"count": int((classes == c).sum()),
-                   "score": float(scores[classes == c].mean())}
-          for c in np.unique(classes)}
+  return {
+      int(c): {"count": int((classes == c).sum()), "score": float(scores[classes == c].mean())}
+      for c in np.unique(classes)
+  }

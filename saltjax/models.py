@@ -33,7 +33,7 @@ IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
 IMAGENET_MEAN_GRAY = 0.449
 IMAGENET_STD_GRAY = 0.226
 
-UPSAMPLE_METHODS = ('nearest', 'bilinear')
+UPSAMPLE_METHODS = ("nearest", "bilinear")
 
 # flax's momentum 0.9 is torch's momentum 0.1: running = 0.9 * running + 0.1 *
 # batch. Every BatchNorm of the model uses it (train.recompute_batch_stats
@@ -43,8 +43,8 @@ BATCH_NORM_MOMENTUM = 0.9
 # torchvision initialises ResNet convs with kaiming_normal(fan_out, relu);
 # smp initialises decoder convs with kaiming_uniform(fan_in, relu) and the
 # head with xavier_uniform.
-_encoder_conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
-_decoder_conv_init = nn.initializers.variance_scaling(2.0, 'fan_in', 'uniform')
+_encoder_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+_decoder_conv_init = nn.initializers.variance_scaling(2.0, "fan_in", "uniform")
 _head_init = nn.initializers.xavier_uniform()
 
 
@@ -64,21 +64,20 @@ def _resize(x: Array, height: int, width: int, method: str) -> Array:
   in_h, in_w = x.shape[1], x.shape[2]
   if (in_h, in_w) == (height, width):
     return x
-  if (method == 'nearest' and height % in_h == 0 and width % in_w == 0):
+  if method == "nearest" and height % in_h == 0 and width % in_w == 0:
     # An exact integer nearest upsample is a repeat; it avoids a gather whose
     # gradient is a slow scatter-add on accelerators.
     x = jnp.repeat(x, height // in_h, axis=1)
     return jnp.repeat(x, width // in_w, axis=2)
   # antialias=False matches torch's F.interpolate(align_corners=False).
   return jax.image.resize(
-      x, (x.shape[0], height, width, x.shape[3]), method=method,
-      antialias=False)
+      x, (x.shape[0], height, width, x.shape[3]), method=method, antialias=False
+  )
 
 
 def count_params(params: Any) -> int:
   """Number of scalars in a pytree of arrays (or jax.ShapeDtypeStructs)."""
-  return int(sum(int(np.prod(leaf.shape))
-                 for leaf in jax.tree_util.tree_leaves(params)))
+  return int(sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(params)))
 
 
 class ScSE(nn.Module):
@@ -102,6 +101,7 @@ class ScSE(nn.Module):
       `identity_init`).
     identity_init: start as the identity (zero-initialised gate convs).
   """
+
   reduction: int = 16
   dtype: Dtype = jnp.float32
   kernel_init: Callable[..., Array] = _decoder_conv_init
@@ -113,18 +113,22 @@ class ScSE(nn.Module):
     # A reduction larger than the width would leave no bottleneck channel.
     hidden = max(channels // self.reduction, 1)
     dense = functools.partial(
-        nn.Conv, kernel_size=(1, 1), use_bias=True, dtype=self.dtype,
-        param_dtype=jnp.float32, kernel_init=self.kernel_init,
-        bias_init=nn.initializers.zeros_init())
+        nn.Conv,
+        kernel_size=(1, 1),
+        use_bias=True,
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        kernel_init=self.kernel_init,
+        bias_init=nn.initializers.zeros_init(),
+    )
     # Average in float32: a bf16 sum over a large map loses precision.
     pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True)
-    gate_init = (nn.initializers.zeros_init() if self.identity_init
-                 else self.kernel_init)
-    c = dense(hidden, name='cse_reduce')(pooled)
+    gate_init = nn.initializers.zeros_init() if self.identity_init else self.kernel_init
+    c = dense(hidden, name="cse_reduce")(pooled)
     c = nn.relu(c)
-    c = dense(channels, kernel_init=gate_init, name='cse_expand')(c)
+    c = dense(channels, kernel_init=gate_init, name="cse_expand")(c)
     c = nn.sigmoid(c)
-    s = nn.sigmoid(dense(1, kernel_init=gate_init, name='sse')(x))
+    s = nn.sigmoid(dense(1, kernel_init=gate_init, name="sse")(x))
     return (x * c + x * s).astype(self.dtype)
 
 
@@ -139,6 +143,7 @@ class BottleneckBlock(nn.Module):
     scse_reduction: scSE channel reduction.
     dtype: computation dtype.
   """
+
   filters: int
   strides: int = 1
   downsample: bool = False
@@ -149,22 +154,31 @@ class BottleneckBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     conv = functools.partial(
-        nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-        kernel_init=_encoder_conv_init)
+        nn.Conv,
+        use_bias=False,
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        kernel_init=_encoder_conv_init,
+    )
     # Statistics are kept in float32.
     norm = functools.partial(
-        nn.BatchNorm, use_running_average=not train,
+        nn.BatchNorm,
+        use_running_average=not train,
         momentum=BATCH_NORM_MOMENTUM,
-        epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32)
+        epsilon=1e-5,
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+    )
 
     residual = x
-    y = conv(self.filters, (1, 1), padding=_pad(1), name='conv1')(x)
-    y = nn.relu(norm(name='bn1')(y))
-    y = conv(self.filters, (3, 3), strides=(self.strides, self.strides),
-             padding=_pad(3), name='conv2')(y)
-    y = nn.relu(norm(name='bn2')(y))
-    y = conv(4 * self.filters, (1, 1), padding=_pad(1), name='conv3')(y)
-    y = norm(name='bn3')(y)
+    y = conv(self.filters, (1, 1), padding=_pad(1), name="conv1")(x)
+    y = nn.relu(norm(name="bn1")(y))
+    y = conv(
+        self.filters, (3, 3), strides=(self.strides, self.strides), padding=_pad(3), name="conv2"
+    )(y)
+    y = nn.relu(norm(name="bn2")(y))
+    y = conv(4 * self.filters, (1, 1), padding=_pad(1), name="conv3")(y)
+    y = norm(name="bn3")(y)
     if self.scse:
       # Inserted into a (pretrained) ResNet, the block must start as the block
       # without it: with torchvision's fan-out init the C -> 1 spatial conv
@@ -172,14 +186,22 @@ class BottleneckBlock(nn.Module):
       # C=256), so most gates would sit at 0 or 1, masking the pretrained
       # residual branch at random with near-zero gradients. Hence an identity
       # start (zero gate convs); the cSE bottleneck keeps the encoder's init.
-      y = ScSE(reduction=self.scse_reduction, dtype=self.dtype,
-               kernel_init=_encoder_conv_init, identity_init=True,
-               name='scse')(y)
+      y = ScSE(
+          reduction=self.scse_reduction,
+          dtype=self.dtype,
+          kernel_init=_encoder_conv_init,
+          identity_init=True,
+          name="scse",
+      )(y)
     if self.downsample:
-      residual = conv(4 * self.filters, (1, 1),
-                      strides=(self.strides, self.strides), padding=_pad(1),
-                      name='downsample_conv')(x)
-      residual = norm(name='downsample_bn')(residual)
+      residual = conv(
+          4 * self.filters,
+          (1, 1),
+          strides=(self.strides, self.strides),
+          padding=_pad(1),
+          name="downsample_conv",
+      )(x)
+      residual = norm(name="downsample_bn")(residual)
     return nn.relu(y + residual)
 
 
@@ -198,6 +220,7 @@ class ResNetEncoder(nn.Module):
     scse_reduction: scSE channel reduction.
     dtype: computation dtype.
   """
+
   stage_sizes: Sequence[int]
   num_filters: int = 64
   scse: bool = False
@@ -208,12 +231,25 @@ class ResNetEncoder(nn.Module):
   def __call__(self, x: Array, train: bool = False) -> list[Array]:
     """Returns [stem, layer1, ..., layerN] at strides 2, 4, 8, 16, 32, ...."""
     x = jnp.asarray(x, self.dtype)
-    x = nn.Conv(self.num_filters, (7, 7), strides=(2, 2), padding=_pad(7),
-                use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                kernel_init=_encoder_conv_init, name='conv1')(x)
-    x = nn.BatchNorm(use_running_average=not train,
-                     momentum=BATCH_NORM_MOMENTUM, epsilon=1e-5,
-                     dtype=self.dtype, param_dtype=jnp.float32, name='bn1')(x)
+    x = nn.Conv(
+        self.num_filters,
+        (7, 7),
+        strides=(2, 2),
+        padding=_pad(7),
+        use_bias=False,
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        kernel_init=_encoder_conv_init,
+        name="conv1",
+    )(x)
+    x = nn.BatchNorm(
+        use_running_average=not train,
+        momentum=BATCH_NORM_MOMENTUM,
+        epsilon=1e-5,
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        name="bn1",
+    )(x)
     x = nn.relu(x)
     features = [x]
     # flax pads max_pool with -inf, like torch.
@@ -224,10 +260,14 @@ class ResNetEncoder(nn.Module):
         # later stage halves it in its first block.
         strides = 2 if i > 0 and j == 0 else 1
         x = BottleneckBlock(
-            filters=self.num_filters * 2**i, strides=strides,
-            downsample=(j == 0), scse=self.scse,
-            scse_reduction=self.scse_reduction, dtype=self.dtype,
-            name=f'layer{i + 1}_{j}')(x, train=train)
+            filters=self.num_filters * 2**i,
+            strides=strides,
+            downsample=(j == 0),
+            scse=self.scse,
+            scse_reduction=self.scse_reduction,
+            dtype=self.dtype,
+            name=f"layer{i + 1}_{j}",
+        )(x, train=train)
       features.append(x)
     return features
 
@@ -245,15 +285,15 @@ class DecoderBlock(nn.Module):
     upsample: 'nearest' or 'bilinear'.
     dtype: computation dtype.
   """
+
   features: int
   scse: bool = True
   scse_reduction: int = 16
-  upsample: str = 'nearest'
+  upsample: str = "nearest"
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, skip: Optional[Array],
-               train: bool = False) -> Array:
+  def __call__(self, x: Array, skip: Optional[Array], train: bool = False) -> Array:
     if skip is not None:
       x = _resize(x, skip.shape[1], skip.shape[2], self.upsample)
       x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
@@ -263,20 +303,31 @@ class DecoderBlock(nn.Module):
       # scratch, there are no pretrained features to preserve, and the
       # fan-in init gives gate logits of std ~sqrt(2) * rms(x), unsaturated.
       if self.scse:
-        x = ScSE(self.scse_reduction, dtype=self.dtype, name='scse_in')(x)
+        x = ScSE(self.scse_reduction, dtype=self.dtype, name="scse_in")(x)
     else:
       x = _resize(x, 2 * x.shape[1], 2 * x.shape[2], self.upsample)
     for k in (1, 2):
-      x = nn.Conv(self.features, (3, 3), padding=_pad(3), use_bias=False,
-                  dtype=self.dtype, param_dtype=jnp.float32,
-                  kernel_init=_decoder_conv_init, name=f'conv{k}')(x)
-      x = nn.BatchNorm(use_running_average=not train,
-                       momentum=BATCH_NORM_MOMENTUM, epsilon=1e-5,
-                       dtype=self.dtype, param_dtype=jnp.float32,
-                       name=f'bn{k}')(x)
+      x = nn.Conv(
+          self.features,
+          (3, 3),
+          padding=_pad(3),
+          use_bias=False,
+          dtype=self.dtype,
+          param_dtype=jnp.float32,
+          kernel_init=_decoder_conv_init,
+          name=f"conv{k}",
+      )(x)
+      x = nn.BatchNorm(
+          use_running_average=not train,
+          momentum=BATCH_NORM_MOMENTUM,
+          epsilon=1e-5,
+          dtype=self.dtype,
+          param_dtype=jnp.float32,
+          name=f"bn{k}",
+      )(x)
       x = nn.relu(x)
     if self.scse:
-      x = ScSE(self.scse_reduction, dtype=self.dtype, name='scse_out')(x)
+      x = ScSE(self.scse_reduction, dtype=self.dtype, name="scse_out")(x)
     return x
 
 
@@ -307,6 +358,7 @@ class UNet(nn.Module):
       deepest encoder features.
     dtype: computation dtype (parameters are float32).
   """
+
   stage_sizes: Sequence[int] = (3, 4, 6, 3)
   encoder_width: int = 64
   in_channels: int = 1
@@ -314,7 +366,7 @@ class UNet(nn.Module):
   scse_decoder: bool = True
   scse_reduction: int = 16
   decoder_channels: Sequence[int] = (256, 128, 64, 32, 16)
-  upsample: str = 'nearest'
+  upsample: str = "nearest"
   hypercolumn: bool = False
   deep_supervision: bool = False
   classifier: bool = False
@@ -325,38 +377,42 @@ class UNet(nn.Module):
     if x.ndim == 3:
       x = x[..., None]
     if x.ndim != 4:
-      raise ValueError(f'UNet expects (B, H, W[, C]) images, got {x.shape}.')
+      raise ValueError(f"UNet expects (B, H, W[, C]) images, got {x.shape}.")
     if self.in_channels == 1:
       if x.shape[-1] != 1:
-        raise ValueError(f'in_channels=1 but the input has shape {x.shape}.')
+        raise ValueError(f"in_channels=1 but the input has shape {x.shape}.")
       return (x - IMAGENET_MEAN_GRAY) / IMAGENET_STD_GRAY
     if self.in_channels == 3:
       if x.shape[-1] == 1:
         x = jnp.repeat(x, 3, axis=-1)
       if x.shape[-1] != 3:
-        raise ValueError(f'in_channels=3 but the input has shape {x.shape}.')
+        raise ValueError(f"in_channels=3 but the input has shape {x.shape}.")
       mean = jnp.asarray(IMAGENET_MEAN_RGB, jnp.float32)
       std = jnp.asarray(IMAGENET_STD_RGB, jnp.float32)
       return (x - mean) / std
-    raise ValueError(f'in_channels must be 1 or 3, got {self.in_channels}.')
+    raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels}.")
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> dict[str, Any]:
     height, width = x.shape[1], x.shape[2]
     if len(self.decoder_channels) != len(self.stage_sizes) + 1:
       raise ValueError(
-          f'decoder_channels needs {len(self.stage_sizes) + 1} entries (one per'
-          f' encoder feature map), got {tuple(self.decoder_channels)}.')
+          f"decoder_channels needs {len(self.stage_sizes) + 1} entries (one per"
+          f" encoder feature map), got {tuple(self.decoder_channels)}."
+      )
     if self.upsample not in UPSAMPLE_METHODS:
-      raise ValueError(f'upsample must be one of {UPSAMPLE_METHODS}, got '
-                       f'{self.upsample!r}.')
+      raise ValueError(f"upsample must be one of {UPSAMPLE_METHODS}, got " f"{self.upsample!r}.")
 
     x = self._normalize(x).astype(self.dtype)
     # Named 'encoder' so that pretrained.merge_encoder finds it.
     features = ResNetEncoder(
-        stage_sizes=tuple(self.stage_sizes), num_filters=self.encoder_width,
-        scse=self.scse_encoder, scse_reduction=self.scse_reduction,
-        dtype=self.dtype, name='encoder')(x, train=train)
+        stage_sizes=tuple(self.stage_sizes),
+        num_filters=self.encoder_width,
+        scse=self.scse_encoder,
+        scse_reduction=self.scse_reduction,
+        dtype=self.dtype,
+        name="encoder",
+    )(x, train=train)
 
     # Deepest map first; skips are the shallower maps, the last block has none.
     y = features[-1]
@@ -364,49 +420,79 @@ class UNet(nn.Module):
     block_outputs = []
     for i, (channels, skip) in enumerate(zip(self.decoder_channels, skips)):
       y = DecoderBlock(
-          features=channels, scse=self.scse_decoder,
-          scse_reduction=self.scse_reduction, upsample=self.upsample,
-          dtype=self.dtype, name=f'decoder_{i}')(y, skip, train=train)
+          features=channels,
+          scse=self.scse_decoder,
+          scse_reduction=self.scse_reduction,
+          upsample=self.upsample,
+          dtype=self.dtype,
+          name=f"decoder_{i}",
+      )(y, skip, train=train)
       block_outputs.append(y)
 
     head_in = y
     if self.hypercolumn:
       out_h, out_w = y.shape[1], y.shape[2]
       head_in = jnp.concatenate(
-          [_resize(b, out_h, out_w, self.upsample) for b in block_outputs],
-          axis=-1)
-    logits = nn.Conv(1, (3, 3), padding=_pad(3), use_bias=True,
-                     dtype=self.dtype, param_dtype=jnp.float32,
-                     kernel_init=_head_init, name='head')(head_in)
+          [_resize(b, out_h, out_w, self.upsample) for b in block_outputs], axis=-1
+      )
+    logits = nn.Conv(
+        1,
+        (3, 3),
+        padding=_pad(3),
+        use_bias=True,
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        kernel_init=_head_init,
+        name="head",
+    )(head_in)
 
     def to_input_size(z):
       # The decoder ends at 2x the stem's resolution, which differs from the
       # input size when it is not a multiple of 32 (e.g. 101 -> 102). Logits
       # are smooth maps, so bilinear is the natural resampling here.
-      z = _resize(z.astype(jnp.float32), height, width, 'bilinear')
+      z = _resize(z.astype(jnp.float32), height, width, "bilinear")
       return z[..., 0]
 
-    outputs = {'logits': to_input_size(logits)}
+    outputs = {"logits": to_input_size(logits)}
     if self.deep_supervision:
-      outputs['side_logits'] = [
-          to_input_size(nn.Conv(1, (1, 1), use_bias=True, dtype=self.dtype,
-                                param_dtype=jnp.float32,
-                                kernel_init=_head_init,
-                                name=f'side_head_{i}')(b))
-          for i, b in enumerate(block_outputs)]
+      outputs["side_logits"] = [
+          to_input_size(
+              nn.Conv(
+                  1,
+                  (1, 1),
+                  use_bias=True,
+                  dtype=self.dtype,
+                  param_dtype=jnp.float32,
+                  kernel_init=_head_init,
+                  name=f"side_head_{i}",
+              )(b)
+          )
+          for i, b in enumerate(block_outputs)
+      ]
     if self.classifier:
       pooled = jnp.mean(features[-1].astype(jnp.float32), axis=(1, 2))
-      class_logits = nn.Dense(1, dtype=self.dtype, param_dtype=jnp.float32,
-                              name='classifier')(pooled)
-      outputs['class_logits'] = class_logits[:, 0].astype(jnp.float32)
+      class_logits = nn.Dense(1, dtype=self.dtype, param_dtype=jnp.float32, name="classifier")(
+          pooled
+      )
+      outputs["class_logits"] = class_logits[:, 0].astype(jnp.float32)
     return outputs
 
 
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-_MODEL_FIELDS = ('stage_sizes', 'encoder_width', 'in_channels', 'scse_encoder',
-                 'scse_decoder', 'scse_reduction', 'decoder_channels',
-                 'upsample', 'hypercolumn', 'deep_supervision', 'classifier',
-                 'dtype')
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_MODEL_FIELDS = (
+    "stage_sizes",
+    "encoder_width",
+    "in_channels",
+    "scse_encoder",
+    "scse_decoder",
+    "scse_reduction",
+    "decoder_channels",
+    "upsample",
+    "hypercolumn",
+    "deep_supervision",
+    "classifier",
+    "dtype",
+)
 
 
 def resolve_dtype(dtype: Any) -> Dtype:
@@ -416,9 +502,8 @@ def resolve_dtype(dtype: Any) -> Dtype:
   float32 on CPU, where bfloat16 is emulated and slow.
   """
   if isinstance(dtype, str):
-    if dtype == 'auto':
-      return (jnp.bfloat16 if jax.default_backend() in ('gpu', 'tpu')
-              else jnp.float32)
+    if dtype == "auto":
+      return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
     if dtype in _DTYPES:
       return _DTYPES[dtype]
   else:
@@ -428,8 +513,7 @@ def resolve_dtype(dtype: Any) -> Dtype:
       name = None
     if name in _DTYPES:
       return _DTYPES[name]
-  raise ValueError(
-      f"model dtype must be 'auto', 'float32' or 'bfloat16', got {dtype!r}.")
+  raise ValueError(f"model dtype must be 'auto', 'float32' or 'bfloat16', got {dtype!r}.")
 
 
 def create_model(model_config: Any, dtype: Any = None) -> UNet:
@@ -454,50 +538,54 @@ def create_model(model_config: Any, dtype: Any = None) -> UNet:
     raise ValueError(f'model config lacks field(s): {", ".join(missing)}.')
   cfg = {f: getattr(model_config, f) for f in _MODEL_FIELDS}
 
-  stage_sizes = tuple(int(s) for s in cfg['stage_sizes'])
+  stage_sizes = tuple(int(s) for s in cfg["stage_sizes"])
   if not stage_sizes or any(s <= 0 for s in stage_sizes):
-    raise ValueError('model.stage_sizes must be a non-empty list of positive '
-                     f'ints, got {cfg["stage_sizes"]!r}.')
-  decoder_channels = tuple(int(c) for c in cfg['decoder_channels'])
+    raise ValueError(
+        "model.stage_sizes must be a non-empty list of positive "
+        f'ints, got {cfg["stage_sizes"]!r}.'
+    )
+  decoder_channels = tuple(int(c) for c in cfg["decoder_channels"])
   if any(c <= 0 for c in decoder_channels):
-    raise ValueError('model.decoder_channels must be positive, got '
-                     f'{cfg["decoder_channels"]!r}.')
+    raise ValueError(
+        "model.decoder_channels must be positive, got " f'{cfg["decoder_channels"]!r}.'
+    )
   if len(decoder_channels) != len(stage_sizes) + 1:
     raise ValueError(
-        f'model.decoder_channels needs len(stage_sizes) + 1 = '
-        f'{len(stage_sizes) + 1} entries, got {cfg["decoder_channels"]!r}.')
-  for name in ('encoder_width', 'scse_reduction'):
+        f"model.decoder_channels needs len(stage_sizes) + 1 = "
+        f'{len(stage_sizes) + 1} entries, got {cfg["decoder_channels"]!r}.'
+    )
+  for name in ("encoder_width", "scse_reduction"):
     if int(cfg[name]) <= 0:
-      raise ValueError(f'model.{name} must be positive, got {cfg[name]!r}.')
-  if int(cfg['in_channels']) not in (1, 3):
+      raise ValueError(f"model.{name} must be positive, got {cfg[name]!r}.")
+  if int(cfg["in_channels"]) not in (1, 3):
+    raise ValueError(f'model.in_channels must be 1 or 3, got {cfg["in_channels"]!r}.')
+  if cfg["upsample"] not in UPSAMPLE_METHODS:
     raise ValueError(
-        f'model.in_channels must be 1 or 3, got {cfg["in_channels"]!r}.')
-  if cfg['upsample'] not in UPSAMPLE_METHODS:
-    raise ValueError(f'model.upsample must be one of {UPSAMPLE_METHODS}, got '
-                     f'{cfg["upsample"]!r}.')
+        f"model.upsample must be one of {UPSAMPLE_METHODS}, got " f'{cfg["upsample"]!r}.'
+    )
   try:
-    compute_dtype = resolve_dtype(cfg['dtype'] if dtype is None else dtype)
+    compute_dtype = resolve_dtype(cfg["dtype"] if dtype is None else dtype)
   except ValueError as e:
-    raise ValueError(f'model.dtype: {e}') from None
+    raise ValueError(f"model.dtype: {e}") from None
 
   return UNet(
       stage_sizes=stage_sizes,
-      encoder_width=int(cfg['encoder_width']),
-      in_channels=int(cfg['in_channels']),
-      scse_encoder=bool(cfg['scse_encoder']),
-      scse_decoder=bool(cfg['scse_decoder']),
-      scse_reduction=int(cfg['scse_reduction']),
+      encoder_width=int(cfg["encoder_width"]),
+      in_channels=int(cfg["in_channels"]),
+      scse_encoder=bool(cfg["scse_encoder"]),
+      scse_decoder=bool(cfg["scse_decoder"]),
+      scse_reduction=int(cfg["scse_reduction"]),
       decoder_channels=decoder_channels,
-      upsample=cfg['upsample'],
-      hypercolumn=bool(cfg['hypercolumn']),
-      deep_supervision=bool(cfg['deep_supervision']),
-      classifier=bool(cfg['classifier']),
-      dtype=compute_dtype)
+      upsample=cfg["upsample"],
+      hypercolumn=bool(cfg["hypercolumn"]),
+      deep_supervision=bool(cfg["deep_supervision"]),
+      classifier=bool(cfg["classifier"]),
+      dtype=compute_dtype,
+  )
 
 
 def initialized(key: jax.Array, model: nn.Module, image_size: int) -> dict:
   """{params, batch_stats} of `model` for (1, image_size, image_size, 1) input."""
   dummy = jnp.zeros((1, image_size, image_size, 1), jnp.float32)
-  variables = jax.jit(functools.partial(model.init, train=False))({'params': key}, dummy)
-  return {'params': variables['params'],
-          'batch_stats': variables.get('batch_stats', {})}
+  variables = jax.jit(functools.partial(model.init, train=False))({"params": key}, dummy)
+  return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}

@@ -58,14 +58,14 @@ def create_learning_rate_fn(config, steps_per_epoch: int) -> Callable:
   elif s.name in ("constant", "plateau"):
     main = optax.constant_schedule(base)
   elif s.name == "step":
-    main = optax.exponential_decay(base, s.step_epochs * steps_per_epoch,
-                                   s.step_factor, staircase=True)
+    main = optax.exponential_decay(
+        base, s.step_epochs * steps_per_epoch, s.step_factor, staircase=True
+    )
   else:
     raise ValueError(f"unknown config.schedule.name {s.name!r}: use {', '.join(SCHEDULES)}")
   if not warmup:
     return main
-  return optax.join_schedules(
-      [optax.linear_schedule(s.min_lr, base, warmup), main], [warmup])
+  return optax.join_schedules([optax.linear_schedule(s.min_lr, base, warmup), main], [warmup])
 
 
 def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:

@@ -32,27 +32,28 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def check_batch_size(batch_size: int, mesh: Mesh, option: str) -> None:
   if batch_size % mesh.size:
-    raise ConfigError(
-        f"{option}={batch_size} is not divisible by the {mesh.size} devices")
+    raise ConfigError(f"{option}={batch_size} is not divisible by the {mesh.size} devices")
   if batch_size % jax.process_count():
     raise ConfigError(
-        f"{option}={batch_size} is not divisible by the {jax.process_count()} processes")
+        f"{option}={batch_size} is not divisible by the {jax.process_count()} processes"
+    )
 
 
 def global_from_local(batch, mesh: Mesh, fold_axis: bool = False):
   """A global batch from each process's own rows (training data shards)."""
   sharding = data_sharding(mesh, fold_axis)
-  return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
 def global_from_replicated(batch, mesh: Mesh, fold_axis: bool = False):
   """A global batch when every process holds the same full batch (inference)."""
   n, i = jax.process_count(), jax.process_index()
   axis = 1 if fold_axis else 0
+
   def local(x):
     rows = x.shape[axis] // n
-    return x[i * rows:(i + 1) * rows] if axis == 0 else x[:, i * rows:(i + 1) * rows]
+    return x[i * rows : (i + 1) * rows] if axis == 0 else x[:, i * rows : (i + 1) * rows]
+
   return global_from_local(jax.tree.map(local, batch), mesh, fold_axis)
 
 

@@ -44,6 +44,7 @@ _OUTLINE_UPSAMPLE = 4
 
 # ------------------------------------------------------------------ saving ---
 
+
 def _save_atomic(fig: mfigure.Figure, path: pathlib.Path) -> pathlib.Path:
   """Writes fig as a PNG under a temporary name, then renames it into place."""
   path = pathlib.Path(path)
@@ -54,6 +55,7 @@ def _save_atomic(fig: mfigure.Figure, path: pathlib.Path) -> pathlib.Path:
 
 
 # --------------------------------------------------------- training curves ---
+
 
 def _fold_colors(folds: Sequence[Any]) -> dict[Any, Any]:
   palette = [f"C{i}" for i in range(10)]
@@ -80,8 +82,9 @@ def loss_stages(history: Sequence[Mapping]) -> list[tuple[str, int, int]]:
   return stages
 
 
-def write_training_curves(workdir, history_by_fold: Mapping[Any, Sequence[Mapping]],
-                          cycle_ends: Sequence[int] = ()) -> pathlib.Path:
+def write_training_curves(
+    workdir, history_by_fold: Mapping[Any, Sequence[Mapping]], cycle_ends: Sequence[int] = ()
+) -> pathlib.Path:
   """Writes workdir/training_curves.png: loss, validation scores and LR by epoch.
 
   Three stacked panels share the epoch axis: the training loss, the
@@ -104,13 +107,22 @@ def write_training_curves(workdir, history_by_fold: Mapping[Any, Sequence[Mappin
   folds = sorted((f for f, h in history_by_fold.items() if h), key=_sort_key)
   colors = _fold_colors(folds)
   fig = mfigure.Figure(figsize=(10, 9), layout="constrained")
-  ax_loss, ax_val, ax_lr = fig.subplots(3, 1, sharex=True,
-                                        gridspec_kw={"height_ratios": [1, 1.25, 0.8]})
+  ax_loss, ax_val, ax_lr = fig.subplots(
+      3, 1, sharex=True, gridspec_kw={"height_ratios": [1, 1.25, 0.8]}
+  )
   fig.suptitle("Training curves", fontsize=14, fontweight="bold")
 
   if not folds:
-    ax_val.text(0.5, 0.5, "no training history yet", ha="center", va="center",
-                transform=ax_val.transAxes, fontsize=12, color="gray")
+    ax_val.text(
+        0.5,
+        0.5,
+        "no training history yet",
+        ha="center",
+        va="center",
+        transform=ax_val.transAxes,
+        fontsize=12,
+        color="gray",
+    )
 
   lr_positive, fold_handles = True, []
   for fold in folds:
@@ -120,14 +132,22 @@ def write_training_curves(workdir, history_by_fold: Mapping[Any, Sequence[Mappin
     ax_loss.plot(epochs, [r["train_loss"] for r in history], color=color, lw=1.6)
     score = np.array([r["val_score"] for r in history], float)
     ax_val.plot(epochs, score, color=color, lw=1.8)
-    ax_val.plot(epochs, [r["val_iou"] for r in history], color=color, lw=1.4,
-                ls=":", alpha=0.85)
+    ax_val.plot(epochs, [r["val_iou"] for r in history], color=color, lw=1.4, ls=":", alpha=0.85)
     label = f"fold {fold}"
     # The first best, as training keeps the first epoch reaching the maximum.
     if np.isfinite(score).any():
       best = int(np.nanargmax(score))
-      ax_val.plot(epochs[best], score[best], marker="*", ms=15, color=color,
-                  mec="black", mew=0.8, zorder=5, ls="none")
+      ax_val.plot(
+          epochs[best],
+          score[best],
+          marker="*",
+          ms=15,
+          color=color,
+          mec="black",
+          mew=0.8,
+          zorder=5,
+          ls="none",
+      )
       # The value goes in the legend: numbers next to the stars would collide
       # when folds peak at the same epoch.
       label += f"  (best {score[best]:.3f} @ epoch {epochs[best]})"
@@ -150,9 +170,17 @@ def write_training_curves(workdir, history_by_fold: Mapping[Any, Sequence[Mappin
         if shade != "none":
           # Epoch e covers (e - 1, e]: a record is taken at the epoch's end.
           ax.axvspan(first - 1, last, color=shade, zorder=-1, lw=0)
-      ax_loss.text((first - 1 + last) / 2, 0.97, f"loss: {name}",
-                   transform=ax_loss.get_xaxis_transform(), ha="center", va="top",
-                   fontsize=9, color="0.25", style="italic")
+      ax_loss.text(
+          (first - 1 + last) / 2,
+          0.97,
+          f"loss: {name}",
+          transform=ax_loss.get_xaxis_transform(),
+          ha="center",
+          va="top",
+          fontsize=9,
+          color="0.25",
+          style="italic",
+      )
     for _, first, _ in stages[1:]:
       for ax in (ax_loss, ax_val, ax_lr):
         ax.axvline(first - 1, color="#d08000", lw=1.3, zorder=0)
@@ -160,8 +188,11 @@ def write_training_curves(workdir, history_by_fold: Mapping[Any, Sequence[Mappin
   ax_loss.set_ylabel("training loss")
   ax_loss.set_title("Training loss (epoch mean)", loc="left", fontsize=11)
   ax_val.set_ylabel("validation")
-  ax_val.set_title("Validation: competition score (solid) and IoU (dotted), at threshold 0.5",
-                   loc="left", fontsize=11)
+  ax_val.set_title(
+      "Validation: competition score (solid) and IoU (dotted), at threshold 0.5",
+      loc="left",
+      fontsize=11,
+  )
   ax_lr.set_ylabel("learning rate")
   ax_lr.set_title("Learning rate (at each epoch's last step)", loc="left", fontsize=11)
   if folds and lr_positive:
@@ -174,15 +205,22 @@ def write_training_curves(workdir, history_by_fold: Mapping[Any, Sequence[Mappin
   # One legend for folds, one for what the line styles and markers mean.
   if folds:
     # Below the panels, where it hides no curve and no loss-stage label.
-    fig.legend(handles=fold_handles, loc="outside lower center", fontsize=9.5,
-               ncol=min(len(folds), 3), frameon=False)
-    keys = [mlines.Line2D([], [], color="0.2", lw=1.8, label="competition score"),
-            mlines.Line2D([], [], color="0.2", lw=1.4, ls=":", label="IoU"),
-            mlines.Line2D([], [], color="0.6", marker="*", ms=12, mec="black", ls="none",
-                          label="best epoch")]
+    fig.legend(
+        handles=fold_handles,
+        loc="outside lower center",
+        fontsize=9.5,
+        ncol=min(len(folds), 3),
+        frameon=False,
+    )
+    keys = [
+        mlines.Line2D([], [], color="0.2", lw=1.8, label="competition score"),
+        mlines.Line2D([], [], color="0.2", lw=1.4, ls=":", label="IoU"),
+        mlines.Line2D(
+            [], [], color="0.6", marker="*", ms=12, mec="black", ls="none", label="best epoch"
+        ),
+    ]
     if cycle_ends:
-      keys.append(mlines.Line2D([], [], color="0.6", ls="--", lw=1.0,
-                                label="cycle end (snapshot)"))
+      keys.append(mlines.Line2D([], [], color="0.6", ls="--", lw=1.0, label="cycle end (snapshot)"))
     if len(stages) > 1:
       keys.append(mlines.Line2D([], [], color="#d08000", lw=1.3, label="loss switch"))
     ax_val.legend(handles=keys, loc="lower right", fontsize=9, framealpha=0.9)
@@ -193,9 +231,15 @@ def write_training_curves(workdir, history_by_fold: Mapping[Any, Sequence[Mappin
 
 # ------------------------------------------------------- validation grid ---
 
-def select_examples(scores: np.ndarray, truth_nonempty: np.ndarray, num: int, *,
-                    iou: np.ndarray | None = None,
-                    coverage: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+
+def select_examples(
+    scores: np.ndarray,
+    truth_nonempty: np.ndarray,
+    num: int,
+    *,
+    iou: np.ndarray | None = None,
+    coverage: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
   """Indices of the best and the worst cases to show, best first / worst first.
 
   Best: the highest scores among images whose truth holds salt, because a
@@ -287,10 +331,17 @@ def _draw_case(ax, image, truth, prob, pred, title: str) -> None:
   ax.set_title(title, fontsize=8.5, pad=3)
 
 
-def write_validation_grid(workdir, images: np.ndarray, truth: np.ndarray,
-                          probs: np.ndarray, pred: np.ndarray, scores: np.ndarray,
-                          ids: Sequence[str], num: int = 8,
-                          iou: np.ndarray | None = None) -> pathlib.Path:
+def write_validation_grid(
+    workdir,
+    images: np.ndarray,
+    truth: np.ndarray,
+    probs: np.ndarray,
+    pred: np.ndarray,
+    scores: np.ndarray,
+    ids: Sequence[str],
+    num: int = 8,
+    iou: np.ndarray | None = None,
+) -> pathlib.Path:
   """Writes workdir/validation_examples.png: the best and worst OOF cases.
 
   Each case shows the seismic image in gray, the predicted probability as a
@@ -322,43 +373,59 @@ def write_validation_grid(workdir, images: np.ndarray, truth: np.ndarray,
   best, worst = select_examples(scores, coverage > 0, num, iou=iou, coverage=coverage)
 
   cols = max(1, min(4, len(best), num))  # best is never shorter than worst
-  groups = [(f"Best {len(best)} (highest scores, salt in truth first)", best),
-            (f"Worst {len(worst)} (lowest scores)", worst)]
+  groups = [
+      (f"Best {len(best)} (highest scores, salt in truth first)", best),
+      (f"Worst {len(worst)} (lowest scores)", worst),
+  ]
   groups = [(t, g) for t, g in groups if len(g)]
   rows = [-(-len(g) // cols) for _, g in groups]
   panel = 2.45
   # At least three panels wide, so that the title and the legend fit.
-  fig = mfigure.Figure(figsize=(max(cols, 3) * panel, max(1, sum(rows)) * (panel + 0.35) + 0.9),
-                       layout="constrained")
-  fig.suptitle(f"Out-of-fold validation examples ({len(scores)} images, mean score"
-               f" {scores.mean() if len(scores) else float('nan'):.3f})",
-               fontsize=13, fontweight="bold")
+  fig = mfigure.Figure(
+      figsize=(max(cols, 3) * panel, max(1, sum(rows)) * (panel + 0.35) + 0.9), layout="constrained"
+  )
+  fig.suptitle(
+      f"Out-of-fold validation examples ({len(scores)} images, mean score"
+      f" {scores.mean() if len(scores) else float('nan'):.3f})",
+      fontsize=13,
+      fontweight="bold",
+  )
   if not groups:
-    fig.text(0.5, 0.5, "no out-of-fold predictions", ha="center", va="center",
-             fontsize=12, color="gray")
+    fig.text(
+        0.5, 0.5, "no out-of-fold predictions", ha="center", va="center", fontsize=12, color="gray"
+    )
   else:
     subfigs = np.atleast_1d(fig.subfigures(len(groups), 1, height_ratios=rows))
     for subfig, (title, idx), n_rows in zip(subfigs, groups, rows):
       subfig.suptitle(title, fontsize=11.5, x=0.01, ha="left")
       axes = np.atleast_1d(subfig.subplots(n_rows, cols)).reshape(-1)
-      for ax in axes[len(idx):]:
+      for ax in axes[len(idx) :]:
         ax.set_axis_off()
       for ax, i in zip(axes, idx):
-        title = (f"{ids[i]}\nscore {scores[i]:.2f} · IoU {iou[i]:.2f}\n"
-                 f"salt: true {_percent(coverage[i])}, pred {_percent(pred[i].sum() / area)}")
+        title = (
+            f"{ids[i]}\nscore {scores[i]:.2f} · IoU {iou[i]:.2f}\n"
+            f"salt: true {_percent(coverage[i])}, pred {_percent(pred[i].sum() / area)}"
+        )
         _draw_case(ax, images[i], truth[i], probs[i], pred[i], title)
-    keys = [mlines.Line2D([], [], color=TRUTH_COLOR, lw=2.6, label="true mask"),
-            mlines.Line2D([], [], color=PRED_COLOR, lw=1.3, label="predicted mask"),
-            mpatches.Patch(color=_PROB_RGB, alpha=0.6, label="salt probability (yellow tint)")]
-    fig.legend(handles=keys, loc="outside lower center", ncol=3, fontsize=9.5,
-               frameon=False)
+    keys = [
+        mlines.Line2D([], [], color=TRUTH_COLOR, lw=2.6, label="true mask"),
+        mlines.Line2D([], [], color=PRED_COLOR, lw=1.3, label="predicted mask"),
+        mpatches.Patch(color=_PROB_RGB, alpha=0.6, label="salt probability (yellow tint)"),
+    ]
+    fig.legend(handles=keys, loc="outside lower center", ncol=3, fontsize=9.5, frameon=False)
   return _save_atomic(fig, pathlib.Path(workdir) / VALIDATION_EXAMPLES)
 
 
 # -------------------------------------------------------- threshold sweep ---
 
-def write_threshold_sweep(workdir, sweep: Sequence[Mapping], chosen_threshold: float,
-                          min_area: int, final_score: float | None = None) -> pathlib.Path:
+
+def write_threshold_sweep(
+    workdir,
+    sweep: Sequence[Mapping],
+    chosen_threshold: float,
+    min_area: int,
+    final_score: float | None = None,
+) -> pathlib.Path:
   """Writes workdir/threshold_sweep.png: OOF score against threshold.
 
   Args:
@@ -378,39 +445,79 @@ def write_threshold_sweep(workdir, sweep: Sequence[Mapping], chosen_threshold: f
   s = np.array([s["score"] for s in items], float)
   fig = mfigure.Figure(figsize=(8, 4.8), layout="constrained")
   ax = fig.subplots()
-  ax.set_title("Out-of-fold competition score vs binarisation threshold",
-               fontsize=12, fontweight="bold")
+  ax.set_title(
+      "Out-of-fold competition score vs binarisation threshold", fontsize=12, fontweight="bold"
+  )
   if len(t):
     ax.plot(t, s, "-o", color="C0", ms=4, lw=1.8, label="OOF score (no min-area filter)")
     best = int(np.argmax(s))
     # The chosen threshold is normally the sweep's best; when it was fixed by
     # the config, the best is marked too, to show what that cost.
     near = int(np.argmin(np.abs(t - chosen_threshold)))
-    chosen_score = (s[near] if np.isclose(t[near], chosen_threshold)
-                    else np.interp(chosen_threshold, t, s))
+    chosen_score = (
+        s[near] if np.isclose(t[near], chosen_threshold) else np.interp(chosen_threshold, t, s)
+    )
     if not np.isclose(t[best], chosen_threshold):
-      ax.plot(t[best], s[best], "D", color="0.4", ms=7, ls="none",
-              label=f"sweep best: {t[best]:.2f} → {s[best]:.4f}")
+      ax.plot(
+          t[best],
+          s[best],
+          "D",
+          color="0.4",
+          ms=7,
+          ls="none",
+          label=f"sweep best: {t[best]:.2f} → {s[best]:.4f}",
+      )
     span = max(float(s.max() - s.min()), 1e-3)
     ax.set_ylim(s.min() - 0.12 * span, s.max() + 0.3 * span)
     ax.set_xlim(min(t.min(), chosen_threshold) - 0.03, max(t.max(), chosen_threshold) + 0.03)
   else:
     chosen_score = float("nan")
-    ax.text(0.5, 0.5, "no threshold sweep recorded", ha="center", va="center",
-            transform=ax.transAxes, color="gray", fontsize=12)
+    ax.text(
+        0.5,
+        0.5,
+        "no threshold sweep recorded",
+        ha="center",
+        va="center",
+        transform=ax.transAxes,
+        color="gray",
+        fontsize=12,
+    )
   ax.axvline(chosen_threshold, color="C3", ls="--", lw=1.3)
   if np.isfinite(chosen_score):
-    ax.plot(chosen_threshold, chosen_score, "o", color="C3", ms=10, mec="black",
-            zorder=5, ls="none", label=f"chosen: {chosen_threshold:.2f} → {chosen_score:.4f}")
-    ax.annotate(f"threshold {chosen_threshold:.2f}\nscore {chosen_score:.4f}",
-                (chosen_threshold, chosen_score), textcoords="offset points",
-                xytext=(12, 14), fontsize=10, color="C3", fontweight="bold",
-                arrowprops={"arrowstyle": "-", "color": "C3", "lw": 0.8})
+    ax.plot(
+        chosen_threshold,
+        chosen_score,
+        "o",
+        color="C3",
+        ms=10,
+        mec="black",
+        zorder=5,
+        ls="none",
+        label=f"chosen: {chosen_threshold:.2f} → {chosen_score:.4f}",
+    )
+    ax.annotate(
+        f"threshold {chosen_threshold:.2f}\nscore {chosen_score:.4f}",
+        (chosen_threshold, chosen_score),
+        textcoords="offset points",
+        xytext=(12, 14),
+        fontsize=10,
+        color="C3",
+        fontweight="bold",
+        arrowprops={"arrowstyle": "-", "color": "C3", "lw": 0.8},
+    )
   note = f"min area: {min_area} px (smaller masks emptied)"
   if final_score is not None:
     note += f"\nscore with min area: {final_score:.4f}"
-  ax.text(0.02, 0.97, note, transform=ax.transAxes, ha="left", va="top", fontsize=10,
-          bbox={"boxstyle": "round,pad=0.4", "fc": "white", "ec": "0.7"})
+  ax.text(
+      0.02,
+      0.97,
+      note,
+      transform=ax.transAxes,
+      ha="left",
+      va="top",
+      fontsize=10,
+      bbox={"boxstyle": "round,pad=0.4", "fc": "white", "ec": "0.7"},
+  )
   ax.set_xlabel("threshold on the predicted salt probability")
   ax.set_ylabel("OOF competition score")
   ax.grid(True, alpha=0.3)
@@ -421,13 +528,20 @@ def write_threshold_sweep(workdir, sweep: Sequence[Mapping], chosen_threshold: f
 
 # ------------------------------------------------------ prediction plots ---
 
+
 def _field(data, name):
   return data[name] if isinstance(data, Mapping) else getattr(data, name)
 
 
-def write_prediction_plots(workdir, data, oof_ids: Sequence[str], oof_probs: np.ndarray,
-                           oof_masks: np.ndarray, scores_json: Mapping,
-                           num: int = 8) -> list[pathlib.Path]:
+def write_prediction_plots(
+    workdir,
+    data,
+    oof_ids: Sequence[str],
+    oof_probs: np.ndarray,
+    oof_masks: np.ndarray,
+    scores_json: Mapping,
+    num: int = 8,
+) -> list[pathlib.Path]:
   """Writes the validation grid and the threshold sweep of a prediction run.
 
   Args:
@@ -453,10 +567,21 @@ def write_prediction_plots(workdir, data, oof_ids: Sequence[str], oof_probs: np.
   truth = np.asarray(_field(data, "train_masks"))[rows]
   oof_masks = np.asarray(oof_masks)
   grid = write_validation_grid(
-      workdir, images, truth, oof_probs, oof_masks,
-      metrics.precision_per_image(truth, oof_masks), list(oof_ids), num=num,
-      iou=metrics.iou_per_image(truth, oof_masks))
+      workdir,
+      images,
+      truth,
+      oof_probs,
+      oof_masks,
+      metrics.precision_per_image(truth, oof_masks),
+      list(oof_ids),
+      num=num,
+      iou=metrics.iou_per_image(truth, oof_masks),
+  )
   sweep = write_threshold_sweep(
-      workdir, scores_json.get("threshold_sweep", []), scores_json["threshold"],
-      scores_json["min_area"], scores_json.get("oof_score"))
+      workdir,
+      scores_json.get("threshold_sweep", []),
+      scores_json["threshold"],
+      scores_json["min_area"],
+      scores_json.get("oof_score"),
+  )
   return [grid, sweep]

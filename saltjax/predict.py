@@ -43,13 +43,15 @@ class Prediction:
   `fold_test_probs` holds each fold's own ensemble on the test set (the
   pseudo-label round takes fold k's labels from fold k's models alone).
   """
+
   scores: dict
   test_probs: np.ndarray
   fold_test_probs: dict[int, np.ndarray]
 
 
-def usable_folds(workdir: pathlib.Path, num_folds: int,
-                 which: str) -> tuple[dict[int, list], dict[int, str]]:
+def usable_folds(
+    workdir: pathlib.Path, num_folds: int, which: str
+) -> tuple[dict[int, list], dict[int, str]]:
   """({fold: [(store, step)]} of the folds holding the checkpoints `which` asks for,
   {fold: why it is left out} of the others)."""
   usable, left_out = {}, {}
@@ -66,21 +68,25 @@ def usable_folds(workdir: pathlib.Path, num_folds: int,
   return usable, left_out
 
 
-def trained_folds(workdir: pathlib.Path, num_folds: int, which: str = "best+snapshots") -> list[int]:
+def trained_folds(
+    workdir: pathlib.Path, num_folds: int, which: str = "best+snapshots"
+) -> list[int]:
   """The folds of `workdir` that hold a checkpoint `which` selects."""
   return sorted(usable_folds(workdir, num_folds, which)[0])
 
 
 def load_variables(config, model, fold_dir: pathlib.Path, store: str, step: int):
-  abstract = jax.eval_shape(
-      lambda: models.initialized(jax.random.key(0), model, config.image_size))
-  return ckpt_lib.restore_variables(fold_dir, store, step, abstract,
-                                    ckpt_lib.fingerprint(config))
+  abstract = jax.eval_shape(lambda: models.initialized(jax.random.key(0), model, config.image_size))
+  return ckpt_lib.restore_variables(fold_dir, store, step, abstract, ckpt_lib.fingerprint(config))
 
 
-def apply_postprocessing(probs: np.ndarray, threshold: float, min_area: int,
-                         class_probs: np.ndarray | None = None,
-                         gate: float = 0.0) -> np.ndarray:
+def apply_postprocessing(
+    probs: np.ndarray,
+    threshold: float,
+    min_area: int,
+    class_probs: np.ndarray | None = None,
+    gate: float = 0.0,
+) -> np.ndarray:
   """Binary masks: threshold, then empty masks below min_area or the gate."""
   masks = probs > threshold
   empty = masks.reshape(len(masks), -1).sum(1) < max(min_area, 1)
@@ -90,8 +96,7 @@ def apply_postprocessing(probs: np.ndarray, threshold: float, min_area: int,
   return masks
 
 
-def tune(truth: np.ndarray, probs: np.ndarray, class_probs: np.ndarray | None,
-         config) -> dict:
+def tune(truth: np.ndarray, probs: np.ndarray, class_probs: np.ndarray | None, config) -> dict:
   """Threshold, then min area, then gate, each maximising the OOF metric."""
   p = config.predict
   sweep = [(float(t), metrics.competition_score(truth, probs > t)) for t in THRESHOLDS]
@@ -99,16 +104,29 @@ def tune(truth: np.ndarray, probs: np.ndarray, class_probs: np.ndarray | None,
   if p.min_area >= 0:
     min_area = int(p.min_area)
   else:
-    scores = [(a, metrics.competition_score(
-        truth, apply_postprocessing(probs, threshold, a))) for a in MIN_AREAS]
+    scores = [
+        (a, metrics.competition_score(truth, apply_postprocessing(probs, threshold, a)))
+        for a in MIN_AREAS
+    ]
     min_area = max(scores, key=lambda s: (s[1], -s[0]))[0]
   gate = 0.0
   if class_probs is not None and p.classifier_gate:
-    scores = [(g, metrics.competition_score(truth, apply_postprocessing(
-        probs, threshold, min_area, class_probs, g))) for g in GATES]
+    scores = [
+        (
+            g,
+            metrics.competition_score(
+                truth, apply_postprocessing(probs, threshold, min_area, class_probs, g)
+            ),
+        )
+        for g in GATES
+    ]
     gate = max(scores, key=lambda s: (s[1], -s[0]))[0]
-  return {"threshold": float(threshold), "min_area": min_area, "gate": float(gate),
-          "threshold_sweep": sweep}
+  return {
+      "threshold": float(threshold),
+      "min_area": min_area,
+      "gate": float(gate),
+      "threshold_sweep": sweep,
+  }
 
 
 def predict_and_submit(config, workdir, data=None, mesh=None) -> Prediction:
@@ -126,7 +144,8 @@ def predict_and_submit(config, workdir, data=None, mesh=None) -> Prediction:
     raise CheckpointError(
         f"no fold in {workdir} can predict: {why}. Train first (python main.py"
         " --config=configs/fold.py --workdir=...) or choose other checkpoints with"
-        " --config.predict.checkpoints=best|latest|snapshots|swa; nothing was written")
+        " --config.predict.checkpoints=best|latest|snapshots|swa; nothing was written"
+    )
   for k, reason in left_out.items():
     logging.warning("fold %d left out of the ensemble: %s", k, reason)
   data = data if data is not None else data_lib.load(config)
@@ -137,14 +156,20 @@ def predict_and_submit(config, workdir, data=None, mesh=None) -> Prediction:
   folds = sorted(usable)
   parallel.check_batch_size(config.predict.batch_size, mesh, "config.predict.batch_size")
   model = models.create_model(config.model)
-  infer_fn = jax.jit(inference.make_infer_fn(model, config.image_size, config.resize_mode,
-                                             config.predict.tta))
+  infer_fn = jax.jit(
+      inference.make_infer_fn(model, config.image_size, config.resize_mode, config.predict.tta)
+  )
   progress = inference.progress_enabled(config)
 
   def run(variables, images, what):
-    return inference.predict_probs(infer_fn, variables, images,
-                                   batch_size=config.predict.batch_size, mesh=mesh,
-                                   progress=what if progress else None)
+    return inference.predict_probs(
+        infer_fn,
+        variables,
+        images,
+        batch_size=config.predict.batch_size,
+        mesh=mesh,
+        progress=what if progress else None,
+    )
 
   size = geometry.ORIGINAL_SIZE
   n_train, n_test = len(data.train_ids), len(test_data.test_ids)
@@ -159,8 +184,9 @@ def predict_and_submit(config, workdir, data=None, mesh=None) -> Prediction:
     val_idx = np.flatnonzero(fold_of == fold)
     models_used[fold] = [f"{store}/{step}" for store, step in chosen]
     for store, step in chosen:
-      variables = jax.device_put(load_variables(config, model, fold_dir, store, step),
-                                 parallel.replicated(mesh))
+      variables = jax.device_put(
+          load_variables(config, model, fold_dir, store, step), parallel.replicated(mesh)
+      )
       val = run(variables, data.train_images[val_idx], f"fold {fold} {store}/{step} oof")
       oof[val_idx] += val["probs"] / len(chosen)
       if "class_probs" in val:
@@ -170,10 +196,10 @@ def predict_and_submit(config, workdir, data=None, mesh=None) -> Prediction:
         fold_test[fold] += out["probs"] / len(chosen)
         if "class_probs" in out:
           test_class += out["class_probs"] / (len(chosen) * len(folds))
-    fold_scores[fold] = metrics.competition_score(data.train_masks[val_idx],
-                                                  oof[val_idx] > 0.5)
-    logging.info("fold %d: %d model(s), OOF score at 0.5 with TTA %.4f", fold,
-                 len(chosen), fold_scores[fold])
+    fold_scores[fold] = metrics.competition_score(data.train_masks[val_idx], oof[val_idx] > 0.5)
+    logging.info(
+        "fold %d: %d model(s), OOF score at 0.5 with TTA %.4f", fold, len(chosen), fold_scores[fold]
+    )
   test = sum(fold_test.values()) / len(folds)
 
   has_class = bool(config.model.classifier)
@@ -181,19 +207,24 @@ def predict_and_submit(config, workdir, data=None, mesh=None) -> Prediction:
   truth = data.train_masks[predicted]
   choice = tune(truth, oof[predicted], oof_class[predicted] if has_class else None, config)
   post = dict(threshold=choice["threshold"], min_area=choice["min_area"], gate=choice["gate"])
-  oof_masks = apply_postprocessing(oof[predicted], post["threshold"], post["min_area"],
-                                   oof_class[predicted] if has_class else None, post["gate"])
+  oof_masks = apply_postprocessing(
+      oof[predicted],
+      post["threshold"],
+      post["min_area"],
+      oof_class[predicted] if has_class else None,
+      post["gate"],
+  )
   oof_ids = [i for i, keep in zip(data.train_ids, predicted) if keep]
   scores = {
       "oof_score": metrics.competition_score(truth, oof_masks),
       "oof_iou": float(metrics.iou_per_image(truth, oof_masks).mean()),
       **{k: v for k, v in choice.items() if k != "threshold_sweep"},
       "threshold_sweep": [{"threshold": t, "score": s} for t, s in choice["threshold_sweep"]],
-      "folds": {str(k): _fold_record(workdir, k, fold_scores[k], models_used[k])
-                for k in folds},
+      "folds": {str(k): _fold_record(workdir, k, fold_scores[k], models_used[k]) for k in folds},
       "folds_left_out": {str(k): reason for k, reason in left_out.items()},
-      "score_by_coverage_class": {str(c): v for c, v in
-                                  metrics.score_by_coverage_class(truth, oof_masks).items()},
+      "score_by_coverage_class": {
+          str(c): v for c, v in metrics.score_by_coverage_class(truth, oof_masks).items()
+      },
       "num_oof": int(predicted.sum()),
       "num_test": n_test,
       "test_data_dir": config.get("predict_data_dir", ""),
@@ -203,21 +234,30 @@ def predict_and_submit(config, workdir, data=None, mesh=None) -> Prediction:
       "resize_mode": config.resize_mode,
       "image_size": config.image_size,
   }
-  logging.info("OOF score %.4f (IoU %.4f) at threshold %.2f, min area %d over %d ids",
-               scores["oof_score"], scores["oof_iou"], post["threshold"],
-               post["min_area"], scores["num_oof"])
+  logging.info(
+      "OOF score %.4f (IoU %.4f) at threshold %.2f, min area %d over %d ids",
+      scores["oof_score"],
+      scores["oof_iou"],
+      post["threshold"],
+      post["min_area"],
+      scores["num_oof"],
+  )
 
   for cls, record in scores["score_by_coverage_class"].items():
-    logging.info("  coverage class %2s: %4d images, OOF score %.4f", cls, record["count"],
-                 record["score"])
+    logging.info(
+        "  coverage class %2s: %4d images, OOF score %.4f", cls, record["count"], record["score"]
+    )
   if jax.process_index() == 0:
     workdir_lib.write_csv(
         pd.DataFrame({"id": oof_ids, "rle_mask": [rle.encode(m) for m in oof_masks]}),
-        workdir / workdir_lib.OOF_CSV)
-    test_masks = apply_postprocessing(test, post["threshold"], post["min_area"],
-                                      test_class if has_class else None, post["gate"])
-    submission_lib.write_submission(workdir / workdir_lib.SUBMISSION_CSV,
-                                    test_data.test_ids, test_masks)
+        workdir / workdir_lib.OOF_CSV,
+    )
+    test_masks = apply_postprocessing(
+        test, post["threshold"], post["min_area"], test_class if has_class else None, post["gate"]
+    )
+    submission_lib.write_submission(
+        workdir / workdir_lib.SUBMISSION_CSV, test_data.test_ids, test_masks
+    )
     workdir_lib.write_json(scores, workdir / workdir_lib.SCORES_JSON)
     plots.write_prediction_plots(workdir, data, oof_ids, oof[predicted], oof_masks, scores)
   return Prediction(scores=scores, test_probs=test, fold_test_probs=fold_test)

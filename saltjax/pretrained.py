@@ -29,13 +29,14 @@ from saltjax import models
 RESNET50_STAGE_SIZES = (3, 4, 6, 3)
 
 _TORCH_TO_SAFETENSORS = (
-    "python -c \"import torch, safetensors.torch as st; "
+    'python -c "import torch, safetensors.torch as st; '
     "sd = torch.load('resnet50.pth', map_location='cpu'); "
     "sd = sd.get('state_dict', sd); "
     "st.save_file({k: v.float().contiguous() for k, v in sd.items()}, "
-    "'resnet50.safetensors')\"")
+    "'resnet50.safetensors')\""
+)
 
-_TOP_LEVEL = ('conv1', 'bn1', 'fc')
+_TOP_LEVEL = ("conv1", "bn1", "fc")
 
 
 def _expected_layout(stage_sizes=RESNET50_STAGE_SIZES, width=64):
@@ -48,33 +49,33 @@ def _expected_layout(stage_sizes=RESNET50_STAGE_SIZES, width=64):
   layout = {}
 
   def conv(torch_name, flax_path, shape):
-    layout[f'{torch_name}.weight'] = ('params', flax_path + ('kernel',), shape)
+    layout[f"{torch_name}.weight"] = ("params", flax_path + ("kernel",), shape)
 
   def bn(torch_name, flax_path, channels):
-    for suffix, col, leaf in (('weight', 'params', 'scale'),
-                              ('bias', 'params', 'bias'),
-                              ('running_mean', 'batch_stats', 'mean'),
-                              ('running_var', 'batch_stats', 'var')):
-      layout[f'{torch_name}.{suffix}'] = (col, flax_path + (leaf,),
-                                          (channels,))
+    for suffix, col, leaf in (
+        ("weight", "params", "scale"),
+        ("bias", "params", "bias"),
+        ("running_mean", "batch_stats", "mean"),
+        ("running_var", "batch_stats", "var"),
+    ):
+      layout[f"{torch_name}.{suffix}"] = (col, flax_path + (leaf,), (channels,))
 
-  conv('conv1', ('conv1',), (width, 3, 7, 7))
-  bn('bn1', ('bn1',), width)
+  conv("conv1", ("conv1",), (width, 3, 7, 7))
+  bn("bn1", ("bn1",), width)
   in_ch = width
   for i, num_blocks in enumerate(stage_sizes):
     w = width * 2**i
     for j in range(num_blocks):
-      t, f = f'layer{i + 1}.{j}', (f'layer{i + 1}_{j}',)
-      conv(f'{t}.conv1', f + ('conv1',), (w, in_ch, 1, 1))
-      bn(f'{t}.bn1', f + ('bn1',), w)
-      conv(f'{t}.conv2', f + ('conv2',), (w, w, 3, 3))
-      bn(f'{t}.bn2', f + ('bn2',), w)
-      conv(f'{t}.conv3', f + ('conv3',), (4 * w, w, 1, 1))
-      bn(f'{t}.bn3', f + ('bn3',), 4 * w)
+      t, f = f"layer{i + 1}.{j}", (f"layer{i + 1}_{j}",)
+      conv(f"{t}.conv1", f + ("conv1",), (w, in_ch, 1, 1))
+      bn(f"{t}.bn1", f + ("bn1",), w)
+      conv(f"{t}.conv2", f + ("conv2",), (w, w, 3, 3))
+      bn(f"{t}.bn2", f + ("bn2",), w)
+      conv(f"{t}.conv3", f + ("conv3",), (4 * w, w, 1, 1))
+      bn(f"{t}.bn3", f + ("bn3",), 4 * w)
       if j == 0:
-        conv(f'{t}.downsample.0', f + ('downsample_conv',),
-             (4 * w, in_ch, 1, 1))
-        bn(f'{t}.downsample.1', f + ('downsample_bn',), 4 * w)
+        conv(f"{t}.downsample.0", f + ("downsample_conv",), (4 * w, in_ch, 1, 1))
+        bn(f"{t}.downsample.1", f + ("downsample_bn",), 4 * w)
       in_ch = 4 * w
   return layout
 
@@ -82,48 +83,51 @@ def _expected_layout(stage_sizes=RESNET50_STAGE_SIZES, width=64):
 def _read_state_dict(path: str) -> dict[str, np.ndarray]:
   """Reads a flat {name: array} state dict from .safetensors/.npz/.pth/.pt."""
   ext = os.path.splitext(path)[1].lower()
-  if ext == '.safetensors':
+  if ext == ".safetensors":
     import safetensors.numpy  # pylint: disable=g-import-not-at-top
+
     return dict(safetensors.numpy.load_file(path))
-  if ext == '.npz':
+  if ext == ".npz":
     with np.load(path, allow_pickle=False) as data:
       return {k: data[k] for k in data.files}
-  if ext in ('.pth', '.pt'):
+  if ext in (".pth", ".pt"):
     try:
       import torch  # pylint: disable=g-import-not-at-top
     except ImportError:
       raise ImportError(
-          f'{path}: reading .pth/.pt needs torch, which saltjax does not '
-          'require. Convert the file to .safetensors once, where torch is '
-          f'installed:\n  {_TORCH_TO_SAFETENSORS}') from None
-    state = torch.load(path, map_location='cpu', weights_only=True)
+          f"{path}: reading .pth/.pt needs torch, which saltjax does not "
+          "require. Convert the file to .safetensors once, where torch is "
+          f"installed:\n  {_TORCH_TO_SAFETENSORS}"
+      ) from None
+    state = torch.load(path, map_location="cpu", weights_only=True)
     # Training checkpoints often wrap the weights.
-    for wrapper in ('state_dict', 'model', 'model_state_dict'):
+    for wrapper in ("state_dict", "model", "model_state_dict"):
       if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
         state = state[wrapper]
-    return {k: v.detach().float().cpu().numpy() for k, v in state.items()
-            if hasattr(v, 'detach')}
-  raise ValueError(f'{path}: unsupported weight file type {ext!r}; use '
-                   '.safetensors, .npz, or .pth/.pt (with torch installed).')
+    return {k: v.detach().float().cpu().numpy() for k, v in state.items() if hasattr(v, "detach")}
+  raise ValueError(
+      f"{path}: unsupported weight file type {ext!r}; use "
+      ".safetensors, .npz, or .pth/.pt (with torch installed)."
+  )
 
 
 def _strip_common_prefix(state: dict[str, Any]) -> dict[str, Any]:
   """Strips prefixes like 'module.' or 'encoder.' shared by every key."""
   while state:
-    heads = {k.split('.', 1)[0] for k in state}
-    if len(heads) != 1 or any('.' not in k for k in state):
+    heads = {k.split(".", 1)[0] for k in state}
+    if len(heads) != 1 or any("." not in k for k in state):
       break
     head = heads.pop()
-    if head in _TOP_LEVEL or head.startswith('layer'):
+    if head in _TOP_LEVEL or head.startswith("layer"):
       break
-    state = {k.split('.', 1)[1]: v for k, v in state.items()}
+    state = {k.split(".", 1)[1]: v for k, v in state.items()}
   return state
 
 
 def _format_keys(keys) -> str:
   keys = sorted(keys)
-  shown = ', '.join(keys[:12])
-  return shown + (f', ... ({len(keys)} in all)' if len(keys) > 12 else '')
+  shown = ", ".join(keys[:12])
+  return shown + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
 
 
 def load_resnet50(path: str, in_channels: int = 3) -> dict[str, Any]:
@@ -148,30 +152,30 @@ def load_resnet50(path: str, in_channels: int = 3) -> dict[str, Any]:
     ImportError: for a .pth/.pt file when torch is not installed.
   """
   if in_channels not in (1, 3):
-    raise ValueError(f'in_channels must be 1 or 3, got {in_channels}.')
+    raise ValueError(f"in_channels must be 1 or 3, got {in_channels}.")
   state = _strip_common_prefix(_read_state_dict(path))
   layout = _expected_layout()
 
-  ignored = {k for k in state
-             if k.endswith('num_batches_tracked') or k.split('.')[0] == 'fc'}
+  ignored = {k for k in state if k.endswith("num_batches_tracked") or k.split(".")[0] == "fc"}
   missing = set(layout) - set(state)
   extra = set(state) - set(layout) - ignored
   if missing or extra:
     problems = []
     if missing:
-      problems.append(f'missing keys: {_format_keys(missing)}')
+      problems.append(f"missing keys: {_format_keys(missing)}")
     if extra:
-      problems.append(f'unexpected keys: {_format_keys(extra)}')
-    raise ValueError(f'{path} is not a torchvision/timm ResNet50 state dict; '
-                     + '; '.join(problems))
+      problems.append(f"unexpected keys: {_format_keys(extra)}")
+    raise ValueError(
+        f"{path} is not a torchvision/timm ResNet50 state dict; " + "; ".join(problems)
+    )
 
   bad_shapes = []
   for key, (_, _, shape) in layout.items():
     got = tuple(np.shape(state[key]))
     if got != shape:
-      bad_shapes.append(f'{key} has shape {got}, expected {shape}')
+      bad_shapes.append(f"{key} has shape {got}, expected {shape}")
   if bad_shapes:
-    raise ValueError(f'{path}: mis-shaped weights: ' + '; '.join(bad_shapes))
+    raise ValueError(f"{path}: mis-shaped weights: " + "; ".join(bad_shapes))
 
   flat = {}
   for key, (collection, flax_path, _) in layout.items():
@@ -180,15 +184,15 @@ def load_resnet50(path: str, in_channels: int = 3) -> dict[str, Any]:
       value = np.transpose(value, (2, 3, 1, 0))  # OIHW -> HWIO
     flat[(collection,) + flax_path] = value
   if in_channels == 1:
-    kernel, bn1_mean = fold_gray_stem(flat[('params', 'conv1', 'kernel')],
-                                      flat[('batch_stats', 'bn1', 'mean')])
-    flat[('params', 'conv1', 'kernel')] = kernel
-    flat[('batch_stats', 'bn1', 'mean')] = bn1_mean
+    kernel, bn1_mean = fold_gray_stem(
+        flat[("params", "conv1", "kernel")], flat[("batch_stats", "bn1", "mean")]
+    )
+    flat[("params", "conv1", "kernel")] = kernel
+    flat[("batch_stats", "bn1", "mean")] = bn1_mean
   return traverse_util.unflatten_dict(flat)
 
 
-def fold_gray_stem(kernel: np.ndarray,
-                   bn1_mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def fold_gray_stem(kernel: np.ndarray, bn1_mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """The RGB stem's per-channel normalisation, folded into a 1-channel stem.
 
   The RGB model sees x_c = (g - m_c) / s_c for a gray image g repeated to RGB;
@@ -221,15 +225,18 @@ def fold_gray_stem(kernel: np.ndarray,
   std_rgb = np.asarray(models.IMAGENET_STD_RGB, np.float64)
   per_input = kernel / std_rgb[:, None]  # K_c / s_c, channel axis 2
   gray_kernel = models.IMAGENET_STD_GRAY * per_input.sum(axis=2, keepdims=True)
-  offset = (per_input * (models.IMAGENET_MEAN_GRAY - mean_rgb)[:, None]).sum(
-      axis=(0, 1, 2))
-  return (gray_kernel.astype(np.float32),
-          (np.asarray(bn1_mean, np.float64) - offset).astype(np.float32))
+  offset = (per_input * (models.IMAGENET_MEAN_GRAY - mean_rgb)[:, None]).sum(axis=(0, 1, 2))
+  return (
+      gray_kernel.astype(np.float32),
+      (np.asarray(bn1_mean, np.float64) - offset).astype(np.float32),
+  )
 
 
-def merge_encoder(variables: Mapping[str, Any],
-                  encoder_variables: Mapping[str, Any],
-                  encoder_name: str = 'encoder') -> dict[str, Any]:
+def merge_encoder(
+    variables: Mapping[str, Any],
+    encoder_variables: Mapping[str, Any],
+    encoder_name: str = "encoder",
+) -> dict[str, Any]:
   """Copies loaded encoder weights into a full UNet variables dict.
 
   Args:
@@ -252,18 +259,22 @@ def merge_encoder(variables: Mapping[str, Any],
   merged = flax.core.unfreeze(variables)
   for collection, tree in flax.core.unfreeze(encoder_variables).items():
     if collection not in merged or encoder_name not in merged[collection]:
-      raise ValueError(f"model variables have no '{collection}/{encoder_name}'"
-                       ' subtree to load the encoder into.')
+      raise ValueError(
+          f"model variables have no '{collection}/{encoder_name}'"
+          " subtree to load the encoder into."
+      )
     target = traverse_util.flatten_dict(merged[collection][encoder_name])
     for path, value in traverse_util.flatten_dict(tree).items():
-      name = '/'.join((collection, encoder_name) + path)
+      name = "/".join((collection, encoder_name) + path)
       if path not in target:
-        raise ValueError(f'pretrained leaf {name} does not exist in the model.')
+        raise ValueError(f"pretrained leaf {name} does not exist in the model.")
       old = target[path]
       if tuple(np.shape(value)) != tuple(np.shape(old)):
-        raise ValueError(f'pretrained leaf {name} has shape '
-                         f'{tuple(np.shape(value))}, the model has '
-                         f'{tuple(np.shape(old))}.')
+        raise ValueError(
+            f"pretrained leaf {name} has shape "
+            f"{tuple(np.shape(value))}, the model has "
+            f"{tuple(np.shape(old))}."
+        )
       target[path] = jnp.asarray(value, dtype=old.dtype)
     merged[collection][encoder_name] = traverse_util.unflatten_dict(target)
   return merged

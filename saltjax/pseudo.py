@@ -12,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def select(probs: np.ndarray, low: float, high: float,
-           max_uncertain_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+def select(
+    probs: np.ndarray, low: float, high: float, max_uncertain_fraction: float
+) -> tuple[np.ndarray, np.ndarray]:
   """Indices of confident images and their {0,1} masks.
 
   An image is confident when at most `max_uncertain_fraction` of its pixels

@@ -52,7 +52,8 @@ def decode(rle: str, shape: tuple[int, int] = (101, 101)) -> np.ndarray:
   if (ends > flat.size).any():
     raise RLEError(
         f"RLE run ends at pixel {int(ends.max())}, past the {height}x{width}"
-        f" image ({flat.size} pixels)")
+        f" image ({flat.size} pixels)"
+    )
   if (starts[1:] <= ends[:-1]).any():
     raise RLEError(f"RLE runs overlap or are out of order in {rle[:40]!r}")
   for s, e in zip(starts - 1, ends):

@@ -31,9 +31,20 @@ from saltjax import config_checks
 from saltjax import errors
 from saltjax import workdir as workdir_lib
 
-_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-cpu",
-             "tensorflow", "tensorflow-datasets", "ml-collections", "numpy",
-             "opencv-python-headless", "scikit-learn")
+_PACKAGES = (
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "orbax-checkpoint",
+    "tensorflow-cpu",
+    "tensorflow",
+    "tensorflow-datasets",
+    "ml-collections",
+    "numpy",
+    "opencv-python-headless",
+    "scikit-learn",
+)
 
 
 def package_versions(names=_PACKAGES) -> dict:
@@ -78,6 +89,7 @@ def set_up_process() -> None:
   warnings.filterwarnings("ignore", module="orbax")
   if "tensorflow" in sys.modules or _tensorflow_installed():
     import tensorflow as tf
+
     tf.config.set_visible_devices([], "GPU")
     if tf.config.list_physical_devices("TPU"):
       tf.config.set_visible_devices([], "TPU")
@@ -91,16 +103,20 @@ def _drop_orbax_background_errors(record: logging.LogRecord) -> bool:
 
 def _quiet_closed_event_loops(hook):
   """Orbax's abandoned writes complain once per pending task after a failure."""
+
   def quiet(unraisable):
     if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(
-        unraisable.exc_value):
+        unraisable.exc_value
+    ):
       return
     hook(unraisable)
+
   return quiet
 
 
 def _tensorflow_installed() -> bool:
   import importlib.util
+
   return importlib.util.find_spec("tensorflow") is not None
 
 
@@ -111,8 +127,11 @@ def main(config, workdir: str | None, config_file: str | None = None) -> int:
   workdir = workdir or default_workdir(config_file)
   if "://" in workdir:
     # pathlib would quietly turn gs://b/x into a local folder gs:/b/x.
-    print(f"error: --workdir={workdir}: URLs are not supported; use a mounted path"
-          " (e.g. gcsfuse or NFS) shared by every host", file=sys.stderr)
+    print(
+        f"error: --workdir={workdir}: URLs are not supported; use a mounted path"
+        " (e.g. gcsfuse or NFS) shared by every host",
+        file=sys.stderr,
+    )
     return 1
   workdir = pathlib.Path(workdir)
   previous = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -136,13 +155,16 @@ def main(config, workdir: str | None, config_file: str | None = None) -> int:
   finally:
     signal.signal(signal.SIGTERM, previous)
   if "oof_score" in scores:
-    print(f"OOF score {scores['oof_score']:.4f} at threshold {scores['threshold']:.2f};"
-          f" wrote {workdir / workdir_lib.SUBMISSION_CSV}")
+    print(
+        f"OOF score {scores['oof_score']:.4f} at threshold {scores['threshold']:.2f};"
+        f" wrote {workdir / workdir_lib.SUBMISSION_CSV}"
+    )
   return 0
 
 
 def _on_sigterm(signum, frame) -> None:
   from saltjax import train
+
   logging.warning("SIGTERM: saving the resume point after this epoch, then stopping.")
   train.request_stop()
 
@@ -155,8 +177,9 @@ def _train(config, workdir: pathlib.Path) -> dict:
   # the batch sizes checked, before the workdir gets anything.
   imagenet_weights.resolve_weights(config.model.pretrained, config.cache_dir)
   data = data_lib.load(config)
-  train.steps_per_epoch_for(config, parallel.create_mesh(),
-                            data_lib.fold_assignment(config, data)["fold"].to_numpy())
+  train.steps_per_epoch_for(
+      config, parallel.create_mesh(), data_lib.fold_assignment(config, data)["fold"].to_numpy()
+  )
   workdir_lib.check_writable(workdir)
   with workdir_lib.locked(workdir):
     _record_run(config, workdir)
@@ -168,11 +191,13 @@ def _defaults(config_file: str | None):
   if not config_file or not os.path.isfile(config_file):
     return None
   import runpy
+
   return runpy.run_path(config_file)["get_config"]()
 
 
 def _predict(config, workdir: pathlib.Path, defaults=None) -> dict:
   from saltjax import predict
+
   config = config_checks.config_for_prediction(config, workdir, defaults)
   workdir_lib.check_writable(workdir)
   with workdir_lib.locked(workdir):
@@ -182,6 +207,7 @@ def _predict(config, workdir: pathlib.Path, defaults=None) -> dict:
 def _segment(config, workdir: pathlib.Path) -> int:
   """Whole seismic sections through the workdir's ensemble (configs/segment.py)."""
   from saltjax import sections
+
   with workdir_lib.locked(workdir) if workdir.is_dir() else _no_lock():
     sections.run(config, workdir)
   return 0
@@ -206,19 +232,22 @@ def _record_run(config, workdir: pathlib.Path) -> None:
 
 # ------------------------------------------------------------- the job ---
 
+
 def folds_to_train(config) -> list[int]:
   if config.fold == -1:
     return list(range(config.num_folds))
   if not 0 <= config.fold < config.num_folds:
-    raise errors.ConfigError(f"config.fold={config.fold} is out of range for"
-                             f" config.num_folds={config.num_folds} (use -1 for all folds)")
+    raise errors.ConfigError(
+        f"config.fold={config.fold} is out of range for"
+        f" config.num_folds={config.num_folds} (use -1 for all folds)"
+    )
   return [config.fold]
 
 
 def fold_groups(config, folds: list[int]) -> list[list[int]]:
   """The folds trained together: `config.parallel_folds` at a time (0: all)."""
   size = config.get("parallel_folds", 1) or len(folds)
-  return [folds[i:i + size] for i in range(0, len(folds), size)]
+  return [folds[i : i + size] for i in range(0, len(folds), size)]
 
 
 def write_training_curves(config, workdir: pathlib.Path) -> None:
@@ -226,6 +255,7 @@ def write_training_curves(config, workdir: pathlib.Path) -> None:
   if jax.process_index() != 0:
     return
   from saltjax import optim, plots
+
   done = {k: workdir_lib.read_done(workdir, k) for k in range(config.num_folds)}
   histories = {k: d["history"] for k, d in done.items() if d is not None}
   plots.write_training_curves(workdir, histories, optim.cycle_end_epochs(config))
@@ -235,11 +265,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data=Non
   """Trains the config's folds; when they are all of them, predicts."""
   from saltjax import data as data_lib
   from saltjax import parallel, predict
+
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = parallel.create_mesh()
-  logging.info("Devices: %d (%s), processes: %d", mesh.size, jax.devices()[0].platform,
-               jax.process_count())
+  logging.info(
+      "Devices: %d (%s), processes: %d", mesh.size, jax.devices()[0].platform, jax.process_count()
+  )
   data = data if data is not None else data_lib.load(config)
   fold_of = data_lib.folds_for_run(config, data, workdir)
   summaries = train_folds(config, workdir, data, fold_of, mesh)
@@ -255,6 +287,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data=Non
 def train_folds(config, workdir: pathlib.Path, data, fold_of, mesh, extra=None) -> list:
   """Trains the config's folds, `config.parallel_folds` at a time; finished ones are skipped."""
   from saltjax import train
+
   folds = folds_to_train(config)
   todo = [k for k in folds if workdir_lib.read_done(workdir, k) is None]
   writer = _metric_writer(workdir)
@@ -265,8 +298,7 @@ def train_folds(config, workdir: pathlib.Path, data, fold_of, mesh, extra=None) 
     num_extra = {k: len(v[0]) for k, v in extra.items()} if extra is not None else 0
     job = train.Job.create(config, mesh, fold_of, writer, num_extra=num_extra)
     for group in fold_groups(config, folds):
-      summaries.update(zip(group, train.train_folds(job, workdir, group, data, fold_of,
-                                                    extra)))
+      summaries.update(zip(group, train.train_folds(job, workdir, group, data, fold_of, extra)))
   finally:
     writer.close()
   write_training_curves(config, workdir)
@@ -292,12 +324,13 @@ def _metric_writer(workdir: pathlib.Path):
     logging.info("TensorFlow is not installed: metrics go to the log, not TensorBoard.")
     return _LoggingWriter()
   from clu import metric_writers
+
   return metric_writers.create_default_writer(
-      str(workdir / workdir_lib.TENSORBOARD), just_logging=jax.process_index() > 0)
+      str(workdir / workdir_lib.TENSORBOARD), just_logging=jax.process_index() > 0
+  )
 
 
-def pseudo_label_round(config, workdir: pathlib.Path, data, fold_of, mesh,
-                       first) -> dict:
+def pseudo_label_round(config, workdir: pathlib.Path, data, fold_of, mesh, first) -> dict:
   """A second round with confident test predictions added to each fold's training.
 
   Fold k's pseudo-labels come from fold k's own first-round models alone:
@@ -309,24 +342,33 @@ def pseudo_label_round(config, workdir: pathlib.Path, data, fold_of, mesh,
   first round's are kept as round1_*.
   """
   from saltjax import predict, pseudo
+
   p = config.pseudo_label
   extra, counts = {}, {}
   for fold, probs in sorted(first.fold_test_probs.items()):
     chosen, masks = pseudo.select(probs, p.low, p.high, p.max_uncertain_fraction)
     extra[fold] = (data.test_images[chosen], masks)
     counts[str(fold)] = int(len(chosen))
-    logging.info("Pseudo-labelling fold %d: %d of %d test images are confident"
-                 " (fold %d's own models)", fold, len(chosen), len(probs), fold)
+    logging.info(
+        "Pseudo-labelling fold %d: %d of %d test images are confident" " (fold %d's own models)",
+        fold,
+        len(chosen),
+        len(probs),
+        fold,
+    )
   round_dir = workdir / workdir_lib.PSEUDO_ROUND
   round_dir.mkdir(exist_ok=True)
   train_folds(config, round_dir, data, fold_of, mesh, extra=extra)
   scores = predict.predict_and_submit(config, round_dir, data=data, mesh=mesh).scores
   scores["pseudo_label"] = {
       "labels_from": "each fold's own first-round models (test predictions of the models"
-                     " that never saw that fold's validation images)",
-      "num_images": counts, "low": p.low, "high": p.high,
+      " that never saw that fold's validation images)",
+      "num_images": counts,
+      "low": p.low,
+      "high": p.high,
       "max_uncertain_fraction": p.max_uncertain_fraction,
-      "round1_oof_score": first.scores["oof_score"]}
+      "round1_oof_score": first.scores["oof_score"],
+  }
   if jax.process_index() == 0:
     for name in (workdir_lib.SUBMISSION_CSV, workdir_lib.OOF_CSV, workdir_lib.SCORES_JSON):
       workdir_lib.write_text((workdir / name).read_text(), workdir / f"round1_{name}")

@@ -57,6 +57,7 @@ _SEGY_SUFFIXES = (".sgy", ".segy")
 
 # --------------------------------------------------------------- amplitudes ---
 
+
 def clip_level(amplitudes: np.ndarray, percentile: float) -> float:
   """The amplitude mapped to full gray: a percentile of |amplitude|."""
   return float(np.percentile(np.abs(amplitudes), percentile))
@@ -69,6 +70,7 @@ def amplitude_to_gray(amplitude: np.ndarray, clip: float) -> np.ndarray:
 
 
 # ------------------------------------------------------------ tile and blend ---
+
 
 def tile_starts(length: int, stride: int, tile: int = TILE) -> np.ndarray:
   """Tile origins along one axis: every `stride`, the last flush with the end."""
@@ -93,18 +95,19 @@ def tile_window(tile: int = TILE) -> np.ndarray:
   return np.outer(taper, taper)
 
 
-def cut_tiles(section: np.ndarray, stride: int, tile: int = TILE
-              ) -> tuple[np.ndarray, np.ndarray]:
+def cut_tiles(section: np.ndarray, stride: int, tile: int = TILE) -> tuple[np.ndarray, np.ndarray]:
   """Overlapping tiles of a (rows, cols) section: (N, tile, tile) and origins (N, 2)."""
   rows, cols = tile_starts(section.shape[0], stride, tile), tile_starts(
-      section.shape[1], stride, tile)
+      section.shape[1], stride, tile
+  )
   origins = np.array([(r, c) for r in rows for c in cols], np.int64)
-  tiles = np.stack([section[r:r + tile, c:c + tile] for r, c in origins])
+  tiles = np.stack([section[r : r + tile, c : c + tile] for r, c in origins])
   return tiles, origins
 
 
-def blend_tiles(tile_probs: np.ndarray, origins: np.ndarray, shape: tuple[int, int],
-                window: np.ndarray | None) -> np.ndarray:
+def blend_tiles(
+    tile_probs: np.ndarray, origins: np.ndarray, shape: tuple[int, int], window: np.ndarray | None
+) -> np.ndarray:
   """The weighted mean of overlapping tile predictions at every pixel.
 
   window=None weights every pixel of every tile equally (a plain average).
@@ -114,8 +117,8 @@ def blend_tiles(tile_probs: np.ndarray, origins: np.ndarray, shape: tuple[int, i
   total = np.zeros(shape, np.float64)
   norm = np.zeros(shape, np.float64)
   for p, (r, c) in zip(tile_probs, origins):
-    total[r:r + tile, c:c + tile] += weight * p
-    norm[r:r + tile, c:c + tile] += weight
+    total[r : r + tile, c : c + tile] += weight * p
+    norm[r : r + tile, c : c + tile] += weight
   return (total / norm).astype(np.float32)
 
 
@@ -124,15 +127,18 @@ def remove_small_regions(mask: np.ndarray, min_area: int) -> np.ndarray:
   mask = np.asarray(mask, bool)
   if min_area <= 1 or not mask.any():
     return mask
-  count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8),
-                                                              connectivity=8)
+  count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
   keep = stats[:, cv2.CC_STAT_AREA] >= min_area
   keep[0] = False  # background
   return keep[labels]
 
 
-def segment_sections(gray_sections: Sequence[np.ndarray], predict_tiles: Callable,
-                     stride: int, window: np.ndarray | None = None) -> list[np.ndarray]:
+def segment_sections(
+    gray_sections: Sequence[np.ndarray],
+    predict_tiles: Callable,
+    stride: int,
+    window: np.ndarray | None = None,
+) -> list[np.ndarray]:
   """Blended salt probabilities of uint8 (rows, cols) sections, predicted together.
 
   predict_tiles: uint8 (N, 101, 101) tiles -> float (N, 101, 101) probabilities.
@@ -142,12 +148,13 @@ def segment_sections(gray_sections: Sequence[np.ndarray], predict_tiles: Callabl
   probs = predict_tiles(np.concatenate([tiles for tiles, _ in cut]))
   out, start = [], 0
   for g, (tiles, origins) in zip(gray_sections, cut):
-    out.append(blend_tiles(probs[start:start + len(tiles)], origins, g.shape, window))
+    out.append(blend_tiles(probs[start : start + len(tiles)], origins, g.shape, window))
     start += len(tiles)
   return out
 
 
 # ------------------------------------------------------------------- config ---
+
 
 def parse_line_numbers(text: str, key: str) -> list[int] | None:
   """'100,102,110-120' -> [100, 102, 110, ..., 120]; '' -> None (every line)."""
@@ -167,8 +174,8 @@ def parse_line_numbers(text: str, key: str) -> list[int] | None:
         numbers.append(int(part))
   except ValueError:
     raise config_checks.ConfigError(
-        f"config.segment.{key}={text!r}: use line numbers and ranges such as"
-        " '100,102,110-120'") from None
+        f"config.segment.{key}={text!r}: use line numbers and ranges such as" " '100,102,110-120'"
+    ) from None
   return list(dict.fromkeys(numbers))
 
 
@@ -183,16 +190,28 @@ def check_config(config) -> None:
 
   need(bool(s.input), "input", "give the SEG-Y, .npy or PNG file to segment")
   need(not s.input or pathlib.Path(s.input).expanduser().is_file(), "input", "no such file")
-  need(isinstance(s.stride, int) and 1 <= s.stride <= TILE, "stride",
-       f"must be an integer from 1 to {TILE} (a larger stride would leave gaps)")
+  need(
+      isinstance(s.stride, int) and 1 <= s.stride <= TILE,
+      "stride",
+      f"must be an integer from 1 to {TILE} (a larger stride would leave gaps)",
+  )
   need(0 < s.clip_percentile <= 100, "clip_percentile", "must be in (0, 100]")
   need(s.clip_value >= 0, "clip_value", "must be >= 0 (0: use clip_percentile)")
-  need(s.threshold < 0 or 0 < s.threshold < 1, "threshold",
-       "must be in (0, 1), or -1 for the threshold tuned in scores.json")
-  need(isinstance(s.min_area, int) and s.min_area >= -1, "min_area",
-       "must be >= 0, or -1 for the minimum area tuned in scores.json")
-  need(not (str(s.inlines).strip() and str(s.crosslines).strip()), "crosslines",
-       "segment inlines or crosslines in one run, not both")
+  need(
+      s.threshold < 0 or 0 < s.threshold < 1,
+      "threshold",
+      "must be in (0, 1), or -1 for the threshold tuned in scores.json",
+  )
+  need(
+      isinstance(s.min_area, int) and s.min_area >= -1,
+      "min_area",
+      "must be >= 0, or -1 for the minimum area tuned in scores.json",
+  )
+  need(
+      not (str(s.inlines).strip() and str(s.crosslines).strip()),
+      "crosslines",
+      "segment inlines or crosslines in one run, not both",
+  )
   if problems:
     raise config_checks.ConfigError("bad config:\n  " + "\n  ".join(problems))
   parse_line_numbers(s.inlines, "inlines")
@@ -201,9 +220,11 @@ def check_config(config) -> None:
 
 # ------------------------------------------------------------------- inputs ---
 
+
 @dataclasses.dataclass
 class Section:
   """One section of the input: its name and how to read it."""
+
   name: str  # "line", "inline 105", "crossline 7"
   label: str  # the part of an output file name: "" for a 2-D input, "inline105"
   read: Callable[[], np.ndarray]  # -> (samples, traces)
@@ -230,13 +251,16 @@ def _select(direction: str, numbers: list[int] | None, available: int, path) -> 
     return list(range(available))
   missing = [n for n in numbers if not 0 <= n < available]
   if missing:
-    raise DataError(f"{path}: has no {direction}(s) {', '.join(map(str, missing[:10]))};"
-                    f" its {direction}s are numbered 0 to {available - 1} (array index)")
+    raise DataError(
+        f"{path}: has no {direction}(s) {', '.join(map(str, missing[:10]))};"
+        f" its {direction}s are numbered 0 to {available - 1} (array index)"
+    )
   return numbers
 
 
-def open_input(path: str | os.PathLike, inlines: list[int] | None = None,
-               crosslines: list[int] | None = None) -> SectionInput:
+def open_input(
+    path: str | os.PathLike, inlines: list[int] | None = None, crosslines: list[int] | None = None
+) -> SectionInput:
   """Opens a SEG-Y file, .npy array or PNG as a list of sections."""
   path = pathlib.Path(path).expanduser()
   if not path.is_file():
@@ -255,8 +279,15 @@ def open_input(path: str | os.PathLike, inlines: list[int] | None = None,
   except BaseException:
     source.close()
     raise
-  sections = [Section(line.name, "" if not source.is_volume else line.name.replace(" ", ""),
-                      (lambda line=line: source.read(line)), line.traces) for line in lines]
+  sections = [
+      Section(
+          line.name,
+          "" if not source.is_volume else line.name.replace(" ", ""),
+          (lambda line=line: source.read(line)),
+          line.traces,
+      )
+      for line in lines
+  ]
   return SectionInput(path, "segy", sections, source.is_volume, False, direction, source)
 
 
@@ -269,43 +300,53 @@ def _open_npy(path: pathlib.Path, direction: str, numbers) -> SectionInput:
     raise DataError(f"{path}: holds {array.dtype} values; expected real numbers")
   if array.ndim == 2:
     if numbers is not None:
-      raise DataError(f"{path}: is one 2-D section, so config.segment.{direction}s"
-                      " cannot select lines in it")
+      raise DataError(
+          f"{path}: is one 2-D section, so config.segment.{direction}s" " cannot select lines in it"
+      )
     sections = [Section("line", "", lambda: np.asarray(array))]
   elif array.ndim == 3:
     # (lines, samples, traces): inline k is array[k]; crossline j is the j-th
     # trace of every inline.
     if direction == segy.INLINE:
       chosen = _select(direction, numbers, array.shape[0], path)
-      sections = [Section(f"inline {k}", f"inline{k}", lambda k=k: np.asarray(array[k]))
-                  for k in chosen]
+      sections = [
+          Section(f"inline {k}", f"inline{k}", lambda k=k: np.asarray(array[k])) for k in chosen
+      ]
     else:
       chosen = _select(direction, numbers, array.shape[2], path)
-      sections = [Section(f"crossline {k}", f"crossline{k}",
-                          lambda k=k: np.asarray(array[:, :, k]).T) for k in chosen]
+      sections = [
+          Section(f"crossline {k}", f"crossline{k}", lambda k=k: np.asarray(array[:, :, k]).T)
+          for k in chosen
+      ]
   else:
-    raise DataError(f"{path}: has shape {array.shape}; expected a section (samples, traces)"
-                    " or a volume (lines, samples, traces)")
-  return SectionInput(path, "npy", sections, array.ndim == 3, array.dtype == np.uint8,
-                      direction)
+    raise DataError(
+        f"{path}: has shape {array.shape}; expected a section (samples, traces)"
+        " or a volume (lines, samples, traces)"
+    )
+  return SectionInput(path, "npy", sections, array.ndim == 3, array.dtype == np.uint8, direction)
 
 
 def _open_png(path: pathlib.Path, direction: str, numbers) -> SectionInput:
   if numbers is not None:
-    raise DataError(f"{path}: a PNG is one 2-D section, so config.segment.{direction}s"
-                    " cannot select lines in it")
+    raise DataError(
+        f"{path}: a PNG is one 2-D section, so config.segment.{direction}s"
+        " cannot select lines in it"
+    )
   image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
   if image is None:
     raise DataError(f"{path}: not a readable PNG image (unreadable or truncated)")
   if image.ndim == 3 and image.shape[2] in (3, 4):
     color = image[:, :, :3]
-    if not (np.array_equal(color[..., 0], color[..., 1])
-            and np.array_equal(color[..., 0], color[..., 2])):
+    if not (
+        np.array_equal(color[..., 0], color[..., 1])
+        and np.array_equal(color[..., 0], color[..., 2])
+    ):
       raise DataError(f"{path}: is a color image; expected a gray section")
     image = color[..., 0]
   if image.ndim != 2 or image.dtype not in (np.uint8, np.uint16):
-    raise DataError(f"{path}: is not an 8- or 16-bit gray image ({image.dtype},"
-                    f" shape {image.shape})")
+    raise DataError(
+        f"{path}: is not an 8- or 16-bit gray image ({image.dtype}," f" shape {image.shape})"
+    )
   # 16-bit PNGs are amplitudes (centred on 32768), mapped like any others.
   gray = image.dtype == np.uint8
   data = image if gray else image.astype(np.float32) - 32768.0
@@ -318,17 +359,20 @@ def _check_section(source: SectionInput, section: Section, values: np.ndarray) -
   if rows < TILE or cols < TILE:
     raise DataError(
         f"{where}: the section is {rows} samples x {cols} traces; it must be at least"
-        f" {TILE} x {TILE} (one tile) to be segmented")
+        f" {TILE} x {TILE} (one tile) to be segmented"
+    )
   bad = ~np.isfinite(values)
   if bad.any():
     r, c = np.argwhere(bad)[0]
     raise DataError(
         f"{where}: {int(bad.sum())} sample(s) are NaN or infinite (the first at sample"
-        f" {r}, trace {c}); fix or mute them before segmenting")
+        f" {r}, trace {c}); fix or mute them before segmenting"
+    )
 
 
-def scan_input(source: SectionInput, clip_percentile: float, clip_value: float
-               ) -> tuple[float, tuple[int, int]]:
+def scan_input(
+    source: SectionInput, clip_percentile: float, clip_value: float
+) -> tuple[float, tuple[int, int]]:
   """Checks every section (size, finite samples); returns (clip level, shape).
 
   Everything is read once here, before anything is written, so bad input
@@ -340,8 +384,10 @@ def scan_input(source: SectionInput, clip_percentile: float, clip_value: float
     _check_section(source, section, values)
     shape = shape or values.shape
     if values.shape != shape:
-      raise DataError(f"{source.path}: {section.name} is {values.shape[0]} x"
-                      f" {values.shape[1]}, unlike the first line's {shape[0]} x {shape[1]}")
+      raise DataError(
+          f"{source.path}: {section.name} is {values.shape[0]} x"
+          f" {values.shape[1]}, unlike the first line's {shape[0]} x {shape[1]}"
+      )
     if not source.is_gray and clip_value <= 0:
       step = max(1, values.size * len(source.sections) // _CLIP_SAMPLE)
       samples.append(np.abs(values.astype(np.float32)).ravel()[::step])
@@ -354,15 +400,18 @@ def scan_input(source: SectionInput, clip_percentile: float, clip_value: float
     raise DataError(
         f"{source.path}: the {clip_percentile:g}th percentile of |amplitude| is 0 (the"
         " section is mostly zeros); set config.segment.clip_value to the amplitude"
-        " that should map to full gray")
+        " that should map to full gray"
+    )
   return level, shape
 
 
 # ----------------------------------------------------------------- ensemble ---
 
+
 @dataclasses.dataclass
 class Ensemble:
   """The workdir's models as one tile predictor, and its post-processing."""
+
   predict_tiles: Callable[[np.ndarray], np.ndarray]
   models: list[str]
   threshold: float
@@ -380,13 +429,13 @@ def load_ensemble(config, workdir: pathlib.Path) -> Ensemble:
   from saltjax import models
   from saltjax import predict
 
-  usable, left_out = predict.usable_folds(workdir, config.num_folds,
-                                          config.predict.checkpoints)
+  usable, left_out = predict.usable_folds(workdir, config.num_folds, config.predict.checkpoints)
   if not usable:
     raise ckpt_lib.CheckpointError(
         f"{workdir} holds no trained fold with {config.predict.checkpoints!r} checkpoints"
         " (config.predict.checkpoints): train first (python main.py"
-        " --config=configs/fold.py --workdir=...)")
+        " --config=configs/fold.py --workdir=...)"
+    )
   for fold, reason in left_out.items():
     logging.warning("fold %d left out of the ensemble: %s", fold, reason)
   folds = sorted(usable)
@@ -397,15 +446,21 @@ def load_ensemble(config, workdir: pathlib.Path) -> Ensemble:
     fold_dir = workdir / f"fold_{fold}"
     chosen = usable[fold]
     for store, step in chosen:
-      members.append((predict.load_variables(config, model, fold_dir, store, step),
-                      1.0 / (len(chosen) * len(folds))))
+      members.append(
+          (
+              predict.load_variables(config, model, fold_dir, store, step),
+              1.0 / (len(chosen) * len(folds)),
+          )
+      )
       names.append(f"fold_{fold}/{store}/{step}")
-  return Ensemble(tile_predictor(config, model, members), names, threshold, min_area,
-                  config.predict.tta)
+  return Ensemble(
+      tile_predictor(config, model, members), names, threshold, min_area, config.predict.tta
+  )
 
 
-def tile_predictor(config, model, members: Sequence[tuple[dict, float]]
-                   ) -> Callable[[np.ndarray], np.ndarray]:
+def tile_predictor(
+    config, model, members: Sequence[tuple[dict, float]]
+) -> Callable[[np.ndarray], np.ndarray]:
   """uint8 (N, 101, 101) tiles -> the weighted sum of the members' TTA probabilities.
 
   members: (variables, weight) pairs; the weights should sum to 1.
@@ -416,16 +471,20 @@ def tile_predictor(config, model, members: Sequence[tuple[dict, float]]
 
   mesh = parallel.create_mesh()
   parallel.check_batch_size(config.predict.batch_size, mesh, "config.predict.batch_size")
-  infer_fn = jax.jit(inference.make_infer_fn(model, config.image_size, config.resize_mode,
-                                             config.predict.tta))
-  on_device = [(jax.device_put(variables, parallel.replicated(mesh)), weight)
-               for variables, weight in members]
+  infer_fn = jax.jit(
+      inference.make_infer_fn(model, config.image_size, config.resize_mode, config.predict.tta)
+  )
+  on_device = [
+      (jax.device_put(variables, parallel.replicated(mesh)), weight)
+      for variables, weight in members
+  ]
 
   def predict_tiles(tiles: np.ndarray) -> np.ndarray:
     total = np.zeros(tiles.shape, np.float32)
     for variables, weight in on_device:
-      out = inference.predict_probs(infer_fn, variables, tiles,
-                                    batch_size=config.predict.batch_size, mesh=mesh)
+      out = inference.predict_probs(
+          infer_fn, variables, tiles, batch_size=config.predict.batch_size, mesh=mesh
+      )
       total += weight * out["probs"]
     return total
 
@@ -442,18 +501,23 @@ def _postprocessing(config, workdir: pathlib.Path) -> tuple[float, int]:
     raise config_checks.ConfigError(
         f"{scores_path} not found: the tuned threshold and minimum area come from a"
         f" prediction run (python main.py --config=configs/predict.py --workdir={workdir}),"
-        " or set --config.segment.threshold and --config.segment.min_area")
+        " or set --config.segment.threshold and --config.segment.min_area"
+    )
   try:
     scores = json.loads(scores_path.read_text())
     tuned = float(scores["threshold"]), int(scores["min_area"])
   except (ValueError, KeyError, TypeError) as e:
-    raise config_checks.ConfigError(f"{scores_path} is unreadable or has no threshold"
-                                    f" and min_area ({e})") from e
-  return (float(s.threshold) if s.threshold >= 0 else tuned[0],
-          int(s.min_area) if s.min_area >= 0 else tuned[1])
+    raise config_checks.ConfigError(
+        f"{scores_path} is unreadable or has no threshold" f" and min_area ({e})"
+    ) from e
+  return (
+      float(s.threshold) if s.threshold >= 0 else tuned[0],
+      int(s.min_area) if s.min_area >= 0 else tuned[1],
+  )
 
 
 # ------------------------------------------------------------------ outputs ---
+
 
 class _StagedOutputs:
   """Files written under temporary names, renamed into place together."""
@@ -491,8 +555,7 @@ class _StagedOutputs:
 def overlay_image(gray: np.ndarray, mask: np.ndarray) -> np.ndarray:
   """BGR picture of the section with the salt outline in red."""
   picture = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
-  contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_LIST,
-                                 cv2.CHAIN_APPROX_NONE)
+  contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
   thickness = max(1, min(gray.shape) // 300)
   cv2.drawContours(picture, contours, -1, (0, 0, 255), thickness)
   return picture
@@ -500,8 +563,12 @@ def overlay_image(gray: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def output_names(stem: str) -> dict[str, str]:
   """The file names written for an input named <stem>.<ext>."""
-  return {"probability": f"{stem}_probability.npy", "mask": f"{stem}_mask.npy",
-          "segy": f"{stem}_probability.sgy", "summary": f"{stem}_segment.json"}
+  return {
+      "probability": f"{stem}_probability.npy",
+      "mask": f"{stem}_mask.npy",
+      "segy": f"{stem}_probability.sgy",
+      "summary": f"{stem}_segment.json",
+  }
 
 
 def _png_name(stem: str, label: str, what: str) -> str:
@@ -528,8 +595,11 @@ def segment_input(config, workdir: pathlib.Path, ensemble: Ensemble | None = Non
   """
   s = config.segment
   started = time.time()
-  source = open_input(s.input, parse_line_numbers(s.inlines, "inlines"),
-                      parse_line_numbers(s.crosslines, "crosslines"))
+  source = open_input(
+      s.input,
+      parse_line_numbers(s.inlines, "inlines"),
+      parse_line_numbers(s.crosslines, "crosslines"),
+  )
   try:
     clip, shape = scan_input(source, s.clip_percentile, s.clip_value)
     ensemble = ensemble or load_ensemble(config, workdir)
@@ -538,8 +608,15 @@ def segment_input(config, workdir: pathlib.Path, ensemble: Ensemble | None = Non
     source.close()
 
 
-def _segment_and_write(config, workdir, source: SectionInput, clip: float,
-                       shape: tuple[int, int], ensemble: Ensemble, started: float) -> dict:
+def _segment_and_write(
+    config,
+    workdir,
+    source: SectionInput,
+    clip: float,
+    shape: tuple[int, int],
+    ensemble: Ensemble,
+    started: float,
+) -> dict:
   s = config.segment
   stem = source.path.stem
   names = output_names(stem)
@@ -548,12 +625,15 @@ def _segment_and_write(config, workdir, source: SectionInput, clip: float,
   staged = _StagedOutputs(out_dir)
   try:
     stacked = (len(source.sections),) + shape if source.is_volume else shape
-    prob_out = np.lib.format.open_memmap(staged.temp_path(names["probability"]), mode="w+",
-                                         dtype=np.float32, shape=stacked)
-    mask_out = np.lib.format.open_memmap(staged.temp_path(names["mask"]), mode="w+",
-                                         dtype=np.uint8, shape=stacked)
-    tiles_per = [len(tile_starts(shape[0], s.stride)) * len(tile_starts(shape[1], s.stride))
-                 ] * len(source.sections)
+    prob_out = np.lib.format.open_memmap(
+        staged.temp_path(names["probability"]), mode="w+", dtype=np.float32, shape=stacked
+    )
+    mask_out = np.lib.format.open_memmap(
+        staged.temp_path(names["mask"]), mode="w+", dtype=np.uint8, shape=stacked
+    )
+    tiles_per = [len(tile_starts(shape[0], s.stride)) * len(tile_starts(shape[1], s.stride))] * len(
+        source.sections
+    )
     window = tile_window()
     salt_fraction = {}
     for chunk in _chunks(tiles_per):
@@ -568,14 +648,18 @@ def _segment_and_write(config, workdir, source: SectionInput, clip: float,
         target = (i,) if source.is_volume else ()
         prob_out[target] = prob
         mask_out[target] = mask
-        staged.write_png(_png_name(stem, section.label, "probability"),
-                         np.rint(prob * 255.0).astype(np.uint8))
+        staged.write_png(
+            _png_name(stem, section.label, "probability"), np.rint(prob * 255.0).astype(np.uint8)
+        )
         staged.write_png(_png_name(stem, section.label, "mask"), mask.astype(np.uint8) * 255)
         staged.write_png(_png_name(stem, section.label, "overlay"), overlay_image(gray, mask))
         salt_fraction[section.name] = float(mask.mean())
-        logging.info("%s%s: %.1f%% salt", source.path.name,
-                     "" if section.name == "line" else f" {section.name}",
-                     100 * salt_fraction[section.name])
+        logging.info(
+            "%s%s: %.1f%% salt",
+            source.path.name,
+            "" if section.name == "line" else f" {section.name}",
+            100 * salt_fraction[section.name],
+        )
     prob_out.flush()
     mask_out.flush()
     written_segy = None
@@ -590,10 +674,15 @@ def _segment_and_write(config, workdir, source: SectionInput, clip: float,
         "shape": list(stacked),
         "layout": ("(lines, samples, traces)" if source.is_volume else "(samples, traces)"),
         "amplitude_to_gray": (
-            "input is 8-bit gray: used as-is" if source.is_gray else
-            f"gray = round(127.5 + 127.5 * clip(a / {clip:.6g}, -1, 1)); clip level ="
-            + (" config.segment.clip_value" if s.clip_value > 0 else
-               f" {s.clip_percentile:g}th percentile of |a|")),
+            "input is 8-bit gray: used as-is"
+            if source.is_gray
+            else f"gray = round(127.5 + 127.5 * clip(a / {clip:.6g}, -1, 1)); clip level ="
+            + (
+                " config.segment.clip_value"
+                if s.clip_value > 0
+                else f" {s.clip_percentile:g}th percentile of |a|"
+            )
+        ),
         "clip_level": clip,
         "stride": s.stride,
         "threshold": ensemble.threshold,
@@ -643,27 +732,40 @@ def run(config, workdir) -> dict:
   trained.segment = segment
   summary = segment_input(trained, workdir)
   out_dir = workdir / SECTIONS_DIR
-  print(f"segmented {len(summary['sections'])} section(s) of {summary['input']}"
-        f" in {summary['seconds']:.1f} s; wrote {out_dir}/{pathlib.Path(summary['input']).stem}_*")
+  print(
+      f"segmented {len(summary['sections'])} section(s) of {summary['input']}"
+      f" in {summary['seconds']:.1f} s; wrote {out_dir}/{pathlib.Path(summary['input']).stem}_*"
+  )
   return summary
 
 
 # ------------------------------------------------------------------ picture ---
 
-def write_before_after(path: str | os.PathLike, gray: np.ndarray, prob: np.ndarray,
-                       mask: np.ndarray, truth: np.ndarray | None = None,
-                       title: str = "") -> pathlib.Path:
+
+def write_before_after(
+    path: str | os.PathLike,
+    gray: np.ndarray,
+    prob: np.ndarray,
+    mask: np.ndarray,
+    truth: np.ndarray | None = None,
+    title: str = "",
+) -> pathlib.Path:
   """A PNG of a section before (gray) and after (probability, salt outline)."""
   from matplotlib import figure as mfigure
   from matplotlib import lines as mlines
   from saltjax import plots
 
   rows, cols = gray.shape
-  fig = mfigure.Figure(figsize=(3 * 4.2 * cols / max(rows, cols) + 0.6,
-                                4.2 * rows / max(rows, cols) + 1.1), layout="constrained")
+  fig = mfigure.Figure(
+      figsize=(3 * 4.2 * cols / max(rows, cols) + 0.6, 4.2 * rows / max(rows, cols) + 1.1),
+      layout="constrained",
+  )
   axes = fig.subplots(1, 3)
-  panels = (("section (input)", gray, "gray", 255), ("salt probability", prob, "magma", 1),
-            ("salt mask over the section", gray, "gray", 255))
+  panels = (
+      ("section (input)", gray, "gray", 255),
+      ("salt probability", prob, "magma", 1),
+      ("salt mask over the section", gray, "gray", 255),
+  )
   for ax, (name, image, cmap, top) in zip(axes, panels):
     ax.imshow(image, cmap=cmap, vmin=0, vmax=top, interpolation="nearest", aspect="auto")
     ax.set_title(name, fontsize=10)
@@ -671,11 +773,11 @@ def write_before_after(path: str | os.PathLike, gray: np.ndarray, prob: np.ndarr
     ax.set_ylabel("sample")
   handles = []
   if truth is not None:
-    axes[2].contour(np.asarray(truth, float), levels=[0.5], colors=[plots.TRUTH_COLOR],
-                    linewidths=2.4)
+    axes[2].contour(
+        np.asarray(truth, float), levels=[0.5], colors=[plots.TRUTH_COLOR], linewidths=2.4
+    )
     handles.append(mlines.Line2D([], [], color=plots.TRUTH_COLOR, lw=2.4, label="true body"))
-  axes[2].contour(np.asarray(mask, float), levels=[0.5], colors=[plots.PRED_COLOR],
-                  linewidths=1.2)
+  axes[2].contour(np.asarray(mask, float), levels=[0.5], colors=[plots.PRED_COLOR], linewidths=1.2)
   handles.append(mlines.Line2D([], [], color=plots.PRED_COLOR, lw=1.2, label="predicted salt"))
   fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
   if title:
@@ -691,6 +793,7 @@ def _figure_main(argv: Sequence[str] | None = None) -> None:
   from configs import segment as segment_config
   from saltjax import metrics
   from saltjax import synthetic
+
   parser = argparse.ArgumentParser(description="Before/after picture of a synthetic section")
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--out", required=True)
@@ -708,8 +811,10 @@ def _figure_main(argv: Sequence[str] | None = None) -> None:
   (prob,) = segment_sections([gray], ensemble.predict_tiles, config.segment.stride)
   mask = remove_small_regions(prob > ensemble.threshold, ensemble.min_area)
   iou = float(metrics.iou_per_image(truth[None], mask[None])[0])
-  title = (f"synthetic section {args.rows} x {args.cols} (seed {args.seed}),"
-           f" {len(ensemble.models)} model(s), IoU with the true body {iou:.2f}")
+  title = (
+      f"synthetic section {args.rows} x {args.cols} (seed {args.seed}),"
+      f" {len(ensemble.models)} model(s), IoU with the true body {iou:.2f}"
+  )
   print(write_before_after(args.out, gray, prob, mask, truth, title), title)
 
 

@@ -34,8 +34,17 @@ from saltjax.layout import DataError
 
 # Sample formats segyio reads: 1 IBM float, 2/3/8 two's complement integers
 # (4, 2, 1 bytes), 5 IEEE float, 6 IEEE double, 10/11/16 unsigned integers.
-_FORMATS = {1: "IBM float", 2: "int32", 3: "int16", 5: "IEEE float", 6: "IEEE double",
-            8: "int8", 10: "uint32", 11: "uint16", 16: "uint8"}
+_FORMATS = {
+    1: "IBM float",
+    2: "int32",
+    3: "int16",
+    5: "IEEE float",
+    6: "IEEE double",
+    8: "int8",
+    10: "uint32",
+    11: "uint16",
+    16: "uint8",
+}
 _FLOAT_FORMATS = (1, 5)
 _IEEE_FLOAT = 5
 
@@ -45,6 +54,7 @@ INLINE, CROSSLINE = "inline", "crossline"
 @dataclasses.dataclass(frozen=True)
 class Line:
   """One section of a SEG-Y file: a name and its traces in section order."""
+
   name: str  # "line" (2-D), "inline 105", "crossline 7"
   number: int
   traces: np.ndarray  # trace indices in the file, left to right
@@ -71,14 +81,18 @@ class SegyFile:
     f = self._file
     fmt = int(f.bin[segyio.BinField.Format])
     if fmt not in _FORMATS:
-      raise DataError(f"{self.path}: not a SEG-Y file that can be read (sample format"
-                      f" code {fmt} in the binary header is not a SEG-Y format)")
+      raise DataError(
+          f"{self.path}: not a SEG-Y file that can be read (sample format"
+          f" code {fmt} in the binary header is not a SEG-Y format)"
+      )
     self.format = fmt
     self.num_samples = len(f.samples)
     self.num_traces = f.tracecount
     if self.num_samples < 1 or self.num_traces < 1:
-      raise DataError(f"{self.path}: holds {self.num_traces} traces of"
-                      f" {self.num_samples} samples; nothing to segment")
+      raise DataError(
+          f"{self.path}: holds {self.num_traces} traces of"
+          f" {self.num_samples} samples; nothing to segment"
+      )
     inlines = np.asarray(f.attributes(segyio.TraceField.INLINE_3D)[:], np.int64)
     crosslines = np.asarray(f.attributes(segyio.TraceField.CROSSLINE_3D)[:], np.int64)
     self.inline_numbers = np.unique(inlines)
@@ -96,7 +110,8 @@ class SegyFile:
       raise DataError(
           f"{self.path}: irregular 3-D geometry ({self.num_traces} traces for"
           f" {n_il} inlines x {n_xl} crosslines in the headers at bytes 189/193);"
-          " only regular volumes (one trace per inline/crossline pair) can be segmented")
+          " only regular volumes (one trace per inline/crossline pair) can be segmented"
+      )
     self._grid = grid
 
   def lines(self, direction: str = INLINE, numbers: Sequence[int] | None = None) -> list[Line]:
@@ -109,7 +124,8 @@ class SegyFile:
       if numbers is not None:
         raise DataError(
             f"{self.path}: is a 2-D line (its trace headers do not describe a 3-D"
-            f" grid), so config.segment.{direction}s cannot select lines in it")
+            f" grid), so config.segment.{direction}s cannot select lines in it"
+        )
       return [Line("line", 0, np.arange(self.num_traces))]
     available = self.inline_numbers if direction == INLINE else self.crossline_numbers
     if numbers is None:
@@ -119,7 +135,8 @@ class SegyFile:
       raise DataError(
           f"{self.path}: has no {direction}(s) {', '.join(map(str, missing[:10]))};"
           f" its {direction}s run from {available.min()} to {available.max()}"
-          f" ({len(available)} lines)")
+          f" ({len(available)} lines)"
+      )
     out = []
     for number in numbers:
       k = int(np.searchsorted(available, number))
@@ -131,7 +148,7 @@ class SegyFile:
     """The line's samples as float32 (samples, traces)."""
     traces = line.traces
     if len(traces) and np.array_equal(traces, np.arange(traces[0], traces[0] + len(traces))):
-      data = self._file.trace.raw[int(traces[0]):int(traces[-1]) + 1]
+      data = self._file.trace.raw[int(traces[0]) : int(traces[-1]) + 1]
     else:
       data = np.stack([self._file.trace.raw[int(t)] for t in traces])
     return np.ascontiguousarray(np.asarray(data, np.float32).reshape(len(traces), -1).T)
@@ -146,9 +163,12 @@ class SegyFile:
     self.close()
 
 
-def write_probability_copy(source: SegyFile, out_path: str | os.PathLike,
-                           traces: np.ndarray,
-                           probability_of: Callable[[np.ndarray], np.ndarray]) -> pathlib.Path:
+def write_probability_copy(
+    source: SegyFile,
+    out_path: str | os.PathLike,
+    traces: np.ndarray,
+    probability_of: Callable[[np.ndarray], np.ndarray],
+) -> pathlib.Path:
   """Writes a SEG-Y copy of `traces` of `source` whose samples are probabilities.
 
   Args:
@@ -171,6 +191,7 @@ def write_probability_copy(source: SegyFile, out_path: str | os.PathLike,
   spec.format = source.format if source.format in _FLOAT_FORMATS else _IEEE_FLOAT
   spec.endian = src.endian
   spec.ext_headers = src.ext_headers
+
   def write(tmp):
     with segyio.create(str(tmp), spec) as dst:
       dst.text[0] = src.text[0]
@@ -181,7 +202,7 @@ def write_probability_copy(source: SegyFile, out_path: str | os.PathLike,
       dst.bin.update(binary)
       chunk = 1024
       for start in range(0, len(traces), chunk):
-        part = traces[start:start + chunk]
+        part = traces[start : start + chunk]
         values = np.asarray(probability_of(part), np.float32)
         for k, t in enumerate(part):
           dst.header[start + k] = src.header[int(t)]
@@ -191,9 +212,14 @@ def write_probability_copy(source: SegyFile, out_path: str | os.PathLike,
   return out_path
 
 
-def write_section(path: str | os.PathLike, section: np.ndarray, *,
-                  inlines: Sequence[int] | None = None, sample_interval_us: int = 4000,
-                  first_cdp: int = 1) -> pathlib.Path:
+def write_section(
+    path: str | os.PathLike,
+    section: np.ndarray,
+    *,
+    inlines: Sequence[int] | None = None,
+    sample_interval_us: int = 4000,
+    first_cdp: int = 1,
+) -> pathlib.Path:
   """Writes float32 (samples, traces) -- or (lines, samples, traces) -- as SEG-Y.
 
   A small writer for tests, benchmarks and demonstrations: IEEE float samples,
@@ -215,11 +241,13 @@ def write_section(path: str | os.PathLike, section: np.ndarray, *,
     for i in range(n_lines):
       for j in range(n_traces):
         k = i * n_traces + j
-        header = {segyio.TraceField.TRACE_SEQUENCE_LINE: k + 1,
-                  segyio.TraceField.TRACE_SEQUENCE_FILE: k + 1,
-                  segyio.TraceField.CDP: first_cdp + j,
-                  segyio.TraceField.TRACE_SAMPLE_COUNT: n_samples,
-                  segyio.TraceField.TRACE_SAMPLE_INTERVAL: sample_interval_us}
+        header = {
+            segyio.TraceField.TRACE_SEQUENCE_LINE: k + 1,
+            segyio.TraceField.TRACE_SEQUENCE_FILE: k + 1,
+            segyio.TraceField.CDP: first_cdp + j,
+            segyio.TraceField.TRACE_SAMPLE_COUNT: n_samples,
+            segyio.TraceField.TRACE_SAMPLE_INTERVAL: sample_interval_us,
+        }
         if volume:
           header[segyio.TraceField.INLINE_3D] = inlines[i]
           header[segyio.TraceField.CROSSLINE_3D] = j + 1

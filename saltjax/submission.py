@@ -12,12 +12,12 @@ from saltjax import errors
 from saltjax import rle
 from saltjax import workdir as workdir_lib
 
-
 SubmissionError = errors.SubmissionError
 
 
-def check_submission(frame: pd.DataFrame, test_ids: list[str],
-                     shape: tuple[int, int] = (101, 101)) -> None:
+def check_submission(
+    frame: pd.DataFrame, test_ids: list[str], shape: tuple[int, int] = (101, 101)
+) -> None:
   """Raises SubmissionError unless every test id is there once with valid RLE."""
   if list(frame.columns) != ["id", "rle_mask"]:
     raise SubmissionError(f"submission columns are {list(frame.columns)}, not ['id', 'rle_mask']")

@@ -53,8 +53,7 @@ _NUM_PIXELS = IMAGE_SIZE * IMAGE_SIZE
 
 # Coverage class counts of the 4,000 competition training masks (class 0 is
 # empty; class i covers (i-1)/10 < coverage <= i/10).
-PUBLISHED_CLASS_COUNTS = (1562, 576, 296, 224, 186, 225, 205, 174, 148, 159,
-                          245)
+PUBLISHED_CLASS_COUNTS = (1562, 576, 296, 224, 186, 225, 205, 174, 148, 159, 245)
 _CLASS_PROBS = np.array(PUBLISHED_CLASS_COUNTS, np.float64)
 _CLASS_PROBS /= _CLASS_PROBS.sum()
 
@@ -96,17 +95,20 @@ def _sample_area(rng: np.random.Generator) -> int:
   return int(rng.integers(lo, hi + 1))
 
 
-def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int],
-                  cells: tuple[int, int]) -> np.ndarray:
+def _smooth_noise(
+    rng: np.random.Generator, shape: tuple[int, int], cells: tuple[int, int]
+) -> np.ndarray:
   """A smooth random field of about unit std with `cells` bumps per axis."""
   # Bicubic upsampling of a coarse grid of random values is a cheap smooth
   # random field; the extra border cells keep the edges as lively as the middle.
   coarse = rng.standard_normal((cells[0] + 2, cells[1] + 2)).astype(np.float32)
-  fine = cv2.resize(coarse, (shape[1] + 2 * shape[1] // cells[1],
-                             shape[0] + 2 * shape[0] // cells[0]),
-                    interpolation=cv2.INTER_CUBIC)
+  fine = cv2.resize(
+      coarse,
+      (shape[1] + 2 * shape[1] // cells[1], shape[0] + 2 * shape[0] // cells[0]),
+      interpolation=cv2.INTER_CUBIC,
+  )
   oy, ox = (fine.shape[0] - shape[0]) // 2, (fine.shape[1] - shape[1]) // 2
-  return fine[oy:oy + shape[0], ox:ox + shape[1]]
+  return fine[oy : oy + shape[0], ox : ox + shape[1]]
 
 
 def _unit(angle: float) -> np.ndarray:
@@ -131,7 +133,7 @@ def _normal_angle(rng: np.random.Generator) -> float:
 
 def _mask_field(rng: np.random.Generator, area: int) -> np.ndarray:
   """A random field whose `area` highest pixels form a credible salt body."""
-  coords = (np.arange(IMAGE_SIZE, dtype=np.float32) / (IMAGE_SIZE - 1) - 0.5)
+  coords = np.arange(IMAGE_SIZE, dtype=np.float32) / (IMAGE_SIZE - 1) - 0.5
   cy, cx = np.meshgrid(coords, coords, indexing="ij")
   shape = (IMAGE_SIZE, IMAGE_SIZE)
 
@@ -139,12 +141,10 @@ def _mask_field(rng: np.random.Generator, area: int) -> np.ndarray:
     # Smooth undulation of the interface plus, sometimes, the small-scale
     # jaggedness of a hand-drawn label.
     cells = int(rng.integers(2, 6))
-    field = rng.uniform(amp_lo, amp_hi) * _smooth_noise(rng, shape,
-                                                        (cells, cells))
+    field = rng.uniform(amp_lo, amp_hi) * _smooth_noise(rng, shape, (cells, cells))
     if rng.random() < 0.3:
       cells = int(rng.integers(12, 30))
-      field += rng.uniform(0.003, 0.012) * _smooth_noise(rng, shape,
-                                                         (cells, cells))
+      field += rng.uniform(0.003, 0.012) * _smooth_noise(rng, shape, (cells, cells))
     return field
 
   family = rng.random()
@@ -159,8 +159,13 @@ def _mask_field(rng: np.random.Generator, area: int) -> np.ndarray:
     n = _unit(np.pi / 2 + rng.uniform(-0.45, 0.45))
     t = np.array([-n[1], n[0]])
     along = t[0] * cx + t[1] * cy
-    line = (n[0] * cx + n[1] * cy - rng.uniform(-0.3, 0.3)
-            + rng.uniform(-1.0, 1.0) * along ** 2 + wobble(0.01, 0.05))
+    line = (
+        n[0] * cx
+        + n[1] * cy
+        - rng.uniform(-0.3, 0.3)
+        + rng.uniform(-1.0, 1.0) * along**2
+        + wobble(0.01, 0.05)
+    )
     field = -np.abs(line)
     if rng.random() < 0.5:
       tip = rng.uniform(-0.2, 0.4)
@@ -190,8 +195,7 @@ def _mask_field(rng: np.random.Generator, area: int) -> np.ndarray:
     curvature = -rng.uniform(0.3, 2.0)
   else:
     curvature = rng.uniform(-0.3, 0.3)
-  return (n[0] * cx + n[1] * cy - curvature * along ** 2
-          + wobble(0.01, 0.12))
+  return n[0] * cx + n[1] * cy - curvature * along**2 + wobble(0.01, 0.12)
 
 
 def generate_mask(rng: np.random.Generator) -> np.ndarray:
@@ -212,7 +216,7 @@ def generate_mask(rng: np.random.Generator) -> np.ndarray:
   field = _mask_field(rng, area - second).reshape(-1)
   # The highest pixels of the field: exactly the drawn coverage, whatever the
   # field looks like.
-  mask[np.argpartition(-field, area - second - 1)[:area - second]] = 1
+  mask[np.argpartition(-field, area - second - 1)[: area - second]] = 1
   if second:
     field = _mask_field(rng, second).reshape(-1)
     field[mask == 1] = -np.inf
@@ -228,8 +232,7 @@ def _ricker(frequency: float) -> np.ndarray:
   return ((1.0 - 2.0 * a) * np.exp(-a)).reshape(-1, 1).astype(np.float32)
 
 
-def _layered_log_impedance(rng: np.random.Generator, length: int,
-                           width: int) -> np.ndarray:
+def _layered_log_impedance(rng: np.random.Generator, length: int, width: int) -> np.ndarray:
   """Blocky layered log-impedance, indexed by [depth sample, x]."""
   # Layer thicknesses are exponential (a few pixels on average), and the
   # impedance of each layer is heavy-tailed so that a few interfaces make
@@ -239,17 +242,18 @@ def _layered_log_impedance(rng: np.random.Generator, length: int,
   layer = np.searchsorted(tops, np.arange(length))
   values = rng.laplace(0.0, 1.0, layer[-1] + 1).astype(np.float32)
   # A slow trend gives packages of brighter and dimmer layering.
-  values *= 0.4 + np.abs(_smooth_noise(rng, (layer[-1] + 1, 1),
-                                       (max(1, (layer[-1] + 1) // 8), 1)))[:, 0]
+  values *= (
+      0.4 + np.abs(_smooth_noise(rng, (layer[-1] + 1, 1), (max(1, (layer[-1] + 1) // 8), 1)))[:, 0]
+  )
   trace = values[layer] + 0.15 * rng.standard_normal(length).astype(np.float32)
   # Layers thin, thicken and fade laterally over long distances.
   lateral = 1.0 + rng.uniform(0.1, 0.5) * _smooth_noise(
-      rng, (length, width), (max(2, length // 6), int(rng.integers(1, 4))))
+      rng, (length, width), (max(2, length // 6), int(rng.integers(1, 4)))
+  )
   return trace[:, None] * lateral
 
 
-def _render_amplitudes(rng: np.random.Generator,
-                       mask: np.ndarray) -> tuple[np.ndarray, float]:
+def _render_amplitudes(rng: np.random.Generator, mask: np.ndarray) -> tuple[np.ndarray, float]:
   """Seismic amplitudes for a {0, 1} salt mask of any (rows, cols) shape.
 
   Returns the float32 section (depth down the rows) and the amplitude level
@@ -258,24 +262,24 @@ def _render_amplitudes(rng: np.random.Generator,
   """
   rows, cols = mask.shape
   height, width = rows + 2 * _PAD, cols + 2 * _PAD
-  salt = cv2.copyMakeBorder(mask.astype(np.uint8), _PAD, _PAD, _PAD, _PAD,
-                            cv2.BORDER_REPLICATE)
+  salt = cv2.copyMakeBorder(mask.astype(np.uint8), _PAD, _PAD, _PAD, _PAD, cv2.BORDER_REPLICATE)
   has_salt = bool(mask.any())
   yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
 
   # Depth coordinate of the layering at each pixel: regional dip, folds that
   # vary mostly along x, and fault throws.  A layer is a level set of it.
-  depth = (yy + rng.normal(0.0, 0.15) * (xx - width / 2)
-           + rng.uniform(0.0, 6.0) * _smooth_noise(
-               rng, (height, width), (int(rng.integers(1, 3)),
-                                   int(rng.integers(1, 4)))))
+  depth = (
+      yy
+      + rng.normal(0.0, 0.15) * (xx - width / 2)
+      + rng.uniform(0.0, 6.0)
+      * _smooth_noise(rng, (height, width), (int(rng.integers(1, 3)), int(rng.integers(1, 4))))
+  )
   for _ in range(rng.poisson(0.6)):
     # A steep fault through a random point; one side is thrown down.
     angle = rng.uniform(np.deg2rad(55), np.deg2rad(85)) * rng.choice([-1, 1])
     px, py = rng.uniform(0, (width, height))
     side = (xx - px) * np.sin(angle) - (yy - py) * np.cos(angle)
-    depth += rng.uniform(2.0, 10.0) * rng.choice([-1, 1]) * np.clip(
-        side + 0.5, 0.0, 1.0)
+    depth += rng.uniform(2.0, 10.0) * rng.choice([-1, 1]) * np.clip(side + 0.5, 0.0, 1.0)
   if has_salt:
     # Drag: layers bend up against the salt and thin over its top.
     dist = cv2.distanceTransform((1 - salt).astype(np.uint8), cv2.DIST_L2, 5)
@@ -284,8 +288,7 @@ def _render_amplitudes(rng: np.random.Generator,
   top = int(np.floor(depth.min())) - 2
   length = int(np.ceil(depth.max())) - top + 3
   layered = _layered_log_impedance(rng, length, width)
-  sediment = cv2.remap(layered, xx, depth - top, cv2.INTER_LINEAR,
-                       borderMode=cv2.BORDER_REFLECT)
+  sediment = cv2.remap(layered, xx, depth - top, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
   sediment *= 1.0 / (sediment.std() + 1e-6)
 
   if has_salt:
@@ -298,8 +301,8 @@ def _render_amplitudes(rng: np.random.Generator,
     # reflector), with a weak, chaotic inside.
     contrast = rng.uniform(1.5, 3.5)
     chaos = cv2.GaussianBlur(
-        rng.standard_normal((height, width)).astype(np.float32), (0, 0),
-        rng.uniform(0.7, 1.5))
+        rng.standard_normal((height, width)).astype(np.float32), (0, 0), rng.uniform(0.7, 1.5)
+    )
     chaos *= 1.0 / (chaos.std() + 1e-6) * rng.uniform(0.15, 0.5)
     impedance = (1.0 - soft) * sediment + soft * (contrast + chaos)
   else:
@@ -325,17 +328,20 @@ def _render_amplitudes(rng: np.random.Generator,
   lateral_blur = rng.uniform(0.4, 1.5)
 
   def image_of(reflectivity):
-    trace = cv2.filter2D(reflectivity, -1, wavelet,
-                         borderType=cv2.BORDER_REFLECT)
+    trace = cv2.filter2D(reflectivity, -1, wavelet, borderType=cv2.BORDER_REFLECT)
     # Limited lateral resolution.
     trace = cv2.GaussianBlur(trace, (0, 0), sigmaX=lateral_blur, sigmaY=0.3)
-    return trace[_PAD:_PAD + rows, _PAD:_PAD + cols]
+    return trace[_PAD : _PAD + rows, _PAD : _PAD + cols]
 
-  reflectivity += (rng.uniform(0.05, 0.8) * reflectivity.std()
-                   * rng.standard_normal((height, width)).astype(np.float32))
+  reflectivity += (
+      rng.uniform(0.05, 0.8)
+      * reflectivity.std()
+      * rng.standard_normal((height, width)).astype(np.float32)
+  )
   trace = image_of(reflectivity)
-  trace += rng.uniform(0.0, 0.15) * trace.std() * rng.standard_normal(
-      trace.shape).astype(np.float32)
+  trace += (
+      rng.uniform(0.0, 0.15) * trace.std() * rng.standard_normal(trace.shape).astype(np.float32)
+  )
   # Amplitudes are scaled between the level of the layers alone (so weak salt
   # stays weak when it fills the image) and the image's own level (the partial
   # automatic gain control of processed sections).
@@ -343,7 +349,7 @@ def _render_amplitudes(rng: np.random.Generator,
   if has_salt:
     own = rng.uniform(0.0, 0.6)
     reference = image_of(vertical_derivative(sediment)).std() + 1e-6
-    scale = reference ** (1.0 - own) * scale ** own
+    scale = reference ** (1.0 - own) * scale**own
   return trace, float(scale)
 
 
@@ -357,13 +363,11 @@ def _render_image(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
     gray_std = rng.uniform(10.0, 25.0)
   else:
     gray_std = float(np.exp(rng.uniform(np.log(14.0), np.log(65.0))))
-  gray = (rng.normal(120.0, 10.0)
-          + gray_std * trace / scale)
+  gray = rng.normal(120.0, 10.0) + gray_std * trace / scale
   return np.clip(np.rint(gray), 0, 255).astype(np.uint8)
 
 
-def generate_example(
-    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
+def generate_example(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
   """Draws one example.
 
   Returns:
@@ -375,7 +379,6 @@ def generate_example(
   image = _render_image(rng, mask)
   depth = int(rng.integers(*_DEPTH_RANGE))
   return image, mask, depth
-
 
 
 def section_mask(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
@@ -393,8 +396,7 @@ def section_mask(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
   return (y > top).astype(np.uint8)
 
 
-def generate_section(seed: int, rows: int = 300,
-                     cols: int = 400) -> tuple[np.ndarray, np.ndarray]:
+def generate_section(seed: int, rows: int = 300, cols: int = 400) -> tuple[np.ndarray, np.ndarray]:
   """A seismic section larger than a tile, with a known salt body.
 
   The section is drawn by the same renderer as the 101x101 examples (layers,
@@ -415,13 +417,14 @@ def generate_section(seed: int, rows: int = 300,
   trace, scale = _render_amplitudes(rng, mask)
   return (trace / scale).astype(np.float32), mask
 
+
 def _make_ids(seed: int, count: int) -> list[str]:
   """`count` distinct 10-hex-digit ids, determined by the seed alone."""
   # Its own stream, so that ids do not depend on the examples' draws.
   rng = np.random.default_rng([seed, 0x1D5])
   ids, seen = [], set()
   while len(ids) < count:
-    for value in rng.integers(0, 16 ** 10, count - len(ids)):
+    for value in rng.integers(0, 16**10, count - len(ids)):
       name = f"{int(value):010x}"
       if name not in seen:
         seen.add(name)
@@ -446,8 +449,7 @@ def _write_csv(path: pathlib.Path, header: list[str], rows) -> None:
     writer.writerows(rows)
 
 
-def _fill(root: pathlib.Path, num_train: int, num_test: int,
-          seed: int) -> None:
+def _fill(root: pathlib.Path, num_train: int, num_test: int, seed: int) -> None:
   """Writes the whole layout under `root` (which must exist)."""
   for sub in ("train/images", "train/masks", "test/images"):
     (root / sub).mkdir(parents=True)
@@ -466,12 +468,14 @@ def _fill(root: pathlib.Path, num_train: int, num_test: int,
     depth_rows.append((name, depth))
   _write_csv(root / "train.csv", ["id", "rle_mask"], train_rows)
   _write_csv(root / "depths.csv", ["id", "z"], depth_rows)
-  _write_csv(root / "sample_submission.csv", ["id", "rle_mask"],
-             [(name, _SAMPLE_RLE) for name in test_ids])
+  _write_csv(
+      root / "sample_submission.csv", ["id", "rle_mask"], [(name, _SAMPLE_RLE) for name in test_ids]
+  )
 
 
-def write_dataset(out_dir: str | os.PathLike, num_train: int, num_test: int,
-                  seed: int = 0) -> pathlib.Path:
+def write_dataset(
+    out_dir: str | os.PathLike, num_train: int, num_test: int, seed: int = 0
+) -> pathlib.Path:
   """Writes a synthetic dataset in the Kaggle layout to `out_dir`.
 
   The dataset is built in a hidden temporary sibling directory and renamed into
@@ -506,8 +510,7 @@ def write_dataset(out_dir: str | os.PathLike, num_train: int, num_test: int,
       os.rename(tmp, out_dir)
     except OSError as e:
       if e.errno in (errno.EEXIST, errno.ENOTEMPTY) or out_dir.exists():
-        raise FileExistsError(errno.EEXIST, "dataset already exists",
-                              str(out_dir)) from e
+        raise FileExistsError(errno.EEXIST, "dataset already exists", str(out_dir)) from e
       raise
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -520,8 +523,9 @@ def dataset_name(num_train: int, num_test: int, seed: int) -> str:
   return f"synthetic-v{VERSION}-n{num_train}-t{num_test}-s{seed}"
 
 
-def ensure_dataset(cache_dir: str | os.PathLike, num_train: int = 1000,
-                   num_test: int = 500, seed: int = 0) -> pathlib.Path:
+def ensure_dataset(
+    cache_dir: str | os.PathLike, num_train: int = 1000, num_test: int = 500, seed: int = 0
+) -> pathlib.Path:
   """Returns a cached synthetic dataset, generating it on first use.
 
   The dataset lives in `cache_dir / dataset_name(num_train, num_test, seed)`.
@@ -549,13 +553,11 @@ def preview(num: int = 16, seed: int = 0) -> np.ndarray:
     contours, _ = cv2.findContours(mask, cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
     cv2.drawContours(tile, contours, -1, (0, 0, 255), 1)
     tile = cv2.resize(tile, None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST)
-    tiles.append(cv2.copyMakeBorder(tile, 2, 2, 2, 2,
-                                    cv2.BORDER_CONSTANT, value=(255, 255, 255)))
+    tiles.append(cv2.copyMakeBorder(tile, 2, 2, 2, 2, cv2.BORDER_CONSTANT, value=(255, 255, 255)))
   cols = int(np.ceil(np.sqrt(num)))
   blank = np.full_like(tiles[0], 255)
   tiles += [blank] * (-len(tiles) % cols)
-  return np.vstack([np.hstack(tiles[r:r + cols])
-                    for r in range(0, len(tiles), cols)])
+  return np.vstack([np.hstack(tiles[r : r + cols]) for r in range(0, len(tiles), cols)])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -84,8 +84,9 @@ def _hide_gpus_from_tensorflow() -> None:
   except RuntimeError:
     # Devices were initialised before this module was imported; whoever did
     # that chose the visible devices already, and they cannot change now.
-    logging.warning("TensorFlow was initialised before saltjax.tfds_builders"
-                    " was imported; it may use a GPU.")
+    logging.warning(
+        "TensorFlow was initialised before saltjax.tfds_builders" " was imported; it may use a GPU."
+    )
 
 
 _hide_gpus_from_tensorflow()
@@ -117,6 +118,7 @@ class TgsSaltConfig(tfds.core.BuilderConfig):
     num_test: synthetic only: number of test examples.
     seed: synthetic only: the generator's seed.
   """
+
   source: str = "kaggle"
   with_test: bool = True
   num_train: int = 0
@@ -125,32 +127,38 @@ class TgsSaltConfig(tfds.core.BuilderConfig):
 
 
 KAGGLE = TgsSaltConfig(
-    name="kaggle",
-    description="The Kaggle competition files (train and test splits).")
+    name="kaggle", description="The Kaggle competition files (train and test splits)."
+)
 KAGGLE_TRAIN = TgsSaltConfig(
-    name="kaggle_train", with_test=False,
-    description="The Kaggle competition files, train split only.")
+    name="kaggle_train",
+    with_test=False,
+    description="The Kaggle competition files, train split only.",
+)
 
 
-def synthetic_config(num_train: int, num_test: int,
-                     seed: int) -> TgsSaltConfig:
+def synthetic_config(num_train: int, num_test: int, seed: int) -> TgsSaltConfig:
   """The config of the embedded synthetic dataset of this size and seed."""
   from saltjax import synthetic  # pylint: disable=g-import-not-at-top
-  return _synthetic_config(synthetic.VERSION, int(num_train), int(num_test),
-                           int(seed))
+
+  return _synthetic_config(synthetic.VERSION, int(num_train), int(num_test), int(seed))
 
 
 # Memoised: TFDS refuses a config object that is not the very one its class
 # looks up under the same name (see TgsSalt.get_builder_config).
 @functools.lru_cache(maxsize=None)
-def _synthetic_config(version: int, num_train: int, num_test: int,
-                      seed: int) -> TgsSaltConfig:
+def _synthetic_config(version: int, num_train: int, num_test: int, seed: int) -> TgsSaltConfig:
   return TgsSaltConfig(
       name=f"synthetic_v{version}_n{num_train}_t{num_test}_s{seed}",
-      description=(f"Embedded synthetic stand-in (generator v{version}):"
-                   f" {num_train} train and {num_test} test examples, seed"
-                   f" {seed}."),
-      source="synthetic", num_train=num_train, num_test=num_test, seed=seed)
+      description=(
+          f"Embedded synthetic stand-in (generator v{version}):"
+          f" {num_train} train and {num_test} test examples, seed"
+          f" {seed}."
+      ),
+      source="synthetic",
+      num_train=num_train,
+      num_test=num_test,
+      seed=seed,
+  )
 
 
 class TgsSalt(tfds.core.GeneratorBasedBuilder):
@@ -195,6 +203,7 @@ class TgsSalt(tfds.core.GeneratorBasedBuilder):
     if match is None:
       return None
     from saltjax import synthetic  # pylint: disable=g-import-not-at-top
+
     numbers = [int(g) for g in match.groups()]
     # Another generator version would make other data under this name.
     if numbers[0] != synthetic.VERSION:
@@ -208,18 +217,23 @@ class TgsSalt(tfds.core.GeneratorBasedBuilder):
             "Seismic images (101x101 gray) with masks of salt, from the TGS"
             " Salt Identification Challenge on Kaggle, or a synthetic"
             " stand-in.  Test examples have all-zero masks and coverage_class"
-            f" {UNKNOWN_COVERAGE_CLASS}."),
-        features=tfds.features.FeaturesDict({
-            "id": tfds.features.Text(),
-            "image": tfds.features.Image(shape=IMAGE_SHAPE, dtype=np.uint8),
-            "mask": tfds.features.Image(shape=IMAGE_SHAPE, dtype=np.uint8),
-            "depth": tfds.features.Scalar(
-                dtype=np.int32, doc="z from depths.csv"),
-            "coverage_class": tfds.features.Scalar(
-                dtype=np.int32,
-                doc=("0: empty mask; i: coverage in ((i-1)/10, i/10];"
-                     f" {UNKNOWN_COVERAGE_CLASS}: unknown (test)")),
-        }),
+            f" {UNKNOWN_COVERAGE_CLASS}."
+        ),
+        features=tfds.features.FeaturesDict(
+            {
+                "id": tfds.features.Text(),
+                "image": tfds.features.Image(shape=IMAGE_SHAPE, dtype=np.uint8),
+                "mask": tfds.features.Image(shape=IMAGE_SHAPE, dtype=np.uint8),
+                "depth": tfds.features.Scalar(dtype=np.int32, doc="z from depths.csv"),
+                "coverage_class": tfds.features.Scalar(
+                    dtype=np.int32,
+                    doc=(
+                        "0: empty mask; i: coverage in ((i-1)/10, i/10];"
+                        f" {UNKNOWN_COVERAGE_CLASS}: unknown (test)"
+                    ),
+                ),
+            }
+        ),
         supervised_keys=("image", "mask"),
         homepage=_HOMEPAGE,
         # Keeps train.csv / test-id order from writing to reading.
@@ -235,21 +249,27 @@ class TgsSalt(tfds.core.GeneratorBasedBuilder):
         # Generated (once) into the download directory, then read like the
         # Kaggle files.
         source_dir = synthetic.ensure_dataset(
-            dl_manager.download_dir, num_train=config.num_train,
-            num_test=config.num_test, seed=config.seed)
+            dl_manager.download_dir,
+            num_train=config.num_train,
+            num_test=config.num_test,
+            seed=config.seed,
+        )
       else:
         source_dir = dl_manager.manual_dir
       # Every problem is raised here, before any example is written.
       data = layout.read_layout(source_dir, load_test=config.with_test)
     splits = {
         "train": self._generate_examples(
-            ids=data.train_ids, images=data.train_images,
-            masks=data.train_masks, depths=data.train_depths),
+            ids=data.train_ids,
+            images=data.train_images,
+            masks=data.train_masks,
+            depths=data.train_depths,
+        ),
     }
     if config.with_test:
       splits["test"] = self._generate_examples(
-          ids=data.test_ids, images=data.test_images, masks=None,
-          depths=data.test_depths)
+          ids=data.test_ids, images=data.test_images, masks=None, depths=data.test_depths
+      )
     return splits
 
   def _generate_examples(self, ids, images, masks, depths):
@@ -295,10 +315,8 @@ def source_fingerprint(data_dir) -> str:
     16 hex digits.
   """
   root = os.path.realpath(os.path.expanduser(os.fspath(data_dir)))
-  parts: list = [["cache", _CACHE_VERSION, str(TgsSalt.VERSION)],
-                 ["dir", root]]
-  for name in ("train.csv", "depths.csv", "sample_submission.csv",
-               "train.zip", "test.zip"):
+  parts: list = [["cache", _CACHE_VERSION, str(TgsSalt.VERSION)], ["dir", root]]
+  for name in ("train.csv", "depths.csv", "sample_submission.csv", "train.zip", "test.zip"):
     try:
       parts.append([name] + _stat_key(os.stat(os.path.join(root, name))))
     except OSError:
@@ -319,14 +337,14 @@ def tfds_data_dir(cache_dir, data_dir) -> pathlib.Path:
   data_dir = pathlib.Path(os.path.expanduser(os.fspath(data_dir)))
   # The directory name is for people looking at the cache; the fingerprint
   # alone decides what is reused.
-  readable = re.sub(r"[^A-Za-z0-9._-]+", "_",
-                    data_dir.resolve().name)[:60] or "data"
+  readable = re.sub(r"[^A-Za-z0-9._-]+", "_", data_dir.resolve().name)[:60] or "data"
   cache_dir = pathlib.Path(os.path.expanduser(os.fspath(cache_dir)))
   return cache_dir / "tfds" / f"{readable}-{source_fingerprint(data_dir)}"
 
 
-def _synthetic_config_of(config, data_dir: pathlib.Path,
-                         cache_dir: pathlib.Path) -> TgsSaltConfig | None:
+def _synthetic_config_of(
+    config, data_dir: pathlib.Path, cache_dir: pathlib.Path
+) -> TgsSaltConfig | None:
   """The synthetic config when data_dir is the embedded dataset, else None."""
   # data.resolve_data_dir gives the embedded dataset exactly when
   # config.data_dir is ''; a data_dir that is not the one it would generate is
@@ -334,9 +352,9 @@ def _synthetic_config_of(config, data_dir: pathlib.Path,
   if getattr(config, "data_dir", ""):
     return None
   from saltjax import synthetic  # pylint: disable=g-import-not-at-top
+
   sizes = config.synthetic
-  expected = cache_dir / synthetic.dataset_name(
-      sizes.num_train, sizes.num_test, sizes.seed)
+  expected = cache_dir / synthetic.dataset_name(sizes.num_train, sizes.num_test, sizes.seed)
   if data_dir.resolve() != expected.resolve():
     return None
   return synthetic_config(sizes.num_train, sizes.num_test, sizes.seed)
@@ -356,22 +374,25 @@ def _read_split(builder: TgsSalt, split: str):
     return [], empty, empty, np.zeros((0,), np.int64)
   batch = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
   ids = [bytes(i).decode("utf-8") for i in batch["id"]]
-  return (ids, batch["image"][..., 0], batch["mask"][..., 0],
-          batch["depth"].astype(np.int64))
+  return (ids, batch["image"][..., 0], batch["mask"][..., 0], batch["depth"].astype(np.int64))
 
 
 def _read_back(builder: TgsSalt, load_test: bool) -> layout.SaltData:
-  train_ids, train_images, train_masks, train_depths = _read_split(
-      builder, "train")
+  train_ids, train_images, train_masks, train_depths = _read_split(builder, "train")
   if load_test:
     test_ids, test_images, _, test_depths = _read_split(builder, "test")
   else:
     test_ids, test_depths = [], np.zeros((0,), np.int64)
     test_images = np.zeros((0,) + IMAGE_SHAPE[:2], np.uint8)
   return layout.SaltData(
-      train_ids=train_ids, train_images=train_images, train_masks=train_masks,
-      train_depths=train_depths, test_ids=test_ids, test_images=test_images,
-      test_depths=test_depths)
+      train_ids=train_ids,
+      train_images=train_images,
+      train_masks=train_masks,
+      train_depths=train_depths,
+      test_ids=test_ids,
+      test_images=test_images,
+      test_depths=test_depths,
+  )
 
 
 def load(config, data_dir, load_test: bool = True) -> layout.SaltData:
@@ -416,8 +437,7 @@ def load(config, data_dir, load_test: bool = True) -> layout.SaltData:
   for builder_config in candidates:
     builder = TgsSalt(data_dir=target, config=builder_config)
     if _is_prepared(builder):
-      logging.info("Reading prepared %s from %s", builder.info.full_name,
-                   target)
+      logging.info("Reading prepared %s from %s", builder.info.full_name, target)
       return _read_back(builder, load_test)
 
   builder_config = candidates[-1]
@@ -425,20 +445,20 @@ def load(config, data_dir, load_test: bool = True) -> layout.SaltData:
   data = layout.read_layout(data_dir, load_test=builder_config.with_test)
   if tfds_data_dir(cache_dir, data_dir) != target:
     raise layout.DataError(
-        f"data_dir {data_dir} changed while it was being read; run again once"
-        " it is complete")
+        f"data_dir {data_dir} changed while it was being read; run again once" " it is complete"
+    )
 
   builder = TgsSalt(data_dir=target, config=builder_config)
   builder._source_data = data  # pylint: disable=protected-access
-  logging.info("Preparing %s from %s into %s", builder.info.full_name,
-               data_dir, target)
+  logging.info("Preparing %s from %s into %s", builder.info.full_name, data_dir, target)
   _remove_abandoned_preparations(target)
   try:
     builder.download_and_prepare(
         download_dir=cache_dir / "tfds" / "downloads",
         download_config=tfds.download.DownloadConfig(
-            manual_dir=os.fspath(data_dir),
-            compute_stats=tfds.download.ComputeStatsMode.SKIP))
+            manual_dir=os.fspath(data_dir), compute_stats=tfds.download.ComputeStatsMode.SKIP
+        ),
+    )
   except OSError as e:
     # Another process preparing the same source renamed its copy into place
     # first; ours is discarded and theirs is as good.
@@ -446,14 +466,13 @@ def load(config, data_dir, load_test: bool = True) -> layout.SaltData:
       _remove_abandoned_preparations(target, min_age_seconds=0)
       if e.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM):
         raise errors.WorkdirError(
-            workdir_lib.describe_os_error(e, cache_dir).replace(
-                "--workdir", "--config.cache_dir")) from e
+            workdir_lib.describe_os_error(e, cache_dir).replace("--workdir", "--config.cache_dir")
+        ) from e
       raise
   finally:
     builder._source_data = None  # pylint: disable=protected-access
   _forget_older_copies(cache_dir, data_dir, target)
-  return _read_back(TgsSalt(data_dir=target, config=builder_config),
-                    load_test)
+  return _read_back(TgsSalt(data_dir=target, config=builder_config), load_test)
 
 
 # A preparation that has not been touched for this long was abandoned (its
@@ -462,9 +481,9 @@ _ABANDONED_AFTER_SECONDS = 3600
 _SOURCE_FILE = "source.txt"
 
 
-def _remove_abandoned_preparations(target: pathlib.Path,
-                                   min_age_seconds: float = _ABANDONED_AFTER_SECONDS
-                                   ) -> None:
+def _remove_abandoned_preparations(
+    target: pathlib.Path, min_age_seconds: float = _ABANDONED_AFTER_SECONDS
+) -> None:
   """Deletes TFDS's `incomplete.*` directories under `target` that are old enough."""
   now = time.time()
   for path in target.rglob("incomplete.*") if target.is_dir() else []:
@@ -475,8 +494,9 @@ def _remove_abandoned_preparations(target: pathlib.Path,
       pass
 
 
-def _forget_older_copies(cache_dir: pathlib.Path, data_dir: pathlib.Path,
-                         target: pathlib.Path) -> None:
+def _forget_older_copies(
+    cache_dir: pathlib.Path, data_dir: pathlib.Path, target: pathlib.Path
+) -> None:
   """Keeps one prepared copy per source directory: older fingerprints are stale.
 
   Each changed data directory gets a new prepared copy (its fingerprint

@@ -37,6 +37,7 @@ from saltjax import models
 from saltjax import parallel
 from saltjax import workdir as workdir_lib
 from saltjax.errors import ConfigError, NonFiniteError, Preempted
+
 # The schedules and optimisers live in `optim` (config checks read their
 # tables without importing training); these names stay available here.
 from saltjax.optim import create_learning_rate_fn, create_optimizer, cycle_end_epochs  # noqa: F401
@@ -50,18 +51,23 @@ class TrainState(train_state.TrainState):
   `lr_scale` multiplies every update; reduce-on-plateau lowers it between
   epochs (the optax schedule itself is a pure function of the step).
   """
+
   batch_stats: Any
   lr_scale: jax.Array
 
   def apply_gradients(self, *, grads, **kwargs):
     updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
     updates = jax.tree.map(lambda u: u * self.lr_scale.astype(u.dtype), updates)
-    return self.replace(step=self.step + 1,
-                        params=optax.apply_updates(self.params, updates),
-                        opt_state=opt_state, **kwargs)
+    return self.replace(
+        step=self.step + 1,
+        params=optax.apply_updates(self.params, updates),
+        opt_state=opt_state,
+        **kwargs,
+    )
 
 
 # ----------------------------------------------------------------- model ---
+
 
 def create_model(config, dtype=None) -> models.UNet:
   return models.create_model(config.model, dtype=dtype)
@@ -71,6 +77,7 @@ def initial_variables(config, model) -> dict:
   variables = initialized(jax.random.key(config.seed), model, config.image_size)
   if config.model.pretrained:
     from saltjax import imagenet_weights, pretrained
+
     path = imagenet_weights.resolve_weights(config.model.pretrained, config.cache_dir)
     encoder = pretrained.load_resnet50(path, in_channels=config.model.in_channels)
     variables = pretrained.merge_encoder(variables, encoder)
@@ -84,30 +91,37 @@ def model_variables(state) -> dict:
 
 # ----------------------------------------------------------------- steps ---
 
-def train_step(state: TrainState, batch: dict, *, loss_config, loss_name: str,
-               skip_nonfinite: bool) -> tuple[TrainState, dict]:
+
+def train_step(
+    state: TrainState, batch: dict, *, loss_config, loss_name: str, skip_nonfinite: bool
+) -> tuple[TrainState, dict]:
   """One optimisation step of one fold model on a (globally sharded) batch. Pure."""
 
   def loss_fn(params):
     outputs, new_model_state = state.apply_fn(
-        {"params": params, "batch_stats": state.batch_stats}, batch["image"],
-        train=True, mutable=["batch_stats"])
+        {"params": params, "batch_stats": state.batch_stats},
+        batch["image"],
+        train=True,
+        mutable=["batch_stats"],
+    )
     loss, aux = losses.model_loss(outputs, batch["mask"], loss_config, name=loss_name)
     return loss, (new_model_state["batch_stats"], aux, outputs["logits"])
 
-  (loss, (batch_stats, aux, logits)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
-  finite = jnp.isfinite(loss) & jnp.all(jnp.stack(
-      [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+  (loss, (batch_stats, aux, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params
+  )
+  finite = jnp.isfinite(loss) & jnp.all(
+      jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+  )
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   if skip_nonfinite:
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                             new_state, state)
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
   pred, truth = logits > 0, batch["mask"] > 0.5
   inter = jnp.sum(pred & truth, axis=(1, 2))
   union = jnp.sum(pred | truth, axis=(1, 2))
   step_metrics = {
-      "loss": loss, "finite": finite,
+      "loss": loss,
+      "finite": finite,
       "iou": jnp.mean(jnp.where(union == 0, 1.0, inter / jnp.maximum(union, 1))),
       **{f"loss_{k}": v for k, v in aux.items()},
   }
@@ -130,11 +144,22 @@ def compile_train_steps(config, mesh) -> dict[str, Callable]:
   if config.nonfinite not in ("stop", "skip"):
     raise ConfigError(f"unknown config.nonfinite {config.nonfinite!r}: use 'stop' or 'skip'")
   repl, shard = parallel.replicated(mesh), parallel.data_sharding(mesh, fold_axis=True)
-  return {name: jax.jit(
-      jax.vmap(functools.partial(train_step, loss_config=config.loss, loss_name=name,
-                                 skip_nonfinite=config.nonfinite == "skip")),
-      in_shardings=(repl, shard), out_shardings=(repl, repl), donate_argnums=0)
-          for name in names}
+  return {
+      name: jax.jit(
+          jax.vmap(
+              functools.partial(
+                  train_step,
+                  loss_config=config.loss,
+                  loss_name=name,
+                  skip_nonfinite=config.nonfinite == "skip",
+              )
+          ),
+          in_shardings=(repl, shard),
+          out_shardings=(repl, repl),
+          donate_argnums=0,
+      )
+      for name in names
+  }
 
 
 def loss_name_for_epoch(config, epoch: int) -> str:
@@ -160,15 +185,16 @@ def make_validate_fn(model, config, mesh) -> Callable:
     return jnp.stack([jnp.sum(score * valid), jnp.sum(iou * valid)])
 
   repl, shard = parallel.replicated(mesh), parallel.data_sharding(mesh, fold_axis=True)
-  return jax.jit(jax.vmap(validate), in_shardings=(repl, shard, shard, shard),
-                 out_shardings=repl)
+  return jax.jit(jax.vmap(validate), in_shardings=(repl, shard, shard, shard), out_shardings=repl)
 
 
 @jax.jit
 def _select_folds(take: jax.Array, new, old):
   """Per fold (leading axis), `new` where take[f] else `old`."""
+
   def pick(n, o):
     return jnp.where(take.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
+
   return jax.tree.map(pick, new, old)
 
 
@@ -176,7 +202,8 @@ def _select_folds(take: jax.Array, new, old):
 def _swa_update(swa, variables, count):
   """The running mean of the weights; exactly the weights at count 0."""
   return jax.tree.map(
-      lambda a, v: jnp.where(count == 0, v, a + (v - a) / (count + 1)), swa, variables)
+      lambda a, v: jnp.where(count == 0, v, a + (v - a) / (count + 1)), swa, variables
+  )
 
 
 def _stack(trees: list):
@@ -189,6 +216,7 @@ def _fold_slice(tree, i: int):
 
 # ------------------------------------------------------------------ a job ---
 
+
 @dataclasses.dataclass
 class Job:
   """What every fold of one run shares, built (and compiled) once per process.
@@ -197,6 +225,7 @@ class Job:
   the jitted steps see identical state structures and compile once per
   number of folds trained together.
   """
+
   config: Any
   mesh: Any
   model: Any
@@ -213,20 +242,30 @@ class Job:
     steps_per_epoch = steps_per_epoch_for(config, mesh, fold_of, num_extra)
     model = create_model(config)
     lr_fn = create_learning_rate_fn(config, steps_per_epoch)
-    return cls(config=config, mesh=mesh, model=model, steps_per_epoch=steps_per_epoch,
-               lr_fn=lr_fn, tx=create_optimizer(config, lr_fn),
-               # On the host: each fold's state gets fresh device buffers, which
-               # the train step may then donate.
-               initial_variables=jax.device_get(initial_variables(config, model)),
-               train_steps=compile_train_steps(config, mesh),
-               validate_fn=make_validate_fn(model, config, mesh),
-               writer=writer)
+    return cls(
+        config=config,
+        mesh=mesh,
+        model=model,
+        steps_per_epoch=steps_per_epoch,
+        lr_fn=lr_fn,
+        tx=create_optimizer(config, lr_fn),
+        # On the host: each fold's state gets fresh device buffers, which
+        # the train step may then donate.
+        initial_variables=jax.device_get(initial_variables(config, model)),
+        train_steps=compile_train_steps(config, mesh),
+        validate_fn=make_validate_fn(model, config, mesh),
+        writer=writer,
+    )
 
   def new_state(self) -> TrainState:
     v = self.initial_variables
-    return TrainState.create(apply_fn=self.model.apply, params=v["params"],
-                             batch_stats=v["batch_stats"], tx=self.tx,
-                             lr_scale=jnp.ones((), jnp.float32))
+    return TrainState.create(
+        apply_fn=self.model.apply,
+        params=v["params"],
+        batch_stats=v["batch_stats"],
+        tx=self.tx,
+        lr_scale=jnp.ones((), jnp.float32),
+    )
 
 
 def local_batch_size(config) -> int:
@@ -241,15 +280,16 @@ def steps_per_epoch_for(config, mesh, fold_of: np.ndarray, num_extra=0) -> int:
   """
   parallel.check_batch_size(config.batch_size, mesh, "config.batch_size")
   parallel.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
-  extra = (num_extra if not isinstance(num_extra, int)
-           else [num_extra] * config.num_folds)
+  extra = num_extra if not isinstance(num_extra, int) else [num_extra] * config.num_folds
   if isinstance(extra, dict):
     extra = [extra.get(k, 0) for k in range(config.num_folds)]
   smallest = min(int((fold_of != k).sum()) + int(extra[k]) for k in range(config.num_folds))
   steps_per_epoch = (smallest // jax.process_count()) // local_batch_size(config)
   if steps_per_epoch == 0:
-    raise ConfigError(f"a fold has only {smallest} training images, fewer than"
-                      f" config.batch_size={config.batch_size}")
+    raise ConfigError(
+        f"a fold has only {smallest} training images, fewer than"
+        f" config.batch_size={config.batch_size}"
+    )
   return steps_per_epoch
 
 
@@ -265,12 +305,13 @@ def request_stop() -> None:
 
 # ------------------------------------------------------------ a fold's data ---
 
+
 def _training_examples(config, data, fold: int, fold_of: np.ndarray, extra):
   """This process's shard of fold `fold`'s training images and masks (+ extras)."""
   train_idx = np.flatnonzero(fold_of != fold)
   n_proc, proc = jax.process_count(), jax.process_index()
   per_process = len(train_idx) // n_proc
-  local_idx = train_idx[proc * per_process:(proc + 1) * per_process]
+  local_idx = train_idx[proc * per_process : (proc + 1) * per_process]
   images, masks = data.train_images[local_idx], data.train_masks[local_idx]
   if extra is not None and fold in extra:
     extra_images, extra_masks = extra[fold]
@@ -286,13 +327,20 @@ class TfDataFeeder:
 
   def __init__(self, config, examples: list[tuple[np.ndarray, np.ndarray]], folds, mesh):
     from saltjax import input_pipeline  # TensorFlow: only on this path
+
     self._input_pipeline, self._mesh = input_pipeline, mesh
     self._for_epoch = [
         input_pipeline.train_dataset(
-            images, masks, batch_size=local_batch_size(config),
-            image_size=config.image_size, resize_mode=config.resize_mode,
-            augment_spec=config.augment, seed=config.seed * 100 + fold)
-        for (images, masks), fold in zip(examples, folds)]
+            images,
+            masks,
+            batch_size=local_batch_size(config),
+            image_size=config.image_size,
+            resize_mode=config.resize_mode,
+            augment_spec=config.augment,
+            seed=config.seed * 100 + fold,
+        )
+        for (images, masks), fold in zip(examples, folds)
+    ]
 
   def epoch(self, epoch: int) -> Iterator[dict]:
     """Global (F, B, ...) batches of `epoch`."""
@@ -318,6 +366,7 @@ class DeviceFeeder:
 
   def __init__(self, config, data, fold_of, folds, extra, mesh, steps_per_epoch: int):
     from saltjax import device_input
+
     images, masks, extra_rows = [data.train_images], [data.train_masks], {}
     start = len(data.train_images)
     for fold in folds:
@@ -328,12 +377,16 @@ class DeviceFeeder:
         masks.append(extra_masks)
         start += len(extra_images)
     repl = parallel.replicated(mesh)
-    self._data = device_input.put_on_device(np.concatenate(images), np.concatenate(masks),
-                                            sharding=repl)
-    self._folds = device_input.fold_indices(fold_of, folds, seed=config.seed,
-                                            extra_rows=extra_rows, sharding=repl)
-    self._batch = jax.jit(device_input.make_train_batch_fn(config, config.batch_size),
-                          out_shardings=parallel.data_sharding(mesh, fold_axis=True))
+    self._data = device_input.put_on_device(
+        np.concatenate(images), np.concatenate(masks), sharding=repl
+    )
+    self._folds = device_input.fold_indices(
+        fold_of, folds, seed=config.seed, extra_rows=extra_rows, sharding=repl
+    )
+    self._batch = jax.jit(
+        device_input.make_train_batch_fn(config, config.batch_size),
+        out_shardings=parallel.data_sharding(mesh, fold_axis=True),
+    )
     self._steps = steps_per_epoch
 
   def epoch(self, epoch: int) -> Iterator[dict]:
@@ -354,19 +407,26 @@ def _validation_batches(config, data, folds, fold_of, mesh) -> list[tuple]:
   masks = np.zeros_like(images)
   valid = np.zeros((len(folds), length), np.float32)
   for f, idx in enumerate(held_out):
-    images[f, :len(idx)] = data.train_images[idx]
-    masks[f, :len(idx)] = data.train_masks[idx]
-    valid[f, :len(idx)] = 1
-  return [parallel.global_from_replicated(
-      (images[:, s:s + size], masks[:, s:s + size], valid[:, s:s + size]), mesh,
-      fold_axis=True) for s in range(0, length, size)]
+    images[f, : len(idx)] = data.train_images[idx]
+    masks[f, : len(idx)] = data.train_masks[idx]
+    valid[f, : len(idx)] = 1
+  return [
+      parallel.global_from_replicated(
+          (images[:, s : s + size], masks[:, s : s + size], valid[:, s : s + size]),
+          mesh,
+          fold_axis=True,
+      )
+      for s in range(0, length, size)
+  ]
 
 
 # --------------------------------------------------------------- progress ---
 
+
 @dataclasses.dataclass
 class FoldProgress:
   """Where a fold's training stands; saved as the `latest` checkpoint's meta."""
+
   fold: int
   epoch: int = 0  # epochs finished
   best_score: float = -1.0
@@ -384,13 +444,20 @@ class FoldProgress:
     return cls(**{**{k: v for k, v in meta.items() if k in fields}, "fold": fold})
 
   def summary(self, num_train: int, num_val: int) -> dict:
-    return {"fold": self.fold, "val_score": self.best_score, "best_epoch": self.best_epoch,
-            "num_train": num_train, "num_val": num_val, "history": self.history}
+    return {
+        "fold": self.fold,
+        "val_score": self.best_score,
+        "best_epoch": self.best_epoch,
+        "num_train": num_train,
+        "num_val": num_val,
+        "history": self.history,
+    }
 
 
 @dataclasses.dataclass
 class _Group:
   """The folds trained together, and what they hold in memory between saves."""
+
   folds: list[int]
   progress: list[FoldProgress]
   checkpoints: list[ckpt_lib.FoldCheckpoints]
@@ -426,8 +493,15 @@ def _resume(job: Job, workdir: pathlib.Path, fold: int, checkpoints):
 
 # ------------------------------------------------------------------ folds ---
 
-def train_folds(job: Job, workdir: pathlib.Path, folds: list[int], data,
-                fold_of: np.ndarray, extra: dict | None = None) -> list[dict]:
+
+def train_folds(
+    job: Job,
+    workdir: pathlib.Path,
+    folds: list[int],
+    data,
+    fold_of: np.ndarray,
+    extra: dict | None = None,
+) -> list[dict]:
   """Trains `folds` together (resuming each from its checkpoints); their summaries.
 
   `extra`: {fold: (images, masks)} added to that fold's training side only
@@ -439,21 +513,31 @@ def train_folds(job: Job, workdir: pathlib.Path, folds: list[int], data,
   for fold in folds:
     done = workdir_lib.read_done(workdir, fold)
     if done is not None:
-      logging.info("Fold %d already trained (val score %.4f): skipped.", fold,
-                   done["val_score"])
+      logging.info("Fold %d already trained (val score %.4f): skipped.", fold, done["val_score"])
       summaries[fold] = done
   todo = [k for k in folds if k not in summaries]
-  checkpoints = {k: ckpt_lib.FoldCheckpoints(workdir_lib.fold_dir(workdir, k), job.config,
-                                             asynchronous=True) for k in todo}
+  checkpoints = {
+      k: ckpt_lib.FoldCheckpoints(workdir_lib.fold_dir(workdir, k), job.config, asynchronous=True)
+      for k in todo
+  }
   try:
     resumed = {k: _resume(job, workdir, k, checkpoints[k]) for k in todo}
     by_epoch: dict[int, list[int]] = {}
     for k in todo:
       by_epoch.setdefault(resumed[k][1].epoch, []).append(k)
     for group_folds in by_epoch.values():
-      summaries.update(_train_group(job, workdir, group_folds, data, fold_of, extra,
-                                    [checkpoints[k] for k in group_folds],
-                                    [resumed[k] for k in group_folds]))
+      summaries.update(
+          _train_group(
+              job,
+              workdir,
+              group_folds,
+              data,
+              fold_of,
+              extra,
+              [checkpoints[k] for k in group_folds],
+              [resumed[k] for k in group_folds],
+          )
+      )
   finally:
     for c in checkpoints.values():
       c.close()
@@ -471,14 +555,18 @@ def _train_group(job: Job, workdir, folds, data, fold_of, extra, checkpoints, re
   val_batches = _validation_batches(config, data, folds, fold_of, mesh)
   first = resumed[0][1].epoch
   group = _Group(
-      folds=folds, progress=[r[1] for r in resumed], checkpoints=checkpoints,
+      folds=folds,
+      progress=[r[1] for r in resumed],
+      checkpoints=checkpoints,
       state=jax.device_put(_stack([r[0] for r in resumed]), repl),
       best=jax.device_put(_stack([r[2] for r in resumed]), repl),
       swa=jax.device_put(_stack([r[3] for r in resumed]), repl),
       snapshots=[[] for _ in folds],
       val_counts=[int((fold_of == k).sum()) for k in folds],
       saved_best_epoch=[r[1].best_epoch for r in resumed],
-      saved_epoch=first, saved_at=time.monotonic())
+      saved_epoch=first,
+      saved_at=time.monotonic(),
+  )
   cycle_ends = set(cycle_end_epochs(config))
   logging.info("Training fold(s) %s together from epoch %d.", folds, first)
 
@@ -491,8 +579,12 @@ def _train_group(job: Job, workdir, folds, data, fold_of, extra, checkpoints, re
     _record_epoch(job, group, epoch, host_steps, host_val, started)
     _update_models(job, group, epoch, host_val, cycle_ends)
     stop = _STOP.is_set()
-    if (epoch + 1 == config.num_epochs or stop or config.checkpoint_every_seconds == 0
-        or time.monotonic() - group.saved_at >= config.checkpoint_every_seconds):
+    if (
+        epoch + 1 == config.num_epochs
+        or stop
+        or config.checkpoint_every_seconds == 0
+        or time.monotonic() - group.saved_at >= config.checkpoint_every_seconds
+    ):
       _save(group, epoch + 1)
     if job.writer is not None:
       job.writer.flush()
@@ -502,20 +594,31 @@ def _train_group(job: Job, workdir, folds, data, fold_of, extra, checkpoints, re
       raise Preempted(
           f"stopped by SIGTERM after epoch {epoch + 1} of fold(s)"
           f" {', '.join(map(str, folds))}; the resume point is saved in {workdir}: run the"
-          " same command again to go on")
+          " same command again to go on"
+      )
 
   summaries = {}
   for i, fold in enumerate(folds):
     progress = group.progress[i]
     if progress.swa_count:
-      swa = recompute_batch_stats(config, job.model, jax.device_get(_fold_slice(group.swa, i)),
-                                  functools.partial(feeder.fold_epoch, i), mesh,
-                                  config.num_epochs)
-      group.checkpoints[i].save_model("swa", config.num_epochs + 1, swa, {
-          "epoch": config.num_epochs, "fold": fold, "count": progress.swa_count})
+      swa = recompute_batch_stats(
+          config,
+          job.model,
+          jax.device_get(_fold_slice(group.swa, i)),
+          functools.partial(feeder.fold_epoch, i),
+          mesh,
+          config.num_epochs,
+      )
+      group.checkpoints[i].save_model(
+          "swa",
+          config.num_epochs + 1,
+          swa,
+          {"epoch": config.num_epochs, "fold": fold, "count": progress.swa_count},
+      )
     group.checkpoints[i].finish()
-    summary = progress.summary(num_train=int((fold_of != fold).sum()),
-                               num_val=int((fold_of == fold).sum()))
+    summary = progress.summary(
+        num_train=int((fold_of != fold).sum()), num_val=int((fold_of == fold).sum())
+    )
     if jax.process_index() == 0:
       workdir_lib.write_json(summary, workdir_lib.done_path(workdir, fold))
     summaries[fold] = summary
@@ -528,10 +631,13 @@ def _run_epoch(job: Job, group: _Group, feeder, epoch: int) -> list[dict]:
   step_fn = job.train_steps[loss_name_for_epoch(config, epoch)]
   pending = []
   images_per_step = config.batch_size * len(group.folds)
-  bar = tqdm.tqdm(total=job.steps_per_epoch * images_per_step, unit="img",
-                  desc=f"fold(s) {','.join(map(str, group.folds))} epoch"
-                       f" {epoch + 1}/{config.num_epochs}",
-                  disable=not inference.progress_enabled(config), leave=False)
+  bar = tqdm.tqdm(
+      total=job.steps_per_epoch * images_per_step,
+      unit="img",
+      desc=f"fold(s) {','.join(map(str, group.folds))} epoch" f" {epoch + 1}/{config.num_epochs}",
+      disable=not inference.progress_enabled(config),
+      leave=False,
+  )
   for _, batch in zip(range(job.steps_per_epoch), feeder.epoch(epoch)):
     group.state, step_metrics = step_fn(group.state, batch)
     pending.append(step_metrics)
@@ -540,8 +646,14 @@ def _run_epoch(job: Job, group: _Group, feeder, epoch: int) -> list[dict]:
   return pending
 
 
-def _record_epoch(job: Job, group: _Group, epoch: int, host_steps: list[dict],
-                  host_val: np.ndarray, started: float) -> None:
+def _record_epoch(
+    job: Job,
+    group: _Group,
+    epoch: int,
+    host_steps: list[dict],
+    host_val: np.ndarray,
+    started: float,
+) -> None:
   """Non-finite steps, the epoch's history record and the logs, per fold."""
   config, writer = job.config, job.writer
   lr_scales = np.asarray(jax.device_get(group.state.lr_scale))
@@ -551,44 +663,70 @@ def _record_epoch(job: Job, group: _Group, epoch: int, host_steps: list[dict],
     bad = [first_step + j for j, m in enumerate(steps) if not m["finite"]]
     if bad and config.nonfinite == "stop":
       last = group.saved_epoch
-      where = (f"the last good checkpoint is epoch {last} in"
-               f" {group.checkpoints[i].latest.directory}" if last
-               else "no checkpoint was written yet")
+      where = (
+          f"the last good checkpoint is epoch {last} in" f" {group.checkpoints[i].latest.directory}"
+          if last
+          else "no checkpoint was written yet"
+      )
       raise NonFiniteError(
           f"non-finite loss or gradient at step {bad[0]} (fold {fold}, epoch {epoch + 1});"
           f" training stopped and {where}. Lower config.optimizer.learning_rate, set"
-          " config.optimizer.grad_clip, or set config.nonfinite='skip' to skip such steps.")
+          " config.optimizer.grad_clip, or set config.nonfinite='skip' to skip such steps."
+      )
     if bad:
-      logging.warning("fold %d epoch %d: skipped %d non-finite step(s), first at step %d",
-                      fold, epoch + 1, len(bad), bad[0])
+      logging.warning(
+          "fold %d epoch %d: skipped %d non-finite step(s), first at step %d",
+          fold,
+          epoch + 1,
+          len(bad),
+          bad[0],
+      )
     good = [m for m in steps if m["finite"]]
     if writer is not None:
       for start in range(0, len(steps), config.log_every_steps):
-        window = [m for m in steps[start:start + config.log_every_steps] if m["finite"]]
+        window = [m for m in steps[start : start + config.log_every_steps] if m["finite"]]
         if window:
           writer.write_scalars(
               first_step + min(start + config.log_every_steps, len(steps)) - 1,
-              {f"fold_{fold}/train_{k}": float(np.mean([m[k] for m in window]))
-               for k in window[0] if k != "finite"})
+              {
+                  f"fold_{fold}/train_{k}": float(np.mean([m[k] for m in window]))
+                  for k in window[0]
+                  if k != "finite"
+              },
+          )
     val_score, val_iou = (float(x) for x in host_val[i] / group.val_counts[i])
     lr = float(job.lr_fn((epoch + 1) * job.steps_per_epoch - 1)) * float(lr_scales[i])
-    record = {"epoch": epoch + 1,
-              "train_loss": float(np.mean([float(m["loss"]) for m in good])) if good else
-                            float("nan"),
-              "val_score": val_score, "val_iou": val_iou, "learning_rate": lr,
-              "loss_name": loss_name_for_epoch(config, epoch),
-              "seconds": time.time() - started}
+    record = {
+        "epoch": epoch + 1,
+        "train_loss": float(np.mean([float(m["loss"]) for m in good])) if good else float("nan"),
+        "val_score": val_score,
+        "val_iou": val_iou,
+        "learning_rate": lr,
+        "loss_name": loss_name_for_epoch(config, epoch),
+        "seconds": time.time() - started,
+    }
     group.progress[i].history.append(record)
     if writer is not None:
-      writer.write_scalars((epoch + 1) * job.steps_per_epoch, {
-          f"fold_{fold}/{k}": v for k, v in record.items() if k != "loss_name"})
-    logging.info("fold %d epoch %3d/%d  loss %.4f  val score %.4f  val IoU %.4f"
-                 "  lr %.2e  %.1fs", fold, epoch + 1, config.num_epochs,
-                 record["train_loss"], val_score, val_iou, lr, record["seconds"])
+      writer.write_scalars(
+          (epoch + 1) * job.steps_per_epoch,
+          {f"fold_{fold}/{k}": v for k, v in record.items() if k != "loss_name"},
+      )
+    logging.info(
+        "fold %d epoch %3d/%d  loss %.4f  val score %.4f  val IoU %.4f" "  lr %.2e  %.1fs",
+        fold,
+        epoch + 1,
+        config.num_epochs,
+        record["train_loss"],
+        val_score,
+        val_iou,
+        lr,
+        record["seconds"],
+    )
 
 
-def _update_models(job: Job, group: _Group, epoch: int, host_val: np.ndarray,
-                   cycle_ends: set) -> None:
+def _update_models(
+    job: Job, group: _Group, epoch: int, host_val: np.ndarray, cycle_ends: set
+) -> None:
   """Best model, plateau, snapshot and weight average after the epoch, in memory."""
   config = job.config
   variables = model_variables(group.state)
@@ -599,17 +737,21 @@ def _update_models(job: Job, group: _Group, epoch: int, host_val: np.ndarray,
     progress.epoch = epoch + 1
     if val_score > progress.best_score:
       improved[i] = True
-      progress.best_score, progress.best_epoch, progress.plateau_wait = (
-          val_score, epoch + 1, 0)
+      progress.best_score, progress.best_epoch, progress.plateau_wait = (val_score, epoch + 1, 0)
     else:
       progress.plateau_wait += 1
-    if (config.schedule.name == "plateau"
-        and progress.plateau_wait >= config.schedule.plateau_patience):
+    if (
+        config.schedule.name == "plateau"
+        and progress.plateau_wait >= config.schedule.plateau_patience
+    ):
       factors[i] = config.schedule.plateau_factor
       progress.plateau_wait = 0
-      logging.info("fold %d: no better validation score for %d epochs; lr scale lowered"
-                   " by %g", group.folds[i], config.schedule.plateau_patience,
-                   config.schedule.plateau_factor)
+      logging.info(
+          "fold %d: no better validation score for %d epochs; lr scale lowered" " by %g",
+          group.folds[i],
+          config.schedule.plateau_patience,
+          config.schedule.plateau_factor,
+      )
   if improved.any():
     group.best = _select_folds(jnp.asarray(improved), variables, group.best)
   if (factors != 1).any():
@@ -635,29 +777,39 @@ def _save(group: _Group, epoch: int) -> None:
   background while the next epoch trains.
   """
   for i, (fold, progress, checkpoints) in enumerate(
-      zip(group.folds, group.progress, group.checkpoints)):
+      zip(group.folds, group.progress, group.checkpoints)
+  ):
     model_meta = {"fold": fold}
     for snap_epoch, variables in group.snapshots[i]:
       val = progress.history[snap_epoch - 1]["val_score"]
-      checkpoints.save_model("snapshots", snap_epoch, variables,
-                             {**model_meta, "epoch": snap_epoch, "val_score": val})
+      checkpoints.save_model(
+          "snapshots", snap_epoch, variables, {**model_meta, "epoch": snap_epoch, "val_score": val}
+      )
     group.snapshots[i] = []
     if progress.best_epoch > 0 and progress.best_epoch != group.saved_best_epoch[i]:
-      checkpoints.save_model("best", progress.best_epoch, _fold_slice(group.best, i),
-                             {**model_meta, "epoch": progress.best_epoch,
-                              "val_score": progress.best_score})
+      checkpoints.save_model(
+          "best",
+          progress.best_epoch,
+          _fold_slice(group.best, i),
+          {**model_meta, "epoch": progress.best_epoch, "val_score": progress.best_score},
+      )
       group.saved_best_epoch[i] = progress.best_epoch
     if progress.swa_count:
-      checkpoints.save_model("swa", epoch, _fold_slice(group.swa, i),
-                             {**model_meta, "epoch": epoch, "count": progress.swa_count})
+      checkpoints.save_model(
+          "swa",
+          epoch,
+          _fold_slice(group.swa, i),
+          {**model_meta, "epoch": epoch, "count": progress.swa_count},
+      )
     for store in (checkpoints.best, checkpoints.snapshots, checkpoints.swa):
       store.finish()
     checkpoints.save_latest(epoch, _fold_slice(group.state, i), progress.meta())
   group.saved_epoch, group.saved_at = epoch, time.monotonic()
 
 
-def recompute_batch_stats(config, model, variables, batches: Callable[[int], Iterator],
-                          mesh, epoch: int):
+def recompute_batch_stats(
+    config, model, variables, batches: Callable[[int], Iterator], mesh, epoch: int
+):
   """BatchNorm statistics for averaged (SWA) weights: one pass over the data.
 
   `batches(epoch)` yields global image batches of one fold. As
@@ -679,10 +831,15 @@ def recompute_batch_stats(config, model, variables, batches: Callable[[int], Ite
     # (1 - momentum) * the batch's statistics (train mode normalises with the
     # batch's own statistics, so the running values do not enter the forward).
     zeros = jax.tree.map(jnp.zeros_like, mean_so_far)
-    _, new = model.apply({"params": variables["params"], "batch_stats": zeros}, images,
-                         train=True, mutable=["batch_stats"])
-    return jax.tree.map(lambda m, s: m + (s / (1 - keep) - m) / count,
-                        mean_so_far, new["batch_stats"])
+    _, new = model.apply(
+        {"params": variables["params"], "batch_stats": zeros},
+        images,
+        train=True,
+        mutable=["batch_stats"],
+    )
+    return jax.tree.map(
+        lambda m, s: m + (s / (1 - keep) - m) / count, mean_so_far, new["batch_stats"]
+    )
 
   variables = jax.device_put(variables, parallel.replicated(mesh))
   mean = jax.tree.map(jnp.zeros_like, variables["batch_stats"])

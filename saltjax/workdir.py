@@ -48,13 +48,16 @@ def read_done(workdir: pathlib.Path, fold: int) -> dict | None:
 
 # ------------------------------------------------------------ atomic writes ---
 
+
 def describe_os_error(e: OSError, path) -> str:
   """One sentence naming the path and what to do about the error."""
   if e.errno == errno.ENOSPC:
     return f"no space left on the device holding {path}: free some space or use another --workdir"
   if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-    return (f"cannot write {path} ({os.strerror(e.errno)}): use a --workdir you can write"
-            " to, or fix its permissions")
+    return (
+        f"cannot write {path} ({os.strerror(e.errno)}): use a --workdir you can write"
+        " to, or fix its permissions"
+    )
   return f"cannot write {path}: {e.strerror or e}"
 
 
@@ -104,6 +107,7 @@ def check_writable(directory: pathlib.Path) -> None:
 
 # ------------------------------------------------------------------- lock ---
 
+
 def _alive(pid: int) -> bool:
   try:
     os.kill(pid, 0)
@@ -138,7 +142,8 @@ def locked(directory: pathlib.Path) -> Iterator[None]:
       raise WorkdirError(
           f"{directory} is in use by another run (PID {holder.get('pid', '?')} on host"
           f" {holder.get('host', '?')}, lock file {path}); wait for it to finish or use"
-          " another --workdir. If that process is gone, delete the lock file.") from None
+          " another --workdir. If that process is gone, delete the lock file."
+      ) from None
     except OSError as e:
       raise WorkdirError(describe_os_error(e, path)) from e
     with os.fdopen(fd, "w") as f:

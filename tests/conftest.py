@@ -45,6 +45,7 @@ def data_cache(tmp_path_factory):
 
 def tiny_config(data_cache, compile_cache, **overrides):
   from configs import quick
+
   config = quick.get_config()
   for key, value in {**TINY_OVERRIDES, **overrides}.items():
     node = config
@@ -69,9 +70,13 @@ def flag_args(**overrides):
 
 def run_main(args, timeout=600, env=None):
   return subprocess.run(
-      [sys.executable, str(REPO / "main.py"), *args], cwd=REPO, capture_output=True,
-      text=True, timeout=timeout,
-      env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
+      [sys.executable, str(REPO / "main.py"), *args],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+      env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})},
+  )
 
 
 def step_config(batch_size: int, image_size: int):
@@ -79,6 +84,7 @@ def step_config(batch_size: int, image_size: int):
   seconds to compile, float32 sums, and SGD (whose update is linear in the
   gradient, unlike Adam's sign-like first step)."""
   from configs import quick
+
   config = quick.get_config()
   config.model.stage_sizes = (1, 1, 1, 1)
   config.model.encoder_width = 4
@@ -99,7 +105,9 @@ def blob_batch(rng: np.random.Generator, batch_size: int, image_size: int) -> di
   yy, xx = np.mgrid[:image_size, :image_size]
   centres = rng.uniform(8, image_size - 8, size=(batch_size, 2))
   radii = rng.uniform(4, 20, size=batch_size)
-  masks = ((yy - centres[:, :1, None]) ** 2 + (xx - centres[:, 1:, None]) ** 2
-           < radii[:, None, None] ** 2).astype(np.float32)
+  masks = (
+      (yy - centres[:, :1, None]) ** 2 + (xx - centres[:, 1:, None]) ** 2
+      < radii[:, None, None] ** 2
+  ).astype(np.float32)
   masks[:2] = 0.0
   return {"image": images, "mask": masks}

@@ -39,7 +39,7 @@ def _mask(seed=0):
   rng = np.random.default_rng(seed + 100)
   yy, xx = np.mgrid[:101, :101]
   cy, cx, r = rng.uniform(20, 80), rng.uniform(20, 80), rng.uniform(10, 30)
-  return (((yy - cy) ** 2 + (xx - cx) ** 2) < r ** 2).astype(np.float32)
+  return (((yy - cy) ** 2 + (xx - cx) ** 2) < r**2).astype(np.float32)
 
 
 def _run_op(op, image, mask, num_keys):
@@ -51,23 +51,33 @@ def _run_op(op, image, mask, num_keys):
 
 # ------------------------------------------------------------ TF-free import ---
 
+
 def test_importing_loads_no_tensorflow():
-  code = ("import sys\n"
-          "import saltjax.device_input, saltjax.augment_spec, saltjax.inference,"
-          " saltjax.config_checks\n"
-          "loaded = sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow')\n"
-          "assert not loaded, loaded\n")
-  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                        text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  code = (
+      "import sys\n"
+      "import saltjax.device_input, saltjax.augment_spec, saltjax.inference,"
+      " saltjax.config_checks\n"
+      "loaded = sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow')\n"
+      "assert not loaded, loaded\n"
+  )
+  proc = subprocess.run(
+      [sys.executable, "-c", code],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=120,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 # ------------------------------------------------------------ sizes vs TF ---
 
-@pytest.mark.parametrize("mode,size", [("resize", 128), ("resize", 64), ("pad", 128),
-                                       ("pad", 160)])
+
+@pytest.mark.parametrize("mode,size", [("resize", 128), ("resize", 64), ("pad", 128), ("pad", 160)])
 def test_to_model_size_equals_tf_pipeline(mode, size):
   from saltjax import input_pipeline
+
   x = _image(1, n=3)[..., None]
   expected = input_pipeline.to_model_size(x, size, mode).numpy()
   on_device = np.asarray(jax.jit(lambda v: device_input.to_model_size(v, size, mode))(x))
@@ -76,8 +86,9 @@ def test_to_model_size_equals_tf_pipeline(mode, size):
   np.testing.assert_allclose(on_device, expected, rtol=0, atol=1e-5)
   np.testing.assert_allclose(on_host, expected, rtol=0, atol=1e-5)
   # A single (H, W, C) image too, as TF's function accepts.
-  np.testing.assert_allclose(device_input.to_model_size(x[0], size, mode), expected[0],
-                             rtol=0, atol=1e-5)
+  np.testing.assert_allclose(
+      device_input.to_model_size(x[0], size, mode), expected[0], rtol=0, atol=1e-5
+  )
 
 
 def test_pad_split_and_reflection_by_hand():
@@ -90,19 +101,21 @@ def test_pad_split_and_reflection_by_hand():
   np.testing.assert_array_equal(padded[114, 13:114], x[99, :, 0])
   np.testing.assert_array_equal(padded[13:114, 0], x[:, 13, 0])
   # And back: the inverse crops exactly.
-  np.testing.assert_array_equal(device_input.to_original_size(padded[None], "pad")[0],
-                                x[..., 0])
+  np.testing.assert_array_equal(device_input.to_original_size(padded[None], "pad")[0], x[..., 0])
 
 
 # --------------------------------------------------------------- the ops ---
 
+
 def test_every_named_op_has_a_jax_and_a_tf_version():
   from saltjax import augment
+
   assert set(device_input._REGISTRY) == set(augment_spec.OPS) == set(augment._REGISTRY)
 
 
-@pytest.mark.parametrize("name,flip", [("hflip", lambda x: x[:, ::-1]),
-                                       ("vflip", lambda x: x[::-1])])
+@pytest.mark.parametrize(
+    "name,flip", [("hflip", lambda x: x[:, ::-1]), ("vflip", lambda x: x[::-1])]
+)
 def test_flips_are_exact(name, flip):
   image, mask = _image(4), _mask(4)
   op = device_input.parse(f"{name}(1.0)")[0]
@@ -128,11 +141,15 @@ def test_shift_is_a_crop_of_the_reflect_padded_image():
   out_image, out_mask = _run_op(device_input.parse(f"shift({pixels})")[0], image, mask, 100)
   seen = set()
   for i, m in zip(out_image, out_mask):
-    found = [(dy, dx) for dy in range(2 * pixels + 1) for dx in range(2 * pixels + 1)
-             if np.array_equal(i, padded_image[dy:dy + 101, dx:dx + 101])]
+    found = [
+        (dy, dx)
+        for dy in range(2 * pixels + 1)
+        for dx in range(2 * pixels + 1)
+        if np.array_equal(i, padded_image[dy : dy + 101, dx : dx + 101])
+    ]
     assert len(found) == 1, "the shifted image is no crop of the padded one"
     dy, dx = found[0]
-    np.testing.assert_array_equal(m, padded_mask[dy:dy + 101, dx:dx + 101])
+    np.testing.assert_array_equal(m, padded_mask[dy : dy + 101, dx : dx + 101])
     seen.add(found[0])
   # Offsets uniform on [0, 2 * pixels]^2, as TF's random crop: all 25 occur.
   assert len(seen) == (2 * pixels + 1) ** 2
@@ -140,21 +157,30 @@ def test_shift_is_a_crop_of_the_reflect_padded_image():
 
 def test_scale_is_tf_resize_then_crop():
   import tensorflow as tf
+
   image, mask = _image(6), _mask(6)
   # TF's scale op for each possible size: resize (image bilinear, mask
   # nearest), then any crop.
-  resized = {size: (tf.image.resize(image[..., None], [size, size], "bilinear").numpy()[..., 0],
-                    tf.image.resize(mask[..., None], [size, size], "nearest").numpy()[..., 0])
-             for size in range(101, 112)}
+  resized = {
+      size: (
+          tf.image.resize(image[..., None], [size, size], "bilinear").numpy()[..., 0],
+          tf.image.resize(mask[..., None], [size, size], "nearest").numpy()[..., 0],
+      )
+      for size in range(101, 112)
+  }
   out_image, out_mask = _run_op(device_input.parse("scale(0.1)")[0], image, mask, 24)
   sizes = set()
   for i, m in zip(out_image, out_mask):
-    matches = [(size, dy, dx) for size, (big, _) in resized.items()
-               for dy in range(size - 100) for dx in range(size - 100)
-               if np.allclose(i, big[dy:dy + 101, dx:dx + 101], rtol=0, atol=1e-5)]
+    matches = [
+        (size, dy, dx)
+        for size, (big, _) in resized.items()
+        for dy in range(size - 100)
+        for dx in range(size - 100)
+        if np.allclose(i, big[dy : dy + 101, dx : dx + 101], rtol=0, atol=1e-5)
+    ]
     assert matches, "no resize + crop of TF's gives the zoomed image"
     size, dy, dx = matches[0]
-    np.testing.assert_array_equal(m, resized[size][1][dy:dy + 101, dx:dx + 101])
+    np.testing.assert_array_equal(m, resized[size][1][dy : dy + 101, dx : dx + 101])
     sizes.add(size)
   assert len(sizes) >= 4 and sizes <= set(range(101, 112))
   # Size 101, offset 0 is the identity.
@@ -167,8 +193,9 @@ def test_brightness_adds_one_uniform_offset():
   image, mask = _image(7), _mask(7)
   out_image, out_mask = _run_op(device_input.parse("brightness(0.2)")[0], image, mask, 50)
   deltas = (out_image - image).reshape(50, -1)
-  np.testing.assert_allclose(deltas, np.broadcast_to(deltas[:, :1], deltas.shape), rtol=0,
-                             atol=1e-6)  # one offset an image
+  np.testing.assert_allclose(
+      deltas, np.broadcast_to(deltas[:, :1], deltas.shape), rtol=0, atol=1e-6
+  )  # one offset an image
   assert np.all(deltas[:, 0] >= -0.2) and np.all(deltas[:, 0] < 0.2)
   assert deltas[:, 0].min() < -0.1 and deltas[:, 0].max() > 0.1  # spread over the range
   np.testing.assert_array_equal(out_mask, np.broadcast_to(mask, out_mask.shape))
@@ -194,23 +221,30 @@ def test_contrast_scales_around_the_mean():
 def test_augment_spec_fills_defaults():
   ops = augment_spec.parse(" hflip | shift|scale(0.2)|contrast(0.3)|vflip(0.25) ")
   assert [(op.name, op.args) for op in ops] == [
-      ("hflip", (0.5,)), ("shift", (8,)), ("scale", (0.2,)), ("contrast", (0.3,)),
-      ("vflip", (0.25,))]
+      ("hflip", (0.5,)),
+      ("shift", (8,)),
+      ("scale", (0.2,)),
+      ("contrast", (0.3,)),
+      ("vflip", (0.25,)),
+  ]
   assert augment_spec.parse("") == [] and augment_spec.parse("hflip()")[0].args == (0.5,)
 
 
-@pytest.mark.parametrize("spec,fault", [
-    ("hflip|rotate(5)", "unknown augmentation 'rotate(5)'"),
-    ("shift(200)", "pixels=200"),
-    ("shift(2.5)", "pixels=2.5"),
-    ("contrast(0)", "delta=0"),
-    ("hflip(p=1)", "bad arguments"),
-    ("hflip|shift(8))", "bad arguments"),
-    ("shift(1,2)", "bad arguments"),
-    ("scale(-0.9)", "max_scale=-0.9"),
-    ("scale(0.1, 2)", "bad arguments"),
-    ("brightness('a')", "bad arguments"),
-])
+@pytest.mark.parametrize(
+    "spec,fault",
+    [
+        ("hflip|rotate(5)", "unknown augmentation 'rotate(5)'"),
+        ("shift(200)", "pixels=200"),
+        ("shift(2.5)", "pixels=2.5"),
+        ("contrast(0)", "delta=0"),
+        ("hflip(p=1)", "bad arguments"),
+        ("hflip|shift(8))", "bad arguments"),
+        ("shift(1,2)", "bad arguments"),
+        ("scale(-0.9)", "max_scale=-0.9"),
+        ("scale(0.1, 2)", "bad arguments"),
+        ("brightness('a')", "bad arguments"),
+    ],
+)
 def test_bad_augment_spec_names_the_option(spec, fault):
   with pytest.raises(ValueError, match="config.augment") as e:
     augment_spec.parse(spec)
@@ -220,6 +254,7 @@ def test_bad_augment_spec_names_the_option(spec, fault):
 def test_config_checks_name_input_pipeline():
   from configs import fold
   from saltjax import config_checks
+
   config = fold.get_config()
   assert config.input_pipeline == "tfdata"
   config.input_pipeline = "device"
@@ -235,8 +270,9 @@ NUM_IMAGES, BATCH = 40, 8
 
 
 def _config(augment=HEAVY, resize_mode="resize", image_size=64):
-  return ml_collections.ConfigDict(dict(augment=augment, resize_mode=resize_mode,
-                                        image_size=image_size, seed=3))
+  return ml_collections.ConfigDict(
+      dict(augment=augment, resize_mode=resize_mode, image_size=image_size, seed=3)
+  )
 
 
 @pytest.fixture(scope="module")
@@ -255,8 +291,9 @@ def test_epoch_is_a_pure_function_of_seed_fold_and_epoch(dataset):
   steps = device_input.steps_per_epoch(folds, BATCH)
   assert steps == 26 // BATCH
   batch_fn = jax.jit(device_input.make_train_batch_fn(config, BATCH))
-  epoch0 = [jax.device_get(b) for b in device_input.epoch_batches(
-      batch_fn, data, folds, 0, steps=steps)]
+  epoch0 = [
+      jax.device_get(b) for b in device_input.epoch_batches(batch_fn, data, folds, 0, steps=steps)
+  ]
   assert epoch0[0]["image"].shape == (3, BATCH, 64, 64, 1)
   assert epoch0[0]["mask"].shape == (3, BATCH, 64, 64)
   assert epoch0[0]["image"].dtype == epoch0[0]["mask"].dtype == np.float32
@@ -265,8 +302,10 @@ def test_epoch_is_a_pure_function_of_seed_fold_and_epoch(dataset):
   data2 = device_input.put_on_device(images, masks)
   folds2 = device_input.fold_indices(fold_of, [0, 1, 2], seed=config.seed)
   batch_fn2 = jax.jit(device_input.make_train_batch_fn(config, BATCH))
-  resumed = [jax.device_get(b) for b in device_input.epoch_batches(
-      batch_fn2, data2, folds2, 0, steps=steps, start_step=1)]
+  resumed = [
+      jax.device_get(b)
+      for b in device_input.epoch_batches(batch_fn2, data2, folds2, 0, steps=steps, start_step=1)
+  ]
   for a, b in zip(epoch0[1:], resumed):
     np.testing.assert_array_equal(a["image"], b["image"])
     np.testing.assert_array_equal(a["mask"], b["mask"])
@@ -291,8 +330,11 @@ def test_epoch_order_is_a_permutation_of_the_fold(dataset):
     size = int(folds.sizes[f])
     assert size == int((fold_of != f).sum())
     for epoch in (0, 1):
-      order = np.asarray(device_input.epoch_order(folds.rows[f], folds.sizes[f],
-                                                  jax.random.key(folds.seeds[f]), epoch))
+      order = np.asarray(
+          device_input.epoch_order(
+              folds.rows[f], folds.sizes[f], jax.random.key(folds.seeds[f]), epoch
+          )
+      )
       # The fold's training rows, each once, none of its validation rows.
       np.testing.assert_array_equal(np.sort(order[:size]), np.flatnonzero(fold_of != f))
       orders[f, epoch] = order[:size]
@@ -312,15 +354,19 @@ def test_batches_follow_the_epoch_order(dataset):
   folds = device_input.fold_indices(fold_of, [0, 1, 2], seed=config.seed)
   batch_fn = jax.jit(device_input.make_train_batch_fn(config, BATCH))
   for f in range(3):
-    order = np.asarray(device_input.epoch_order(folds.rows[f], folds.sizes[f],
-                                                jax.random.key(folds.seeds[f]), 4))
+    order = np.asarray(
+        device_input.epoch_order(folds.rows[f], folds.sizes[f], jax.random.key(folds.seeds[f]), 4)
+    )
     for step in range(device_input.steps_per_epoch(folds, BATCH)):
       batch = jax.device_get(batch_fn(data, folds, 4, step))
-      rows = order[step * BATCH:(step + 1) * BATCH]
+      rows = order[step * BATCH : (step + 1) * BATCH]
       # (XLA divides by 255 as a multiply by 1/255: an ulp apart.)
-      np.testing.assert_allclose(batch["image"][f, :, 13:114, 13:114, 0],
-                                 images[rows].astype(np.float32) / np.float32(255),
-                                 rtol=0, atol=1e-7)
+      np.testing.assert_allclose(
+          batch["image"][f, :, 13:114, 13:114, 0],
+          images[rows].astype(np.float32) / np.float32(255),
+          rtol=0,
+          atol=1e-7,
+      )
       np.testing.assert_array_equal(batch["mask"][f, :, 13:114, 13:114], masks[rows])
 
 
@@ -330,8 +376,9 @@ def test_masks_stay_binary(dataset, resize_mode, image_size):
   config = _config(resize_mode=resize_mode, image_size=image_size)
   data = device_input.put_on_device(images, masks)
   folds = device_input.fold_indices(fold_of, [0, 1], seed=config.seed)
-  batch = jax.device_get(jax.jit(device_input.make_train_batch_fn(config, BATCH))(
-      data, folds, 0, 0))
+  batch = jax.device_get(
+      jax.jit(device_input.make_train_batch_fn(config, BATCH))(data, folds, 0, 0)
+  )
   assert set(np.unique(batch["mask"])) == {0.0, 1.0}
   assert np.all(np.isfinite(batch["image"]))
 

@@ -12,8 +12,10 @@ from tests.conftest import flag_args, run_main, tiny_config
 
 def test_training_lowers_the_loss(tmp_path, data_cache, compile_cache):
   from saltjax import run, train
-  config = tiny_config(data_cache, compile_cache, fold=0, num_epochs=8,
-                       **{"schedule.name": "constant"})
+
+  config = tiny_config(
+      data_cache, compile_cache, fold=0, num_epochs=8, **{"schedule.name": "constant"}
+  )
   run.enable_compilation_cache(config)
   run_lib.train_and_evaluate(config, str(tmp_path))
   history = json.loads((tmp_path / "fold_0" / "done.json").read_text())["history"]
@@ -26,15 +28,18 @@ def test_training_lowers_the_loss(tmp_path, data_cache, compile_cache):
   assert not (tmp_path / "submission.csv").exists()
 
 
-def test_main_train_then_predict_writes_a_valid_submission(tmp_path, data_cache,
-                                                          compile_cache):
+def test_main_train_then_predict_writes_a_valid_submission(tmp_path, data_cache, compile_cache):
   workdir = tmp_path / "run"
-  common = [f"--workdir={workdir}", f"--config.cache_dir={data_cache}",
-            f"--config.compilation_cache={compile_cache}"]
+  common = [
+      f"--workdir={workdir}",
+      f"--config.cache_dir={data_cache}",
+      f"--config.compilation_cache={compile_cache}",
+  ]
   result = run_main(["--config=configs/quick.py", *common, *flag_args()])
   assert result.returncode == 0, result.stderr[-3000:]
 
   from saltjax import data as data_lib
+
   config = tiny_config(data_cache, compile_cache)
   data = layout.read_layout(data_lib.resolve_data_dir(config))
 
@@ -52,13 +57,20 @@ def test_main_train_then_predict_writes_a_valid_submission(tmp_path, data_cache,
     assert key in scores
   assert set(scores["folds"]) == {"0", "1"}
   from saltjax import metrics
+
   truth = data.train_masks[[data.train_ids.index(i) for i in oof["id"]]]
   pred = np.stack([rle.decode(r) for r in oof["rle_mask"]])
   assert abs(metrics.competition_score(truth, pred) - scores["oof_score"]) < 1e-9
 
   # the run records what it did
-  for name in ("config.json", "versions.json", "folds.csv", "training_curves.png",
-               "validation_examples.png", "threshold_sweep.png"):
+  for name in (
+      "config.json",
+      "versions.json",
+      "folds.csv",
+      "training_curves.png",
+      "validation_examples.png",
+      "threshold_sweep.png",
+  ):
     assert (workdir / name).exists(), name
   folds = pd.read_csv(workdir / "folds.csv", dtype={"id": str})
   assert sorted(folds["id"]) == sorted(data.train_ids)
@@ -66,8 +78,9 @@ def test_main_train_then_predict_writes_a_valid_submission(tmp_path, data_cache,
   # predicting again from the workdir's checkpoints gives the same submission
   before = (workdir / "submission.csv").read_text()
   (workdir / "submission.csv").unlink()
-  result = run_main(["--config=configs/predict.py", f"--workdir={workdir}",
-                     "--config.progress=False"])
+  result = run_main(
+      ["--config=configs/predict.py", f"--workdir={workdir}", "--config.progress=False"]
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert (workdir / "submission.csv").read_text() == before
 
@@ -76,33 +89,53 @@ def test_every_recipe_option_together(tmp_path, data_cache, compile_cache):
   """Deep supervision, the empty-mask head, hypercolumn, Lovász second stage,
   SWA, plateau schedule, SGD, heavier augmentation, TTA and a pseudo-label round."""
   from saltjax import run, train
+
   config = tiny_config(
-      data_cache, compile_cache, num_epochs=3,
+      data_cache,
+      compile_cache,
+      num_epochs=3,
       augment="hflip|shift(4)|scale(0.1)|brightness(0.1)|contrast(0.1)",
-      swa_from_epoch=1, **{
-          "pseudo_label.enabled": True, "pseudo_label.max_uncertain_fraction": 1.0,
-          "model.deep_supervision": True, "model.classifier": True,
-          "model.hypercolumn": True, "model.upsample": "bilinear",
-          "loss.second_from_epoch": 2, "loss.second_name": "lovasz_symmetric_elu",
-          "schedule.name": "plateau", "schedule.plateau_patience": 1,
-          "optimizer.name": "sgd", "optimizer.learning_rate": 0.01,
-          "predict.tta": "hflip+vflip", "predict.checkpoints": "best+swa",
-          "model.encoder_width": 4, "model.decoder_channels": (8, 8, 8, 8, 8),
-          "synthetic.num_train": 24, "num_folds": 2})
+      swa_from_epoch=1,
+      **{
+          "pseudo_label.enabled": True,
+          "pseudo_label.max_uncertain_fraction": 1.0,
+          "model.deep_supervision": True,
+          "model.classifier": True,
+          "model.hypercolumn": True,
+          "model.upsample": "bilinear",
+          "loss.second_from_epoch": 2,
+          "loss.second_name": "lovasz_symmetric_elu",
+          "schedule.name": "plateau",
+          "schedule.plateau_patience": 1,
+          "optimizer.name": "sgd",
+          "optimizer.learning_rate": 0.01,
+          "predict.tta": "hflip+vflip",
+          "predict.checkpoints": "best+swa",
+          "model.encoder_width": 4,
+          "model.decoder_channels": (8, 8, 8, 8, 8),
+          "synthetic.num_train": 24,
+          "num_folds": 2,
+      },
+  )
   run.enable_compilation_cache(config)
   scores = run_lib.train_and_evaluate(config, str(tmp_path))
   history = json.loads((tmp_path / "fold_0" / "done.json").read_text())["history"]
-  assert [h["loss_name"] for h in history] == ["bce_dice", "lovasz_symmetric_elu",
-                                               "lovasz_symmetric_elu"]
+  assert [h["loss_name"] for h in history] == [
+      "bce_dice",
+      "lovasz_symmetric_elu",
+      "lovasz_symmetric_elu",
+  ]
   assert scores["classifier_gate"] and 0 <= scores["gate"] <= 1
   # The submission's models are the pseudo-label round's.
-  history = json.loads((tmp_path / "pseudo_round" / "fold_0" / "done.json").read_text())[
-      "history"]
-  assert scores["folds"]["0"]["models"] == ["best/" + str(history.index(max(
-      history, key=lambda h: h["val_score"])) + 1), "swa/4"]
+  history = json.loads((tmp_path / "pseudo_round" / "fold_0" / "done.json").read_text())["history"]
+  assert scores["folds"]["0"]["models"] == [
+      "best/" + str(history.index(max(history, key=lambda h: h["val_score"])) + 1),
+      "swa/4",
+  ]
   # the pseudo-label round trained on every test image and made the submission
   assert scores["pseudo_label"]["num_images"] == {"0": 12, "1": 12}
   assert (tmp_path / "pseudo_round" / "fold_1" / "done.json").exists()
   assert (tmp_path / "round1_submission.csv").exists()
   assert (tmp_path / "submission.csv").read_text() == (
-      tmp_path / "pseudo_round" / "submission.csv").read_text()
+      tmp_path / "pseudo_round" / "submission.csv"
+  ).read_text()

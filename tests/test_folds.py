@@ -14,7 +14,7 @@ def make_masks(counts_per_class, seed=0):
       m = np.zeros(101 * 101, np.uint8)
       if cls:
         lo, hi = (cls - 1) * 1021, min(cls * 1020, 10201)
-        m[:rng.integers(lo + 1, hi + 1)] = 1
+        m[: rng.integers(lo + 1, hi + 1)] = 1
       masks.append(m.reshape(101, 101))
   return np.stack(masks)
 
@@ -50,5 +50,5 @@ def test_by_depth():
   fold_of = folds.assign_folds(masks, 4, seed=0, depths=depths, stratify_by="depth")
   # each depth decile contributes 2 or 3 ids to each fold
   for decile in range(10):
-    per_fold = np.bincount(fold_of[decile * 10:(decile + 1) * 10], minlength=4)
+    per_fold = np.bincount(fold_of[decile * 10 : (decile + 1) * 10], minlength=4)
     assert per_fold.min() >= 2

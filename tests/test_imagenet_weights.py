@@ -24,8 +24,11 @@ from tests.conftest import REPO, flag_args, run_main
 from tests.test_pretrained import _random_state_dict
 
 # A closed port: a connection attempt is refused at once, never timed out.
-NO_NETWORK = {"HF_ENDPOINT": "http://127.0.0.1:1", "HF_HUB_OFFLINE": "0",
-              "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+NO_NETWORK = {
+    "HF_ENDPOINT": "http://127.0.0.1:1",
+    "HF_HUB_OFFLINE": "0",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+}
 
 
 @pytest.fixture(scope="module")
@@ -49,30 +52,38 @@ def _sha256(path):
   return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("spec, repo", [
-    ("imagenet", "timm/resnet50.tv_in1k"),
-    ("timm/resnet50.tv_in1k", "timm/resnet50.tv_in1k"),
-    ("timm/resnet50.tv2_in1k", "timm/resnet50.tv2_in1k"),
-    ("timm/resnet50.a1_in1k", "timm/resnet50.a1_in1k"),
-    ("timm/resnet50d.ra2_in1k", None),   # another architecture
-    ("timm/resnet50", None),             # no weights tag
-    ("resnet50.tv_in1k", None),          # not a hub name: a path
-    ("weights/resnet50.safetensors", None),
-    ("timm/resnet50.tv_in1k/../x", None),
-])
+@pytest.mark.parametrize(
+    "spec, repo",
+    [
+        ("imagenet", "timm/resnet50.tv_in1k"),
+        ("timm/resnet50.tv_in1k", "timm/resnet50.tv_in1k"),
+        ("timm/resnet50.tv2_in1k", "timm/resnet50.tv2_in1k"),
+        ("timm/resnet50.a1_in1k", "timm/resnet50.a1_in1k"),
+        ("timm/resnet50d.ra2_in1k", None),  # another architecture
+        ("timm/resnet50", None),  # no weights tag
+        ("resnet50.tv_in1k", None),  # not a hub name: a path
+        ("weights/resnet50.safetensors", None),
+        ("timm/resnet50.tv_in1k/../x", None),
+    ],
+)
 def test_hub_names(spec, repo):
   assert imagenet_weights.hub_repo(spec) == repo
 
 
 def test_cache_layout_is_one_plain_file(tmp_path):
-  assert (imagenet_weights.cached_path("timm/resnet50.tv_in1k", str(tmp_path))
-          == tmp_path / "pretrained" / "resnet50.tv_in1k.safetensors")
-  assert (imagenet_weights.cached_path("timm/resnet50.a1_in1k", str(tmp_path))
-          == tmp_path / "pretrained" / "resnet50.a1_in1k.safetensors")
+  assert (
+      imagenet_weights.cached_path("timm/resnet50.tv_in1k", str(tmp_path))
+      == tmp_path / "pretrained" / "resnet50.tv_in1k.safetensors"
+  )
+  assert (
+      imagenet_weights.cached_path("timm/resnet50.a1_in1k", str(tmp_path))
+      == tmp_path / "pretrained" / "resnet50.a1_in1k.safetensors"
+  )
 
 
 def test_fold_config_defaults_to_imagenet_and_quick_to_none():
   from configs import quick
+
   assert fold.get_config().model.pretrained == "imagenet"
   assert quick.get_config().model.pretrained == ""
   config_checks.check(fold.get_config())  # a hub name needs no file up front
@@ -80,6 +91,7 @@ def test_fold_config_defaults_to_imagenet_and_quick_to_none():
 
 def test_pretrained_weights_need_the_resnet50_encoder():
   from configs import quick
+
   config = quick.get_config()
   config.model.pretrained = "imagenet"
   with pytest.raises(config_checks.ConfigError, match=r"stage_sizes=\(3,4,6,3\)"):
@@ -94,11 +106,12 @@ def test_cache_hit_is_used_without_network(tmp_path, state_dict, no_hub):
   path = imagenet_weights.resolve_weights("imagenet", str(tmp_path))
   assert path == str(target)
   loaded = pretrained.load_resnet50(path)
-  np.testing.assert_array_equal(loaded["params"]["layer4_2"]["conv3"]["kernel"],
-                                state_dict["layer4.2.conv3.weight"].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(
+      loaded["params"]["layer4_2"]["conv3"]["kernel"],
+      state_dict["layer4.2.conv3.weight"].transpose(2, 3, 1, 0),
+  )
   # A sidecar with the right SHA-256 (as a download writes it) is accepted too.
-  (target.parent / (target.name + ".sha256")).write_text(
-      f"{_sha256(target)}  {target.name}\n")
+  (target.parent / (target.name + ".sha256")).write_text(f"{_sha256(target)}  {target.name}\n")
   assert imagenet_weights.resolve_weights("timm/resnet50.tv_in1k", str(tmp_path)) == path
 
 
@@ -114,7 +127,7 @@ def test_local_path_is_used_as_it_is(tmp_path, state_dict, no_hub):
 def _truncated(state_dict, path):
   save_file(state_dict, str(path))
   data = path.read_bytes()
-  path.write_bytes(data[:len(data) // 2])
+  path.write_bytes(data[: len(data) // 2])
 
 
 def _resnet18_like(state_dict, path):
@@ -138,14 +151,18 @@ def _flipped_byte_with_sidecar(state_dict, path):
   path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage, reason", [
-    (_truncated, "not a readable"),
-    (_resnet18_like, "missing keys: layer4.2.bn1.bias"),
-    (_with_nan, "non-finite"),
-    (_flipped_byte_with_sidecar, "SHA-256"),
-])
-def test_corrupt_or_wrong_cached_file_is_refused(damage, reason, tmp_path, state_dict,
-                                                 no_hub, monkeypatch):
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (_truncated, "not a readable"),
+        (_resnet18_like, "missing keys: layer4.2.bn1.bias"),
+        (_with_nan, "non-finite"),
+        (_flipped_byte_with_sidecar, "SHA-256"),
+    ],
+)
+def test_corrupt_or_wrong_cached_file_is_refused(
+    damage, reason, tmp_path, state_dict, no_hub, monkeypatch
+):
   target = tmp_path / "pretrained" / "resnet50.tv_in1k.safetensors"
   target.parent.mkdir()
   damage(state_dict, target)
@@ -191,6 +208,7 @@ class _LocalHub:
     import http.server
     import json
     import threading
+
     sha256 = hashlib.sha256(blob).hexdigest()
     self.requests = []
     requests = self.requests
@@ -222,9 +240,17 @@ class _LocalHub:
       def do_POST(self):  # pylint: disable=invalid-name
         requests.append(("POST", self.path))
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        body = json.dumps([{"type": "file", "path": "model.safetensors", "size": len(blob),
-                            "oid": "b" * 40, "lfs": {"oid": sha256, "size": len(blob),
-                                                     "pointerSize": 134}}]).encode()
+        body = json.dumps(
+            [
+                {
+                    "type": "file",
+                    "path": "model.safetensors",
+                    "size": len(blob),
+                    "oid": "b" * 40,
+                    "lfs": {"oid": sha256, "size": len(blob), "pointerSize": 134},
+                }
+            ]
+        ).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -257,10 +283,19 @@ except config_checks.ConfigError as e:
 
 def _resolve_in_process_with_endpoint(spec, cache, endpoint):
   return subprocess.run(
-      [sys.executable, "-c", _RESOLVE, spec, str(cache)], cwd=REPO, capture_output=True,
-      text=True, timeout=300,
-      env={**os.environ, "JAX_PLATFORMS": "cpu", "HF_ENDPOINT": endpoint,
-           "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
+      [sys.executable, "-c", _RESOLVE, spec, str(cache)],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env={
+          **os.environ,
+          "JAX_PLATFORMS": "cpu",
+          "HF_ENDPOINT": endpoint,
+          "HF_HUB_OFFLINE": "0",
+          "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+      },
+  )
 
 
 @pytest.mark.parametrize("damaged", [False, True], ids=["intact", "damaged_in_transit"])
@@ -286,10 +321,13 @@ def test_download_through_the_hub_client(damaged, tmp_path, state_dict):
       assert result.stdout.strip().splitlines()[-1] == str(target)
       assert target.read_bytes() == blob
       assert target.with_name(target.name + ".sha256").read_text() == (
-          f"{hashlib.sha256(blob).hexdigest()}  {target.name}\n")
+          f"{hashlib.sha256(blob).hexdigest()}  {target.name}\n"
+      )
       # Nothing else is left beside them (no temporary download folder).
       assert sorted(p.name for p in target.parent.iterdir()) == [
-          target.name, target.name + ".sha256"]
+          target.name,
+          target.name + ".sha256",
+      ]
   finally:
     hub.close()
 
@@ -298,10 +336,20 @@ def test_download_through_the_hub_client(damaged, tmp_path, state_dict):
 def test_no_network_error_through_main_py(env, tmp_path):
   # configs/fold.py's own default ('imagenet'), with the ResNet50 encoder.
   cache, workdir = tmp_path / "cache", tmp_path / "run"
-  args = ["--config=configs/fold.py", f"--workdir={workdir}", *flag_args(**{
-      "model.stage_sizes": (3, 4, 6, 3), "model.encoder_width": 64,
-      "model.decoder_channels": (256, 128, 64, 32, 16), "model.scse_reduction": 16,
-      "cache_dir": str(cache), "compilation_cache": str(tmp_path / "jax_cache")})]
+  args = [
+      "--config=configs/fold.py",
+      f"--workdir={workdir}",
+      *flag_args(
+          **{
+              "model.stage_sizes": (3, 4, 6, 3),
+              "model.encoder_width": 64,
+              "model.decoder_channels": (256, 128, 64, 32, 16),
+              "model.scse_reduction": 16,
+              "cache_dir": str(cache),
+              "compilation_cache": str(tmp_path / "jax_cache"),
+          }
+      ),
+  ]
   result = run_main(args, timeout=300, env=env)
   assert result.returncode == 1, result.stderr
   err = result.stderr
@@ -310,16 +358,20 @@ def test_no_network_error_through_main_py(env, tmp_path):
   error_lines = [line for line in err.splitlines() if line.startswith("error: ")]
   assert len(error_lines) == 1, err
   paragraph = error_lines[0]
-  for part in ("timm/resnet50.tv_in1k", str(target),
-               "hf download timm/resnet50.tv_in1k model.safetensors",
-               "--config.model.pretrained=''"):
+  for part in (
+      "timm/resnet50.tv_in1k",
+      str(target),
+      "hf download timm/resnet50.tv_in1k model.safetensors",
+      "--config.model.pretrained=''",
+  ):
     assert part in paragraph, part
   assert not workdir.exists()
   assert not any(p.is_file() for p in (cache / "pretrained").rglob("*"))
 
 
-def test_training_starts_from_the_cached_imagenet_weights(tmp_path, state_dict, no_hub,
-                                                         monkeypatch):
+def test_training_starts_from_the_cached_imagenet_weights(
+    tmp_path, state_dict, no_hub, monkeypatch
+):
   # train.initial_variables, as every fold calls it, with fold.py's default.
   import jax
   import jax.numpy as jnp
@@ -341,9 +393,13 @@ def test_training_starts_from_the_cached_imagenet_weights(tmp_path, state_dict, 
   config.model.decoder_channels = (8, 8, 8, 8, 8)
   variables = train.initial_variables(config, train.create_model(config))
   encoder = variables["params"]["encoder"]
-  np.testing.assert_array_equal(encoder["layer3_5"]["conv2"]["kernel"],
-                                state_dict["layer3.5.conv2.weight"].transpose(2, 3, 1, 0))
-  np.testing.assert_array_equal(variables["batch_stats"]["encoder"]["layer2_0"]["bn3"]["var"],
-                                state_dict["layer2.0.bn3.running_var"])
+  np.testing.assert_array_equal(
+      encoder["layer3_5"]["conv2"]["kernel"],
+      state_dict["layer3.5.conv2.weight"].transpose(2, 3, 1, 0),
+  )
+  np.testing.assert_array_equal(
+      variables["batch_stats"]["encoder"]["layer2_0"]["bn3"]["var"],
+      state_dict["layer2.0.bn3.running_var"],
+  )
   assert encoder["conv1"]["kernel"].shape == (7, 7, 1, 64)  # the gray stem
   assert not np.any(variables["params"]["decoder_0"]["conv1"]["kernel"])  # untouched

@@ -9,8 +9,9 @@ import tensorflow as tf
 from saltjax import inference, input_pipeline, models
 
 # Tiny, but with the stride-32 encoder that makes a 1-pixel offset matter.
-TINY = dict(stage_sizes=(1, 1, 1, 1), encoder_width=4, scse_reduction=4,
-            decoder_channels=(8, 8, 8, 4, 4))
+TINY = dict(
+    stage_sizes=(1, 1, 1, 1), encoder_width=4, scse_reduction=4, decoder_channels=(8, 8, 8, 4, 4)
+)
 
 
 def _variables(model, x, seed=0):
@@ -37,11 +38,19 @@ def test_flip_tta_is_the_model_on_the_flipped_image(resize_mode):
   # What the model sees of an image in training (in 'pad' mode: the content
   # at offset 13 of 128), from the tf.data pipeline.
   to_model = lambda x: input_pipeline.to_model_size(
-      tf.constant(x[..., None].astype(np.float32) / 255), 128, resize_mode).numpy()
+      tf.constant(x[..., None].astype(np.float32) / 255), 128, resize_mode
+  ).numpy()
   np.testing.assert_allclose(
-      np.asarray(jax.jit(lambda x: inference.geometry.to_model_size(
-          x.astype(jnp.float32)[..., None] / 255, 128, resize_mode))(images)),
-      to_model(images), atol=1e-5)
+      np.asarray(
+          jax.jit(
+              lambda x: inference.geometry.to_model_size(
+                  x.astype(jnp.float32)[..., None] / 255, 128, resize_mode
+              )
+          )(images)
+      ),
+      to_model(images),
+      atol=1e-5,
+  )
   model = models.UNet(**TINY)
   variables = _variables(model, jnp.asarray(to_model(images)))
   plain = jax.jit(inference.make_infer_fn(model, 128, resize_mode, "none"))

@@ -31,6 +31,7 @@ def test_resize_round_trip_keeps_smooth_images():
 def _bilinear_by_hand(a, out):
   """Separable bilinear resize of a (S, S) array with half-pixel centres,
   torch's align_corners=False without antialiasing, in float64."""
+
   def matrix(size_in):
     m = np.zeros((out, size_in))
     for i in range(out):
@@ -41,6 +42,7 @@ def _bilinear_by_hand(a, out):
       m[i, lo] += 1 - (src - lo)
       m[i, hi] += src - lo
     return m
+
   rows, cols = matrix(a.shape[0]), matrix(a.shape[1])
   return rows @ a.astype(np.float64) @ cols.T
 
@@ -50,8 +52,9 @@ def test_resize_back_is_plain_bilinear(size):
   # A noisy map is where an antialiasing (widened) kernel differs most.
   probs = np.random.default_rng(2).random((size, size)).astype(np.float32)
   back = input_pipeline.to_original_size(jnp.asarray(probs[None]), "resize")
-  np.testing.assert_allclose(np.asarray(back[0]), _bilinear_by_hand(probs, 101),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(back[0]), _bilinear_by_hand(probs, 101), rtol=1e-5, atol=1e-5
+  )
   # ... the same rule as the forward resize (tf.image.resize, bilinear).
   forward = tf.image.resize(probs[..., None], [101, 101], "bilinear").numpy()[..., 0]
   np.testing.assert_allclose(np.asarray(back[0]), forward, rtol=1e-5, atol=1e-5)
@@ -68,8 +71,14 @@ def dataset(n=8):
 def test_epochs_are_reproducible_and_differ():
   images, masks = dataset()
   for_epoch = input_pipeline.train_dataset(
-      images, masks, batch_size=4, image_size=64, resize_mode="resize",
-      augment_spec="hflip|shift(4)|brightness(0.1)", seed=3)
+      images,
+      masks,
+      batch_size=4,
+      image_size=64,
+      resize_mode="resize",
+      augment_spec="hflip|shift(4)|brightness(0.1)",
+      seed=3,
+  )
   a = list(input_pipeline.epoch_iterator(for_epoch, 0))
   b = list(input_pipeline.epoch_iterator(for_epoch, 0))
   c = list(input_pipeline.epoch_iterator(for_epoch, 1))

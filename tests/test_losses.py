@@ -33,7 +33,7 @@ def _hinge_values(logits, labels, activation):
   values = []
   for x, y in zip(logits, labels):
     e = 1.0 - x * (2.0 * y - 1.0)
-    if activation == 'relu':
+    if activation == "relu":
       values.append(max(e, 0.0))
     else:
       values.append(e + 1.0 if e > 0 else math.exp(e))
@@ -62,7 +62,7 @@ def _lovasz_extension_by_level_sets(m, foreground):
   return total
 
 
-def _brute_lovasz_flat(logits, labels, activation='relu'):
+def _brute_lovasz_flat(logits, labels, activation="relu"):
   logits = [float(v) for v in np.ravel(logits)]
   labels = [float(v) for v in np.ravel(labels)]
   foreground = {i for i, y in enumerate(labels) if y == 1}
@@ -74,25 +74,22 @@ def _brute_lovasz_flat(logits, labels, activation='relu'):
   return by_perm
 
 
-def _brute_lovasz(logits, labels, per_image=True, activation='relu'):
+def _brute_lovasz(logits, labels, per_image=True, activation="relu"):
   if not per_image:
     return _brute_lovasz_flat(logits, labels, activation)
-  return float(
-      np.mean([
-          _brute_lovasz_flat(x, y, activation)
-          for x, y in zip(logits, labels)
-      ])
-  )
+  return float(np.mean([_brute_lovasz_flat(x, y, activation) for x, y in zip(logits, labels)]))
 
 
 def _random_cases():
   rng = np.random.default_rng(0)
   cases = []
   for _ in range(6):
-    cases.append((
-        rng.normal(scale=2.0, size=(1, 2, 3)),
-        rng.integers(0, 2, size=(1, 2, 3)),
-    ))
+    cases.append(
+        (
+            rng.normal(scale=2.0, size=(1, 2, 3)),
+            rng.integers(0, 2, size=(1, 2, 3)),
+        )
+    )
   shape = (1, 2, 3)
   cases.append((rng.normal(scale=2.0, size=shape), np.zeros(shape)))
   cases.append((rng.normal(scale=2.0, size=shape), np.ones(shape)))
@@ -100,11 +97,13 @@ def _random_cases():
   labels = rng.integers(0, 2, size=shape)
   cases.append(((2 * labels - 1) * 3.0 + rng.normal(0, 0.1, shape), labels))
   # A small batch mixing empty, full and random images.
-  labels = np.stack([
-      np.zeros((2, 3)),
-      np.ones((2, 3)),
-      rng.integers(0, 2, size=(2, 3)),
-  ])
+  labels = np.stack(
+      [
+          np.zeros((2, 3)),
+          np.ones((2, 3)),
+          rng.integers(0, 2, size=(2, 3)),
+      ]
+  )
   cases.append((rng.normal(scale=2.0, size=(3, 2, 3)), labels))
   return cases
 
@@ -134,20 +133,18 @@ def test_soft_dice_hand_computed():
   #   1 - (2 * .5 + 1) / (1 + 1 + 1) = 1/3.
   # Image 1: 1 - (0 + 1) / (1 + 0 + 1) = 1/2.
   expected = (1.0 / 3.0 + 1.0 / 2.0) / 2.0
-  assert float(losses.soft_dice(logits, labels)) == pytest.approx(
-      expected, rel=1e-6
-  )
+  assert float(losses.soft_dice(logits, labels)) == pytest.approx(expected, rel=1e-6)
   # smooth = 0 on image 0 alone: 1 - 1 / 2.
-  assert float(
-      losses.soft_dice(logits[:1], labels[:1], smooth=0.0)
-  ) == pytest.approx(0.5, rel=1e-6)
+  assert float(losses.soft_dice(logits[:1], labels[:1], smooth=0.0)) == pytest.approx(0.5, rel=1e-6)
 
 
 def test_soft_dice_perfect_prediction_is_near_zero():
-  labels = jnp.array([
-      [[1.0, 0.0], [1.0, 1.0]],
-      [[0.0, 0.0], [0.0, 0.0]],  # Empty truth, empty prediction.
-  ])
+  labels = jnp.array(
+      [
+          [[1.0, 0.0], [1.0, 1.0]],
+          [[0.0, 0.0], [0.0, 0.0]],  # Empty truth, empty prediction.
+      ]
+  )
   logits = 30.0 * (2.0 * labels - 1.0)
   assert float(losses.soft_dice(logits, labels)) == pytest.approx(0.0, abs=1e-6)
 
@@ -156,18 +153,14 @@ def test_bce_dice_is_the_weighted_sum():
   rng = np.random.default_rng(1)
   logits = jnp.asarray(rng.normal(size=(3, 4, 5)), jnp.float32)
   labels = jnp.asarray(rng.integers(0, 2, size=(3, 4, 5)))
-  expected = 2.0 * losses.bce(logits, labels) + 0.5 * losses.soft_dice(
-      logits, labels
-  )
+  expected = 2.0 * losses.bce(logits, labels) + 0.5 * losses.soft_dice(logits, labels)
   np.testing.assert_allclose(
       losses.bce_dice(logits, labels, bce_weight=2.0, dice_weight=0.5),
       expected,
       rtol=1e-6,
   )
   np.testing.assert_allclose(
-      losses.get_loss_fn('bce_dice', bce_weight=2.0, dice_weight=0.5)(
-          logits, labels
-      ),
+      losses.get_loss_fn("bce_dice", bce_weight=2.0, dice_weight=0.5)(logits, labels),
       expected,
       rtol=1e-6,
   )
@@ -187,14 +180,12 @@ def test_low_precision_logits_are_computed_in_float32():
 
 def test_lovasz_grad_on_empty_image_matches_reference():
   # gts = 0: union = 1, 2, 3, ...; jaccard = 1 everywhere; diff = [1, 0, 0].
-  np.testing.assert_allclose(
-      losses.lovasz_grad(jnp.zeros(3)), [1.0, 0.0, 0.0]
-  )
+  np.testing.assert_allclose(losses.lovasz_grad(jnp.zeros(3)), [1.0, 0.0, 0.0])
   np.testing.assert_allclose(losses.lovasz_grad(jnp.ones(1)), [1.0])
 
 
-@pytest.mark.parametrize('activation', ['relu', 'elu'])
-@pytest.mark.parametrize('case', range(len(_CASES)))
+@pytest.mark.parametrize("activation", ["relu", "elu"])
+@pytest.mark.parametrize("case", range(len(_CASES)))
 def test_lovasz_hinge_matches_brute_force(case, activation):
   logits, labels = _CASES[case]
   for per_image in (True, False):
@@ -221,9 +212,7 @@ def test_lovasz_extension_equals_jaccard_loss_on_indicator_vectors():
       jnp.asarray(labels.reshape(-1, 2, 3)),
   )
   want = [
-      _jaccard_set_loss(
-          {i for i in range(6) if mi[i]}, {i for i in range(6) if yi[i]}
-      )
+      _jaccard_set_loss({i for i in range(6) if mi[i]}, {i for i in range(6) if yi[i]})
       for yi, mi in zip(labels, m)
   ]
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-6)
@@ -238,20 +227,14 @@ def _logits_with_separated_errors(labels, rng):
   return ((1.0 - errors.reshape(labels.shape)) * signs).astype(np.float32)
 
 
-@pytest.mark.parametrize('activation', ['relu', 'elu'])
-@pytest.mark.parametrize('per_image', [True, False])
-def test_lovasz_hinge_gradient_matches_finite_differences(
-    per_image, activation
-):
+@pytest.mark.parametrize("activation", ["relu", "elu"])
+@pytest.mark.parametrize("per_image", [True, False])
+def test_lovasz_hinge_gradient_matches_finite_differences(per_image, activation):
   rng = np.random.default_rng(2)
   labels = rng.integers(0, 2, size=(2, 3, 4)).astype(np.float32)
   labels[0] = 0.0  # Include an all-empty image.
   logits = _logits_with_separated_errors(labels, rng)
-  fn = jax.jit(
-      lambda x: losses.lovasz_hinge(
-          x, labels, per_image=per_image, activation=activation
-      )
-  )
+  fn = jax.jit(lambda x: losses.lovasz_hinge(x, labels, per_image=per_image, activation=activation))
   grad = np.asarray(jax.grad(fn)(jnp.asarray(logits)))
   # Errors are ~0.2 apart, so a step of 1e-2 never reorders them: the relu
   # loss is exactly linear there, and the elu one smooth.
@@ -270,17 +253,15 @@ def test_symmetric_lovasz_is_the_average_of_both_classes():
   logits, labels = _CASES[-1]
   logits = jnp.asarray(logits, jnp.float32)
   labels = jnp.asarray(labels, jnp.float32)
-  for activation in ('relu', 'elu'):
+  for activation in ("relu", "elu"):
     want = 0.5 * (
         losses.lovasz_hinge(logits, labels, activation=activation)
         + losses.lovasz_hinge(-logits, 1.0 - labels, activation=activation)
     )
     got = losses.symmetric_lovasz(logits, labels, activation=activation)
     np.testing.assert_allclose(got, want, rtol=1e-6)
-    name = 'lovasz_symmetric' + ('_elu' if activation == 'elu' else '')
-    np.testing.assert_allclose(
-        losses.get_loss_fn(name)(logits, labels), want, rtol=1e-6
-    )
+    name = "lovasz_symmetric" + ("_elu" if activation == "elu" else "")
+    np.testing.assert_allclose(losses.get_loss_fn(name)(logits, labels), want, rtol=1e-6)
 
 
 def test_elu_variant_differs_from_relu_as_expected():
@@ -291,20 +272,20 @@ def test_elu_variant_differs_from_relu_as_expected():
   logits = jnp.array([[[2.0, -3.0]]])
   labels = jnp.array([[[1.0, 0.0]]])
   assert float(losses.lovasz_hinge(logits, labels)) == 0.0
-  assert float(
-      losses.lovasz_hinge(logits, labels, activation='elu')
-  ) == pytest.approx(math.exp(-1.0), rel=1e-6)
+  assert float(losses.lovasz_hinge(logits, labels, activation="elu")) == pytest.approx(
+      math.exp(-1.0), rel=1e-6
+  )
   # All errors positive: elu(e) + 1 = e + 1 and the grad weights sum to
   # Delta(all pixels) = 1, so the elu loss is the relu loss plus 1.
   logits = jnp.array([[[-0.5, 0.2, 0.3]]])
   labels = jnp.array([[[1.0, 0.0, 1.0]]])
   np.testing.assert_allclose(
-      losses.lovasz_hinge(logits, labels, activation='elu'),
+      losses.lovasz_hinge(logits, labels, activation="elu"),
       losses.lovasz_hinge(logits, labels) + 1.0,
       rtol=1e-6,
   )
-  with pytest.raises(ValueError, match='softplus'):
-    losses.lovasz_hinge(logits, labels, activation='softplus')
+  with pytest.raises(ValueError, match="softplus"):
+    losses.lovasz_hinge(logits, labels, activation="softplus")
 
 
 # ----------------------------------------------------------------------------
@@ -314,20 +295,20 @@ def test_elu_variant_differs_from_relu_as_expected():
 
 def test_registry_names():
   assert set(losses.LOSSES) == {
-      'bce',
-      'dice',
-      'bce_dice',
-      'lovasz',
-      'lovasz_elu',
-      'lovasz_symmetric',
-      'lovasz_symmetric_elu',
+      "bce",
+      "dice",
+      "bce_dice",
+      "lovasz",
+      "lovasz_elu",
+      "lovasz_symmetric",
+      "lovasz_symmetric_elu",
   }
 
 
 def test_get_loss_fn_unknown_name():
-  with pytest.raises(ValueError, match='no_such_loss') as info:
-    losses.get_loss_fn('no_such_loss')
-  assert 'lovasz_symmetric_elu' in str(info.value)
+  with pytest.raises(ValueError, match="no_such_loss") as info:
+    losses.get_loss_fn("no_such_loss")
+  assert "lovasz_symmetric_elu" in str(info.value)
 
 
 def test_all_losses_work_under_jit():
@@ -352,7 +333,7 @@ def test_all_losses_work_under_jit():
 
 def _config(**kwargs):
   fields = dict(
-      name='bce',
+      name="bce",
       bce_weight=1.0,
       dice_weight=1.0,
       deep_supervision_weight=0.1,
@@ -366,16 +347,12 @@ def test_model_loss_main_only():
   rng = np.random.default_rng(4)
   logits = jnp.asarray(rng.normal(size=(2, 3, 3)), jnp.float32)
   masks = jnp.asarray(rng.integers(0, 2, size=(2, 3, 3)))
-  loss, aux = losses.model_loss({'logits': logits}, masks, _config())
-  assert set(aux) == {'main'}
+  loss, aux = losses.model_loss({"logits": logits}, masks, _config())
+  assert set(aux) == {"main"}
   np.testing.assert_allclose(loss, losses.bce(logits, masks), rtol=1e-6)
   # `name` overrides the config (second stage of the schedule).
-  loss, aux = losses.model_loss(
-      {'logits': logits}, masks, _config(), name='lovasz'
-  )
-  np.testing.assert_allclose(
-      loss, losses.lovasz_hinge(logits, masks), rtol=1e-6
-  )
+  loss, aux = losses.model_loss({"logits": logits}, masks, _config(), name="lovasz")
+  np.testing.assert_allclose(loss, losses.lovasz_hinge(logits, masks), rtol=1e-6)
 
 
 def test_model_loss_side_and_class_terms_by_hand():
@@ -388,9 +365,9 @@ def test_model_loss_side_and_class_terms_by_hand():
   side_b = np.array([[[1.0, -1.0]], [[-5.0, 7.0]], [[0.0, 0.0]]], np.float32)
   class_logits = np.array([0.0, 0.0, 2.0], np.float32)
   outputs = {
-      'logits': jnp.asarray(logits),
-      'side_logits': [jnp.asarray(side_a), jnp.asarray(side_b)],
-      'class_logits': jnp.asarray(class_logits),
+      "logits": jnp.asarray(logits),
+      "side_logits": [jnp.asarray(side_a), jnp.asarray(side_b)],
+      "class_logits": jnp.asarray(class_logits),
   }
   loss, aux = losses.model_loss(outputs, jnp.asarray(masks), _config())
 
@@ -404,23 +381,19 @@ def test_model_loss_side_and_class_terms_by_hand():
   side = ((a0 + a2) / 2.0 + (b0 + b2) / 2.0) / 2.0
   # has_salt = (1, 0, 1).
   cls = (log2 + log2 - math.log(_sigmoid(2.0))) / 3.0
-  assert set(aux) == {'main', 'side', 'class'}
-  assert float(aux['main']) == pytest.approx(main, rel=1e-6)
-  assert float(aux['side']) == pytest.approx(side, rel=1e-6)
-  assert float(aux['class']) == pytest.approx(cls, rel=1e-6)
-  assert float(loss) == pytest.approx(
-      main + 0.1 * side + 0.05 * cls, rel=1e-6
-  )
+  assert set(aux) == {"main", "side", "class"}
+  assert float(aux["main"]) == pytest.approx(main, rel=1e-6)
+  assert float(aux["side"]) == pytest.approx(side, rel=1e-6)
+  assert float(aux["class"]) == pytest.approx(cls, rel=1e-6)
+  assert float(loss) == pytest.approx(main + 0.1 * side + 0.05 * cls, rel=1e-6)
 
   # The empty image's side logits get no gradient; the others do.
   def side_term(side_list):
-    return losses.model_loss(
-        dict(outputs, side_logits=side_list), jnp.asarray(masks), _config()
-    )[1]['side']
+    return losses.model_loss(dict(outputs, side_logits=side_list), jnp.asarray(masks), _config())[
+        1
+    ]["side"]
 
-  grads = jax.jit(jax.grad(side_term))(
-      [jnp.asarray(side_a), jnp.asarray(side_b)]
-  )
+  grads = jax.jit(jax.grad(side_term))([jnp.asarray(side_a), jnp.asarray(side_b)])
   for g in grads:
     assert np.all(np.asarray(g)[1] == 0.0)
     assert np.any(np.asarray(g)[[0, 2]] != 0.0)
@@ -429,44 +402,43 @@ def test_model_loss_side_and_class_terms_by_hand():
 def test_model_loss_side_term_on_a_batch_without_salt_is_zero():
   masks = jnp.zeros((2, 2, 2))
   side = jnp.ones((2, 2, 2))
-  outputs = {'logits': jnp.zeros((2, 2, 2)), 'side_logits': [side]}
-  cfg = _config(name='lovasz_symmetric_elu')
+  outputs = {"logits": jnp.zeros((2, 2, 2)), "side_logits": [side]}
+  cfg = _config(name="lovasz_symmetric_elu")
   loss, aux = jax.jit(lambda o, m: losses.model_loss(o, m, cfg))(outputs, masks)
-  assert float(aux['side']) == 0.0
-  np.testing.assert_allclose(loss, aux['main'], rtol=1e-6)
-  grad = jax.jit(jax.grad(
-      lambda s: losses.model_loss(dict(outputs, side_logits=[s]), masks, cfg)[0]
-  ))(side)
+  assert float(aux["side"]) == 0.0
+  np.testing.assert_allclose(loss, aux["main"], rtol=1e-6)
+  grad = jax.jit(
+      jax.grad(lambda s: losses.model_loss(dict(outputs, side_logits=[s]), masks, cfg)[0])
+  )(side)
   np.testing.assert_array_equal(grad, 0.0)
 
 
 def test_model_loss_under_jit_with_config_dict():
-  ml_collections = pytest.importorskip('ml_collections')
-  cfg = ml_collections.ConfigDict(dict(
-      name='bce_dice',
-      bce_weight=1.0,
-      dice_weight=1.0,
-      deep_supervision_weight=0.1,
-      classifier_weight=0.05,
-  ))
+  ml_collections = pytest.importorskip("ml_collections")
+  cfg = ml_collections.ConfigDict(
+      dict(
+          name="bce_dice",
+          bce_weight=1.0,
+          dice_weight=1.0,
+          deep_supervision_weight=0.1,
+          classifier_weight=0.05,
+      )
+  )
   rng = np.random.default_rng(5)
   masks = rng.integers(0, 2, size=(3, 4, 4)).astype(np.float32)
   masks[1] = 0.0
   outputs = {
-      'logits': jnp.asarray(rng.normal(size=(3, 4, 4)), jnp.bfloat16),
-      'side_logits': [
-          jnp.asarray(rng.normal(size=(3, 4, 4)), jnp.float32)
-          for _ in range(3)
-      ],
-      'class_logits': jnp.asarray(rng.normal(size=(3,)), jnp.float32),
+      "logits": jnp.asarray(rng.normal(size=(3, 4, 4)), jnp.bfloat16),
+      "side_logits": [jnp.asarray(rng.normal(size=(3, 4, 4)), jnp.float32) for _ in range(3)],
+      "class_logits": jnp.asarray(rng.normal(size=(3,)), jnp.float32),
   }
-  for name in (None, 'lovasz'):
+  for name in (None, "lovasz"):
     fn = lambda o, m, name=name: losses.model_loss(o, m, cfg, name=name)
     eager_loss, eager_aux = fn(outputs, masks)
     loss, aux = jax.jit(fn)(outputs, masks)
     assert loss.dtype == jnp.float32
     np.testing.assert_allclose(loss, eager_loss, rtol=1e-5)
-    for key in ('main', 'side', 'class'):
+    for key in ("main", "side", "class"):
       assert aux[key].dtype == jnp.float32
       np.testing.assert_allclose(aux[key], eager_aux[key], rtol=1e-5)
     grads = jax.jit(jax.grad(lambda o, m: fn(o, m)[0]))(outputs, masks)

@@ -52,8 +52,10 @@ XLA_FLAGS = (
 
 # -------------------------------------------------------- the processes ---
 
+
 def _tiny_config():
   from tests.conftest import step_config
+
   config = step_config(GLOBAL_BATCH, IMAGE_SIZE)
   config.augment = "hflip|shift(4)|brightness(0.1)"
   return config
@@ -62,6 +64,7 @@ def _tiny_config():
 def _global_batch():
   """The fixed global batch: noise images, blob masks (two empty)."""
   from tests.conftest import blob_batch
+
   return blob_batch(np.random.default_rng(0), GLOBAL_BATCH, IMAGE_SIZE)
 
 
@@ -76,6 +79,7 @@ def _dataset():
 def _local(x):
   """This process's rows of a global array (replicated: the whole of it)."""
   import jax
+
   if x.is_fully_addressable:
     return np.asarray(jax.device_get(x))
   if x.is_fully_replicated:
@@ -90,22 +94,31 @@ def _worker(out_dir: str, process_id: int, port: int) -> None:
   process_id -1: the 1-process reference, on the full batch.
   """
   import jax
+
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if process_id >= 0:
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
-                               num_processes=NUM_PROCESSES, process_id=process_id,
-                               initialization_timeout=120)
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{port}",
+        num_processes=NUM_PROCESSES,
+        process_id=process_id,
+        initialization_timeout=120,
+    )
   imports = time.time()
   from saltjax import device_input
   from saltjax import parallel
   from saltjax import train
+
   print(f"imports {time.time() - imports:.1f}s", flush=True)
 
   timings, started = {}, time.time()
   config = _tiny_config()
   mesh = parallel.create_mesh()
-  facts = {"process_index": jax.process_index(), "process_count": jax.process_count(),
-           "mesh_devices": mesh.size, "local_devices": jax.local_device_count()}
+  facts = {
+      "process_index": jax.process_index(),
+      "process_count": jax.process_count(),
+      "mesh_devices": mesh.size,
+      "local_devices": jax.local_device_count(),
+  }
 
   fold_of = np.arange(3 * GLOBAL_BATCH) % config.num_folds
   job = train.Job.create(config, mesh, fold_of, writer=None)
@@ -117,7 +130,7 @@ def _worker(out_dir: str, process_id: int, port: int) -> None:
   batch = _global_batch()
   n, i = jax.process_count(), jax.process_index()
   rows = GLOBAL_BATCH // n
-  own = {k: v[i * rows:(i + 1) * rows] for k, v in batch.items()}
+  own = {k: v[i * rows : (i + 1) * rows] for k, v in batch.items()}
   global_batch = parallel.global_from_local(own, mesh)
   facts["local_rows"] = sorted(s.data.shape[0] for s in global_batch["image"].addressable_shards)
   new_state, step_metrics = step(state, global_batch)
@@ -126,20 +139,30 @@ def _worker(out_dir: str, process_id: int, port: int) -> None:
 
   results = {"loss": _local(step_metrics["loss"])}
   flat = jax.tree_util.tree_leaves_with_path(
-      {"params": new_state.params, "batch_stats": new_state.batch_stats})
+      {"params": new_state.params, "batch_stats": new_state.batch_stats}
+  )
   for path, leaf in flat:
     results[jax.tree_util.keystr(path)] = _local(leaf)
-  facts["param_checksum"] = float(sum(np.sum(np.abs(v), dtype=np.float64)
-                                      for k, v in results.items() if k.startswith("['params']")))
+  facts["param_checksum"] = float(
+      sum(
+          np.sum(np.abs(v), dtype=np.float64)
+          for k, v in results.items()
+          if k.startswith("['params']")
+      )
+  )
 
   # The device pipeline: data replicated on every host, batch sharded over all.
   images, masks, folds_of = _dataset()
   data = device_input.put_on_device(images, masks, sharding=parallel.replicated(mesh))
-  folds = device_input.fold_indices(folds_of, [0, 1], seed=config.seed,
-                                    sharding=parallel.replicated(mesh))
+  folds = device_input.fold_indices(
+      folds_of, [0, 1], seed=config.seed, sharding=parallel.replicated(mesh)
+  )
   from jax.sharding import NamedSharding, PartitionSpec as P
-  batch_fn = jax.jit(device_input.make_train_batch_fn(config, GLOBAL_BATCH),
-                     out_shardings=NamedSharding(mesh, P(None, "data")))
+
+  batch_fn = jax.jit(
+      device_input.make_train_batch_fn(config, GLOBAL_BATCH),
+      out_shardings=NamedSharding(mesh, P(None, "data")),
+  )
   device_batch = batch_fn(data, folds, 1, 1)
   # (F, B, ...) sharded on B: this process's rows of every fold.
   for key, value in device_batch.items():
@@ -158,6 +181,7 @@ def _worker(out_dir: str, process_id: int, port: int) -> None:
 
 # ------------------------------------------------------------- the test ---
 
+
 def _free_port() -> int:
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
     s.bind(("127.0.0.1", 0))
@@ -166,12 +190,20 @@ def _free_port() -> int:
 
 def _start(out_dir, process_id: int, port: int, log) -> subprocess.Popen:
   env = dict(os.environ)
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2",
-             XLA_FLAGS=" ".join([env.get("XLA_FLAGS", ""), *XLA_FLAGS]).strip())
+  env.update(
+      JAX_PLATFORMS="cpu",
+      PYTHONPATH=str(REPO),
+      TF_CPP_MIN_LOG_LEVEL="2",
+      XLA_FLAGS=" ".join([env.get("XLA_FLAGS", ""), *XLA_FLAGS]).strip(),
+  )
   env.pop("JAX_NUM_CPU_DEVICES", None)
   return subprocess.Popen(
-      [sys.executable, __file__, str(out_dir), str(process_id), str(port)], cwd=REPO,
-      env=env, stdout=log, stderr=subprocess.STDOUT)
+      [sys.executable, __file__, str(out_dir), str(process_id), str(port)],
+      cwd=REPO,
+      env=env,
+      stdout=log,
+      stderr=subprocess.STDOUT,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -180,8 +212,10 @@ def runs(tmp_path_factory):
   port = _free_port()
   # Output to files, not pipes: a full pipe would stall a process mid-collective.
   logs = {name: open(out / f"{name}.log", "w") for name in ("process_0", "process_1", "single")}
-  procs = {name: _start(out, pid, port, logs[name]) for name, pid in
-           (("process_0", 0), ("process_1", 1), ("single", -1))}
+  procs = {
+      name: _start(out, pid, port, logs[name])
+      for name, pid in (("process_0", 0), ("process_1", 1), ("single", -1))
+  }
   deadline, timed_out = time.time() + TIMEOUT_S, set()
   try:
     for name, proc in procs.items():
@@ -195,13 +229,15 @@ def runs(tmp_path_factory):
         proc.kill()
         proc.wait()
       logs[name].close()
-  outputs = {name: (out / f"{name}.log").read_text()
-             + (f"\n[killed: still running after {TIMEOUT_S}s]" if name in timed_out else "")
-             for name in procs}
+  outputs = {
+      name: (out / f"{name}.log").read_text()
+      + (f"\n[killed: still running after {TIMEOUT_S}s]" if name in timed_out else "")
+      for name in procs
+  }
   failed = {name: p.returncode for name, p in procs.items() if p.returncode != 0}
   assert not failed, "worker(s) failed: " + "".join(
-      f"\n--- {name} (exit {procs[name].returncode}) ---\n{outputs[name][-4000:]}"
-      for name in procs)
+      f"\n--- {name} (exit {procs[name].returncode}) ---\n{outputs[name][-4000:]}" for name in procs
+  )
   results = {}
   for name in procs:
     with np.load(out / f"{name}.npz") as f:
@@ -228,13 +264,16 @@ def test_one_step_equals_the_one_process_step(runs):
   assert any(k.startswith("['batch_stats']") for k in keys)
   for i in range(NUM_PROCESSES):
     ours = runs[f"process_{i}"]
-    np.testing.assert_allclose(ours["loss"], single["loss"], rtol=RTOL, atol=ATOL,
-                               err_msg=f"loss of process {i}")
+    np.testing.assert_allclose(
+        ours["loss"], single["loss"], rtol=RTOL, atol=ATOL, err_msg=f"loss of process {i}"
+    )
     for key in keys:
-      np.testing.assert_allclose(ours[key], single[key], rtol=RTOL, atol=ATOL,
-                                 err_msg=f"{key} of process {i}")
-    np.testing.assert_allclose(ours["facts"]["param_checksum"],
-                               single["facts"]["param_checksum"], rtol=1e-6)
+      np.testing.assert_allclose(
+          ours[key], single[key], rtol=RTOL, atol=ATOL, err_msg=f"{key} of process {i}"
+      )
+    np.testing.assert_allclose(
+        ours["facts"]["param_checksum"], single["facts"]["param_checksum"], rtol=1e-6
+    )
   # The processes' replicas of the state agree exactly with each other.
   for key in keys:
     np.testing.assert_array_equal(runs["process_0"][key], runs["process_1"][key])
@@ -248,9 +287,13 @@ def test_device_pipeline_batch_equals_one_process(runs):
     ours = runs[f"process_{i}"]
     assert ours["facts"]["device_image_rows"] == [i * half]
     for key in ("image", "mask"):
-      np.testing.assert_allclose(ours[f"device_{key}"],
-                                 single[f"device_{key}"][:, i * half:(i + 1) * half],
-                                 rtol=0, atol=1e-6, err_msg=f"device {key}, process {i}")
+      np.testing.assert_allclose(
+          ours[f"device_{key}"],
+          single[f"device_{key}"][:, i * half : (i + 1) * half],
+          rtol=0,
+          atol=1e-6,
+          err_msg=f"device {key}, process {i}",
+      )
 
 
 if __name__ == "__main__":

@@ -68,18 +68,20 @@ XLA_FLAGS = (
 
 # ------------------------------------------------- the 8-device subprocess ---
 
+
 def tiny_config():
   """configs/quick.py shrunk further: same code path, seconds to compile."""
   from tests.conftest import step_config
+
   return step_config(GLOBAL_BATCH, IMAGE_SIZE)
 
 
 def _flat(tree, prefix: str) -> dict[str, np.ndarray]:
   """{'prefix/path/to/leaf': array} of a pytree, on the host."""
   import jax
+
   leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(tree))
-  return {prefix + jax.tree_util.keystr(path): np.asarray(leaf)
-          for path, leaf in leaves}
+  return {prefix + jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
 
 
 FOLD_STEPS = 3
@@ -87,6 +89,7 @@ FOLD_STEPS = 3
 
 def _blobs(rng) -> dict[str, np.ndarray]:
   from tests.conftest import blob_batch
+
   return blob_batch(rng, GLOBAL_BATCH, IMAGE_SIZE)
 
 
@@ -124,8 +127,11 @@ def _worker(out_dir: str) -> None:
   permuted = {"image": images[perm], "mask": batch["mask"][perm]}
 
   facts, results, compiled = {}, {}, {}
-  for name, mesh, step, host_batch in (("8", mesh8, step8, batch), ("1", mesh1, step1, batch),
-                                       ("perm", mesh1, step1, permuted)):
+  for name, mesh, step, host_batch in (
+      ("8", mesh8, step8, batch),
+      ("1", mesh1, step1, batch),
+      ("perm", mesh1, step1, permuted),
+  ):
     started = time.time()
     # A fresh state per run (the step donates its input state), with a
     # leading fold axis of one fold.
@@ -136,8 +142,8 @@ def _worker(out_dir: str) -> None:
     facts[f"devices_{name}"] = len(x.sharding.device_set)
     facts[f"shard_rows_{name}"] = sorted({s.data.shape[1] for s in x.addressable_shards})
     facts[f"shards_match_rows_{name}"] = all(
-        np.array_equal(np.asarray(s.data), folded["image"][s.index])
-        for s in x.addressable_shards)
+        np.array_equal(np.asarray(s.data), folded["image"][s.index]) for s in x.addressable_shards
+    )
     # Compiled once per mesh through the jitted step's own lowering, then run.
     if id(step) not in compiled:
       compiled[id(step)] = step.lower(state, global_batch).compile()
@@ -145,10 +151,10 @@ def _worker(out_dir: str) -> None:
     facts[f"all_reduce_{name}"] = "all-reduce" in executable.as_text()
     new_state, step_metrics = executable(state, global_batch)
     jax.block_until_ready(new_state)
-    facts[f"state_devices_{name}"] = len(
-        jax.tree.leaves(new_state.params)[0].sharding.device_set)
+    facts[f"state_devices_{name}"] = len(jax.tree.leaves(new_state.params)[0].sharding.device_set)
     facts[f"state_replicated_{name}"] = all(
-        leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(new_state.params))
+        leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(new_state.params)
+    )
     facts[f"step_{name}"] = int(new_state.step[0])
     one_fold = lambda tree: jax.tree.map(lambda x: x[0], tree)
     results.update(_flat(one_fold(step_metrics), f"{name}/metrics"))
@@ -161,46 +167,48 @@ def _worker(out_dir: str) -> None:
   # under the same compile_train_steps, only the mesh differs.
   facts["same_step_function"] = all(
       getattr(getattr(getattr(s, "__wrapped__", None), "__wrapped__", None), "func", None)
-      is train.train_step for s in (step8, step1))
+      is train.train_step
+      for s in (step8, step1)
+  )
 
   # Two folds trained together (one step function over a leading fold axis,
   # the batch axis sharded over 8 devices) against each fold trained apart
   # on one device: each fold model has its own state and batches.
   started = time.time()
   fold_batches = [[_blobs(rng) for _ in range(FOLD_STEPS)] for _ in range(2)]
-  state = jax.device_put(train._stack([job.new_state(), job.new_state()]),
-                         parallel.replicated(mesh8))
+  state = jax.device_put(
+      train._stack([job.new_state(), job.new_state()]), parallel.replicated(mesh8)
+  )
   for t in range(FOLD_STEPS):
-    stacked = {k: np.stack([fold_batches[f][t][k] for f in range(2)])
-               for k in ("image", "mask")}
-    state, step_metrics = step8(state, parallel.global_from_local(stacked, mesh8,
-                                                                  fold_axis=True))
+    stacked = {k: np.stack([fold_batches[f][t][k] for f in range(2)]) for k in ("image", "mask")}
+    state, step_metrics = step8(state, parallel.global_from_local(stacked, mesh8, fold_axis=True))
     results[f"together/loss/{t}"] = np.asarray(jax.device_get(step_metrics["loss"]))
   for f in range(2):
     results.update(_flat(jax.tree.map(lambda x: x[f], state.params), f"together{f}/params"))
-    results.update(_flat(jax.tree.map(lambda x: x[f], state.batch_stats),
-                         f"together{f}/batch_stats"))
+    results.update(
+        _flat(jax.tree.map(lambda x: x[f], state.batch_stats), f"together{f}/batch_stats")
+    )
   for f in range(2):
     alone = jax.device_put(train._stack([job.new_state()]), parallel.replicated(mesh1))
     for t in range(FOLD_STEPS):
       folded = {k: v[None] for k, v in fold_batches[f][t].items()}
-      alone, step_metrics = step1(alone, parallel.global_from_local(folded, mesh1,
-                                                                    fold_axis=True))
+      alone, step_metrics = step1(alone, parallel.global_from_local(folded, mesh1, fold_axis=True))
       results[f"apart{f}/loss/{t}"] = np.asarray(jax.device_get(step_metrics["loss"]))[0]
     results.update(_flat(jax.tree.map(lambda x: x[0], alone.params), f"apart{f}/params"))
-    results.update(_flat(jax.tree.map(lambda x: x[0], alone.batch_stats),
-                         f"apart{f}/batch_stats"))
+    results.update(_flat(jax.tree.map(lambda x: x[0], alone.batch_stats), f"apart{f}/batch_stats"))
   timings["folds"] = round(time.time() - started, 1)
 
   # What a per-device BatchNorm would have recorded: the statistics of one
   # device's 2 rows. The test checks the real ones are far from these, so
   # that the equality above could not hold by accident.
   started = time.time()
-  variables = {"params": job.initial_variables["params"],
-               "batch_stats": job.initial_variables["batch_stats"]}
-  _, local_stats = jax.jit(lambda v, im: job.model.apply(
-      v, im, train=True, mutable=["batch_stats"]))(
-          variables, jnp.asarray(images[:GLOBAL_BATCH // NUM_DEVICES]))
+  variables = {
+      "params": job.initial_variables["params"],
+      "batch_stats": job.initial_variables["batch_stats"],
+  }
+  _, local_stats = jax.jit(
+      lambda v, im: job.model.apply(v, im, train=True, mutable=["batch_stats"])
+  )(variables, jnp.asarray(images[: GLOBAL_BATCH // NUM_DEVICES]))
   results.update(_flat(local_stats["batch_stats"], "local/batch_stats"))
   results.update(_flat(job.initial_variables["params"], "init/params"))
   timings["local_stats"] = round(time.time() - started, 1)
@@ -212,16 +220,27 @@ def _worker(out_dir: str) -> None:
 
 # ------------------------------------------------------------- the tests ---
 
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   """Runs the 8-device subprocess once for the module's tests."""
   out = tmp_path_factory.mktemp("parallel")
   env = dict(os.environ)
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2",
-             XLA_FLAGS=" ".join([env.get("XLA_FLAGS", ""), *XLA_FLAGS]).strip())
+  env.update(
+      JAX_PLATFORMS="cpu",
+      PYTHONPATH=str(REPO),
+      TF_CPP_MIN_LOG_LEVEL="2",
+      XLA_FLAGS=" ".join([env.get("XLA_FLAGS", ""), *XLA_FLAGS]).strip(),
+  )
   started = time.time()
-  proc = subprocess.run([sys.executable, __file__, str(out)], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+      [sys.executable, __file__, str(out)],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert proc.returncode == 0, f"8-device worker failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
   facts = json.loads((out / "facts.json").read_text())
   facts["seconds"] = time.time() - started
@@ -232,7 +251,7 @@ def run(tmp_path_factory):
 
 def _pairs(results, group, other="1"):
   """[(leaf name, 8-device value, `other` run's value)] of one saved group."""
-  keys = sorted(k[len(f"8/{group}"):] for k in results if k.startswith(f"8/{group}"))
+  keys = sorted(k[len(f"8/{group}") :] for k in results if k.startswith(f"8/{group}"))
   assert keys, f"no {group} leaves saved"
   return [(k, results[f"8/{group}{k}"], results[f"{other}/{group}{k}"]) for k in keys]
 
@@ -272,10 +291,12 @@ def test_loss_matches_one_device(run):
 
 def test_gradients_match_one_device(run):
   _, results = run
+
   # SGD's momentum trace after one step is the gradient itself (the rest of
   # the optimiser state is the schedule's step count).
   def traces(other):
     return [p for p in _pairs(results, "opt_state", other) if ".trace" in p[0]]
+
   pairs = traces("1")
   assert pairs and all(b.dtype == np.float32 for _, _, b in pairs)
   scale = max(float(np.max(np.abs(b))) for _, _, b in pairs)
@@ -283,9 +304,13 @@ def test_gradients_match_one_device(run):
   assert scale > 0
   for key, a, b in pairs:
     np.testing.assert_allclose(
-        a, b, rtol=0, atol=GRAD_ATOL_OF_MAX * scale,
+        a,
+        b,
+        rtol=0,
+        atol=GRAD_ATOL_OF_MAX * scale,
         err_msg=f"gradient{key}; max |gradient| {scale:.3g}; a row permutation on one"
-                f" device moves gradients by up to {floor:.3g}")
+        f" device moves gradients by up to {floor:.3g}",
+    )
 
 
 def test_updated_params_match_one_device(run):
@@ -305,8 +330,11 @@ def test_batch_stats_are_over_the_global_batch(run):
     np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL, err_msg=f"batch_stats{key}")
   # Per-device statistics (2 rows) would be far from the global ones: the
   # comparison above is sensitive to the difference it is about.
-  near = [key for key, a, _ in pairs
-          if np.allclose(a, results[f"local/batch_stats{key}"], rtol=1e-3, atol=1e-4)]
+  near = [
+      key
+      for key, a, _ in pairs
+      if np.allclose(a, results[f"local/batch_stats{key}"], rtol=1e-3, atol=1e-4)
+  ]
   assert not near, f"per-device BatchNorm statistics equal the global ones: {near}"
 
 
@@ -317,38 +345,59 @@ def test_folds_trained_together_equal_folds_trained_apart(run):
   _, results = run
   for f in range(2):
     for t in range(FOLD_STEPS):
-      np.testing.assert_allclose(results[f"together/loss/{t}"][f], results[f"apart{f}/loss/{t}"],
-                                 rtol=1e-5, err_msg=f"fold {f} step {t} loss")
-    keys = [k[len(f"apart{f}/batch_stats"):] for k in results
-            if k.startswith(f"apart{f}/batch_stats")]
+      np.testing.assert_allclose(
+          results[f"together/loss/{t}"][f],
+          results[f"apart{f}/loss/{t}"],
+          rtol=1e-5,
+          err_msg=f"fold {f} step {t} loss",
+      )
+    keys = [
+        k[len(f"apart{f}/batch_stats") :] for k in results if k.startswith(f"apart{f}/batch_stats")
+    ]
     assert keys
     for key in keys:
       np.testing.assert_allclose(
-          results[f"together{f}/batch_stats{key}"], results[f"apart{f}/batch_stats{key}"],
-          rtol=1e-4, atol=1e-5, err_msg=f"fold {f} batch_stats{key}")
+          results[f"together{f}/batch_stats{key}"],
+          results[f"apart{f}/batch_stats{key}"],
+          rtol=1e-4,
+          atol=1e-5,
+          err_msg=f"fold {f} batch_stats{key}",
+      )
     # Parameters: each step moves them by lr * gradient, and gradients agree to
     # GRAD_ATOL_OF_MAX of their largest entry (see the module docstring), so
     # after FOLD_STEPS steps the parameters agree to that share of the largest
     # distance any parameter moved.
-    keys = [k[len(f"apart{f}/params"):] for k in results if k.startswith(f"apart{f}/params")]
-    moved = max(float(np.max(np.abs(results[f"apart{f}/params{k}"] - results[f"init/params{k}"])))
-                for k in keys)
+    keys = [k[len(f"apart{f}/params") :] for k in results if k.startswith(f"apart{f}/params")]
+    moved = max(
+        float(np.max(np.abs(results[f"apart{f}/params{k}"] - results[f"init/params{k}"])))
+        for k in keys
+    )
     assert moved > 0
     for key in keys:
       np.testing.assert_allclose(
-          results[f"together{f}/params{key}"], results[f"apart{f}/params{key}"], rtol=0,
-          atol=FOLD_STEPS * GRAD_ATOL_OF_MAX * moved, err_msg=f"fold {f} params{key}")
+          results[f"together{f}/params{key}"],
+          results[f"apart{f}/params{key}"],
+          rtol=0,
+          atol=FOLD_STEPS * GRAD_ATOL_OF_MAX * moved,
+          err_msg=f"fold {f} params{key}",
+      )
   # The two folds saw different data: their models differ.
-  differ = [k for k in results if k.startswith("apart0/params")
-            and not np.allclose(results[k], results["apart1" + k[len("apart0"):]])]
+  differ = [
+      k
+      for k in results
+      if k.startswith("apart0/params")
+      and not np.allclose(results[k], results["apart1" + k[len("apart0") :]])
+  ]
   assert differ
 
 
 # ------------------------------------------------------------ configs/tpu ---
 
+
 def test_tpu_config_loads_and_divides_over_pod_slices():
   from configs import tpu
   from saltjax import config_checks
+
   config = tpu.get_config()
   config_checks.check(config)
   assert config.distributed is True
@@ -356,12 +405,15 @@ def test_tpu_config_loads_and_divides_over_pod_slices():
   assert config.model.dtype == "bfloat16"
   # Every slice from a v4-8 / v5e-8 up to 256 chips splits each batch evenly.
   for devices in (8, 16, 32, 64, 128, 256):
-    for option, size in (("batch_size", config.batch_size),
-                         ("eval_batch_size", config.eval_batch_size),
-                         ("predict.batch_size", config.predict.batch_size)):
+    for option, size in (
+        ("batch_size", config.batch_size),
+        ("eval_batch_size", config.eval_batch_size),
+        ("predict.batch_size", config.predict.batch_size),
+    ):
       assert size % devices == 0, f"config.{option}={size} over {devices} devices"
   # The learning rate grew with the batch, from the seed's.
   from configs import fold
+
   seed = fold.get_config()
   assert config.batch_size > seed.batch_size
   assert config.optimizer.learning_rate > seed.optimizer.learning_rate

@@ -34,15 +34,17 @@ def histories(num_folds=3, num_epochs=12, switch_at=9, seed=0):
     records = []
     for epoch in range(1, num_epochs + 1):
       phase = ((epoch - 1) % 4 + 1) / 4
-      records.append({
-          "epoch": epoch,
-          "train_loss": float(1.3 / epoch + 0.05 * rng.random()),
-          "val_score": float(0.3 + 0.04 * epoch + 0.03 * rng.normal()),
-          "val_iou": float(0.35 + 0.04 * epoch + 0.03 * rng.normal()),
-          "learning_rate": float(1e-5 + 1.5e-3 * (1 + np.cos(np.pi * phase))),
-          "loss_name": "bce_dice" if epoch < switch_at else "lovasz",
-          "seconds": 7.5,
-      })
+      records.append(
+          {
+              "epoch": epoch,
+              "train_loss": float(1.3 / epoch + 0.05 * rng.random()),
+              "val_score": float(0.3 + 0.04 * epoch + 0.03 * rng.normal()),
+              "val_iou": float(0.35 + 0.04 * epoch + 0.03 * rng.normal()),
+              "learning_rate": float(1e-5 + 1.5e-3 * (1 + np.cos(np.pi * phase))),
+              "loss_name": "bce_dice" if epoch < switch_at else "lovasz",
+              "seconds": 7.5,
+          }
+      )
     out[fold] = records
   return out
 
@@ -61,6 +63,7 @@ def blobs(num, seed=0, size=101):
 
 
 # ------------------------------------------------------------ selection ---
+
 
 def test_select_examples_hand_made():
   scores = np.array([1.0, 0.9, 0.2, 1.0, 0.0, 0.5, 0.0])
@@ -109,6 +112,7 @@ def test_loss_stages():
 
 # -------------------------------------------------------------- figures ---
 
+
 def test_training_curves(tmp_path):
   path = plots.write_training_curves(tmp_path, histories(), cycle_ends=[4, 8, 12])
   assert path == tmp_path / "training_curves.png"
@@ -117,10 +121,13 @@ def test_training_curves(tmp_path):
   assert_no_temporaries(tmp_path)
 
 
-@pytest.mark.parametrize("history", [
-    {},                                                        # nothing trained yet
-    {"0": histories(num_folds=1, num_epochs=3, switch_at=99)[0]},  # JSON keys, one loss
-])
+@pytest.mark.parametrize(
+    "history",
+    [
+        {},  # nothing trained yet
+        {"0": histories(num_folds=1, num_epochs=3, switch_at=99)[0]},  # JSON keys, one loss
+    ],
+)
 def test_training_curves_degenerate(tmp_path, history):
   read_png(plots.write_training_curves(tmp_path, history, cycle_ends=[]))
   assert_no_temporaries(tmp_path)
@@ -131,8 +138,9 @@ def test_validation_grid(tmp_path):
   probs = np.roll(truth, 3, axis=2).astype(np.float32) * 0.9
   pred = probs > 0.5
   scores = metrics.precision_per_image(truth, pred)
-  path = plots.write_validation_grid(tmp_path, images, truth, probs, pred, scores,
-                                     [f"id{i:02d}" for i in range(20)], num=4)
+  path = plots.write_validation_grid(
+      tmp_path, images, truth, probs, pred, scores, [f"id{i:02d}" for i in range(20)], num=4
+  )
   assert path == tmp_path / "validation_examples.png"
   height, width, _ = read_png(path).shape
   assert 500 <= width <= 2000 and 500 <= height <= 2500
@@ -140,8 +148,10 @@ def test_validation_grid(tmp_path):
 
 
 def test_threshold_sweep(tmp_path):
-  sweep = [{"threshold": float(t), "score": float(0.8 - (t - 0.45) ** 2)}
-           for t in np.arange(0.2, 0.81, 0.02)]
+  sweep = [
+      {"threshold": float(t), "score": float(0.8 - (t - 0.45) ** 2)}
+      for t in np.arange(0.2, 0.81, 0.02)
+  ]
   path = plots.write_threshold_sweep(tmp_path, sweep, 0.46, 20, final_score=0.81)
   assert path == tmp_path / "threshold_sweep.png"
   height, width, _ = read_png(path).shape
@@ -162,19 +172,26 @@ def test_prediction_plots_pick_the_right_ids(tmp_path, monkeypatch):
   truth = masks[rows]
   assert truth[1].any() and truth[3].any()
   oof_masks = np.stack([np.roll(m, k + 1, axis=1) for k, m in enumerate(truth)]) != 0
-  oof_masks[1] = truth[1] != 0      # train02: perfect
-  oof_masks[3] = False              # train06: salt missed entirely
-  oof_masks[0] = True               # train00 (empty truth): salt everywhere
+  oof_masks[1] = truth[1] != 0  # train02: perfect
+  oof_masks[3] = False  # train06: salt missed entirely
+  oof_masks[0] = True  # train00 (empty truth): salt everywhere
   drawn = []
   original = plots._draw_case
-  monkeypatch.setattr(plots, "_draw_case", lambda ax, *args: (
-      drawn.append(args[-1].split("\n")[0]), original(ax, *args)))
-  scores_json = {"threshold": 0.4, "min_area": 10, "oof_score": 0.5,
-                 "threshold_sweep": [{"threshold": 0.3, "score": 0.4},
-                                     {"threshold": 0.4, "score": 0.5}]}
+  monkeypatch.setattr(
+      plots,
+      "_draw_case",
+      lambda ax, *args: (drawn.append(args[-1].split("\n")[0]), original(ax, *args)),
+  )
+  scores_json = {
+      "threshold": 0.4,
+      "min_area": 10,
+      "oof_score": 0.5,
+      "threshold_sweep": [{"threshold": 0.3, "score": 0.4}, {"threshold": 0.4, "score": 0.5}],
+  }
   data = types.SimpleNamespace(train_ids=ids, train_images=images, train_masks=masks)
-  paths = plots.write_prediction_plots(tmp_path, data, oof_ids, oof_masks * 0.9,
-                                       oof_masks, scores_json, num=1)
+  paths = plots.write_prediction_plots(
+      tmp_path, data, oof_ids, oof_masks * 0.9, oof_masks, scores_json, num=1
+  )
   assert paths == [tmp_path / "validation_examples.png", tmp_path / "threshold_sweep.png"]
   for path in paths:
     read_png(path)
@@ -186,14 +203,16 @@ def test_prediction_plots_pick_the_right_ids(tmp_path, monkeypatch):
   # A dict works as well as a SaltData; an id outside train_ids is an error.
   data = {"train_ids": ids, "train_images": images, "train_masks": masks}
   with pytest.raises(ValueError, match="not training ids"):
-    plots.write_prediction_plots(tmp_path, data, ["nope"], oof_masks[:1] * 1.0,
-                                 oof_masks[:1], scores_json)
+    plots.write_prediction_plots(
+        tmp_path, data, ["nope"], oof_masks[:1] * 1.0, oof_masks[:1], scores_json
+    )
 
 
 def test_failed_save_leaves_no_file(tmp_path, monkeypatch):
   def broken_savefig(self, fname, **kwargs):
     pathlib.Path(fname).write_bytes(b"\x89PNG half")
     raise OSError("disk full")
+
   monkeypatch.setattr(mfigure.Figure, "savefig", broken_savefig)
   with pytest.raises(OSError, match="disk full"):
     plots.write_threshold_sweep(tmp_path, [], 0.5, 0)

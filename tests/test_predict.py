@@ -22,9 +22,15 @@ EPOCHS = 3
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_cache, compile_cache):
   workdir = tmp_path_factory.mktemp("predict") / "run"
-  result = run_main(["--config=configs/quick.py", f"--workdir={workdir}",
-                     f"--config.cache_dir={data_cache}",
-                     f"--config.compilation_cache={compile_cache}", *flag_args()])
+  result = run_main(
+      [
+          "--config=configs/quick.py",
+          f"--workdir={workdir}",
+          f"--config.cache_dir={data_cache}",
+          f"--config.compilation_cache={compile_cache}",
+          *flag_args(),
+      ]
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir
 
@@ -38,6 +44,7 @@ def _predict(workdir, capfd, monkeypatch, **overrides) -> tuple[int, str]:
   """run.main in predict mode, as `main.py --config=configs/predict.py` runs it."""
   from configs import predict as predict_config
   from saltjax import run
+
   monkeypatch.delenv("SALTJAX_DEBUG", raising=False)
   config = predict_config.get_config()
   config.progress = False
@@ -59,12 +66,14 @@ def _empty_checkpoints(fold_dir: pathlib.Path) -> None:
     (fold_dir / store).mkdir()
 
 
-@pytest.mark.parametrize("which, expected", [
-    ("latest", ["latest/3"]),
-    ("best+latest", None),  # best/<its epoch>, then latest/3
-])
-def test_latest_checkpoint_predicts(which, expected, trained, tmp_path, capfd, monkeypatch,
-                                    caplog):
+@pytest.mark.parametrize(
+    "which, expected",
+    [
+        ("latest", ["latest/3"]),
+        ("best+latest", None),  # best/<its epoch>, then latest/3
+    ],
+)
+def test_latest_checkpoint_predicts(which, expected, trained, tmp_path, capfd, monkeypatch, caplog):
   workdir = _copy(trained, tmp_path)
   rc, err = _predict(workdir, capfd, monkeypatch, **{"predict.checkpoints": which})
   assert rc == 0, err
@@ -75,19 +84,19 @@ def test_latest_checkpoint_predicts(which, expected, trained, tmp_path, capfd, m
   assert scores["checkpoints"] == which
 
 
-def test_latest_predicts_what_the_final_weights_predict(trained, tmp_path, capfd,
-                                                        monkeypatch):
+def test_latest_predicts_what_the_final_weights_predict(trained, tmp_path, capfd, monkeypatch):
   """`latest` holds the whole train state; its model variables are the final weights."""
   import jax
   from saltjax import checkpoints as ckpt_lib
   from saltjax import config_checks, models
   from configs import predict as predict_config
+
   config = config_checks.config_for_prediction(predict_config.get_config(), trained)
   model = models.create_model(config.model)
-  abstract = jax.eval_shape(lambda: models.initialized(jax.random.key(0), model,
-                                                       config.image_size))
-  variables = ckpt_lib.restore_variables(trained / "fold_0", "latest", EPOCHS, abstract,
-                                         ckpt_lib.fingerprint(config))
+  abstract = jax.eval_shape(lambda: models.initialized(jax.random.key(0), model, config.image_size))
+  variables = ckpt_lib.restore_variables(
+      trained / "fold_0", "latest", EPOCHS, abstract, ckpt_lib.fingerprint(config)
+  )
   store = ckpt_lib.Store(trained / "fold_0" / "latest", max_to_keep=None)
   raw, _ = store.restore_raw(EPOCHS, ckpt_lib.fingerprint(config))
   store.close()
@@ -100,24 +109,28 @@ def test_a_structure_mismatch_says_so_instead_of_corrupt(trained):
   from saltjax import checkpoints as ckpt_lib
   from saltjax import config_checks, models
   from configs import predict as predict_config
+
   config = config_checks.config_for_prediction(predict_config.get_config(), trained)
   model = models.create_model(config.model)
-  abstract = jax.eval_shape(lambda: models.initialized(jax.random.key(0), model,
-                                                       config.image_size))
+  abstract = jax.eval_shape(lambda: models.initialized(jax.random.key(0), model, config.image_size))
   # A program whose model has one more parameter than the checkpoint.
   abstract["params"]["extra_head"] = {"kernel": jax.ShapeDtypeStruct((3, 3), np.float32)}
-  for store, step in (("best", ckpt_lib.model_checkpoints(trained / "fold_0", "best")[0][1]),
-                      ("latest", EPOCHS)):
+  for store, step in (
+      ("best", ckpt_lib.model_checkpoints(trained / "fold_0", "best")[0][1]),
+      ("latest", EPOCHS),
+  ):
     with pytest.raises(ckpt_lib.CheckpointError) as raised:
-      ckpt_lib.restore_variables(trained / "fold_0", store, step, abstract,
-                                 ckpt_lib.fingerprint(config))
+      ckpt_lib.restore_variables(
+          trained / "fold_0", store, step, abstract, ckpt_lib.fingerprint(config)
+      )
     message = str(raised.value)
     assert "different structure" in message and "extra_head" in message, message
     assert "corrupt" not in message
 
 
-def test_a_fold_without_checkpoints_is_left_out_and_named(trained, tmp_path, capfd,
-                                                          monkeypatch, caplog):
+def test_a_fold_without_checkpoints_is_left_out_and_named(
+    trained, tmp_path, capfd, monkeypatch, caplog
+):
   workdir = _copy(trained, tmp_path)
   _empty_checkpoints(workdir / "fold_1")
   (workdir / "fold_1" / "done.json").unlink()
@@ -135,8 +148,9 @@ def test_a_fold_without_checkpoints_is_left_out_and_named(trained, tmp_path, cap
 
 
 @pytest.mark.parametrize("case", ["no_fold_has_checkpoints", "swa_never_trained"])
-def test_no_usable_checkpoint_refuses_and_keeps_previous_outputs(case, trained, tmp_path,
-                                                                 capfd, monkeypatch):
+def test_no_usable_checkpoint_refuses_and_keeps_previous_outputs(
+    case, trained, tmp_path, capfd, monkeypatch
+):
   workdir = _copy(trained, tmp_path)
   overrides = {}
   if case == "no_fold_has_checkpoints":
@@ -144,8 +158,9 @@ def test_no_usable_checkpoint_refuses_and_keeps_previous_outputs(case, trained, 
       _empty_checkpoints(workdir / f"fold_{fold}")
   else:
     overrides["predict.checkpoints"] = "swa"
-  before = {name: (workdir / name).read_bytes()
-            for name in ("submission.csv", "oof.csv", "scores.json")}
+  before = {
+      name: (workdir / name).read_bytes() for name in ("submission.csv", "oof.csv", "scores.json")
+  }
   rc, err = _predict(workdir, capfd, monkeypatch, **overrides)
   assert rc == 1
   assert f"error: no fold in {workdir} can predict" in err
@@ -155,9 +170,9 @@ def test_no_usable_checkpoint_refuses_and_keeps_previous_outputs(case, trained, 
     assert (workdir / name).read_bytes() == content, name
 
 
-def test_data_dir_predicts_another_directorys_test_images(trained, tmp_path, capfd,
-                                                         monkeypatch):
+def test_data_dir_predicts_another_directorys_test_images(trained, tmp_path, capfd, monkeypatch):
   from saltjax import submission, synthetic
+
   other = synthetic.write_dataset(tmp_path / "other", num_train=4, num_test=5, seed=7)
   shutil.rmtree(other / "train")  # test images alone are enough
   (other / "train.csv").unlink()
@@ -175,8 +190,9 @@ def test_data_dir_predicts_another_directorys_test_images(trained, tmp_path, cap
   assert (workdir / "oof.csv").read_text() == oof_before
 
 
-def test_other_overrides_are_named_not_silently_ignored(trained, tmp_path, capfd,
-                                                       monkeypatch, caplog):
+def test_other_overrides_are_named_not_silently_ignored(
+    trained, tmp_path, capfd, monkeypatch, caplog
+):
   workdir = _copy(trained, tmp_path)
   caplog.set_level("WARNING")
   rc, err = _predict(workdir, capfd, monkeypatch, **{"model.encoder_width": 16})

@@ -70,14 +70,16 @@ def test_warm_restarts_land_on_the_cycle_ends(cycle_mult, cycles):
   config = config_with(cycle_epochs=cycles[0], cycle_mult=cycle_mult, warmup_epochs=warmup)
   config.num_epochs = warmup + sum(cycles)
   ends = train.cycle_end_epochs(config)
-  assert ends == [warmup + sum(cycles[:i + 1]) for i in range(len(cycles))]
+  assert ends == [warmup + sum(cycles[: i + 1]) for i in range(len(cycles))]
   lr = train.create_learning_rate_fn(config, steps_per_epoch=spe)
-  for step in range(warmup * spe):   # linear warm-up from min_lr to the peak
+  for step in range(warmup * spe):  # linear warm-up from min_lr to the peak
     assert float(lr(step)) == pytest.approx(
-        min_lr + (base - min_lr) * step / (warmup * spe), rel=1e-5)
+        min_lr + (base - min_lr) * step / (warmup * spe), rel=1e-5
+    )
   for step in range(warmup * spe, config.num_epochs * spe):
     assert float(lr(step)) == pytest.approx(
-        sgdr(step - warmup * spe, spe, base, min_lr, cycles), rel=1e-5), step
+        sgdr(step - warmup * spe, spe, base, min_lr, cycles), rel=1e-5
+    ), step
   one_step = 0.5 * (base - min_lr) * (1 + math.cos(math.pi * (1 - 1 / (min(cycles) * spe))))
   for end in ends:
     last = end * spe - 1  # the step whose weights the snapshot of epoch `end` keeps
@@ -95,13 +97,14 @@ def test_warm_restarts_worked_example():
   lr = train.create_learning_rate_fn(config, steps_per_epoch=4)
   at_end_of_epoch = lambda e: float(lr(4 * e - 1))
   assert at_end_of_epoch(5) < 1e-4 and at_end_of_epoch(8) < 1e-4
-  assert float(lr(4 * 5)) == pytest.approx(1e-3)   # first step of epoch 6
+  assert float(lr(4 * 5)) == pytest.approx(1e-3)  # first step of epoch 6
 
 
 def test_step_and_constant():
   lr = train.create_learning_rate_fn(config_with(name="step", step_epochs=3, step_factor=0.1), 10)
   assert [float(lr(s)) for s in (0, 29, 30, 59, 60)] == pytest.approx(
-      [1e-3, 1e-3, 1e-4, 1e-4, 1e-5])
+      [1e-3, 1e-3, 1e-4, 1e-4, 1e-5]
+  )
   lr = train.create_learning_rate_fn(config_with(name="constant"), 10)
   assert float(lr(1000)) == pytest.approx(1e-3)
 
@@ -127,13 +130,14 @@ def test_optimisers_step_downhill(name):
 
 def test_min_area_and_gate():
   probs = np.zeros((3, 101, 101), np.float32)
-  probs[0, :5, :5] = 0.9       # 25 pixels
-  probs[1, :20, :20] = 0.9     # 400 pixels
+  probs[0, :5, :5] = 0.9  # 25 pixels
+  probs[1, :20, :20] = 0.9  # 400 pixels
   probs[2, :20, :20] = 0.9
   masks = predict.apply_postprocessing(probs, 0.5, min_area=100)
   assert [int(m.sum()) for m in masks] == [0, 400, 400]
-  masks = predict.apply_postprocessing(probs, 0.5, 0, class_probs=np.array([0.9, 0.9, 0.1]),
-                                       gate=0.5)
+  masks = predict.apply_postprocessing(
+      probs, 0.5, 0, class_probs=np.array([0.9, 0.9, 0.1]), gate=0.5
+  )
   assert [int(m.sum()) for m in masks] == [25, 400, 0]
 
 
@@ -141,11 +145,11 @@ def test_tuned_threshold_maximises_the_oof_metric():
   truth = np.zeros((2, 101, 101), np.uint8)
   truth[0, :50] = 1
   probs = np.zeros((2, 101, 101), np.float32)
-  probs[0, :50] = 0.7          # salt predicted at 0.7 ...
-  probs[1, :50] = 0.45         # ... an empty image with a 0.45 blob
+  probs[0, :50] = 0.7  # salt predicted at 0.7 ...
+  probs[1, :50] = 0.45  # ... an empty image with a 0.45 blob
   config = fold.get_config()
   choice = predict.tune(truth, probs, None, config)
-  assert 0.45 <= choice["threshold"] < 0.7   # both images right only in between
+  assert 0.45 <= choice["threshold"] < 0.7  # both images right only in between
   best = max(s for _, s in choice["threshold_sweep"])
   assert best == 1.0
 
@@ -155,8 +159,9 @@ class _TwoNorms(nn.Module):
 
   @nn.compact
   def __call__(self, x, train=False):
-    norm = lambda name: nn.BatchNorm(use_running_average=not train,
-                                     momentum=models.BATCH_NORM_MOMENTUM, epsilon=1e-5, name=name)
+    norm = lambda name: nn.BatchNorm(
+        use_running_average=not train, momentum=models.BATCH_NORM_MOMENTUM, epsilon=1e-5, name=name
+    )
     x = norm("bn1")(x)
     x = nn.Conv(2, (1, 1), use_bias=False, name="conv")(x)
     return norm("bn2")(x)
@@ -169,41 +174,54 @@ def test_swa_batch_stats_are_the_mean_over_one_pass():
   images = rng.integers(0, 256, (20, 101, 101), dtype=np.uint8)
   masks = np.zeros((20, 101, 101), np.uint8)
   for_epoch = input_pipeline.train_dataset(
-      images, masks, batch_size=6, image_size=32, resize_mode="resize",
-      augment_spec="hflip|brightness(0.2)", seed=1)
-  batches = [b["image"].astype(np.float64)
-             for b in input_pipeline.epoch_iterator(for_epoch, 4)]
-  assert len(batches) == 3   # 20 // 6, the remainder dropped
+      images,
+      masks,
+      batch_size=6,
+      image_size=32,
+      resize_mode="resize",
+      augment_spec="hflip|brightness(0.2)",
+      seed=1,
+  )
+  batches = [b["image"].astype(np.float64) for b in input_pipeline.epoch_iterator(for_epoch, 4)]
+  assert len(batches) == 3  # 20 // 6, the remainder dropped
   kernel = np.array([[1.0, -2.0]])
   scale1, bias1 = 1.5, 0.25
   variables = {
-      "params": {"bn1": {"scale": np.full(1, scale1, np.float32),
-                         "bias": np.full(1, bias1, np.float32)},
-                 "conv": {"kernel": kernel.reshape(1, 1, 1, 2).astype(np.float32)},
-                 "bn2": {"scale": np.ones(2, np.float32), "bias": np.zeros(2, np.float32)}},
+      "params": {
+          "bn1": {"scale": np.full(1, scale1, np.float32), "bias": np.full(1, bias1, np.float32)},
+          "conv": {"kernel": kernel.reshape(1, 1, 1, 2).astype(np.float32)},
+          "bn2": {"scale": np.ones(2, np.float32), "bias": np.zeros(2, np.float32)},
+      },
       # The averaged statistics going in, deliberately far off: they must go.
-      "batch_stats": {"bn1": {"mean": np.full(1, 5.0, np.float32),
-                              "var": np.full(1, 7.0, np.float32)},
-                      "bn2": {"mean": np.full(2, -3.0, np.float32),
-                              "var": np.full(2, 9.0, np.float32)}}}
+      "batch_stats": {
+          "bn1": {"mean": np.full(1, 5.0, np.float32), "var": np.full(1, 7.0, np.float32)},
+          "bn2": {"mean": np.full(2, -3.0, np.float32), "var": np.full(2, 9.0, np.float32)},
+      },
+  }
 
   expected = {"bn1": {"mean": [], "var": []}, "bn2": {"mean": [], "var": []}}
-  for x in batches:   # by hand, in float64
+  for x in batches:  # by hand, in float64
     m, v = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
     expected["bn1"]["mean"].append(m)
     expected["bn1"]["var"].append(v)
-    y = ((x - m) / np.sqrt(v + 1e-5) * scale1 + bias1) @ kernel   # (B, H, W, 2)
+    y = ((x - m) / np.sqrt(v + 1e-5) * scale1 + bias1) @ kernel  # (B, H, W, 2)
     expected["bn2"]["mean"].append(y.mean(axis=(0, 1, 2)))
     expected["bn2"]["var"].append(y.var(axis=(0, 1, 2)))
 
   mesh = parallel.create_mesh()
-  one_pass = lambda epoch: (parallel.global_from_local(b, mesh)["image"]
-                            for b in input_pipeline.epoch_iterator(for_epoch, epoch))
+  one_pass = lambda epoch: (
+      parallel.global_from_local(b, mesh)["image"]
+      for b in input_pipeline.epoch_iterator(for_epoch, epoch)
+  )
   got = train.recompute_batch_stats(None, _TwoNorms(), variables, one_pass, mesh, 4)
   for name in ("bn1", "bn2"):
     for stat in ("mean", "var"):
-      np.testing.assert_allclose(got["batch_stats"][name][stat],
-                                 np.mean(expected[name][stat], axis=0), rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(
+          got["batch_stats"][name][stat],
+          np.mean(expected[name][stat], axis=0),
+          rtol=1e-5,
+          atol=1e-6,
+      )
   # The (averaged) weights are kept as they are.
   for a, b in zip(jax.tree.leaves(got["params"]), jax.tree.leaves(variables["params"])):
     np.testing.assert_array_equal(a, b)

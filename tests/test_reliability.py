@@ -45,9 +45,13 @@ EPOCHS = 3  # conftest's num_epochs: the train step compiled here is the suite's
 
 
 def _main_args(workdir, data_cache, compile_cache, **overrides) -> list[str]:
-  return ["--config=configs/quick.py", f"--workdir={workdir}",
-          f"--config.cache_dir={data_cache}", f"--config.compilation_cache={compile_cache}",
-          *flag_args(**{"fold": FOLD, **overrides})]
+  return [
+      "--config=configs/quick.py",
+      f"--workdir={workdir}",
+      f"--config.cache_dir={data_cache}",
+      f"--config.compilation_cache={compile_cache}",
+      *flag_args(**{"fold": FOLD, **overrides}),
+  ]
 
 
 def _popen_main(args, log: pathlib.Path, env=None, hook: str | None = None) -> subprocess.Popen:
@@ -55,8 +59,12 @@ def _popen_main(args, log: pathlib.Path, env=None, hook: str | None = None) -> s
   command = ["-c", hook] if hook else [str(REPO / "main.py")]
   with open(log, "w") as stderr:
     return subprocess.Popen(
-        [sys.executable, *command, *args], cwd=REPO, stdout=subprocess.DEVNULL,
-        stderr=stderr, env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
+        [sys.executable, *command, *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})},
+    )
 
 
 # main.py, paused for good when epoch 2's third batch (0-based epoch 1, batch
@@ -119,16 +127,21 @@ def _checkpoints(fold_dir: pathlib.Path) -> dict:
   """{'store/step': (leaf path -> (dtype, shape, bytes), meta)} of a fold dir."""
   import jax
   import orbax.checkpoint as ocp
+
   out = {}
   for store in ("latest", "best", "snapshots", "swa"):
     if not _steps(fold_dir / store):
       continue
     manager = ocp.CheckpointManager(
-        (fold_dir / store).absolute(), item_names=("state", "meta"),
-        options=ocp.CheckpointManagerOptions(read_only=True))
+        (fold_dir / store).absolute(),
+        item_names=("state", "meta"),
+        options=ocp.CheckpointManagerOptions(read_only=True),
+    )
     for step in manager.all_steps():
-      restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+      restored = manager.restore(
+          step,
+          args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
+      )
       leaves = {}
       for path, leaf in jax.tree_util.tree_flatten_with_path(restored["state"])[0]:
         leaf = np.asarray(leaf)
@@ -165,7 +178,8 @@ def _assert_same_result(fold_a: pathlib.Path, fold_b: pathlib.Path) -> None:
   final = ["latest/%d" % EPOCHS, "best/%d" % max(_steps(fold_a / "best"))]
   final += [k for k in a if k.startswith("snapshots/")]
   assert final[1] in b and sorted(k for k in b if k.startswith("snapshots/")) == sorted(
-      k for k in a if k.startswith("snapshots/"))
+      k for k in a if k.startswith("snapshots/")
+  )
   for name in final:
     assert a[name][0] == b[name][0], name
     assert a[name][1] == b[name][1], name
@@ -181,6 +195,7 @@ def _empty(workdir: pathlib.Path) -> bool:
 # ---------------------------------------------------------- bad input table ---
 # (id, what to break, expected words in the message). Data cases break one id
 # of a small synthetic Kaggle-layout directory; config cases override options.
+
 
 def _break_one(kind: str, data_dir: pathlib.Path, id_: str, test_id: str) -> None:
   if kind == "missing_mask":
@@ -211,40 +226,59 @@ BAD_DATA = [
 ]
 BAD_CONFIG = [
     ("negative_batch_size", {"batch_size": -8}, ["config.batch_size=-8", "positive"]),
-    ("unknown_loss", {"loss.name": "focal_nope"},
-     ["config.loss.name='focal_nope'", "unknown loss"]),
+    (
+        "unknown_loss",
+        {"loss.name": "focal_nope"},
+        ["config.loss.name='focal_nope'", "unknown loss"],
+    ),
     ("fold_out_of_range", {"fold": 2}, ["config.fold=2", "0..1"]),
     ("unknown_optimizer", {"optimizer.name": "lamb"}, ["config.optimizer.name='lamb'"]),
     ("bad_tta", {"predict.tta": "rot90"}, ["config.predict.tta='rot90'"]),
-    ("image_size_not_multiple_of_32", {"image_size": 100},
-     ["config.image_size=100", "multiple of 32"]),
+    (
+        "image_size_not_multiple_of_32",
+        {"image_size": 100},
+        ["config.image_size=100", "multiple of 32"],
+    ),
     ("unknown_nonfinite", {"nonfinite": "ignore"}, ["config.nonfinite='ignore'"]),
-    ("augment_argument_out_of_range", {"augment": "hflip|shift(200)"},
-     ["config.augment='hflip|shift(200)'", "pixels=200 must be in [0, 100]"]),
+    (
+        "augment_argument_out_of_range",
+        {"augment": "hflip|shift(200)"},
+        ["config.augment='hflip|shift(200)'", "pixels=200 must be in [0, 100]"],
+    ),
     # Valid on its own, too big for the data: checked before anything is written.
-    ("batch_bigger_than_a_fold", {"batch_size": 64, "eval_batch_size": 64},
-     ["config.batch_size=64", "24 training images"]),
+    (
+        "batch_bigger_than_a_fold",
+        {"batch_size": 64, "eval_batch_size": 64},
+        ["config.batch_size=64", "24 training images"],
+    ),
 ]
 CASES = [pytest.param("data", kind, {}, words, id=kind) for kind, words in BAD_DATA] + [
-    pytest.param("config", name, overrides, words, id=name)
-    for name, overrides, words in BAD_CONFIG]
+    pytest.param("config", name, overrides, words, id=name) for name, overrides, words in BAD_CONFIG
+]
 # The ones also run through main.py itself (each costs a process's imports).
-VIA_MAIN_PY = ("missing_mask", "fold_out_of_range", "batch_bigger_than_a_fold",
-               "augment_argument_out_of_range")
+VIA_MAIN_PY = (
+    "missing_mask",
+    "fold_out_of_range",
+    "batch_bigger_than_a_fold",
+    "augment_argument_out_of_range",
+)
 
 
 @pytest.fixture(scope="module")
 def base_layout(tmp_path_factory):
   from saltjax import synthetic
-  root = synthetic.write_dataset(tmp_path_factory.mktemp("layout") / "base", num_train=12,
-                                 num_test=4, seed=0)
+
+  root = synthetic.write_dataset(
+      tmp_path_factory.mktemp("layout") / "base", num_train=12, num_test=4, seed=0
+  )
   train_ids = list(pd.read_csv(root / "train.csv", dtype=str)["id"])
   test_ids = sorted(p.stem for p in (root / "test/images").iterdir())
   return root, train_ids[3], test_ids[1]
 
 
-def _case(tmp_path: pathlib.Path, base_layout, source: str, name: str, overrides: dict,
-          words: list[str]):
+def _case(
+    tmp_path: pathlib.Path, base_layout, source: str, name: str, overrides: dict, words: list[str]
+):
   """(config overrides, expected words) for one case, its data dir made."""
   root, id_, test_id = base_layout
   overrides = dict(overrides)
@@ -260,6 +294,7 @@ def _case(tmp_path: pathlib.Path, base_layout, source: str, name: str, overrides
 def prepared_data(data_cache):
   """The tiny synthetic set, generated once before processes race for it."""
   from saltjax import data as data_lib
+
   return data_lib.load(tiny_config(data_cache, ""))
 
 
@@ -267,8 +302,7 @@ def prepared_data(data_cache):
 def reference_started(tmp_path_factory, prepared_data, data_cache, compile_cache):
   """The uninterrupted run, started early (it compiles what every other run reuses)."""
   workdir = tmp_path_factory.mktemp("reference") / "run"
-  proc = _popen_main(_main_args(workdir, data_cache, compile_cache),
-                     workdir.parent / "stderr.txt")
+  proc = _popen_main(_main_args(workdir, data_cache, compile_cache), workdir.parent / "stderr.txt")
   yield workdir, proc
   if proc.poll() is None:
     proc.kill()
@@ -292,6 +326,7 @@ def job_cache():
 def shared_job(job_cache, monkeypatch):
   """In-process runs share one Job (traced and compiled once), as one process's folds do."""
   from saltjax import train
+
   create = train.Job.create
 
   def shared(config, mesh, fold_of, writer, num_extra=0):
@@ -304,8 +339,7 @@ def shared_job(job_cache, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def bad_runs_via_main(reference_started, tmp_path_factory, base_layout, data_cache,
-                      compile_cache):
+def bad_runs_via_main(reference_started, tmp_path_factory, base_layout, data_cache, compile_cache):
   """main.py started on every VIA_MAIN_PY case at once (and after the reference run)."""
   root = tmp_path_factory.mktemp("via_main")
   started = {}
@@ -339,6 +373,7 @@ def test_bad_input_through_main_py(name, bad_runs_via_main):
 
 def test_config_checks_report_every_bad_option_at_once(data_cache, compile_cache):
   from saltjax import config_checks
+
   config = tiny_config(data_cache, compile_cache)
   for _, overrides, _ in BAD_CONFIG[:-1]:
     for key, value in overrides.items():
@@ -355,9 +390,20 @@ def test_config_checks_report_every_bad_option_at_once(data_cache, compile_cache
 
 @pytest.mark.parametrize("source, name, overrides, words", CASES)
 def test_bad_input_is_refused_before_anything_is_written(
-    source, name, overrides, words, tmp_path, base_layout, prepared_data, data_cache,
-    compile_cache, capfd, monkeypatch):
+    source,
+    name,
+    overrides,
+    words,
+    tmp_path,
+    base_layout,
+    prepared_data,
+    data_cache,
+    compile_cache,
+    capfd,
+    monkeypatch,
+):
   from saltjax import run
+
   monkeypatch.delenv("SALTJAX_DEBUG", raising=False)
   overrides, words = _case(tmp_path, base_layout, source, name, overrides, words)
   config = tiny_config(data_cache, compile_cache, **{"fold": FOLD, **overrides})
@@ -373,9 +419,11 @@ def test_bad_input_is_refused_before_anything_is_written(
 
 # ----------------------------------------------------------------- outputs ---
 
+
 def test_invalid_submission_is_never_written(tmp_path):
   from saltjax import data as data_lib
   from saltjax import submission
+
   path = tmp_path / "submission.csv"
   masks = np.zeros((3, 101, 101), np.uint8)
   with pytest.raises(submission.SubmissionError, match="duplicated ids"):
@@ -390,10 +438,10 @@ def test_invalid_submission_is_never_written(tmp_path):
 
 # ----------------------------------------------------------------- records ---
 
+
 # The first test to need the reference run: `killed_and_resumed` starts here,
 # in the background, for test_sigkilled_run_resumes_to_bit_identical_results.
-def test_every_run_records_config_versions_and_folds(reference, killed_and_resumed,
-                                                     prepared_data):
+def test_every_run_records_config_versions_and_folds(reference, killed_and_resumed, prepared_data):
   config = json.loads((reference / "config.json").read_text())
   assert config["fold"] == FOLD and config["num_epochs"] == EPOCHS
   assert config["model"]["encoder_width"] == 4
@@ -407,8 +455,9 @@ def test_every_run_records_config_versions_and_folds(reference, killed_and_resum
   assert not [p for p in reference.rglob("*tmp*")]
 
 
-def test_a_finished_fold_is_not_trained_again(reference, tmp_path, monkeypatch, data_cache,
-                                             compile_cache):
+def test_a_finished_fold_is_not_trained_again(
+    reference, tmp_path, monkeypatch, data_cache, compile_cache
+):
   from saltjax import train
 
   def no_job(*args, **kwargs):
@@ -424,16 +473,23 @@ def test_a_finished_fold_is_not_trained_again(reference, tmp_path, monkeypatch, 
 
 # ------------------------------------------------------------------ resume ---
 
-def _kill_mid_epoch_then_resume(args: list[str], workdir: pathlib.Path, logs: pathlib.Path,
-                                out: dict, wait_for_epoch_1: bool = False) -> None:
+
+def _kill_mid_epoch_then_resume(
+    args: list[str],
+    workdir: pathlib.Path,
+    logs: pathlib.Path,
+    out: dict,
+    wait_for_epoch_1: bool = False,
+) -> None:
   """main.py SIGKILLed mid-epoch 2, then the same command run again; facts into `out`.
 
   `wait_for_epoch_1`: kill only once epoch 1's resume point, written in the
   background while epoch 2 trains, is on disk.
   """
   marker = logs / "paused"
-  proc = _popen_main(args, logs / "killed.stderr", env={"PAUSED_MARKER": str(marker)},
-                     hook=_PAUSE_MID_EPOCH)
+  proc = _popen_main(
+      args, logs / "killed.stderr", env={"PAUSED_MARKER": str(marker)}, hook=_PAUSE_MID_EPOCH
+  )
   out["killed"] = proc
   deadline = time.time() + 600
   try:
@@ -467,10 +523,12 @@ def killed_and_resumed(reference, tmp_path_factory, data_cache, compile_cache):
     logs = tmp_path_factory.mktemp(f"killed_{cadence}")
     workdir = logs / "run"
     out = {}
-    args = _main_args(workdir, data_cache, compile_cache,
-                      checkpoint_every_seconds=cadence)
-    thread = threading.Thread(target=_kill_mid_epoch_then_resume, daemon=True,
-                              args=(args, workdir, logs, out, cadence == 0))
+    args = _main_args(workdir, data_cache, compile_cache, checkpoint_every_seconds=cadence)
+    thread = threading.Thread(
+        target=_kill_mid_epoch_then_resume,
+        daemon=True,
+        args=(args, workdir, logs, out, cadence == 0),
+    )
     thread.start()
     runs[cadence] = (thread, workdir, out)
   yield runs
@@ -485,12 +543,13 @@ class _Crash(Exception):
   pass
 
 
-def test_crash_between_checkpoint_saves_of_an_epoch_resumes(reference, shared_job, tmp_path,
-                                                           monkeypatch, data_cache,
-                                                           compile_cache):
+def test_crash_between_checkpoint_saves_of_an_epoch_resumes(
+    reference, shared_job, tmp_path, monkeypatch, data_cache, compile_cache
+):
   """Killed after epoch 2's snapshot/best saves, before its `latest`: epoch 2 is redone."""
   from saltjax import checkpoints as ckpt_lib
   from saltjax import run, train
+
   config = tiny_config(data_cache, compile_cache, fold=FOLD)
   run.enable_compilation_cache(config)
   save_latest = ckpt_lib.FoldCheckpoints.save_latest
@@ -515,9 +574,11 @@ def test_crash_between_checkpoint_saves_of_an_epoch_resumes(reference, shared_jo
 
 # -------------------------------------------------------- numerical faults ---
 
+
 def _inject_nan(monkeypatch, epoch: int, batch: int) -> None:
   """Batch `batch` of epoch `epoch` (both 0-based) gets NaN images."""
   from saltjax import input_pipeline
+
   original = input_pipeline.epoch_iterator
 
   def epoch_iterator(for_epoch, e, skip_batches=0):
@@ -530,14 +591,16 @@ def _inject_nan(monkeypatch, epoch: int, batch: int) -> None:
 def _steps_per_epoch(config, data) -> int:
   from saltjax import data as data_lib
   from saltjax import parallel, train
+
   fold_of = data_lib.fold_assignment(config, data)["fold"].to_numpy()
   return train.steps_per_epoch_for(config, parallel.create_mesh(), fold_of)
 
 
 def test_nonfinite_loss_stops_naming_step_and_fold_and_keeps_last_good_checkpoint(
-    reference, shared_job, tmp_path, monkeypatch, prepared_data, data_cache, compile_cache,
-    capfd):
+    reference, shared_job, tmp_path, monkeypatch, prepared_data, data_cache, compile_cache, capfd
+):
   from saltjax import run, train
+
   config = tiny_config(data_cache, compile_cache, fold=FOLD)
   run.enable_compilation_cache(config)
   _inject_nan(monkeypatch, epoch=1, batch=1)
@@ -566,10 +629,11 @@ def test_nonfinite_loss_stops_naming_step_and_fold_and_keeps_last_good_checkpoin
 
 
 def test_nonfinite_skip_leaves_the_state_unchanged_and_training_goes_on(
-    reference, shared_job, tmp_path, monkeypatch, prepared_data, data_cache, compile_cache,
-    caplog):
+    reference, shared_job, tmp_path, monkeypatch, prepared_data, data_cache, compile_cache, caplog
+):
   import jax
   from saltjax import run, train
+
   config = tiny_config(data_cache, compile_cache, fold=FOLD, nonfinite="skip")
   run.enable_compilation_cache(config)
   _inject_nan(monkeypatch, epoch=1, batch=1)
@@ -588,6 +652,7 @@ def test_nonfinite_skip_leaves_the_state_unchanged_and_training_goes_on(
           seen.append((before, jax.device_get(new_state), jax.device_get(metrics)))
           return new_state, metrics
         return fn(state, batch)
+
       return step_fn
 
     return dataclasses.replace(job, train_steps={n: wrap(f) for n, f in job.train_steps.items()})
@@ -611,11 +676,13 @@ def test_nonfinite_skip_leaves_the_state_unchanged_and_training_goes_on(
   assert all(np.isfinite(h["train_loss"]) for h in history)
   assert (tmp_path / f"fold_{FOLD}" / "done.json").exists()
   leaves, _ = _checkpoints(tmp_path / f"fold_{FOLD}")[f"latest/{EPOCHS}"]
-  assert all(np.all(np.isfinite(np.frombuffer(d, t).astype(np.float64)))
-             for t, _, d in leaves.values())
+  assert all(
+      np.all(np.isfinite(np.frombuffer(d, t).astype(np.float64))) for t, _, d in leaves.values()
+  )
 
 
 # ------------------------------------------------------------- checkpoints ---
+
 
 def _copy_for_resume(reference: pathlib.Path, to: pathlib.Path) -> pathlib.Path:
   """The reference workdir, its fold made unfinished: a run resumes from `latest`."""
@@ -641,8 +708,10 @@ CORRUPTIONS = {
     # Without its checksums (a crash right after orbax finished the step),
     # what orbax reads first is still checked. (Arrays orbax fails to read
     # are refused too, but leave its asyncio tasks complaining on stderr.)
-    "truncated_meta_without_checksums": lambda d: [(d / "checksums.json").unlink(),
-                                                   _truncate(d / "meta" / "metadata")],
+    "truncated_meta_without_checksums": lambda d: [
+        (d / "checksums.json").unlink(),
+        _truncate(d / "meta" / "metadata"),
+    ],
 }
 
 
@@ -653,10 +722,12 @@ def _flip(path: pathlib.Path) -> None:
 
 
 @pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
-def test_corrupt_checkpoint_is_refused_not_half_loaded(corruption, reference, tmp_path,
-                                                       data_cache, compile_cache):
+def test_corrupt_checkpoint_is_refused_not_half_loaded(
+    corruption, reference, tmp_path, data_cache, compile_cache
+):
   import jax
   from saltjax import checkpoints as ckpt_lib
+
   config = tiny_config(data_cache, compile_cache, fold=FOLD)
   target = jax.device_get(_raw_state(reference / f"fold_{FOLD}" / "latest", EPOCHS))
   step_dir = _copy_for_resume(reference, tmp_path / "run")
@@ -670,10 +741,13 @@ def test_corrupt_checkpoint_is_refused_not_half_loaded(corruption, reference, tm
 
 def _raw_state(store_dir: pathlib.Path, step: int):
   import orbax.checkpoint as ocp
-  manager = ocp.CheckpointManager(store_dir.absolute(), item_names=("state", "meta"),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  state = manager.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+
+  manager = ocp.CheckpointManager(
+      store_dir.absolute(),
+      item_names=("state", "meta"),
+      options=ocp.CheckpointManagerOptions(read_only=True),
+  )
+  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
   manager.close()
   return state
 
@@ -683,9 +757,11 @@ def _listing(root: pathlib.Path) -> list[pathlib.Path]:
   return sorted(p.relative_to(root) for p in root.rglob("*") if "tensorboard" not in p.parts)
 
 
-def test_main_refuses_a_corrupt_checkpoint(reference, shared_job, tmp_path, data_cache,
-                                          compile_cache, capfd, monkeypatch):
+def test_main_refuses_a_corrupt_checkpoint(
+    reference, shared_job, tmp_path, data_cache, compile_cache, capfd, monkeypatch
+):
   from saltjax import run
+
   monkeypatch.delenv("SALTJAX_DEBUG", raising=False)
   step_dir = _copy_for_resume(reference, tmp_path / "run")
   damaged = _data_files(step_dir)[0]
@@ -701,10 +777,12 @@ def test_main_refuses_a_corrupt_checkpoint(reference, shared_job, tmp_path, data
   assert _listing(tmp_path) == before
 
 
-def test_changed_model_config_is_refused_for_the_same_workdir(reference, tmp_path, data_cache,
-                                                             compile_cache, capfd, monkeypatch):
+def test_changed_model_config_is_refused_for_the_same_workdir(
+    reference, tmp_path, data_cache, compile_cache, capfd, monkeypatch
+):
   from saltjax import checkpoints as ckpt_lib
   from saltjax import run
+
   monkeypatch.delenv("SALTJAX_DEBUG", raising=False)
   _copy_for_resume(reference, tmp_path / "run")
   saved = (tmp_path / "run" / "config.json").read_text()
@@ -726,9 +804,11 @@ def test_changed_model_config_is_refused_for_the_same_workdir(reference, tmp_pat
 
 
 def test_a_checkpoint_step_is_saved_again_and_swa_keeps_the_average_a_resume_needs(
-    tmp_path, data_cache, compile_cache):
+    tmp_path, data_cache, compile_cache
+):
   """A redone epoch saves its step again (orbax alone refuses); swa keeps two averages."""
   from saltjax import checkpoints as ckpt_lib
+
   config = tiny_config(data_cache, compile_cache, fold=FOLD)
   checkpoints = ckpt_lib.FoldCheckpoints(tmp_path, config)
   tree = lambda value: {"params": {"w": np.full((3,), value, np.float32)}}
@@ -755,7 +835,8 @@ def test_a_checkpoint_step_is_saved_again_and_swa_keeps_the_average_a_resume_nee
 
 
 def test_sigterm_saves_the_resume_point_then_resumes_to_the_same_result(
-    reference, tmp_path, data_cache, compile_cache):
+    reference, tmp_path, data_cache, compile_cache
+):
   """A preempted VM gets SIGTERM: the epoch in progress ends, its resume point is
   written (although the default cadence would wait 300 s) and the program exits
   143; the same command then finishes the run as if it was never stopped."""
@@ -777,8 +858,7 @@ def test_sigterm_saves_the_resume_point_then_resumes_to_the_same_result(
 
 # Last: the runs it checks have gone on in the background meanwhile.
 @pytest.mark.parametrize("cadence", CADENCES)
-def test_sigkilled_run_resumes_to_bit_identical_results(cadence, reference,
-                                                        killed_and_resumed):
+def test_sigkilled_run_resumes_to_bit_identical_results(cadence, reference, killed_and_resumed):
   thread, workdir, out = killed_and_resumed[cadence]
   thread.join(timeout=900)
   assert not thread.is_alive()

@@ -11,9 +11,7 @@ def test_column_major_one_indexed_hand_case():
   #   1 4 7
   #   2 5 8
   #   3 6 9
-  mask = np.array([[0, 1, 0],
-                   [1, 1, 0],
-                   [1, 0, 1]])
+  mask = np.array([[0, 1, 0], [1, 1, 0], [1, 0, 1]])
   # salt at 2,3 (column 0), 4,5 (column 1), 9 (column 2): runs 2-5 and 9.
   assert rle.encode(mask) == "2 4 9 1"
   np.testing.assert_array_equal(rle.decode("2 4 9 1", (3, 3)), mask)
@@ -46,15 +44,18 @@ def test_non_square_shape_is_height_then_width():
   np.testing.assert_array_equal(rle.decode("6 1", (2, 3)), mask)
 
 
-@pytest.mark.parametrize("bad, message", [
-    ("1 2 3", "odd number"),
-    ("a 2", "non-integer"),
-    ("0 2", ">= 1"),
-    ("5 0", ">= 1"),
-    ("10200 5", "past the"),
-    ("10 5 12 1", "overlap"),
-    ("20 1 10 1", "out of order"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("1 2 3", "odd number"),
+        ("a 2", "non-integer"),
+        ("0 2", ">= 1"),
+        ("5 0", ">= 1"),
+        ("10200 5", "past the"),
+        ("10 5 12 1", "overlap"),
+        ("20 1 10 1", "out of order"),
+    ],
+)
 def test_malformed(bad, message):
   with pytest.raises(rle.RLEError, match=message):
     rle.decode(bad, (101, 101))

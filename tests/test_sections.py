@@ -21,18 +21,28 @@ from tests.conftest import run_main, tiny_config
 ROWS, COLS = 250, 400  # samples x traces of the test section: 4 x 7 tiles at stride 50
 # The tiny model's training: enough for the salt body to be found clearly.
 # Fold 0 of 4 trains on 96 synthetic tiles, 12 steps an epoch (about 50 s of CPU time).
-TRAIN = {"synthetic.num_train": 128, "num_folds": 4, "fold": 0, "num_epochs": 8,
-         "schedule.cycle_epochs": 8, "batch_size": 8, "model.encoder_width": 8,
-         "predict.tta": "none", "predict.batch_size": 32}
+TRAIN = {
+    "synthetic.num_train": 128,
+    "num_folds": 4,
+    "fold": 0,
+    "num_epochs": 8,
+    "schedule.cycle_epochs": 8,
+    "batch_size": 8,
+    "model.encoder_width": 8,
+    "predict.tta": "none",
+    "predict.batch_size": 32,
+}
 
 
 def _run(config, workdir):
   from saltjax import run
+
   return run.main(config, str(workdir))
 
 
 def _segment_config(compile_cache, path, **segment):
   from configs import segment as segment_config
+
   config = segment_config.get_config()
   config.compilation_cache = compile_cache
   config.progress = False
@@ -51,6 +61,7 @@ def trained(tmp_path_factory, data_cache, compile_cache):
   config = tiny_config(data_cache, compile_cache, **TRAIN)
   assert _run(config, workdir) == 0
   from configs import predict as predict_config
+
   config = predict_config.get_config()
   config.compilation_cache = compile_cache
   config.progress = False
@@ -73,6 +84,7 @@ def _segy_line(path, seed):
 
 
 # ------------------------------------------------------------ pure pieces ---
+
 
 def test_amplitude_to_gray_is_symmetric_clipping():
   # clip level 2: -2 and below -> 0, 0 -> 127.5 (rounds to 128), 1 -> 191.25, 2+ -> 255
@@ -99,7 +111,7 @@ def test_tiles_cover_the_section_and_blending_a_consistent_field_returns_it():
   tiles, origins = sections.cut_tiles(field, 37)
   covered = np.zeros(field.shape, bool)
   for r, c in origins:
-    covered[r:r + 101, c:c + 101] = True
+    covered[r : r + 101, c : c + 101] = True
   assert covered.all()
   blended = sections.blend_tiles(tiles, origins, field.shape, window)
   np.testing.assert_allclose(blended, field, rtol=1e-6)
@@ -148,8 +160,9 @@ def test_generate_section_draws_a_known_dome_with_the_tile_renderer():
   # The clipping rule puts the section in the gray range the model learned
   # from: its spread lies inside the middle 90% of the training tiles' spreads.
   gray = sections.amplitude_to_gray(amplitude, sections.clip_level(amplitude, 99))
-  tile_spreads = [synthetic.generate_example(np.random.default_rng([0, 0, i]))[0].std()
-                  for i in range(100)]
+  tile_spreads = [
+      synthetic.generate_example(np.random.default_rng([0, 0, i]))[0].std() for i in range(100)
+  ]
   low, high = np.percentile(tile_spreads, [5, 95])
   assert low < gray.std() < high, (low, gray.std(), high)
   assert abs(gray.mean() - 127.5) < 10
@@ -166,15 +179,18 @@ def test_probability_copy_keeps_float_formats_and_makes_integers_float(tmp_path,
     f.bin.update(hns=110, hdt=2000, format=fmt)
     f.text[0] = segyio.tools.create_text_header({1: "SALT TEST", 2: f"FORMAT {fmt}"})
     for i in range(6):
-      f.header[i] = {segyio.TraceField.CDP: 500 + i, segyio.TraceField.offset: 7 * i,
-                     segyio.TraceField.SourceX: 1000 * i}
+      f.header[i] = {
+          segyio.TraceField.CDP: 500 + i,
+          segyio.TraceField.offset: 7 * i,
+          segyio.TraceField.SourceX: 1000 * i,
+      }
       f.trace[i] = np.full(110, i + 1, f.dtype)
   probs = np.linspace(0.0, 1.0, 6 * 110, dtype=np.float32).reshape(6, 110)
   with segy.SegyFile(src_path) as source:
-    segy.write_probability_copy(source, tmp_path / "out.sgy", np.arange(6),
-                                lambda idx: probs[idx])
-  with segyio.open(str(src_path), ignore_geometry=True) as src, \
-      segyio.open(str(tmp_path / "out.sgy"), ignore_geometry=True) as dst:
+    segy.write_probability_copy(source, tmp_path / "out.sgy", np.arange(6), lambda idx: probs[idx])
+  with segyio.open(str(src_path), ignore_geometry=True) as src, segyio.open(
+      str(tmp_path / "out.sgy"), ignore_geometry=True
+  ) as dst:
     assert dst.bin[segyio.BinField.Format] == kept
     assert dst.text[0] == src.text[0]
     for i in range(6):
@@ -193,16 +209,22 @@ def test_line_numbers_parse():
 
 # --------------------------------------------------- with a trained model ---
 
-def test_segy_line_is_segmented_and_its_headers_round_trip(trained, tmp_path,
-                                                           compile_cache):
+
+def test_segy_line_is_segmented_and_its_headers_round_trip(trained, tmp_path, compile_cache):
   path = tmp_path / "line_a.sgy"
   _, truth = _segy_line(path, seed=11)
   assert _run(_segment_config(compile_cache, path), trained) == 0
   out = trained / "sections"
   names = {p.name for p in out.iterdir()}
-  assert {"line_a_probability.npy", "line_a_mask.npy", "line_a_probability.png",
-          "line_a_mask.png", "line_a_overlay.png", "line_a_probability.sgy",
-          "line_a_segment.json"} <= names
+  assert {
+      "line_a_probability.npy",
+      "line_a_mask.npy",
+      "line_a_probability.png",
+      "line_a_mask.png",
+      "line_a_overlay.png",
+      "line_a_probability.sgy",
+      "line_a_segment.json",
+  } <= names
   assert not [n for n in names if ".tmp" in n]
   prob = np.load(out / "line_a_probability.npy")
   mask = np.load(out / "line_a_mask.npy")
@@ -225,11 +247,13 @@ def test_segy_line_is_segmented_and_its_headers_round_trip(trained, tmp_path,
     image = cv2.imread(str(out / f"line_a_{what}.png"), cv2.IMREAD_UNCHANGED)
     assert image.shape[:2] == (ROWS, COLS)
   np.testing.assert_array_equal(
-      cv2.imread(str(out / "line_a_mask.png"), cv2.IMREAD_UNCHANGED) > 0, mask > 0)
+      cv2.imread(str(out / "line_a_mask.png"), cv2.IMREAD_UNCHANGED) > 0, mask > 0
+  )
 
   # The SEG-Y copy: same text, binary and trace headers; samples are the probability.
-  with segyio.open(str(path), ignore_geometry=True) as src, \
-      segyio.open(str(out / "line_a_probability.sgy"), ignore_geometry=True) as dst:
+  with segyio.open(str(path), ignore_geometry=True) as src, segyio.open(
+      str(out / "line_a_probability.sgy"), ignore_geometry=True
+  ) as dst:
     assert dst.tracecount == src.tracecount == COLS
     np.testing.assert_array_equal(dst.samples, src.samples)
     assert dst.text[0] == src.text[0]
@@ -262,12 +286,13 @@ def _seam_ratio(prob, starts_rows, starts_cols):
   return max(ratios)
 
 
-def test_blended_tiles_leave_no_seams_where_plain_tiling_does(trained, tmp_path,
-                                                             compile_cache):
+def test_blended_tiles_leave_no_seams_where_plain_tiling_does(trained, tmp_path, compile_cache):
   from saltjax import config_checks
+
   amplitude, _ = synthetic.generate_section(12, ROWS, COLS)
   config = config_checks.config_for_prediction(
-      _segment_config(compile_cache, tmp_path / "unused"), trained)
+      _segment_config(compile_cache, tmp_path / "unused"), trained
+  )
   config.segment = _segment_config(compile_cache, tmp_path / "unused").segment
   ensemble = sections.load_ensemble(config, trained)
   gray = sections.amplitude_to_gray(amplitude, sections.clip_level(amplitude, 99))
@@ -278,15 +303,16 @@ def test_blended_tiles_leave_no_seams_where_plain_tiling_does(trained, tmp_path,
 
   # Side by side, non-overlapping tiles (the last one flush with the edge),
   # averaged without a window: each tile's edge shows.
-  (plain,) = sections.segment_sections([gray], ensemble.predict_tiles, stride=101,
-                                       window=np.ones((101, 101)))
-  plain_ratio = _seam_ratio(plain, sections.tile_starts(ROWS, 101),
-                            sections.tile_starts(COLS, 101))
+  (plain,) = sections.segment_sections(
+      [gray], ensemble.predict_tiles, stride=101, window=np.ones((101, 101))
+  )
+  plain_ratio = _seam_ratio(plain, sections.tile_starts(ROWS, 101), sections.tile_starts(COLS, 101))
   assert plain_ratio > 2.0, plain_ratio
 
 
-def test_volume_gives_one_mask_per_inline_and_crosslines_on_request(trained, tmp_path,
-                                                                    compile_cache):
+def test_volume_gives_one_mask_per_inline_and_crosslines_on_request(
+    trained, tmp_path, compile_cache
+):
   truths, lines = [], []
   for seed in (21, 22, 23):
     amplitude, mask = synthetic.generate_section(seed, ROWS, COLS)
@@ -305,11 +331,13 @@ def test_volume_gives_one_mask_per_inline_and_crosslines_on_request(trained, tmp
     assert _iou(mask[k], truths[inline - 100]) > 0.5
   assert not (out / "cube_inline101_mask.png").exists()
   # The SEG-Y copy holds the two inlines' traces with their own headers.
-  with segyio.open(str(path), ignore_geometry=True) as src, \
-      segyio.open(str(out / "cube_probability.sgy"), ignore_geometry=True) as dst:
+  with segyio.open(str(path), ignore_geometry=True) as src, segyio.open(
+      str(out / "cube_probability.sgy"), ignore_geometry=True
+  ) as dst:
     assert dst.tracecount == 2 * COLS
-    kept = [i for i in range(src.tracecount)
-            if src.header[i][segyio.TraceField.INLINE_3D] in (100, 102)]
+    kept = [
+        i for i in range(src.tracecount) if src.header[i][segyio.TraceField.INLINE_3D] in (100, 102)
+    ]
     for j, i in enumerate(kept):
       assert dict(dst.header[j]) == dict(src.header[i])
     np.testing.assert_allclose(dst.trace.raw[COLS:], prob[1].T, atol=1e-7)
@@ -338,17 +366,17 @@ def test_npy_and_png_inputs_of_any_size(trained, tmp_path, compile_cache):
 
 # -------------------------------------------------------------- bad input ---
 
+
 def _bad_inputs(tmp_path):
   """(path, text the error must contain) for each kind of bad input."""
   cases = []
   text = tmp_path / "notes.sgy"
   text.write_text("this is not seismic data\n" * 200)
   cases.append((text, "not a readable SEG-Y file"))
-  good = segy.write_section(tmp_path / "whole.sgy",
-                            np.ones((150, 120), np.float32))
+  good = segy.write_section(tmp_path / "whole.sgy", np.ones((150, 120), np.float32))
   data = good.read_bytes()
   truncated = tmp_path / "truncated.sgy"
-  truncated.write_bytes(data[:len(data) - 301])  # cut inside the last trace
+  truncated.write_bytes(data[: len(data) - 301])  # cut inside the last trace
   cases.append((truncated, "not a readable SEG-Y file"))
   small = segy.write_section(tmp_path / "small.sgy", np.ones((80, 300), np.float32))
   cases.append((small, "at least 101 x 101"))
@@ -365,18 +393,25 @@ def _bad_inputs(tmp_path):
   return cases
 
 
-def test_bad_input_is_refused_naming_the_file_and_writing_nothing(trained, tmp_path,
-                                                                  compile_cache, capsys):
-  before = sorted(p.name for p in (trained / "sections").iterdir()) \
-      if (trained / "sections").exists() else []
+def test_bad_input_is_refused_naming_the_file_and_writing_nothing(
+    trained, tmp_path, compile_cache, capsys
+):
+  before = (
+      sorted(p.name for p in (trained / "sections").iterdir())
+      if (trained / "sections").exists()
+      else []
+  )
   for path, expected in _bad_inputs(tmp_path):
     capsys.readouterr()
     assert _run(_segment_config(compile_cache, path), trained) == 1, path
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(path) in err and expected in err, err
     assert "Traceback" not in err
-    now = sorted(p.name for p in (trained / "sections").iterdir()) \
-        if (trained / "sections").exists() else []
+    now = (
+        sorted(p.name for p in (trained / "sections").iterdir())
+        if (trained / "sections").exists()
+        else []
+    )
     assert now == before, path
 
 
@@ -400,13 +435,22 @@ def test_empty_or_untrained_workdir_is_refused(trained, tmp_path, compile_cache,
 
 def test_main_py_segments_a_png_from_the_command_line(trained, tmp_path, compile_cache):
   amplitude, _ = synthetic.generate_section(41, 120, 150)
-  cv2.imwrite(str(tmp_path / "cli.png"),
-              sections.amplitude_to_gray(amplitude, sections.clip_level(amplitude, 99)))
-  result = run_main(["--config=configs/segment.py", f"--workdir={trained}",
-                     f"--config.segment.input={tmp_path / 'cli.png'}",
-                     f"--config.compilation_cache={compile_cache}", "--config.progress=False",
-                     "--config.predict.tta=none", "--config.predict.batch_size=32",
-                     "--config.segment.stride=40"])
+  cv2.imwrite(
+      str(tmp_path / "cli.png"),
+      sections.amplitude_to_gray(amplitude, sections.clip_level(amplitude, 99)),
+  )
+  result = run_main(
+      [
+          "--config=configs/segment.py",
+          f"--workdir={trained}",
+          f"--config.segment.input={tmp_path / 'cli.png'}",
+          f"--config.compilation_cache={compile_cache}",
+          "--config.progress=False",
+          "--config.predict.tta=none",
+          "--config.predict.batch_size=32",
+          "--config.segment.stride=40",
+      ]
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   summary = json.loads((trained / "sections" / "cli_segment.json").read_text())
   assert summary["stride"] == 40 and summary["shape"] == [120, 150]
@@ -414,11 +458,22 @@ def test_main_py_segments_a_png_from_the_command_line(trained, tmp_path, compile
 
 
 def test_bad_segment_config_values_are_all_named(tmp_path, compile_cache, capsys):
-  config = _segment_config(compile_cache, tmp_path / "missing.sgy", stride=0,
-                           clip_percentile=0.0, inlines="3", crosslines="4")
+  config = _segment_config(
+      compile_cache,
+      tmp_path / "missing.sgy",
+      stride=0,
+      clip_percentile=0.0,
+      inlines="3",
+      crosslines="4",
+  )
   assert _run(config, tmp_path / "run") == 1
   err = capsys.readouterr().err
-  for text in ("config.segment.input=", "no such file", "config.segment.stride=0",
-               "config.segment.clip_percentile=0.0", "config.segment.crosslines='4'"):
+  for text in (
+      "config.segment.input=",
+      "no such file",
+      "config.segment.stride=0",
+      "config.segment.clip_percentile=0.0",
+      "config.segment.crosslines='4'",
+  ):
     assert text in err, err
   assert not (tmp_path / "run").exists()

@@ -18,8 +18,7 @@ from saltjax import synthetic
 # published with the data (class 0 is empty; class i covers
 # (i-1)/10 < coverage <= i/10).  Written out here, not imported, so that the
 # generator is checked against the independent truth.
-REAL_CLASS_COUNTS = np.array(
-    [1562, 576, 296, 224, 186, 225, 205, 174, 148, 159, 245])
+REAL_CLASS_COUNTS = np.array([1562, 576, 296, 224, 186, 225, 205, 174, 148, 159, 245])
 REAL_CLASS_SHARES = REAL_CLASS_COUNTS / REAL_CLASS_COUNTS.sum()
 
 _ID = re.compile(r"^[0-9a-f]{10}$")
@@ -40,8 +39,7 @@ def _png_header(path: pathlib.Path) -> tuple[int, int, int, int]:
 
 
 def _tree(root: pathlib.Path) -> dict[str, bytes]:
-  return {str(p.relative_to(root)): p.read_bytes()
-          for p in sorted(root.rglob("*")) if p.is_file()}
+  return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _coverage_classes(masks: np.ndarray) -> np.ndarray:
@@ -55,13 +53,16 @@ def _leftovers(directory: pathlib.Path) -> list[str]:
 
 
 def test_write_dataset_writes_the_kaggle_layout(tmp_path):
-  out = synthetic.write_dataset(tmp_path / "data", num_train=24, num_test=7,
-                                seed=5)
+  out = synthetic.write_dataset(tmp_path / "data", num_train=24, num_test=7, seed=5)
   assert out == tmp_path / "data"
   assert sorted(p.name for p in out.iterdir()) == [
-      "depths.csv", "sample_submission.csv", "test", "train", "train.csv"]
-  assert sorted(p.name for p in (out / "train").iterdir()) == [
-      "images", "masks"]
+      "depths.csv",
+      "sample_submission.csv",
+      "test",
+      "train",
+      "train.csv",
+  ]
+  assert sorted(p.name for p in (out / "train").iterdir()) == ["images", "masks"]
   assert [p.name for p in (out / "test").iterdir()] == ["images"]
   assert not _leftovers(tmp_path)
 
@@ -80,20 +81,20 @@ def test_write_dataset_writes_the_kaggle_layout(tmp_path):
   assert {p.stem for p in (out / "train/images").iterdir()} == set(train_ids)
   assert {p.stem for p in (out / "train/masks").iterdir()} == set(train_ids)
   assert {p.stem for p in (out / "test/images").iterdir()} == set(test_ids)
-  paths = ([out / "train/images" / f"{i}.png" for i in train_ids]
-           + [out / "train/masks" / f"{i}.png" for i in train_ids]
-           + [out / "test/images" / f"{i}.png" for i in test_ids])
+  paths = (
+      [out / "train/images" / f"{i}.png" for i in train_ids]
+      + [out / "train/masks" / f"{i}.png" for i in train_ids]
+      + [out / "test/images" / f"{i}.png" for i in test_ids]
+  )
   for path in paths:
     assert _png_header(path) == (101, 101, 8, 0), path  # 8-bit grayscale.
 
   sizes = []
   for name, encoded in rows:
-    mask = cv2.imread(str(out / "train/masks" / f"{name}.png"),
-                      cv2.IMREAD_UNCHANGED)
+    mask = cv2.imread(str(out / "train/masks" / f"{name}.png"), cv2.IMREAD_UNCHANGED)
     assert mask.dtype == np.uint8 and mask.shape == (101, 101)
     assert set(np.unique(mask)) <= {0, 255}
-    np.testing.assert_array_equal(rle.decode(encoded, (101, 101)),
-                                  (mask // 255).astype(np.uint8))
+    np.testing.assert_array_equal(rle.decode(encoded, (101, 101)), (mask // 255).astype(np.uint8))
     assert (encoded == "") == (not mask.any())
     sizes.append(int(mask.astype(bool).sum()))
   # Both empty and salt images, as in the real data (fixed seed).
@@ -103,8 +104,7 @@ def test_write_dataset_writes_the_kaggle_layout(tmp_path):
   assert header == ["id", "z"]
   depths = dict(depth_rows)
   assert sorted(depths) == sorted(all_ids) and len(depth_rows) == 31
-  assert all(re.match(r"^\d+$", z) and 50 <= int(z) <= 960
-             for z in depths.values())
+  assert all(re.match(r"^\d+$", z) and 50 <= int(z) <= 960 for z in depths.values())
 
 
 def test_write_dataset_is_deterministic(tmp_path):
@@ -142,8 +142,7 @@ def test_write_dataset_refuses_an_existing_dataset(tmp_path):
   assert not _leftovers(tmp_path)
 
 
-def test_write_dataset_crash_leaves_nothing_under_the_final_name(
-    tmp_path, monkeypatch):
+def test_write_dataset_crash_leaves_nothing_under_the_final_name(tmp_path, monkeypatch):
   real_fill = synthetic._fill
 
   def crashing_fill(root, *args):
@@ -156,8 +155,7 @@ def test_write_dataset_crash_leaves_nothing_under_the_final_name(
   assert list(tmp_path.iterdir()) == []
 
 
-def test_ensure_dataset_generates_once_then_uses_the_cache(tmp_path,
-                                                           monkeypatch):
+def test_ensure_dataset_generates_once_then_uses_the_cache(tmp_path, monkeypatch):
   path = synthetic.ensure_dataset(tmp_path, num_train=4, num_test=2, seed=1)
   assert path == tmp_path / f"synthetic-v{synthetic.VERSION}-n4-t2-s1"
   assert (path / "train.csv").is_file()
@@ -171,8 +169,7 @@ def test_ensure_dataset_generates_once_then_uses_the_cache(tmp_path,
   assert {p: p.stat().st_mtime_ns for p in path.rglob("*")} == mtimes
 
 
-def test_ensure_dataset_uses_the_copy_of_a_process_that_won_the_race(
-    tmp_path, monkeypatch):
+def test_ensure_dataset_uses_the_copy_of_a_process_that_won_the_race(tmp_path, monkeypatch):
   real_fill = synthetic._fill
   final = tmp_path / synthetic.dataset_name(3, 1, 0)
 
@@ -191,8 +188,7 @@ def test_ensure_dataset_uses_the_copy_of_a_process_that_won_the_race(
 
 
 def test_mask_statistics_match_the_real_labels():
-  masks = np.stack([synthetic.generate_mask(np.random.default_rng([123, i]))
-                    for i in range(2000)])
+  masks = np.stack([synthetic.generate_mask(np.random.default_rng([123, i])) for i in range(2000)])
   assert masks.dtype == np.uint8 and set(np.unique(masks)) <= {0, 1}
   shares = np.bincount(_coverage_classes(masks), minlength=11) / len(masks)
   assert abs(shares[0] - 0.3905) < 0.04
@@ -207,19 +203,16 @@ def test_mask_statistics_match_the_real_labels():
   assert 0.002 < (pixels < 10).sum() / len(masks) < 0.03
   # Real masks nearly all touch the border (99.6%) and are mostly one
   # connected component (92%).
-  touches = (salt[:, 0].any(1) | salt[:, -1].any(1)
-             | salt[:, :, 0].any(1) | salt[:, :, -1].any(1))
+  touches = salt[:, 0].any(1) | salt[:, -1].any(1) | salt[:, :, 0].any(1) | salt[:, :, -1].any(1)
   assert touches.mean() > 0.95
-  components = np.array([cv2.connectedComponents(m, connectivity=8)[0] - 1
-                         for m in salt])
+  components = np.array([cv2.connectedComponents(m, connectivity=8)[0] - 1 for m in salt])
   assert (components == 1).mean() > 0.85
 
 
 def test_images_need_texture_not_brightness():
   differences, stds, means, inside_std, outside_std = [], [], [], [], []
   for i in range(150):
-    image, mask, _ = synthetic.generate_example(
-        np.random.default_rng([77, i]))
+    image, mask, _ = synthetic.generate_example(np.random.default_rng([77, i]))
     image = image.astype(np.float64)
     stds.append(image.std())
     means.append(image.mean())

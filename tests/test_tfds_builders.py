@@ -22,8 +22,7 @@ SIZE = layout.IMAGE_SIZE
 # Neither list is sorted, so that a result in file-name order would show.
 TRAIN_IDS = ["f00d", "0a1b", "c3d2", "9e9e"]
 TEST_IDS = ["t2", "t1", "t3"]
-DEPTHS = {"f00d": 120, "0a1b": 345, "c3d2": 7, "9e9e": 959,
-          "t1": 501, "t2": 502, "t3": 503}
+DEPTHS = {"f00d": 120, "0a1b": 345, "c3d2": 7, "9e9e": 959, "t1": 501, "t2": 502, "t3": 503}
 
 
 def _image(seed: int) -> np.ndarray:
@@ -47,8 +46,7 @@ def write_masks(root: pathlib.Path, masks: dict[str, np.ndarray]) -> None:
   """Writes the mask PNGs and the train.csv that agrees with them."""
   for id_, mask in masks.items():
     cv2.imwrite(str(root / "train/masks" / f"{id_}.png"), mask * 255)
-  _write_csv(root / "train.csv", "id,rle_mask",
-             [(i, rle.encode(masks[i])) for i in TRAIN_IDS])
+  _write_csv(root / "train.csv", "id,rle_mask", [(i, rle.encode(masks[i])) for i in TRAIN_IDS])
 
 
 def write_layout(root: pathlib.Path, test: bool = True) -> pathlib.Path:
@@ -63,8 +61,7 @@ def write_layout(root: pathlib.Path, test: bool = True) -> pathlib.Path:
   if test:
     for n, id_ in enumerate(TEST_IDS):
       cv2.imwrite(str(root / "test/images" / f"{id_}.png"), _image(100 + n))
-    _write_csv(root / "sample_submission.csv", "id,rle_mask",
-               [(i, "1 1") for i in TEST_IDS])
+    _write_csv(root / "sample_submission.csv", "id,rle_mask", [(i, "1 1") for i in TEST_IDS])
   return root
 
 
@@ -79,25 +76,30 @@ def zip_layout(root: pathlib.Path) -> pathlib.Path:
 
 
 def make_config(tmp_path: pathlib.Path, data_dir="") -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      data_dir=str(data_dir), cache_dir=str(tmp_path / "cache"),
-      synthetic=dict(num_train=3, num_test=2, seed=0)))
+  return ml_collections.ConfigDict(
+      dict(
+          data_dir=str(data_dir),
+          cache_dir=str(tmp_path / "cache"),
+          synthetic=dict(num_train=3, num_test=2, seed=0),
+      )
+  )
 
 
 def assert_same_data(got: layout.SaltData, want: layout.SaltData) -> None:
   assert got.train_ids == want.train_ids
   assert got.test_ids == want.test_ids
   assert all(type(i) is str for i in got.train_ids + got.test_ids)
-  for field in ("train_images", "train_masks", "train_depths", "test_images",
-                "test_depths"):
+  for field in ("train_images", "train_masks", "train_depths", "test_images", "test_depths"):
     a, b = getattr(got, field), getattr(want, field)
     assert a.dtype == b.dtype and a.shape == b.shape, field
     np.testing.assert_array_equal(a, b, err_msg=field)
 
 
 def read_splits(builder) -> dict[str, dict[str, np.ndarray]]:
-  return {split: tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
-          for split in builder.info.splits}
+  return {
+      split: tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+      for split in builder.info.splits
+  }
 
 
 @pytest.fixture
@@ -180,8 +182,7 @@ def test_examples_hold_what_layout_reads(tmp_path):
   source = write_layout(tmp_path / "kaggle")
   builder = tfds_builders.TgsSalt(data_dir=tmp_path / "tfds")
   assert builder.builder_config.name == "kaggle"
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=source))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=source))
   splits = read_splits(builder)
   want = layout.read_layout(source)
   train, test = splits["train"], splits["test"]
@@ -191,8 +192,7 @@ def test_examples_hold_what_layout_reads(tmp_path):
   np.testing.assert_array_equal(train["mask"][..., 0], want.train_masks)
   assert train["depth"].dtype == np.int32
   assert train["depth"].tolist() == [DEPTHS[i] for i in TRAIN_IDS]
-  assert train["coverage_class"].tolist() == (
-      metrics.coverage_class(want.train_masks).tolist())
+  assert train["coverage_class"].tolist() == (metrics.coverage_class(want.train_masks).tolist())
   assert train["coverage_class"].tolist() == [2, 0, 1, 10]
   assert [i.decode() for i in test["id"]] == TEST_IDS
   np.testing.assert_array_equal(test["image"][..., 0], want.test_images)
@@ -207,8 +207,7 @@ def test_builder_reads_zips_like_unpacked_folders(tmp_path):
   results = []
   for source in (unpacked, zipped):
     builder = tfds_builders.TgsSalt(data_dir=tmp_path / f"tfds_{source.name}")
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=source))
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=source))
     results.append(read_splits(builder))
   for split in ("train", "test"):
     for name, value in results[0][split].items():
@@ -217,21 +216,25 @@ def test_builder_reads_zips_like_unpacked_folders(tmp_path):
 
 def test_synthetic_config_by_name(tmp_path):
   from saltjax import synthetic  # pylint: disable=g-import-not-at-top
+
   name = f"synthetic_v{synthetic.VERSION}_n3_t2_s0"
   builder = tfds.builder(f"tgs_salt/{name}", data_dir=tmp_path)
   assert builder.builder_config is tfds_builders.synthetic_config(3, 2, 0)
   assert builder.builder_config.num_train == 3
   with pytest.raises(ValueError, match="not found"):
-    tfds.builder(f"tgs_salt/synthetic_v{synthetic.VERSION + 1}_n3_t2_s0",
-                 data_dir=tmp_path)
+    tfds.builder(f"tgs_salt/synthetic_v{synthetic.VERSION + 1}_n3_t2_s0", data_dir=tmp_path)
 
 
 def test_manual_download_instructions_name_the_files():
   text = tfds_builders.TgsSalt.MANUAL_DOWNLOAD_INSTRUCTIONS
-  for name in ("train.zip", "test.zip", "train.csv", "depths.csv",
-               "sample_submission.csv",
-               "kaggle competitions download -c"
-               " tgs-salt-identification-challenge"):
+  for name in (
+      "train.zip",
+      "test.zip",
+      "train.csv",
+      "depths.csv",
+      "sample_submission.csv",
+      "kaggle competitions download -c" " tgs-salt-identification-challenge",
+  ):
     assert name in text
 
 
@@ -246,8 +249,7 @@ def test_tensorflow_sees_no_gpu():
 @pytest.mark.parametrize("load_test", [True, False])
 def test_load_round_trips_exactly(tmp_path, load_test):
   source = write_layout(tmp_path / "kaggle")
-  data = tfds_builders.load(make_config(tmp_path, source), source,
-                            load_test=load_test)
+  data = tfds_builders.load(make_config(tmp_path, source), source, load_test=load_test)
   assert_same_data(data, layout.read_layout(source, load_test=load_test))
 
 
@@ -255,12 +257,10 @@ def test_load_reads_zips_like_unpacked_folders(tmp_path):
   unpacked = write_layout(tmp_path / "unpacked")
   zipped = zip_layout(write_layout(tmp_path / "zipped"))
   config = make_config(tmp_path, unpacked)
-  assert_same_data(tfds_builders.load(config, zipped),
-                   tfds_builders.load(config, unpacked))
+  assert_same_data(tfds_builders.load(config, zipped), tfds_builders.load(config, unpacked))
 
 
-def test_load_reuses_and_rebuilds_when_the_source_changes(tmp_path,
-                                                          generated):
+def test_load_reuses_and_rebuilds_when_the_source_changes(tmp_path, generated):
   source = write_layout(tmp_path / "kaggle")
   config = make_config(tmp_path, source)
   first = tfds_builders.load(config, source)
@@ -296,15 +296,12 @@ def test_fingerprint_follows_files_and_path(tmp_path):
   changes = [
       lambda: cv2.imwrite(str(source / "test/images/t4.png"), _image(9)),
       lambda: os.remove(source / "test/images/t4.png"),
-      lambda: (source / "depths.csv").write_text(
-          (source / "depths.csv").read_text() + "t4,1\n"),
-      lambda: shutil.copy(source / "train/images/0a1b.png",
-                          source / "train/images/f00d.png"),
+      lambda: (source / "depths.csv").write_text((source / "depths.csv").read_text() + "t4,1\n"),
+      lambda: shutil.copy(source / "train/images/0a1b.png", source / "train/images/f00d.png"),
   ]
   for change in changes:
     change()
-    previous, fingerprint = fingerprint, tfds_builders.source_fingerprint(
-        source)
+    previous, fingerprint = fingerprint, tfds_builders.source_fingerprint(source)
     assert fingerprint != previous
 
 
@@ -331,16 +328,13 @@ def test_interrupted_preparation_is_not_reused(tmp_path, monkeypatch):
         raise KeyboardInterrupt("killed")
       yield example
 
-  monkeypatch.setattr(tfds_builders.TgsSalt, "_generate_examples",
-                      crash_midway)
+  monkeypatch.setattr(tfds_builders.TgsSalt, "_generate_examples", crash_midway)
   with pytest.raises(KeyboardInterrupt):
     tfds_builders.load(config, source)
-  variant = (tfds_builders.tfds_data_dir(config.cache_dir, source) /
-             "tgs_salt" / "kaggle")
+  variant = tfds_builders.tfds_data_dir(config.cache_dir, source) / "tgs_salt" / "kaggle"
   assert not (variant / "1.0.0").exists()
   monkeypatch.undo()
-  assert_same_data(tfds_builders.load(config, source),
-                   layout.read_layout(source))
+  assert_same_data(tfds_builders.load(config, source), layout.read_layout(source))
   assert [p.name for p in variant.iterdir()] == ["1.0.0"]
 
 
@@ -366,9 +360,9 @@ def test_load_test_false_reuses_the_full_dataset(tmp_path, generated):
 
 def test_load_uses_the_synthetic_config_for_the_embedded_dataset(tmp_path):
   from saltjax import synthetic  # pylint: disable=g-import-not-at-top
+
   config = make_config(tmp_path)  # data_dir '' is the embedded dataset.
-  source = synthetic.ensure_dataset(tmp_path / "cache", num_train=3,
-                                    num_test=2, seed=0)
+  source = synthetic.ensure_dataset(tmp_path / "cache", num_train=3, num_test=2, seed=0)
   data = tfds_builders.load(config, source)
   assert_same_data(data, layout.read_layout(source))
   target = tfds_builders.tfds_data_dir(config.cache_dir, source)

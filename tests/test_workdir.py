@@ -17,12 +17,11 @@ from saltjax import workdir as workdir_lib
 from tests.conftest import tiny_config
 
 
-def test_atomic_writer_leaves_no_temp_file_and_names_the_path_when_the_disk_is_full(
-    tmp_path):
+def test_atomic_writer_leaves_no_temp_file_and_names_the_path_when_the_disk_is_full(tmp_path):
   target = tmp_path / "scores.json"
 
   def half_then_full(tmp: pathlib.Path):
-    tmp.write_text("{\"half\": ")  # what a full disk leaves behind
+    tmp.write_text('{"half": ')  # what a full disk leaves behind
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
   with pytest.raises(errors.WorkdirError) as raised:
@@ -34,6 +33,7 @@ def test_atomic_writer_leaves_no_temp_file_and_names_the_path_when_the_disk_is_f
 def test_read_only_errors_say_what_to_do(tmp_path):
   def read_only(tmp):
     raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
   with pytest.raises(errors.WorkdirError, match="use a --workdir you can write to"):
     workdir_lib.write_atomic(tmp_path / "x.csv", read_only)
 
@@ -53,23 +53,26 @@ def test_the_lock_of_a_dead_holder_is_taken_over(tmp_path):
   dead = subprocess.Popen([sys.executable, "-c", "pass"])
   dead.wait()
   (tmp_path / workdir_lib.LOCK).write_text(
-      json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+      json.dumps({"pid": dead.pid, "host": socket.gethostname()})
+  )
   with workdir_lib.locked(tmp_path):
     assert json.loads((tmp_path / workdir_lib.LOCK).read_text())["pid"] == os.getpid()
   assert not (tmp_path / workdir_lib.LOCK).exists()
 
 
-def test_main_refuses_a_workdir_in_use_before_writing_anything(tmp_path, data_cache,
-                                                              compile_cache, capfd,
-                                                              monkeypatch):
+def test_main_refuses_a_workdir_in_use_before_writing_anything(
+    tmp_path, data_cache, compile_cache, capfd, monkeypatch
+):
   from saltjax import run
+
   monkeypatch.delenv("SALTJAX_DEBUG", raising=False)
   holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
   try:
     workdir = tmp_path / "run"
     workdir.mkdir()
     (workdir / workdir_lib.LOCK).write_text(
-        json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
+        json.dumps({"pid": holder.pid, "host": socket.gethostname()})
+    )
     config = tiny_config(data_cache, compile_cache, fold=0)
     assert run.main(config, str(workdir)) == 1
     err = capfd.readouterr().err
@@ -83,8 +86,9 @@ def test_main_refuses_a_workdir_in_use_before_writing_anything(tmp_path, data_ca
 
 def _mount_tmpfs(path: pathlib.Path, options: str) -> bool:
   path.mkdir(parents=True, exist_ok=True)
-  result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
-                          capture_output=True)
+  result = subprocess.run(
+      ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True
+  )
   return result.returncode == 0
 
 
@@ -105,9 +109,11 @@ def small_mount(tmp_path):
     subprocess.run(["umount", str(path)], capture_output=True)
 
 
-def test_a_read_only_workdir_is_found_before_training(small_mount, data_cache, compile_cache,
-                                                      capfd, monkeypatch):
+def test_a_read_only_workdir_is_found_before_training(
+    small_mount, data_cache, compile_cache, capfd, monkeypatch
+):
   from saltjax import run
+
   monkeypatch.delenv("SALTJAX_DEBUG", raising=False)
   workdir = small_mount("ro", "ro,size=1m") / "run"
   config = tiny_config(data_cache, compile_cache, fold=0)
@@ -117,10 +123,12 @@ def test_a_read_only_workdir_is_found_before_training(small_mount, data_cache, c
   assert "Traceback" not in err
 
 
-def test_a_full_disk_during_training_ends_in_one_message(small_mount, data_cache,
-                                                         compile_cache, capfd, monkeypatch):
+def test_a_full_disk_during_training_ends_in_one_message(
+    small_mount, data_cache, compile_cache, capfd, monkeypatch
+):
   """Room for the run's records but not its checkpoints: one message, exit 1."""
   from saltjax import run
+
   monkeypatch.delenv("SALTJAX_DEBUG", raising=False)
   workdir = small_mount("full", "size=64k") / "run"
   config = tiny_config(data_cache, compile_cache, fold=0)
