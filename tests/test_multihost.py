@@ -124,22 +124,23 @@ def _worker(out_dir: str, process_id: int, port: int) -> None:
   job = train.Job.create(config, mesh, fold_of, writer=None)
   timings["job"] = round(time.time() - started, 1)
   step = job.train_steps[config.loss.name]
-  state = jax.device_put(job.new_state(), parallel.replicated(mesh))
+  # One fold model (the step takes a leading fold axis).
+  state = jax.device_put(train._stack([job.new_state()]), parallel.replicated(mesh))
 
   # This process reads its own shard of the global batch, and only that.
   batch = _global_batch()
   n, i = jax.process_count(), jax.process_index()
   rows = GLOBAL_BATCH // n
-  own = {k: v[i * rows : (i + 1) * rows] for k, v in batch.items()}
-  global_batch = parallel.global_from_local(own, mesh)
-  facts["local_rows"] = sorted(s.data.shape[0] for s in global_batch["image"].addressable_shards)
+  own = {k: v[None, i * rows : (i + 1) * rows] for k, v in batch.items()}
+  global_batch = parallel.global_from_local(own, mesh, fold_axis=True)
+  facts["local_rows"] = sorted(s.data.shape[1] for s in global_batch["image"].addressable_shards)
   new_state, step_metrics = step(state, global_batch)
   jax.block_until_ready(new_state)
   timings["step"] = round(time.time() - started, 1)
 
-  results = {"loss": _local(step_metrics["loss"])}
+  results = {"loss": _local(step_metrics["loss"])[0]}
   flat = jax.tree_util.tree_leaves_with_path(
-      {"params": new_state.params, "batch_stats": new_state.batch_stats}
+      jax.tree.map(lambda x: x[0], {"params": new_state.params, "batch_stats": new_state.batch_stats})
   )
   for path, leaf in flat:
     results[jax.tree_util.keystr(path)] = _local(leaf)
