@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import pathlib
@@ -123,7 +122,10 @@ def measure(args, setting: str, job_cache: dict) -> dict:
       originals[2](self, fold_dir, config, asynchronous=(setting == "after"))
 
     train._save, train._run_epoch, ckpt_lib.FoldCheckpoints.__init__ = (
-        timed_save, timed_epoch, init)
+        timed_save,
+        timed_epoch,
+        init,
+    )
     try:
       started = time.perf_counter()
       train.train_folds(job, workdir, list(range(config.num_folds)), data, fold_of)
@@ -143,9 +145,16 @@ def measure(args, setting: str, job_cache: dict) -> dict:
     step_s = sum(steps[e * per_step : (e + 1) * per_step])
     val_s = sum(validations[e * per_val : (e + 1) * per_val])
     save_s = sum(t for at, t in saves if at == e + 1)
-    rows.append({"epoch": e + 1, "wall_s": round(wall, 4), "steps_s": round(step_s, 4),
-                 "validation_s": round(val_s, 4), "checkpoint_s": round(save_s, 4),
-                 "other_s": round(wall - step_s - val_s - save_s, 4)})
+    rows.append(
+        {
+            "epoch": e + 1,
+            "wall_s": round(wall, 4),
+            "steps_s": round(step_s, 4),
+            "validation_s": round(val_s, 4),
+            "checkpoint_s": round(save_s, 4),
+            "other_s": round(wall - step_s - val_s - save_s, 4),
+        }
+    )
   final_save = saves[-1][1]
   return {
       "setting": setting,

@@ -91,7 +91,6 @@ def versions() -> dict:
 def main(argv=None) -> dict:
   args = parse_args(argv)
   import jax
-  import numpy as np
   from saltjax import sections
   from saltjax import synthetic
   from saltjax import train as train_lib

@@ -140,7 +140,8 @@ def main(config, workdir: str | None, config_file: str | None = None) -> int:
       config_checks.check(config)
     elif config.mode not in ("predict", "segment"):
       raise errors.ConfigError(
-          f"bad config:\n  config.mode={config.mode!r}: use 'train', 'predict' or 'segment'")
+          f"bad config:\n  config.mode={config.mode!r}: use 'train', 'predict' or 'segment'"
+      )
     # A prediction's model and data come from the workdir's config.json: its
     # config is checked once merged with them (config_for_prediction).
     enable_compilation_cache(config)

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny configs of the real recipe, and a session compile cache."""
 
+import dataclasses
 import os
 import pathlib
 import subprocess
@@ -111,3 +112,132 @@ def blob_batch(rng: np.random.Generator, batch_size: int, image_size: int) -> di
   ).astype(np.float32)
   masks[:2] = 0.0
   return {"image": images, "mask": masks}
+
+
+# ------------------------------------- the suite's reference training run ---
+# One tiny training configuration (fold 0 of conftest's sizes) is run once by
+# main.py for the session; the reliability and checkpoint tests compare with
+# it and reuse the compile cache it fills.
+
+FOLD = 0
+EPOCHS = 3  # TINY_OVERRIDES' num_epochs: the train step compiled here is the suite's
+
+
+def _main_args(workdir, data_cache, compile_cache, **overrides) -> list[str]:
+  return [
+      "--config=configs/quick.py",
+      f"--workdir={workdir}",
+      f"--config.cache_dir={data_cache}",
+      f"--config.compilation_cache={compile_cache}",
+      *flag_args(**{"fold": FOLD, **overrides}),
+  ]
+
+
+def _popen_main(args, log: pathlib.Path, env=None, hook: str | None = None) -> subprocess.Popen:
+  """main.py started in the background; `hook` runs first, in the same process."""
+  command = ["-c", hook] if hook else [str(REPO / "main.py")]
+  with open(log, "w") as stderr:
+    return subprocess.Popen(
+        [sys.executable, *command, *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})},
+    )
+
+
+# main.py, paused for good when epoch 2's third batch (0-based epoch 1, batch
+# 2) is handed to the train step, after the marker file says so: the place to
+# SIGKILL it mid-epoch, two of that epoch's steps applied. Pausing only
+# delays the data; what is computed is unchanged.
+
+
+def _steps(store_dir: pathlib.Path) -> list[int]:
+  """Finished checkpoint steps (orbax's unfinished saves have other names)."""
+  if not store_dir.is_dir():
+    return []
+  return sorted(int(p.name) for p in store_dir.iterdir() if p.name.isdigit())
+
+
+def _without_seconds(record: dict) -> dict:
+  """A summary or meta without the timings, which rightly differ between runs."""
+  out = dict(record)
+  if "history" in out:
+    out["history"] = [{k: v for k, v in h.items() if k != "seconds"} for h in out["history"]]
+  return out
+
+
+def _checkpoints(fold_dir: pathlib.Path) -> dict:
+  """{'store/step': (leaf path -> (dtype, shape, bytes), meta)} of a fold dir."""
+  import jax
+  import orbax.checkpoint as ocp
+
+  out = {}
+  for store in ("latest", "best", "snapshots", "swa"):
+    if not _steps(fold_dir / store):
+      continue
+    manager = ocp.CheckpointManager(
+        (fold_dir / store).absolute(),
+        item_names=("state", "meta"),
+        options=ocp.CheckpointManagerOptions(read_only=True),
+    )
+    for step in manager.all_steps():
+      restored = manager.restore(
+          step,
+          args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
+      )
+      leaves = {}
+      for path, leaf in jax.tree_util.tree_flatten_with_path(restored["state"])[0]:
+        leaf = np.asarray(leaf)
+        leaves[jax.tree_util.keystr(path)] = (str(leaf.dtype), leaf.shape, leaf.tobytes())
+      out[f"{store}/{step}"] = (leaves, _without_seconds(restored["meta"]))
+    manager.close()
+  return out
+
+
+@pytest.fixture(scope="session")
+def prepared_data(data_cache):
+  """The tiny synthetic set, generated once before processes race for it."""
+  from saltjax import data as data_lib
+
+  return data_lib.load(tiny_config(data_cache, ""))
+
+
+@pytest.fixture(scope="session")
+def reference_started(tmp_path_factory, prepared_data, data_cache, compile_cache):
+  """The uninterrupted run, started early (it compiles what every other run reuses)."""
+  workdir = tmp_path_factory.mktemp("reference") / "run"
+  proc = _popen_main(_main_args(workdir, data_cache, compile_cache), workdir.parent / "stderr.txt")
+  yield workdir, proc
+  if proc.poll() is None:
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture(scope="session")
+def reference(reference_started):
+  workdir, proc = reference_started
+  rc = proc.wait(timeout=900)
+  assert rc == 0, (workdir.parent / "stderr.txt").read_text()[-3000:]
+  return workdir
+
+
+@pytest.fixture(scope="session")
+def job_cache():
+  return {}
+
+
+@pytest.fixture
+def shared_job(job_cache, monkeypatch):
+  """In-process runs share one Job (traced and compiled once), as one process's folds do."""
+  from saltjax import train
+
+  create = train.Job.create
+
+  def shared(config, mesh, fold_of, writer, num_extra=0):
+    key = config.to_json_best_effort(sort_keys=True)
+    if key not in job_cache:
+      job_cache[key] = create(config, mesh, fold_of, writer=None, num_extra=num_extra)
+    return dataclasses.replace(job_cache[key], writer=writer)
+
+  monkeypatch.setattr(train.Job, "create", shared)

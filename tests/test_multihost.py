@@ -140,7 +140,9 @@ def _worker(out_dir: str, process_id: int, port: int) -> None:
 
   results = {"loss": _local(step_metrics["loss"])[0]}
   flat = jax.tree_util.tree_leaves_with_path(
-      jax.tree.map(lambda x: x[0], {"params": new_state.params, "batch_stats": new_state.batch_stats})
+      jax.tree.map(
+          lambda x: x[0], {"params": new_state.params, "batch_stats": new_state.batch_stats}
+      )
   )
   for path, leaf in flat:
     results[jax.tree_util.keystr(path)] = _local(leaf)

@@ -21,13 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -38,39 +35,18 @@ import pytest
 
 from saltjax import run as run_lib
 
-from tests.conftest import REPO, flag_args, run_main, tiny_config
+from tests.conftest import (
+    EPOCHS,
+    FOLD,
+    _checkpoints,
+    _main_args,
+    _popen_main,
+    _steps,
+    _without_seconds,
+    run_main,
+    tiny_config,
+)
 
-FOLD = 0
-EPOCHS = 3  # conftest's num_epochs: the train step compiled here is the suite's
-
-
-def _main_args(workdir, data_cache, compile_cache, **overrides) -> list[str]:
-  return [
-      "--config=configs/quick.py",
-      f"--workdir={workdir}",
-      f"--config.cache_dir={data_cache}",
-      f"--config.compilation_cache={compile_cache}",
-      *flag_args(**{"fold": FOLD, **overrides}),
-  ]
-
-
-def _popen_main(args, log: pathlib.Path, env=None, hook: str | None = None) -> subprocess.Popen:
-  """main.py started in the background; `hook` runs first, in the same process."""
-  command = ["-c", hook] if hook else [str(REPO / "main.py")]
-  with open(log, "w") as stderr:
-    return subprocess.Popen(
-        [sys.executable, *command, *args],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=stderr,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})},
-    )
-
-
-# main.py, paused for good when epoch 2's third batch (0-based epoch 1, batch
-# 2) is handed to the train step, after the marker file says so: the place to
-# SIGKILL it mid-epoch, two of that epoch's steps applied. Pausing only
-# delays the data; what is computed is unchanged.
 _PAUSE_MID_EPOCH = """
 import os, pathlib, runpy, sys, time
 from saltjax import input_pipeline
@@ -106,49 +82,6 @@ input_pipeline.epoch_iterator = epoch_iterator
 sys.argv[0] = "main.py"
 runpy.run_path("main.py", run_name="__main__")
 """
-
-
-def _steps(store_dir: pathlib.Path) -> list[int]:
-  """Finished checkpoint steps (orbax's unfinished saves have other names)."""
-  if not store_dir.is_dir():
-    return []
-  return sorted(int(p.name) for p in store_dir.iterdir() if p.name.isdigit())
-
-
-def _without_seconds(record: dict) -> dict:
-  """A summary or meta without the timings, which rightly differ between runs."""
-  out = dict(record)
-  if "history" in out:
-    out["history"] = [{k: v for k, v in h.items() if k != "seconds"} for h in out["history"]]
-  return out
-
-
-def _checkpoints(fold_dir: pathlib.Path) -> dict:
-  """{'store/step': (leaf path -> (dtype, shape, bytes), meta)} of a fold dir."""
-  import jax
-  import orbax.checkpoint as ocp
-
-  out = {}
-  for store in ("latest", "best", "snapshots", "swa"):
-    if not _steps(fold_dir / store):
-      continue
-    manager = ocp.CheckpointManager(
-        (fold_dir / store).absolute(),
-        item_names=("state", "meta"),
-        options=ocp.CheckpointManagerOptions(read_only=True),
-    )
-    for step in manager.all_steps():
-      restored = manager.restore(
-          step,
-          args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
-      )
-      leaves = {}
-      for path, leaf in jax.tree_util.tree_flatten_with_path(restored["state"])[0]:
-        leaf = np.asarray(leaf)
-        leaves[jax.tree_util.keystr(path)] = (str(leaf.dtype), leaf.shape, leaf.tobytes())
-      out[f"{store}/{step}"] = (leaves, _without_seconds(restored["meta"]))
-    manager.close()
-  return out
 
 
 def _assert_same_training(fold_a: pathlib.Path, fold_b: pathlib.Path) -> None:
@@ -288,54 +221,6 @@ def _case(
     _break_one(name, data_dir, id_, test_id)
     overrides["data_dir"] = str(data_dir)
   return overrides, [w.format(id=id_, test_id=test_id) for w in words]
-
-
-@pytest.fixture(scope="module")
-def prepared_data(data_cache):
-  """The tiny synthetic set, generated once before processes race for it."""
-  from saltjax import data as data_lib
-
-  return data_lib.load(tiny_config(data_cache, ""))
-
-
-@pytest.fixture(scope="module")
-def reference_started(tmp_path_factory, prepared_data, data_cache, compile_cache):
-  """The uninterrupted run, started early (it compiles what every other run reuses)."""
-  workdir = tmp_path_factory.mktemp("reference") / "run"
-  proc = _popen_main(_main_args(workdir, data_cache, compile_cache), workdir.parent / "stderr.txt")
-  yield workdir, proc
-  if proc.poll() is None:
-    proc.kill()
-    proc.wait()
-
-
-@pytest.fixture(scope="module")
-def reference(reference_started):
-  workdir, proc = reference_started
-  rc = proc.wait(timeout=900)
-  assert rc == 0, (workdir.parent / "stderr.txt").read_text()[-3000:]
-  return workdir
-
-
-@pytest.fixture(scope="module")
-def job_cache():
-  return {}
-
-
-@pytest.fixture
-def shared_job(job_cache, monkeypatch):
-  """In-process runs share one Job (traced and compiled once), as one process's folds do."""
-  from saltjax import train
-
-  create = train.Job.create
-
-  def shared(config, mesh, fold_of, writer, num_extra=0):
-    key = config.to_json_best_effort(sort_keys=True)
-    if key not in job_cache:
-      job_cache[key] = create(config, mesh, fold_of, writer=None, num_extra=num_extra)
-    return dataclasses.replace(job_cache[key], writer=writer)
-
-  monkeypatch.setattr(train.Job, "create", shared)
 
 
 @pytest.fixture(scope="module")
@@ -548,7 +433,7 @@ def test_crash_between_checkpoint_saves_of_an_epoch_resumes(
 ):
   """Killed after epoch 2's snapshot/best saves, before its `latest`: epoch 2 is redone."""
   from saltjax import checkpoints as ckpt_lib
-  from saltjax import run, train
+  from saltjax import run
 
   config = tiny_config(data_cache, compile_cache, fold=FOLD)
   run.enable_compilation_cache(config)
@@ -679,159 +564,6 @@ def test_nonfinite_skip_leaves_the_state_unchanged_and_training_goes_on(
   assert all(
       np.all(np.isfinite(np.frombuffer(d, t).astype(np.float64))) for t, _, d in leaves.values()
   )
-
-
-# ------------------------------------------------------------- checkpoints ---
-
-
-def _copy_for_resume(reference: pathlib.Path, to: pathlib.Path) -> pathlib.Path:
-  """The reference workdir, its fold made unfinished: a run resumes from `latest`."""
-  shutil.copytree(reference, to)
-  (to / f"fold_{FOLD}" / "done.json").unlink()
-  return to / f"fold_{FOLD}" / "latest" / str(EPOCHS)
-
-
-def _truncate(path: pathlib.Path) -> None:
-  with open(path, "r+b") as f:
-    f.truncate(path.stat().st_size // 2)
-
-
-def _data_files(step_dir: pathlib.Path) -> list[pathlib.Path]:
-  return sorted(p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d")
-
-
-CORRUPTIONS = {
-    "truncated_array_file": lambda d: _truncate(_data_files(d)[0]),
-    "deleted_manifest": lambda d: (d / "state" / "manifest.ocdbt").unlink(),
-    "flipped_byte": lambda d: _flip(_data_files(d)[-1]),
-    "deleted_meta": lambda d: shutil.rmtree(d / "meta"),
-    # Without its checksums (a crash right after orbax finished the step),
-    # what orbax reads first is still checked. (Arrays orbax fails to read
-    # are refused too, but leave its asyncio tasks complaining on stderr.)
-    "truncated_meta_without_checksums": lambda d: [
-        (d / "checksums.json").unlink(),
-        _truncate(d / "meta" / "metadata"),
-    ],
-}
-
-
-def _flip(path: pathlib.Path) -> None:
-  data = bytearray(path.read_bytes())
-  data[len(data) // 2] ^= 0xFF
-  path.write_bytes(bytes(data))
-
-
-@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
-def test_corrupt_checkpoint_is_refused_not_half_loaded(
-    corruption, reference, tmp_path, data_cache, compile_cache
-):
-  import jax
-  from saltjax import checkpoints as ckpt_lib
-
-  config = tiny_config(data_cache, compile_cache, fold=FOLD)
-  target = jax.device_get(_raw_state(reference / f"fold_{FOLD}" / "latest", EPOCHS))
-  step_dir = _copy_for_resume(reference, tmp_path / "run")
-  CORRUPTIONS[corruption](step_dir)
-  checkpoints = ckpt_lib.FoldCheckpoints(step_dir.parents[1], config)
-  with pytest.raises(ckpt_lib.CheckpointError, match="corrupt") as raised:
-    checkpoints.latest.restore(EPOCHS, target, checkpoints.fingerprint)
-  assert str(step_dir) in str(raised.value)
-  checkpoints.close()
-
-
-def _raw_state(store_dir: pathlib.Path, step: int):
-  import orbax.checkpoint as ocp
-
-  manager = ocp.CheckpointManager(
-      store_dir.absolute(),
-      item_names=("state", "meta"),
-      options=ocp.CheckpointManagerOptions(read_only=True),
-  )
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-  manager.close()
-  return state
-
-
-def _listing(root: pathlib.Path) -> list[pathlib.Path]:
-  """Every path under root but the tensorboard logs (each run adds an event file)."""
-  return sorted(p.relative_to(root) for p in root.rglob("*") if "tensorboard" not in p.parts)
-
-
-def test_main_refuses_a_corrupt_checkpoint(
-    reference, shared_job, tmp_path, data_cache, compile_cache, capfd, monkeypatch
-):
-  from saltjax import run
-
-  monkeypatch.delenv("SALTJAX_DEBUG", raising=False)
-  step_dir = _copy_for_resume(reference, tmp_path / "run")
-  damaged = _data_files(step_dir)[0]
-  _truncate(damaged)
-  before = _listing(tmp_path)
-  config = tiny_config(data_cache, compile_cache, fold=FOLD)
-  assert run.main(config, str(tmp_path / "run")) == 1
-  err = capfd.readouterr().err
-  assert f"error: checkpoint {step_dir} is corrupt or incomplete" in err
-  assert damaged.relative_to(step_dir).as_posix() in err
-  assert "Traceback" not in err
-  # Refused as it is: not replaced, not trained over.
-  assert _listing(tmp_path) == before
-
-
-def test_changed_model_config_is_refused_for_the_same_workdir(
-    reference, tmp_path, data_cache, compile_cache, capfd, monkeypatch
-):
-  from saltjax import checkpoints as ckpt_lib
-  from saltjax import run
-
-  monkeypatch.delenv("SALTJAX_DEBUG", raising=False)
-  _copy_for_resume(reference, tmp_path / "run")
-  saved = (tmp_path / "run" / "config.json").read_text()
-  config = tiny_config(data_cache, compile_cache, fold=FOLD, **{"model.encoder_width": 8})
-  assert run.main(config, str(tmp_path / "run")) == 1
-  err = capfd.readouterr().err
-  assert "config.model.encoder_width was 4, now 8" in err
-  assert str(tmp_path / "run" / "config.json") in err
-  assert "Traceback" not in err
-  assert (tmp_path / "run" / "config.json").read_text() == saved
-
-  # The checkpoints themselves refuse another model or input config too.
-  for overrides in ({"model.encoder_width": 8}, {"image_size": 96}):
-    other = tiny_config(data_cache, compile_cache, fold=FOLD, **overrides)
-    checkpoints = ckpt_lib.FoldCheckpoints(reference / f"fold_{FOLD}", other)
-    with pytest.raises(ckpt_lib.CheckpointError, match="another model/input config"):
-      checkpoints.latest.restore(EPOCHS, None, checkpoints.fingerprint)
-    checkpoints.close()
-
-
-def test_a_checkpoint_step_is_saved_again_and_swa_keeps_the_average_a_resume_needs(
-    tmp_path, data_cache, compile_cache
-):
-  """A redone epoch saves its step again (orbax alone refuses); swa keeps two averages."""
-  from saltjax import checkpoints as ckpt_lib
-
-  config = tiny_config(data_cache, compile_cache, fold=FOLD)
-  checkpoints = ckpt_lib.FoldCheckpoints(tmp_path, config)
-  tree = lambda value: {"params": {"w": np.full((3,), value, np.float32)}}
-  for epoch in (1, 2, 3):
-    checkpoints.save_model("swa", epoch, tree(epoch), {"epoch": epoch})
-    checkpoints.save_model("best", epoch, tree(epoch), {"epoch": epoch})
-  # Resumed from `latest` at epoch 2 after a crash that followed the epoch-3
-  # swa save: the epoch-2 average is still there.
-  assert _steps(tmp_path / "swa") == [2, 3]
-  assert _steps(tmp_path / "best") == [2, 3]  # two kept, as for swa
-  restored, meta = checkpoints.swa.restore(2, tree(0), checkpoints.fingerprint)
-  assert meta["epoch"] == 2 and restored["params"]["w"].tolist() == [2, 2, 2]
-  # ... and epoch 3 redone saves its step again, with what it computed this time.
-  checkpoints.save_model("swa", 3, tree(30), {"epoch": 3})
-  checkpoints.save_model("best", 3, tree(30), {"epoch": 3})
-  restored, _ = checkpoints.best.restore(3, tree(0), checkpoints.fingerprint)
-  assert restored["params"]["w"].tolist() == [30, 30, 30]
-  assert _steps(tmp_path / "swa") == [2, 3]
-  assert ckpt_lib.model_checkpoints(tmp_path, "swa") == [("swa", 3)]
-  # What a save killed part-way leaves behind is not taken for a checkpoint.
-  (tmp_path / "best" / "4.orbax-checkpoint-tmp").mkdir()
-  assert ckpt_lib.model_checkpoints(tmp_path, "best") == [("best", 3)]
-  checkpoints.close()
 
 
 def test_sigterm_saves_the_resume_point_then_resumes_to_the_same_result(
