@@ -87,7 +87,7 @@ def set_up_process() -> None:
   logging.getLogger("absl").addFilter(_drop_orbax_background_errors)
   sys.unraisablehook = _quiet_closed_event_loops(sys.unraisablehook)
   warnings.filterwarnings("ignore", module="orbax")
-  if "tensorflow" in sys.modules or _tensorflow_installed():
+  if _tensorflow_installed():
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")
@@ -115,9 +115,13 @@ def _quiet_closed_event_loops(hook):
 
 
 def _tensorflow_installed() -> bool:
+  """Whether TensorFlow can be imported (the GPU image we measure on has none)."""
   import importlib.util
 
-  return importlib.util.find_spec("tensorflow") is not None
+  try:
+    return importlib.util.find_spec("tensorflow") is not None
+  except (ImportError, ValueError):  # blocked in sys.modules
+    return False
 
 
 def main(config, workdir: str | None, config_file: str | None = None) -> int:
