@@ -67,8 +67,37 @@ def enable_compilation_cache(config) -> None:
   """JAX's persistent compilation cache: later folds and runs skip compiling."""
   cache = config.get("compilation_cache", "")
   if cache:
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cache))
+    cache = os.path.expanduser(cache)
+    drop_unreadable_cache_entries(cache)
+    jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def drop_unreadable_cache_entries(cache_dir: str) -> list[str]:
+  """Deletes compilation-cache entries that cannot be decompressed.
+
+  JAX writes an entry in place: a full disk or a kill leaves it truncated, and
+  JAX then warns about it on every later run without replacing it. Deleted,
+  it is compiled and written again.
+  """
+  try:
+    from jax._src import compilation_cache
+  except ImportError:  # the layout of another JAX version: nothing checked
+    return []
+  dropped = []
+  for path in pathlib.Path(cache_dir).glob("*-cache") if os.path.isdir(cache_dir) else []:
+    try:
+      compilation_cache.decompress_executable(path.read_bytes())
+    except OSError:
+      continue
+    except Exception:  # zlib/zstandard's errors for a truncated entry
+      for stale in (path, path.with_name(path.name[: -len("-cache")] + "-atime")):
+        with contextlib.suppress(OSError):
+          stale.unlink()
+      dropped.append(path.name)
+  if dropped:
+    logging.info("Deleted %d unreadable compilation-cache entries in %s", len(dropped), cache_dir)
+  return dropped
 
 
 def set_up_process() -> None:

@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import pathlib
+import shutil
 import socket
 from typing import Callable, Iterator
 
@@ -49,9 +50,24 @@ def read_done(workdir: pathlib.Path, fold: int) -> dict | None:
 # ------------------------------------------------------------ atomic writes ---
 
 
+def _disk_full(path) -> bool:
+  """Whether the filesystem holding `path` (or its nearest existing parent) is full."""
+  path = pathlib.Path(path)
+  while not path.exists() and path != path.parent:
+    path = path.parent
+  try:
+    return shutil.disk_usage(path).free < (1 << 20)
+  except OSError:
+    return False
+
+
 def describe_os_error(e: OSError, path) -> str:
-  """One sentence naming the path and what to do about the error."""
-  if e.errno == errno.ENOSPC:
+  """One sentence naming the path and what to do about the error.
+
+  Some writers (OpenCV's PNG encoder) report a failure without an errno: a
+  full disk is then recognised by the free space left.
+  """
+  if e.errno == errno.ENOSPC or (e.errno is None and _disk_full(path)):
     return f"no space left on the device holding {path}: free some space or use another --workdir"
   if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
     return (

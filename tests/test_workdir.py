@@ -141,3 +141,58 @@ def test_a_full_disk_during_training_ends_in_one_message(
   assert len(err.splitlines()) < 40, err[-3000:]
   # No temporary file is left to keep the disk full.
   assert not [p for p in workdir.rglob("*") if ".tmp-" in p.name]
+
+
+def test_truncated_compilation_cache_entries_are_dropped(tmp_path):
+  """A full disk leaves a truncated cache entry that JAX would warn about on every
+  run: it is deleted (and compiled again), the intact ones are kept."""
+  from jax._src import compilation_cache
+
+  from saltjax import run
+
+  whole = compilation_cache.compress_executable(b"x" * 10_000)
+  (tmp_path / "good-cache").write_bytes(whole)
+  (tmp_path / "cut-cache").write_bytes(whole[: len(whole) // 2])
+  (tmp_path / "cut-atime").write_bytes(b"1")
+  assert run.drop_unreadable_cache_entries(str(tmp_path)) == ["cut-cache"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["good-cache"]
+
+
+def test_a_full_cache_dir_says_so(small_mount, tmp_path, compile_cache, capfd, monkeypatch):
+  """The embedded dataset cannot be generated into a full cache_dir: one message
+  naming it and the option, and no half-written dataset left behind."""
+  from saltjax import run
+
+  monkeypatch.delenv("SALTJAX_DEBUG", raising=False)
+  cache = small_mount("cache", "size=64k")
+  config = tiny_config(str(cache), compile_cache, fold=0)
+  assert run.main(config, str(tmp_path / "run")) == 1
+  err = capfd.readouterr().err
+  assert f"no space left on the device holding {cache}" in err
+  assert "--config.cache_dir" in err and "Traceback" not in err
+  assert not [p for p in cache.rglob("*") if ".tmp-" in p.name]
+  assert not (tmp_path / "run").exists()
+
+
+def test_abandoned_tfds_preparations_and_stale_copies_are_removed(tmp_path):
+  from saltjax import tfds_builders
+
+  target = tmp_path / "tfds" / "data-new"
+  old = target / "tgs_salt" / "incomplete.abc"
+  fresh = target / "tgs_salt" / "incomplete.def"
+  for path in (old, fresh):
+    path.mkdir(parents=True)
+  os.utime(old, (0, 0))  # untouched since 1970: its process is long gone
+  tfds_builders._remove_abandoned_preparations(target)
+  assert not old.exists() and fresh.exists()  # another process may be writing that one
+
+  source = tmp_path / "data"
+  source.mkdir()
+  stale, other = tmp_path / "tfds" / "data-old", tmp_path / "tfds" / "else-1"
+  for path, origin in ((stale, source), (other, tmp_path / "elsewhere")):
+    path.mkdir(parents=True)
+    (path / "source.txt").write_text(str(origin.resolve()))
+  tfds_builders._forget_older_copies(tmp_path, source, target)
+  assert not stale.exists()  # an earlier state of the same directory
+  assert other.exists()  # another directory's copy
+  assert (target / "source.txt").read_text() == str(source.resolve())
