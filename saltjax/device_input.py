@@ -47,6 +47,7 @@ import numpy as np
 
 from saltjax import augment_spec
 from saltjax import geometry
+from saltjax.errors import ConfigError
 
 ORIGINAL_SIZE = geometry.ORIGINAL_SIZE
 # Independent random streams of a fold key.
@@ -297,7 +298,7 @@ def make_batch_fn(*, augment: str, image_size: int, resize_mode: str) -> Callabl
   """
   ops = parse(augment)
   if resize_mode not in ("resize", "pad"):
-    raise ValueError(f"unknown config.resize_mode {resize_mode!r}: use 'resize' or 'pad'")
+    raise ConfigError(f"unknown config.resize_mode {resize_mode!r}: use 'resize' or 'pad'")
 
   def prepare(image, mask, key):
     image = image.astype(jnp.float32) / 255.0

@@ -6,6 +6,7 @@ import numpy as np
 from sklearn import model_selection
 
 from saltjax import metrics
+from saltjax.errors import DataError
 
 
 def depth_class(depths: np.ndarray, num_bins: int = 10) -> np.ndarray:
@@ -39,7 +40,7 @@ def assign_folds(
     raise ValueError(f"unknown fold stratification {stratify_by!r}: use 'coverage' or 'depth'")
   n = len(classes)
   if n < num_folds:
-    raise ValueError(f"{n} training images cannot make {num_folds} folds")
+    raise DataError(f"{n} training images cannot make {num_folds} folds (config.num_folds)")
   # Classes rarer than num_folds cannot be spread over every fold: sklearn
   # would warn; merge them into their nearest populated neighbour instead.
   classes = _merge_rare_classes(classes, num_folds)

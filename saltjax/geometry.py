@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from saltjax.errors import ConfigError
 
 ORIGINAL_SIZE = 101  # the competition's tiles are 101x101 pixels
 RESIZE_MODES = ("resize", "pad")
@@ -64,7 +65,7 @@ def resample_to_model_size(x, image_size: int, mode: str, xp, axes=(-3, -2)):
     pads = [(0, 0)] * x.ndim
     pads[h_axis] = pads[w_axis] = (before, after)
     return xp.pad(x, pads, mode="reflect")  # numpy's 'reflect' is TF's REFLECT
-  raise ValueError(f"unknown config.resize_mode {mode!r}: use 'resize' or 'pad'")
+  raise ConfigError(f"unknown config.resize_mode {mode!r}: use 'resize' or 'pad'")
 
 
 def to_model_size(x: jax.Array, image_size: int, mode: str) -> jax.Array:

@@ -20,6 +20,7 @@ import tqdm
 
 from saltjax import geometry
 from saltjax import parallel
+from saltjax.errors import ConfigError
 
 _SHIFT = 4  # pixels, for the small-shift TTA
 
@@ -59,7 +60,7 @@ TTA_CHOICES = tuple(TTA_VIEWS)
 def make_infer_fn(model, image_size: int, resize_mode: str, tta: str) -> Callable:
   """fn(variables, images uint8 (B,101,101)) -> {'probs': (B,101,101), 'class_probs'?: (B,)}."""
   if tta not in TTA_VIEWS:
-    raise ValueError(f"unknown config.predict.tta {tta!r}: use one of {', '.join(TTA_CHOICES)}")
+    raise ConfigError(f"unknown config.predict.tta {tta!r}: use one of {', '.join(TTA_CHOICES)}")
   views = TTA_VIEWS[tta]
 
   def infer(variables, images):

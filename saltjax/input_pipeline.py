@@ -17,6 +17,7 @@ import tensorflow as tf
 from saltjax import augment
 from saltjax import geometry
 from saltjax.geometry import ORIGINAL_SIZE, pad_widths, to_original_size  # noqa: F401
+from saltjax.errors import ConfigError
 
 
 def to_model_size(
@@ -30,7 +31,7 @@ def to_model_size(
     rank = len(image.shape)
     pads = [[0, 0]] * (rank - 3) + [[before, after], [before, after], [0, 0]]
     return tf.pad(image, pads, mode="REFLECT")
-  raise ValueError(f"unknown config.resize_mode {mode!r}: use 'resize' or 'pad'")
+  raise ConfigError(f"unknown config.resize_mode {mode!r}: use 'resize' or 'pad'")
 
 
 def _as_float(images: np.ndarray) -> tf.Tensor:
@@ -58,7 +59,7 @@ def train_dataset(
   base = tf.data.Dataset.from_tensor_slices((images, masks.astype(np.uint8))).cache()
   n = len(images)
   if n < batch_size:
-    raise ValueError(f"only {n} training images for config.batch_size={batch_size} per process")
+    raise ConfigError(f"only {n} training images for config.batch_size={batch_size} per process")
 
   def for_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
     epoch_seed = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
