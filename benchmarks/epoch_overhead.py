@@ -5,9 +5,12 @@ second an epoch spends on checkpoints, validation bookkeeping, iterator start
 and logging is a second the accelerator waits. This runs the real training
 loop (`train.train_folds`, F folds together) with configs/fold.py's
 ResNet50-scSE U-Net (36.4M parameters, its Adam moments: 436 MB of state per
-fold) on data made tiny (32 px, one step per epoch), times the train steps
-and the validation forward passes (each ended by `block_until_ready`), and
-reports the rest of each epoch's wall time as overhead.
+fold) on data made tiny (32 px, a few steps per epoch), and splits each
+epoch's wall time into: the train steps and the validation forward passes
+(each ended by `block_until_ready`), checkpoint writes on the hot path, the
+device-side model selection (best / snapshot / weight average: jitted array
+selections that take microseconds on a GPU but run on these same cores here),
+and the rest, the host's own work (iterators, bookkeeping, logging).
 
 Two settings of the same code:
 - `before`: the resume point written every epoch, synchronously, as the loop
@@ -15,7 +18,7 @@ Two settings of the same code:
 - `after`: the defaults (`checkpoint_every_seconds=300`, asynchronous writes).
 
 The per-epoch overhead of a 150-epoch run is projected from the measured
-parts: the bookkeeping every epoch pays, plus the resume-point writes that run
+parts: the host work every epoch pays, plus the resume-point writes that run
 makes (one every `checkpoint_every_seconds` of an H100 epoch estimate, and the
 final one) spread over its 150 epochs.
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import os
 import pathlib
@@ -89,7 +93,7 @@ def measure(args, setting: str, job_cache: dict) -> dict:
   run.enable_compilation_cache(config)
   data = data_lib.load(config)
   mesh = parallel.create_mesh()
-  steps, validations, saves, epoch_starts = [], [], [], []
+  steps, validations, saves, epoch_starts, updates = [], [], [], [], []
   with tempfile.TemporaryDirectory(dir=args.workdir_parent) as workdir:
     workdir = pathlib.Path(workdir)
     fold_of = data_lib.folds_for_run(config, data, workdir)
@@ -106,7 +110,12 @@ def measure(args, setting: str, job_cache: dict) -> dict:
             "validate_fn": _timed(job.validate_fn, validations),
         }
     )
-    originals = (train._save, train._run_epoch, ckpt_lib.FoldCheckpoints.__init__)
+    originals = (
+        train._save,
+        train._run_epoch,
+        ckpt_lib.FoldCheckpoints.__init__,
+        train._update_models,
+    )
 
     def timed_save(group, epoch):
       started = time.perf_counter()
@@ -117,21 +126,35 @@ def measure(args, setting: str, job_cache: dict) -> dict:
       epoch_starts.append(time.perf_counter())
       return originals[1](job, group, feeder, epoch)
 
+    def timed_update(job, group, *a):
+      # The best / snapshot / average selection runs on the device: on a CPU
+      # that is the same cores, so it is timed apart from the host's work.
+      started = time.perf_counter()
+      originals[3](job, group, *a)
+      jax.block_until_ready((group.best, group.swa))
+      updates.append(time.perf_counter() - started)
+
     def init(self, fold_dir, config, asynchronous=False):
       # `before`: every epoch, synchronously, as the loop wrote them before.
       originals[2](self, fold_dir, config, asynchronous=(setting == "after"))
 
-    train._save, train._run_epoch, ckpt_lib.FoldCheckpoints.__init__ = (
+    train._save, train._run_epoch, ckpt_lib.FoldCheckpoints.__init__, train._update_models = (
         timed_save,
         timed_epoch,
         init,
+        timed_update,
     )
     try:
       started = time.perf_counter()
       train.train_folds(job, workdir, list(range(config.num_folds)), data, fold_of)
       finished = time.perf_counter()
     finally:
-      train._save, train._run_epoch, ckpt_lib.FoldCheckpoints.__init__ = originals
+      (
+          train._save,
+          train._run_epoch,
+          ckpt_lib.FoldCheckpoints.__init__,
+          train._update_models,
+      ) = originals
     state_bytes = sum(
         p.stat().st_size for p in (workdir / "fold_0" / "latest").rglob("*") if p.is_file()
     )
@@ -145,6 +168,7 @@ def measure(args, setting: str, job_cache: dict) -> dict:
     step_s = sum(steps[e * per_step : (e + 1) * per_step])
     val_s = sum(validations[e * per_val : (e + 1) * per_val])
     save_s = sum(t for at, t in saves if at == e + 1)
+    update_s = updates[e]
     rows.append(
         {
             "epoch": e + 1,
@@ -152,7 +176,8 @@ def measure(args, setting: str, job_cache: dict) -> dict:
             "steps_s": round(step_s, 4),
             "validation_s": round(val_s, 4),
             "checkpoint_s": round(save_s, 4),
-            "other_s": round(wall - step_s - val_s - save_s, 4),
+            "model_selection_s": round(update_s, 4),
+            "other_s": round(wall - step_s - val_s - save_s - update_s, 4),
         }
     )
   final_save = saves[-1][1]
@@ -165,6 +190,9 @@ def measure(args, setting: str, job_cache: dict) -> dict:
       "end_of_training_s": round(finished - epoch_starts[-1], 3),
       "steady_epochs": rows,
       "checkpoint_per_epoch_s": round(float(np.mean([r["checkpoint_s"] for r in rows])), 4),
+      "model_selection_per_epoch_s": round(
+          float(np.mean([r["model_selection_s"] for r in rows])), 4
+      ),
       "other_per_epoch_s": round(float(np.mean([r["other_s"] for r in rows])), 4),
       "final_save_s": round(final_save, 3),
       "latest_bytes_per_fold": state_bytes,
@@ -202,16 +230,21 @@ def main():
   parser.add_argument("--cache_dir", default=os.path.expanduser("~/.cache/saltjax"))
   parser.add_argument("--workdir_parent", default=None)
   parser.add_argument("--output", default=None)
+  parser.add_argument("--settings", default="before,after", help="which settings to run")
   args = parser.parse_args()
   from saltjax import run
 
   run.set_up_process()
   job_cache: dict = {}
-  rows = [measure(args, setting, job_cache) for setting in ("before", "after")]
+  rows = [measure(args, setting, job_cache) for setting in args.settings.split(",")]
+  if len(rows) < 2:
+    print(json.dumps(rows, indent=1))
+    return
   for row in rows:
     print(
-        f"{row['setting']:>7}: checkpoints {row['checkpoint_per_epoch_s']:.3f} s/epoch, other"
-        f" {row['other_per_epoch_s']:.4f} s/epoch outside the steps; final write"
+        f"{row['setting']:>7}: checkpoints {row['checkpoint_per_epoch_s']:.3f} s/epoch,"
+        f" model selection (device work) {row['model_selection_per_epoch_s']:.3f} s/epoch,"
+        f" other host work {row['other_per_epoch_s']:.4f} s/epoch; final write"
         f" {row['final_save_s']:.2f} s"
     )
   projection = project(rows[0], rows[1], 150, args.h100_epoch_s)
