@@ -471,7 +471,7 @@ class _Group:
   saved_at: float
 
 
-def _resume(job: Job, workdir: pathlib.Path, fold: int, checkpoints):
+def _resume(job: Job, fold: int, checkpoints):
   """(state, progress, best, swa) of a fold from its latest checkpoint, or fresh."""
   state = job.new_state()
   variables = model_variables(state)
@@ -521,7 +521,7 @@ def train_folds(
       for k in todo
   }
   try:
-    resumed = {k: _resume(job, workdir, k, checkpoints[k]) for k in todo}
+    resumed = {k: _resume(job, k, checkpoints[k]) for k in todo}
     by_epoch: dict[int, list[int]] = {}
     for k in todo:
       by_epoch.setdefault(resumed[k][1].epoch, []).append(k)
@@ -598,13 +598,14 @@ def _train_group(job: Job, workdir, folds, data, fold_of, extra, checkpoints, re
       )
 
   summaries = {}
+  swa = jax.device_get(group.swa) if group.progress[0].swa_count else None
   for i, fold in enumerate(folds):
     progress = group.progress[i]
     if progress.swa_count:
-      swa = recompute_batch_stats(
+      fold_swa = recompute_batch_stats(
           config,
           job.model,
-          jax.device_get(_fold_slice(group.swa, i)),
+          _fold_slice(swa, i),
           functools.partial(feeder.fold_epoch, i),
           mesh,
           config.num_epochs,
@@ -612,7 +613,7 @@ def _train_group(job: Job, workdir, folds, data, fold_of, extra, checkpoints, re
       group.checkpoints[i].save_model(
           "swa",
           config.num_epochs + 1,
-          swa,
+          fold_swa,
           {"epoch": config.num_epochs, "fold": fold, "count": progress.swa_count},
       )
     group.checkpoints[i].finish()
@@ -776,6 +777,20 @@ def _save(group: _Group, epoch: int) -> None:
   to a model that is not; `latest` itself (the largest) is written in the
   background while the next epoch trains.
   """
+  new_best = [
+      p.best_epoch > 0 and p.best_epoch != saved
+      for p, saved in zip(group.progress, group.saved_best_epoch)
+  ]
+  # One copy of the stacked arrays to the host, which orbax makes anyway;
+  # slicing the folds out of it is then free, where slicing each of the
+  # ~1,500 device arrays per fold would dispatch (and first compile) an op.
+  state, best, swa = jax.device_get(
+      (
+          group.state,
+          group.best if any(new_best) else None,
+          group.swa if group.progress[0].swa_count else None,
+      )
+  )
   for i, (fold, progress, checkpoints) in enumerate(
       zip(group.folds, group.progress, group.checkpoints)
   ):
@@ -786,11 +801,11 @@ def _save(group: _Group, epoch: int) -> None:
           "snapshots", snap_epoch, variables, {**model_meta, "epoch": snap_epoch, "val_score": val}
       )
     group.snapshots[i] = []
-    if progress.best_epoch > 0 and progress.best_epoch != group.saved_best_epoch[i]:
+    if new_best[i]:
       checkpoints.save_model(
           "best",
           progress.best_epoch,
-          _fold_slice(group.best, i),
+          _fold_slice(best, i),
           {**model_meta, "epoch": progress.best_epoch, "val_score": progress.best_score},
       )
       group.saved_best_epoch[i] = progress.best_epoch
@@ -798,12 +813,12 @@ def _save(group: _Group, epoch: int) -> None:
       checkpoints.save_model(
           "swa",
           epoch,
-          _fold_slice(group.swa, i),
+          _fold_slice(swa, i),
           {**model_meta, "epoch": epoch, "count": progress.swa_count},
       )
     for store in (checkpoints.best, checkpoints.snapshots, checkpoints.swa):
       store.finish()
-    checkpoints.save_latest(epoch, _fold_slice(group.state, i), progress.meta())
+    checkpoints.save_latest(epoch, _fold_slice(state, i), progress.meta())
   group.saved_epoch, group.saved_at = epoch, time.monotonic()
 
 
