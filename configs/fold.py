@@ -127,5 +127,8 @@ def get_config():
   )
 
   config.log_every_steps = 50
+  # A jax.profiler trace of this epoch (counted from 1) into the workdir's
+  # TensorBoard directory, to read where a slow epoch's time goes; 0 = off.
+  config.profile_epoch = 0
   config.progress = True  # progress bars (off when stdout is not a terminal)
   return config

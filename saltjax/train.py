@@ -20,7 +20,7 @@ import logging
 import pathlib
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 from flax.training import train_state
 import jax
@@ -168,12 +168,8 @@ def loss_name_for_epoch(config, epoch: int) -> str:
   return config.loss.second_name if 0 <= second <= epoch + 1 else config.loss.name
 
 
-def make_validate_fn(model, config, mesh) -> Callable:
-  """fn(variables (F,...), images, masks (F,B,101,101) uint8, valid (F,B)) -> sums.
-
-  The competition score and IoU of each fold's held-out batch at threshold
-  0.5, no TTA, summed over the valid rows: only F numbers ever leave the device.
-  """
+def _validation_sums_fn(model, config) -> Callable:
+  """One fold's fn(variables, images, masks, valid) -> [sum of scores, sum of IoUs]."""
   infer = inference.make_infer_fn(model, config.image_size, config.resize_mode, "none")
 
   def validate(variables, images, masks, valid):
@@ -184,12 +180,10 @@ def make_validate_fn(model, config, mesh) -> Callable:
     score, iou = metrics.scores_from_counts(inter, union, jnp)
     return jnp.stack([jnp.sum(score * valid), jnp.sum(iou * valid)])
 
-  repl, shard = parallel.replicated(mesh), parallel.data_sharding(mesh, fold_axis=True)
-  return jax.jit(jax.vmap(validate), in_shardings=(repl, shard, shard, shard), out_shardings=repl)
+  return validate
 
 
-@jax.jit
-def _select_folds(take: jax.Array, new, old):
+def _select_fold_trees(take: jax.Array, new, old):
   """Per fold (leading axis), `new` where take[f] else `old`."""
 
   def pick(n, o):
@@ -198,12 +192,118 @@ def _select_folds(take: jax.Array, new, old):
   return jax.tree.map(pick, new, old)
 
 
-@jax.jit
-def _swa_update(swa, variables, count):
+def _swa_mean(swa, variables, count):
   """The running mean of the weights; exactly the weights at count 0."""
   return jax.tree.map(
       lambda a, v: jnp.where(count == 0, v, a + (v - a) / (count + 1)), swa, variables
   )
+
+
+class ModelsInMemory(NamedTuple):
+  """What the epoch programs carry on the device besides the train state (leading fold axis).
+
+  best: each fold's best-validation variables; best_scores: (F,) float32,
+  their validation scores (-1 before any); swa: the running weight average.
+  """
+
+  best: Any
+  best_scores: jax.Array
+  swa: Any
+
+
+def make_epoch_end_fn(model, config) -> Callable:
+  """fn(state, models, val, val_counts, swa_count, swa_on) -> (models, val_sums, improved).
+
+  The end of an epoch, on the device: every fold's validation over the
+  device-resident held-out batches `val` ((N, F, B, ...) images, masks,
+  valid; one `lax.map` over N), then best-model selection (a fold's model
+  replaces its best where its score, sum / count in float32, beats the
+  best's) and the weight average. Pure; vmapped over folds inside.
+  """
+  validate = jax.vmap(_validation_sums_fn(model, config))
+  use_swa = config.swa_from_epoch >= 0
+
+  def epoch_end(state, models: ModelsInMemory, val, val_counts, swa_count, swa_on):
+    variables = model_variables(state)
+    sums = jnp.sum(jax.lax.map(lambda b: validate(variables, *b), val), axis=0)  # (F, 2)
+    scores = sums[:, 0] / val_counts
+    improved = scores > models.best_scores
+    best = _select_fold_trees(improved, variables, models.best)
+    best_scores = jnp.where(improved, scores, models.best_scores)
+    swa = models.swa
+    if use_swa:
+      swa = jax.tree.map(
+          lambda new, old: jnp.where(swa_on, new, old), _swa_mean(swa, variables, swa_count), swa
+      )
+    return ModelsInMemory(best, best_scores, swa), sums, improved
+
+  return epoch_end
+
+
+def make_device_epoch_fn(job: "Job", loss_name: str) -> Callable:
+  """fn(state, models, data, folds, val, val_counts, epoch, swa_count, swa_on) -> ...
+
+  A whole epoch of the on-device input path as one program: a `lax.scan`
+  over the epoch's steps, each making its F batches (`device_input`) and
+  running the vmapped train step, then the epoch's end (`make_epoch_end_fn`).
+  Returns (state, models, step metrics (steps, F), validation sums (F, 2),
+  improved (F,)): the host dispatches once and reads back once an epoch.
+  """
+  from saltjax import device_input
+
+  config, mesh = job.config, job.mesh
+  batch_fn = device_input.make_train_batch_fn(config, config.batch_size)
+  step = jax.vmap(
+      functools.partial(
+          train_step,
+          loss_config=config.loss,
+          loss_name=loss_name,
+          skip_nonfinite=config.nonfinite == "skip",
+      )
+  )
+  epoch_end = make_epoch_end_fn(job.model, config)
+  shard = parallel.data_sharding(mesh, fold_axis=True)
+
+  def device_epoch(state, models, data, folds, val, val_counts, epoch, swa_count, swa_on):
+    def one_step(state, index):
+      batch = jax.lax.with_sharding_constraint(batch_fn(data, folds, epoch, index), shard)
+      return step(state, batch)
+
+    state, step_metrics = jax.lax.scan(one_step, state, jnp.arange(job.steps_per_epoch))
+    models, sums, improved = epoch_end(state, models, val, val_counts, swa_count, swa_on)
+    return state, models, step_metrics, sums, improved
+
+  return device_epoch
+
+
+class Program:
+  """A jitted function compiled on its first call, which the log times; calls counted.
+
+  Compiling ahead of the call (`lower(...).compile()`) separates the compile
+  seconds from the epoch's, and the JAX persistent cache then makes a rerun's
+  compile a read. `calls` lets a test check the loop's dispatches per epoch.
+  """
+
+  def __init__(self, name: str, jitted: Callable):
+    self.name, self._jitted, self._compiled = name, jitted, {}
+    self.calls, self.compile_seconds = 0, 0.0
+
+  def __call__(self, *args):
+    if not hasattr(self._jitted, "lower"):  # a plain function (a test's wrapper): as it is
+      self.calls += 1
+      return self._jitted(*args)
+    # One executable per shape of the arguments after the first (the state,
+    # whose shapes follow the number of folds that the others carry too).
+    key = tuple((x.shape, x.dtype) for x in jax.tree.leaves(args[1:]))
+    compiled = self._compiled.get(key)
+    if compiled is None:
+      started = time.perf_counter()
+      compiled = self._compiled[key] = self._jitted.lower(*args).compile()
+      seconds = time.perf_counter() - started
+      self.compile_seconds += seconds
+      logging.info("Compiled %s in %.1f s.", self.name, seconds)
+    self.calls += 1
+    return compiled(*args)
 
 
 def _stack(trees: list):
@@ -234,8 +334,8 @@ class Job:
   tx: optax.GradientTransformation
   initial_variables: dict
   train_steps: dict
-  validate_fn: Callable
   writer: Any
+  programs: dict = dataclasses.field(default_factory=dict)
 
   @classmethod
   def create(cls, config, mesh, fold_of: np.ndarray, writer, num_extra=0) -> "Job":
@@ -253,8 +353,34 @@ class Job:
         # the train step may then donate.
         initial_variables=jax.device_get(initial_variables(config, model)),
         train_steps=compile_train_steps(config, mesh),
-        validate_fn=make_validate_fn(model, config, mesh),
         writer=writer,
+    )
+
+  def program(self, name: str, build: Callable[[], Callable]) -> "Program":
+    """The jitted `build()` under `name`, made once per job (and so compiled once)."""
+    if name not in self.programs:
+      self.programs[name] = Program(name, build())
+    return self.programs[name]
+
+  def train_step_program(self, loss_name: str) -> "Program":
+    return self.program(f"the train step ({loss_name})", lambda: self.train_steps[loss_name])
+
+  def epoch_end_program(self) -> "Program":
+    repl = parallel.replicated(self.mesh)
+    return self.program(
+        "the end of an epoch (validation, best model, weight average)",
+        lambda: jax.jit(
+            make_epoch_end_fn(self.model, self.config), out_shardings=repl, donate_argnums=1
+        ),
+    )
+
+  def device_epoch_program(self, loss_name: str) -> "Program":
+    repl = parallel.replicated(self.mesh)
+    return self.program(
+        f"the epoch on the device ({loss_name})",
+        lambda: jax.jit(
+            make_device_epoch_fn(self, loss_name), out_shardings=repl, donate_argnums=(0, 1)
+        ),
     )
 
   def new_state(self) -> TrainState:
@@ -377,10 +503,10 @@ class DeviceFeeder:
         masks.append(extra_masks)
         start += len(extra_images)
     repl = parallel.replicated(mesh)
-    self._data = device_input.put_on_device(
+    self.data = device_input.put_on_device(
         np.concatenate(images), np.concatenate(masks), sharding=repl
     )
-    self._folds = device_input.fold_indices(
+    self.folds = device_input.fold_indices(
         fold_of, folds, seed=config.seed, extra_rows=extra_rows, sharding=repl
     )
     self._batch = jax.jit(
@@ -390,16 +516,23 @@ class DeviceFeeder:
     self._steps = steps_per_epoch
 
   def epoch(self, epoch: int) -> Iterator[dict]:
+    """The epoch's batches one step at a time (the loop runs whole epochs in one
+    program, `make_device_epoch_fn`; this serves the SWA BatchNorm pass)."""
     for step in range(self._steps):
-      yield self._batch(self._data, self._folds, epoch, step)
+      yield self._batch(self.data, self.folds, epoch, step)
 
   def fold_epoch(self, i: int, epoch: int) -> Iterator[jax.Array]:
     for batch in self.epoch(epoch):
       yield batch["image"][i]
 
 
-def _validation_batches(config, data, folds, fold_of, mesh) -> list[tuple]:
-  """Each fold's held-out images, padded to one length, as device-resident batches."""
+def _validation_data(config, data, folds, fold_of, mesh) -> tuple:
+  """Each fold's held-out images on the device, for `make_epoch_end_fn`.
+
+  (images, masks, valid) of shapes (N, F, B, 101, 101) and (N, F, B): N
+  batches of `eval_batch_size`, each fold padded to the longest (valid = 0 on
+  padding), replicated (the program shards each batch over the mesh).
+  """
   held_out = [np.flatnonzero(fold_of == k) for k in folds]
   size = config.eval_batch_size
   length = -(-max(len(i) for i in held_out) // size) * size
@@ -410,14 +543,10 @@ def _validation_batches(config, data, folds, fold_of, mesh) -> list[tuple]:
     images[f, : len(idx)] = data.train_images[idx]
     masks[f, : len(idx)] = data.train_masks[idx]
     valid[f, : len(idx)] = 1
-  return [
-      parallel.global_from_replicated(
-          (images[:, s : s + size], masks[:, s : s + size], valid[:, s : s + size]),
-          mesh,
-          fold_axis=True,
-      )
-      for s in range(0, length, size)
-  ]
+  batches = lambda x: np.moveaxis(x.reshape((len(folds), length // size, size) + x.shape[2:]), 1, 0)
+  return jax.device_put(
+      (batches(images), batches(masks), batches(valid)), parallel.replicated(mesh)
+  )
 
 
 # --------------------------------------------------------------- progress ---
@@ -463,9 +592,11 @@ class _Group:
   checkpoints: list[ckpt_lib.FoldCheckpoints]
   state: Any  # TrainState with a leading fold axis
   best: Any  # the best-validation variables of each fold (leading fold axis)
+  best_scores: jax.Array  # (F,) float32 on the device: the best's validation scores
   swa: Any  # the running weight average of each fold (leading fold axis)
   snapshots: list[list]  # per fold: (epoch, variables) not yet written
   val_counts: list[int]  # held-out images per fold
+  val_data: tuple  # the held-out batches on the device (`_validation_data`)
   saved_best_epoch: list[int]
   saved_epoch: int
   saved_at: float
@@ -552,32 +683,49 @@ def _train_group(job: Job, workdir, folds, data, fold_of, extra, checkpoints, re
   else:
     examples = [_training_examples(config, data, k, fold_of, extra) for k in folds]
     feeder = TfDataFeeder(config, examples, folds, mesh)
-  val_batches = _validation_batches(config, data, folds, fold_of, mesh)
   first = resumed[0][1].epoch
+  val_counts = [int((fold_of == k).sum()) for k in folds]
   group = _Group(
       folds=folds,
       progress=[r[1] for r in resumed],
       checkpoints=checkpoints,
       state=jax.device_put(_stack([r[0] for r in resumed]), repl),
       best=jax.device_put(_stack([r[2] for r in resumed]), repl),
+      best_scores=jax.device_put(np.array([r[1].best_score for r in resumed], np.float32), repl),
       swa=jax.device_put(_stack([r[3] for r in resumed]), repl),
       snapshots=[[] for _ in folds],
-      val_counts=[int((fold_of == k).sum()) for k in folds],
+      val_counts=val_counts,
+      val_data=_validation_data(config, data, folds, fold_of, mesh)
+      + (jax.device_put(np.array(val_counts, np.float32), repl),),
       saved_best_epoch=[r[1].best_epoch for r in resumed],
       saved_epoch=first,
       saved_at=time.monotonic(),
   )
   cycle_ends = set(cycle_end_epochs(config))
   logging.info("Training fold(s) %s together from epoch %d.", folds, first)
+  images_per_epoch = job.steps_per_epoch * config.batch_size * len(folds)
 
   for epoch in range(first, config.num_epochs):
+    profiling = epoch + 1 == config.get("profile_epoch", 0)
+    if profiling:
+      jax.profiler.start_trace(str(workdir / workdir_lib.TENSORBOARD))
     started = time.time()
-    pending = _run_epoch(job, group, feeder, epoch)
-    val_sums = [job.validate_fn(model_variables(group.state), *batch) for batch in val_batches]
-    # The epoch's one host sync: step metrics and validation sums together.
-    host_steps, host_val = jax.device_get((pending, sum(val_sums)))
-    _record_epoch(job, group, epoch, host_steps, host_val, started)
-    _update_models(job, group, epoch, host_val, cycle_ends)
+    compile_before = sum(p.compile_seconds for p in job.programs.values())
+    pending, val_sums, improved = _run_epoch(job, group, feeder, epoch)
+    # The epoch's one host sync: step metrics, validation and choices together.
+    host_steps, host_val, host_improved, lr_scales = jax.device_get(
+        (pending, val_sums, improved, group.state.lr_scale)
+    )
+    if profiling:
+      jax.profiler.stop_trace()
+      logging.info(
+          "Profile of epoch %d written to %s.", epoch + 1, workdir / workdir_lib.TENSORBOARD
+      )
+    compiling = sum(p.compile_seconds for p in job.programs.values()) - compile_before
+    if isinstance(host_steps, dict):  # stacked by the epoch program: one dict per step
+      host_steps = [{k: v[j] for k, v in host_steps.items()} for j in range(job.steps_per_epoch)]
+    _record_epoch(job, group, epoch, host_steps, host_val, lr_scales, started, compiling)
+    _update_models(job, group, epoch, host_improved, cycle_ends)
     stop = _STOP.is_set()
     if (
         epoch + 1 == config.num_epochs
@@ -626,25 +774,58 @@ def _train_group(job: Job, workdir, folds, data, fold_of, extra, checkpoints, re
   return summaries
 
 
-def _run_epoch(job: Job, group: _Group, feeder, epoch: int) -> list[dict]:
-  """The epoch's train steps; their metrics stay on the device."""
-  config = job.config
-  step_fn = job.train_steps[loss_name_for_epoch(config, epoch)]
-  pending = []
-  images_per_step = config.batch_size * len(group.folds)
-  bar = tqdm.tqdm(
-      total=job.steps_per_epoch * images_per_step,
-      unit="img",
-      desc=f"fold(s) {','.join(map(str, group.folds))} epoch" f" {epoch + 1}/{config.num_epochs}",
-      disable=not inference.progress_enabled(config),
-      leave=False,
+def _run_epoch(job: Job, group: _Group, feeder, epoch: int) -> tuple:
+  """The epoch's train steps and its end (`make_epoch_end_fn`); results stay on the device.
+
+  Returns (step metrics: {name: (steps, F)} from the one program, or a list
+  of each step's {name: (F,)}; validation sums (F, 2); improved
+  (F,)) and leaves the new state, best models, their scores and the weight
+  average in `group`. On the device input path the whole epoch is one
+  program; with tf.data, one program a step (the host makes the batches)
+  and one for the epoch's end.
+  """
+  config, repl = job.config, parallel.replicated(job.mesh)
+  loss_name = loss_name_for_epoch(config, epoch)
+  models = ModelsInMemory(group.best, group.best_scores, group.swa)
+  epoch_values = jax.device_put(
+      (
+          np.int32(epoch),
+          np.float32(group.progress[0].swa_count),
+          np.bool_(0 <= config.swa_from_epoch <= epoch + 1),
+      ),
+      repl,
   )
-  for _, batch in zip(range(job.steps_per_epoch), feeder.epoch(epoch)):
-    group.state, step_metrics = step_fn(group.state, batch)
-    pending.append(step_metrics)
-    bar.update(images_per_step)
-  bar.close()
-  return pending
+  if isinstance(feeder, DeviceFeeder):
+    group.state, models, pending, val_sums, improved = job.device_epoch_program(loss_name)(
+        group.state,
+        models,
+        feeder.data,
+        feeder.folds,
+        group.val_data[:3],
+        group.val_data[3],
+        *epoch_values,
+    )
+  else:
+    step_fn = job.train_step_program(loss_name)
+    pending = []
+    images_per_step = config.batch_size * len(group.folds)
+    bar = tqdm.tqdm(
+        total=job.steps_per_epoch * images_per_step,
+        unit="img",
+        desc=f"fold(s) {','.join(map(str, group.folds))} epoch {epoch + 1}/{config.num_epochs}",
+        disable=not inference.progress_enabled(config),
+        leave=False,
+    )
+    for _, batch in zip(range(job.steps_per_epoch), feeder.epoch(epoch)):
+      group.state, step_metrics = step_fn(group.state, batch)
+      pending.append(step_metrics)
+      bar.update(images_per_step)
+    bar.close()
+    models, val_sums, improved = job.epoch_end_program()(
+        group.state, models, group.val_data[:3], group.val_data[3], *epoch_values[1:]
+    )
+  group.best, group.best_scores, group.swa = models
+  return pending, val_sums, improved
 
 
 def _record_epoch(
@@ -653,11 +834,23 @@ def _record_epoch(
     epoch: int,
     host_steps: list[dict],
     host_val: np.ndarray,
+    lr_scales: np.ndarray,
     started: float,
+    compile_seconds: float = 0.0,
 ) -> None:
-  """Non-finite steps, the epoch's history record and the logs, per fold."""
+  """Non-finite steps, the epoch's history record and the logs, per fold.
+
+  The log gives the epoch's seconds and its training images per second (all
+  folds, compilation in the epoch left out).
+  """
   config, writer = job.config, job.writer
-  lr_scales = np.asarray(jax.device_get(group.state.lr_scale))
+  seconds = time.time() - started
+  images_per_second = (
+      job.steps_per_epoch
+      * config.batch_size
+      * len(group.folds)
+      / max(seconds - compile_seconds, 1e-9)
+  )
   first_step = epoch * job.steps_per_epoch + 1
   for i, fold in enumerate(group.folds):
     steps = [{k: v[i] for k, v in m.items()} for m in host_steps]
@@ -704,7 +897,8 @@ def _record_epoch(
         "val_iou": val_iou,
         "learning_rate": lr,
         "loss_name": loss_name_for_epoch(config, epoch),
-        "seconds": time.time() - started,
+        "seconds": seconds,
+        "images_per_second": images_per_second,
     }
     group.progress[i].history.append(record)
     if writer is not None:
@@ -713,7 +907,8 @@ def _record_epoch(
           {f"fold_{fold}/{k}": v for k, v in record.items() if k != "loss_name"},
       )
     logging.info(
-        "fold %d epoch %3d/%d  loss %.4f  val score %.4f  val IoU %.4f" "  lr %.2e  %.1fs",
+        "fold %d epoch %3d/%d  loss %.4f  val score %.4f  val IoU %.4f  lr %.2e  %.1fs"
+        "  %.0f img/s",
         fold,
         epoch + 1,
         config.num_epochs,
@@ -722,23 +917,26 @@ def _record_epoch(
         val_iou,
         lr,
         record["seconds"],
+        images_per_second,
     )
 
 
 def _update_models(
-    job: Job, group: _Group, epoch: int, host_val: np.ndarray, cycle_ends: set
+    job: Job, group: _Group, epoch: int, improved: np.ndarray, cycle_ends: set
 ) -> None:
-  """Best model, plateau, snapshot and weight average after the epoch, in memory."""
+  """The host's side of the epoch's model choices: progress, plateau and snapshots.
+
+  The epoch's program already replaced each improved fold's best model and
+  updated the weight average on the device (`make_epoch_end_fn`); `improved`
+  is its verdict, which the progress records follow.
+  """
   config = job.config
-  variables = model_variables(group.state)
-  improved = np.zeros(len(group.folds), bool)
   factors = np.ones(len(group.folds), np.float32)
   for i, progress in enumerate(group.progress):
-    val_score = progress.history[-1]["val_score"]
     progress.epoch = epoch + 1
-    if val_score > progress.best_score:
-      improved[i] = True
-      progress.best_score, progress.best_epoch, progress.plateau_wait = (val_score, epoch + 1, 0)
+    if improved[i]:
+      progress.best_score = progress.history[-1]["val_score"]
+      progress.best_epoch, progress.plateau_wait = epoch + 1, 0
     else:
       progress.plateau_wait += 1
     if (
@@ -748,23 +946,19 @@ def _update_models(
       factors[i] = config.schedule.plateau_factor
       progress.plateau_wait = 0
       logging.info(
-          "fold %d: no better validation score for %d epochs; lr scale lowered" " by %g",
+          "fold %d: no better validation score for %d epochs; lr scale lowered by %g",
           group.folds[i],
           config.schedule.plateau_patience,
           config.schedule.plateau_factor,
       )
-  if improved.any():
-    group.best = _select_folds(jnp.asarray(improved), variables, group.best)
   if (factors != 1).any():
     group.state = group.state.replace(lr_scale=group.state.lr_scale * jnp.asarray(factors))
   if epoch + 1 in cycle_ends:
     # A few per run: worth a copy to the host, where it waits to be written.
-    snapshot = jax.device_get(variables)
+    snapshot = jax.device_get(model_variables(group.state))
     for i in range(len(group.folds)):
       group.snapshots[i].append((epoch + 1, _fold_slice(snapshot, i)))
   if 0 <= config.swa_from_epoch <= epoch + 1:
-    count = group.progress[0].swa_count
-    group.swa = _swa_update(group.swa, variables, jnp.asarray(count, jnp.float32))
     for progress in group.progress:
       progress.swa_count += 1
 

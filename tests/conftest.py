@@ -163,7 +163,8 @@ def _without_seconds(record: dict) -> dict:
   """A summary or meta without the timings, which rightly differ between runs."""
   out = dict(record)
   if "history" in out:
-    out["history"] = [{k: v for k, v in h.items() if k != "seconds"} for h in out["history"]]
+    timings = ("seconds", "images_per_second")
+    out["history"] = [{k: v for k, v in h.items() if k not in timings} for h in out["history"]]
   return out
 
 
