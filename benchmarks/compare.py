@@ -16,8 +16,19 @@ import json
 import pathlib
 
 
-def _by_batch(rows: list[dict]) -> dict[int, dict]:
-  return {r["batch_size"]: r for r in rows}
+def _by_batch(rows: list[dict]) -> dict[str, dict]:
+  """Rows by setting: 'B' for one model at batch B, 'FxB' for F fold models together."""
+  return {_setting(r): r for r in rows}
+
+
+def _setting(row: dict) -> str:
+  folds = row.get("folds", 1)
+  return f"{folds}x{row['batch_size']}" if folds > 1 else str(row["batch_size"])
+
+
+def _order(setting: str) -> tuple:
+  folds, _, batch = setting.rpartition("x")
+  return (int(batch), int(folds or 1))
 
 
 def compare(ours: dict, peer: dict) -> dict:
@@ -34,8 +45,10 @@ def compare(ours: dict, peer: dict) -> dict:
   for kind in ("train", "tta"):
     a, b = _by_batch(ours.get(kind, [])), _by_batch(peer.get(kind, []))
     rows = []
-    for size in sorted(set(a) | set(b)):
-      x, y = a.get(size, {}), b.get(size, {})
+    for size in sorted(set(a) | set(b), key=_order):
+      # F fold models at batch B together against the peer's way of training
+      # F folds: one model at batch B after another (its images/s at B).
+      x, y = a.get(size, {}), b.get(size.rpartition("x")[2], {})
       row = {
           "batch_size": size,
           "ours_images_per_s": x.get("images_per_s"),
@@ -82,7 +95,7 @@ def format_markdown(result: dict) -> str:
         "",
         f"{title}:",
         "",
-        "| batch | saltjax images/s | smp+torch images/s | ours / peer |",
+        "| batch (F folds x B) | saltjax images/s | smp+torch images/s (at B) | ours / peer |",
         "| ---: | ---: | ---: | ---: |",
     ]
     for r in result[kind]:

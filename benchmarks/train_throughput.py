@@ -58,6 +58,11 @@ def parse_args(argv=None) -> argparse.Namespace:
       default=None,
       help="global batch sizes (default 32 64 128 256 512; --tiny: 8 16)",
   )
+  p.add_argument(
+      "--folds_together",
+      default="",
+      help="F x B settings of the vmapped F-fold step, e.g. '5x32' (F models, B images each)",
+  )
   p.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported)")
   p.add_argument("--steps", type=int, default=20, help="steps per timed repeat")
   p.add_argument(
@@ -152,9 +157,14 @@ def make_config(args):
     config.model.encoder_width = 8
     config.model.decoder_channels = (32, 16, 16, 8, 8)
     config.model.scse_reduction = 4
-  config.batch_size = max(args.batch_sizes)
-  config.eval_batch_size = max(args.batch_sizes)
+  config.batch_size = max(args.batch_sizes + [b for _, b in fold_settings(args)])
+  config.eval_batch_size = config.batch_size
   return config
+
+
+def fold_settings(args) -> list[tuple[int, int]]:
+  """(folds, batch per fold) of --folds_together."""
+  return [tuple(int(x) for x in s.split("x")) for s in args.folds_together.split()]
 
 
 def median_time(fn, repeats: int) -> tuple[float, list[float]]:
@@ -202,21 +212,24 @@ def is_oom(e: Exception) -> bool:
   return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
 
 
-def bench_train(job, batch_size: int, args, peak_tflops: float) -> dict:
+def bench_train(job, batch_size: int, args, peak_tflops: float, folds: int = 1) -> dict:
+  """The real (vmapped) train step: `folds` models, `batch_size` images each."""
   import jax
   import numpy as np
-  from saltjax import parallel
+  from saltjax import parallel, train
 
   config, mesh = job.config, job.mesh
   step = job.train_steps[config.loss.name]
   rng = np.random.default_rng(0)
   size = config.image_size
   host = {
-      "image": rng.uniform(size=(batch_size, size, size, 1)).astype(np.float32),
-      "mask": (rng.uniform(size=(batch_size, size, size)) > 0.7).astype(np.float32),
+      "image": rng.uniform(size=(folds, batch_size, size, size, 1)).astype(np.float32),
+      "mask": (rng.uniform(size=(folds, batch_size, size, size)) > 0.7).astype(np.float32),
   }
-  batch = parallel.global_from_local(host, mesh)
-  state = jax.device_put(job.new_state(), parallel.replicated(mesh))
+  batch = parallel.global_from_local(host, mesh, fold_axis=True)
+  state = jax.device_put(
+      train._stack([job.new_state() for _ in range(folds)]), parallel.replicated(mesh)
+  )
   jax.block_until_ready((state, batch))
 
   t = time.perf_counter()
@@ -241,15 +254,16 @@ def bench_train(job, batch_size: int, args, peak_tflops: float) -> dict:
   step_s, all_s = median_time(once, args.repeats)
   costs = cost(compiled)
   row = {
+      "folds": folds,
       "batch_size": batch_size,
       "trace_s": trace_s,
       "compile_s": compile_s,
       "first_step_s": first_step_s,
       "step_ms": 1e3 * step_s,
       "step_ms_repeats": [1e3 * s for s in all_s],
-      "images_per_s": batch_size / step_s,
+      "images_per_s": folds * batch_size / step_s,
       **costs,
-      "loss_finite": bool(jax.device_get(metrics["finite"])),
+      "loss_finite": bool(np.all(jax.device_get(metrics["finite"]))),
   }
   if costs["flops"]:
     row["tflops"] = costs["flops"] / step_s / 1e12
@@ -265,7 +279,9 @@ def bench_tta(job, batch_size: int, args, peak_tflops: float) -> dict:
 
   config, mesh = job.config, job.mesh
   # As saltjax.train.Job and saltjax.predict build it.
-  infer = jax.jit(inference.make_infer_fn(job.model, config.resize_mode, args.tta))
+  infer = jax.jit(
+      inference.make_infer_fn(job.model, config.image_size, config.resize_mode, args.tta)
+  )
   variables = jax.device_put(job.initial_variables, parallel.replicated(mesh))
   rng = np.random.default_rng(1)
   size = config.image_size
@@ -328,17 +344,17 @@ def versions() -> dict:
 def print_table(title: str, rows: list[dict]) -> None:
   print(f"\n{title}")
   print(
-      f"{'batch':>6} {'images/s':>10} {'ms/step':>9} {'TFLOP/s':>8} {'of matmul':>9}"
+      f"{'folds':>5} {'batch':>6} {'images/s':>10} {'ms/step':>9} {'TFLOP/s':>8} {'of matmul':>9}"
       f" {'compile s':>9}"
   )
   for r in rows:
     if "error" in r:
-      print(f"{r['batch_size']:>6}  {r['error'][:70]}")
+      print(f"{r.get('folds', 1):>5} {r['batch_size']:>6}  {r['error'][:70]}")
       continue
     tf = f"{r['tflops']:.3g}" if r.get("tflops") else "-"
     frac = f"{100 * r['fraction_of_matmul_rate']:.0f}%" if r.get("tflops") else "-"
     print(
-        f"{r['batch_size']:>6} {r['images_per_s']:>10.1f} {r['step_ms']:>9.2f} {tf:>8}"
+        f"{r.get('folds', 1):>5} {r['batch_size']:>6} {r['images_per_s']:>10.1f} {r['step_ms']:>9.2f} {tf:>8}"
         f" {frac:>9} {r['compile_s']:>9.1f}"
     )
 
@@ -358,7 +374,7 @@ def main(argv=None) -> dict:
 
   config = make_config(args)
   mesh = parallel.create_mesh()
-  for b in args.batch_sizes:
+  for b in args.batch_sizes + [b for _, b in fold_settings(args)]:
     parallel.check_batch_size(b, mesh, "--batch_sizes")
   devices = jax.devices()
   print(
@@ -416,11 +432,11 @@ def main(argv=None) -> dict:
       "train": [],
       "tta": [],
   }
-  for b in args.batch_sizes:
-    row = guarded(bench_train, job, b, args, peak["tflops"])
+  for f, b in [(1, b) for b in args.batch_sizes] + fold_settings(args):
+    row = guarded(bench_train, job, b, args, peak["tflops"], f)
     result["train"].append(row)
     print(
-        f"train batch {b}: "
+        f"train {f} x batch {b}: "
         + (row.get("error") or f"{row['images_per_s']:.1f} images/s, {row['step_ms']:.2f} ms/step"),
         flush=True,
     )

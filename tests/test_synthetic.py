@@ -120,6 +120,19 @@ def test_write_dataset_is_deterministic(tmp_path):
   assert not set(images_a) & set(images_c)
 
 
+def test_a_pool_of_processes_writes_the_same_dataset(tmp_path, monkeypatch):
+  """Example i depends on (seed, split, i) alone: chunks written by worker
+  processes give the same files as one process writing them in turn."""
+  monkeypatch.setattr(synthetic, "_CHUNK", 4)  # 9 + 5 examples: 5 chunks, a pool
+  monkeypatch.setattr(synthetic.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+  pooled = _tree(synthetic.write_dataset(tmp_path / "pooled", 9, 5, seed=2))
+  monkeypatch.setattr(synthetic, "_CHUNK", 100)  # one chunk a split
+  monkeypatch.setattr(synthetic.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+  alone = _tree(synthetic.write_dataset(tmp_path / "alone", 9, 5, seed=2))
+  assert pooled == alone
+  assert len([k for k in pooled if k.startswith("train/images")]) == 9
+
+
 def test_generate_example_contract():
   image, mask, depth = synthetic.generate_example(np.random.default_rng(3))
   assert image.shape == mask.shape == (101, 101)
