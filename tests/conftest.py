@@ -31,6 +31,8 @@ TINY_OVERRIDES = {
     "progress": False,
     # Every epoch, so that a test can stop a run anywhere and find its resume point.
     "checkpoint_every_seconds": 0,
+    # Folds together (fold.py's default; quick.py trains them in turn on a CPU).
+    "parallel_folds": 0,
 }
 
 
