@@ -7,7 +7,7 @@ sample to the next down a trace.  Training records both distributions in
 amplitudes so that its gray levels match them (`sections.match_training_clip`).
 
 Both statistics are taken about each tile's own median gray (its zero
-amplitude), so tiles whose gray levels were stretched or shifted per tile
+amplitude), leaving out blank (one-gray) tiles, so tiles whose gray levels were stretched or shifted per tile
 (as the competition's were) are measured by their contrast, not their offset.
 """
 
@@ -39,6 +39,9 @@ def gray_level_stats(images: np.ndarray) -> dict:
     raise ValueError(f"expected (N >= 1, H >= 2, W) gray images, got shape {images.shape}")
   step = max(1, len(images) // _MAX_TILES)
   tiles = images[::step].astype(np.float32)
+  # Blank tiles (a few of the competition's are one flat gray) show no contrast to learn.
+  varied = tiles.reshape(len(tiles), -1).std(axis=1) > 0
+  tiles = tiles[varied] if varied.any() else tiles
   median = np.median(tiles.reshape(len(tiles), -1), axis=1)[:, None, None]
   deviation = np.abs(tiles - median)
   contrast = np.abs(np.diff(tiles, axis=1))
