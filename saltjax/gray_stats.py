@@ -7,8 +7,9 @@ sample to the next down a trace.  Training records both distributions in
 amplitudes so that its gray levels match them (`sections.match_training_clip`).
 
 Both statistics are taken about each tile's own median gray (its zero
-amplitude), leaving out blank (one-gray) tiles, so tiles whose gray levels were stretched or shifted per tile
-(as the competition's were) are measured by their contrast, not their offset.
+amplitude), leaving out blank (one-gray) tiles, so tiles whose gray levels
+were stretched or shifted per tile (as the competition's were) are measured
+by their contrast, not their offset.
 """
 
 from __future__ import annotations

@@ -591,7 +591,9 @@ def choose_clip(
   report = {
       "rule": rule,
       "clip_level": clip,
-      "description": f"gray = round(127.5 + 127.5 * clip(a / {clip:.6g}, -1, 1)); clip level: {how}",
+      "description": (
+          f"gray = round(127.5 + 127.5 * clip(a / {clip:.6g}, -1, 1)); clip level: {how}"
+      ),
       **report,
   }
   return clip, report
@@ -713,7 +715,7 @@ def _scores_of(counts: Sequence[dict]) -> dict:
       "iou": tp / (tp + fp + fn) if tp + fp + fn else 1.0,
       "precision": tp / (tp + fp) if tp + fp else None,
       "recall": tp / (tp + fn) if tp + fn else None,
-      "score": float(tiles.mean()),
+      "competition_score": float(tiles.mean()),
       "tiles": int(len(tiles)),
       "true_salt_fraction": (tp + fn) / pixels,
       "predicted_salt_fraction": (tp + fp) / pixels,
@@ -725,7 +727,7 @@ def truth_scores(truth: np.ndarray, mask: np.ndarray) -> dict:
 
   iou: |salt in both| / |salt in either| (1 when both are empty);
   precision / recall: of salt pixels (None when nothing was predicted /
-  nothing is salt); score: the competition metric (`metrics`) averaged over
+  nothing is salt); competition_score: the competition metric (`metrics`) averaged over
   the line's 101x101 tiles, side by side, the last of each row and column
   flush with the section's edge (`tile_starts(length, 101)`).
   """
@@ -1031,8 +1033,9 @@ def _segment_and_write(
           "overall": overall,
           "definitions": (
               "iou, precision and recall of salt pixels (overall: of every line's pixels"
-              " together); score: the competition metric averaged over 101x101 tiles side by"
-              " side, the last of each row and column flush with the section's edge"
+              " together); competition_score: the competition metric averaged over 101x101"
+              " tiles side by side, the last of each row and column flush with the section's"
+              " edge"
           ),
       }
       if len(truth_counts) > 1:
@@ -1057,7 +1060,7 @@ def _log_scores(where: str, scores: dict) -> None:
       scores["iou"],
       fmt(scores["precision"]),
       fmt(scores["recall"]),
-      scores["score"],
+      scores["competition_score"],
       scores["tiles"],
   )
 

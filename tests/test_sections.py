@@ -276,13 +276,13 @@ def test_truth_scores_agree_with_a_hand_computation():
   pred[7, 150] = 1
   scores = sections.truth_scores(truth, pred)
   assert scores["tiles"] == 2
-  assert scores["score"] == pytest.approx(0.3)
+  assert scores["competition_score"] == pytest.approx(0.3)
   assert scores["iou"] == pytest.approx(4040 / 5051)
   assert scores["precision"] == pytest.approx(4040 / 4041)
   assert scores["recall"] == pytest.approx(0.8)
   # Nothing predicted and nothing true: IoU 1, every tile scores 1, no precision/recall.
   empty = sections.truth_scores(np.zeros((150, 150)), np.zeros((150, 150)))
-  assert empty["iou"] == 1.0 and empty["score"] == 1.0 and empty["tiles"] == 4
+  assert empty["iou"] == 1.0 and empty["competition_score"] == 1.0 and empty["tiles"] == 4
   assert empty["precision"] is None and empty["recall"] is None
 
 
@@ -404,7 +404,7 @@ def test_default_rule_gives_the_same_mask_at_any_scale_and_scores_it(
       assert scores["precision"] == pytest.approx(tp / (tp + fp))
       assert scores["recall"] == pytest.approx(tp / (tp + fn))
       assert scores["tiles"] == 3 * 4  # 101-pixel tiles at 0, 101, 149 (rows) x 0, 101, 202, 299
-      assert 0 <= scores["score"] <= 1
+      assert 0 <= scores["competition_score"] <= 1
 
   # The old default, the 99th percentile of |a|, is set by the reflector: the
   # sediments come out flat gray and the mask is far worse.
