@@ -252,11 +252,11 @@ def test_default_mapping_is_the_same_at_any_scale_and_with_a_strong_reflector():
     assert (other != gray).mean() < 1e-3
   # A reflector 30x the sediments' peak, 2% of the samples: the 99th
   # percentile becomes its amplitude, while the fitted clip moves by a few %
-  # (every quantile of the other samples shifts up by about 2%).
+  # (the reflector's samples, over 20x the median |a|, are not fitted).
   strong = amplitude.copy()
   strong[60:65] = 30 * np.abs(amplitude).max() * np.sign(amplitude[60:65] + 1e-9)
   strong_clip, _ = sections.matched_clip([strong], stats)
-  assert strong_clip == pytest.approx(clip, rel=0.12)
+  assert strong_clip == pytest.approx(clip, rel=0.05)
   assert sections.clip_level(strong, 99) > 10 * sections.clip_level(amplitude, 99)
   outside = np.ones(amplitude.shape, bool)
   outside[60:65] = False
