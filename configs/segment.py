@@ -22,10 +22,15 @@ def get_config():
           inlines="",  # 3-D: inline numbers to segment, e.g. '100,102,110-120' ('' = every inline)
           crosslines="",  # 3-D: crossline numbers instead of inlines (not both)
           stride=50,  # pixels between tile origins; 101-pixel tiles overlap by 101 - stride
-          # Amplitude -> gray: 127.5 + 127.5 * clip(a / c, -1, 1), where c is this
-          # percentile of |a| over every selected line ...
+          # Amplitude -> gray: 127.5 + 127.5 * clip(a / c, -1, 1), with the clip level c
+          # chosen by this rule: 'match_training' fits c so that the section's gray
+          # levels match the training images' (<workdir>/gray_levels.json);
+          # 'percentile' takes c = clip_percentile-th percentile of |a| over every
+          # selected line; 'value' takes c = clip_value.
+          amplitude="match_training",
           clip_percentile=99.0,
-          clip_value=0.0,  # ... or this amplitude when > 0
+          clip_value=0.0,
+          truth="",  # a known salt mask (.npy, .npz or PNG): adds IoU and scores to the summary
           threshold=-1.0,  # -1: the threshold tuned on the OOF predictions (scores.json)
           min_area=-1,  # -1: the tuned minimum area; salt regions smaller are removed
       )

@@ -223,6 +223,9 @@ def _train(config, workdir: pathlib.Path) -> dict:
   workdir_lib.check_writable(workdir)
   with workdir_lib.locked(workdir):
     _record_run(config, workdir)
+    from saltjax import gray_stats  # what configs/segment.py maps sections to
+
+    gray_stats.write(workdir, data.train_images)
     return train_and_evaluate(config, str(workdir), data=data)
 
 

@@ -11,9 +11,13 @@ would use it:
    inlines or crosslines asked for), a .npy array, or a PNG.  Sections are
    (samples, traces): depth down the rows, traces along the columns.
 2. Map amplitudes to the model's 8-bit range (`amplitude_to_gray`): gray =
-   127.5 + 127.5 * clip(a / c, -1, 1), rounded, where c is the
-   `clip_percentile`-th percentile of |a| over every selected line (or
-   `clip_value` when set).  8-bit inputs (PNG, uint8 arrays) are used as-is.
+   127.5 + 127.5 * clip(a / c, -1, 1), rounded.  The clip level c is chosen
+   by `segment.amplitude`: 'match_training' (the default) fits c so that the
+   section's gray levels match those of the tiles the model was trained on
+   (<workdir>/gray_levels.json, `match_training_clip`); 'percentile' takes
+   the `clip_percentile`-th percentile of |a|; 'value' takes `clip_value`.
+   One c serves every selected line.  8-bit inputs (PNG, uint8 arrays) are
+   used as-is.
 3. Cut overlapping 101x101 tiles (`stride` apart; the last tile of a row or
    column is aligned with the section's edge), predict every tile with the
    fold x snapshot ensemble and TTA (as `configs/predict.py` does), and
@@ -23,7 +27,10 @@ would use it:
    out-of-fold predictions (scores.json) and remove salt regions smaller
    than the tuned minimum area (on a tile that rule empties small masks; on
    a section it removes small connected regions).
-5. Write the outputs under <workdir>/sections/, each file under a temporary
+5. With `segment.truth` (a known mask), score the mask against it: IoU,
+   precision and recall of salt pixels, and the competition score over the
+   section's 101x101 tiles, per line and overall (`truth_scores`).
+6. Write the outputs under <workdir>/sections/, each file under a temporary
    name first and all renamed into place at the end: nothing is written
    when the input is bad.
 """
@@ -42,6 +49,8 @@ import cv2
 import numpy as np
 
 from saltjax import config_checks
+from saltjax import gray_stats
+from saltjax import metrics
 from saltjax import segy
 from saltjax import workdir as workdir_lib
 from saltjax.layout import DataError
@@ -53,6 +62,24 @@ _CLIP_SAMPLE = 4_000_000
 # Tiles predicted together; several small lines share one chunk.
 _CHUNK_TILES = 2048
 _SEGY_SUFFIXES = (".sgy", ".segy")
+# segment.amplitude: how the clip level is chosen.
+AMPLITUDE_RULES = ("match_training", "percentile", "value")
+DEFAULT_CLIP_PERCENTILE = 99.0
+# The percentiles of |gray - middle gray| that a section is fitted to: the upper
+# half, set by the layered sediments (the lower half is mostly the weak inside
+# of salt, whose share varies from section to section, and noise), below the
+# strongest 10% of samples (a few strong reflectors do not move them).
+MATCH_PERCENTILES = (50, 60, 70, 80, 90)
+# Samples with |a| above this many times the median |a| are not fitted (in the
+# training tiles |gray - median| reaches about 11x its median at the 99th
+# percentile, and a Laplace distribution passes 20x once in a million).
+_OUTLIER_RATIO = 20.0
+# Vertical pairs of samples (drawn with a fixed seed) that the fit measures.
+_MATCH_SAMPLE = 100_000
+# Candidate gains around the first estimate: 2**-3 to 2**3 in steps of 7%,
+# then around the best of those in steps of 0.35%.
+_MATCH_COARSE = 2.0 ** np.linspace(-3.0, 3.0, 61)
+_MATCH_FINE = 2.0 ** np.linspace(-0.1, 0.1, 21)
 
 
 # --------------------------------------------------------------- amplitudes ---
@@ -67,6 +94,86 @@ def amplitude_to_gray(amplitude: np.ndarray, clip: float) -> np.ndarray:
   """uint8 gray: 0 at -clip and below, 255 at +clip and above, 127.5 at 0."""
   scaled = np.clip(np.asarray(amplitude, np.float64) / clip, -1.0, 1.0)
   return np.rint(127.5 + 127.5 * scaled).astype(np.uint8)
+
+
+def _gray_levels(values: np.ndarray, below: np.ndarray, gain: float) -> tuple:
+  """|gray - 128| and |vertical gray step| of amplitude pairs mapped at `gain` grays/unit."""
+  top = np.rint(127.5 + np.clip(gain * values, -127.5, 127.5))
+  bottom = np.rint(127.5 + np.clip(gain * below, -127.5, 127.5))
+  return np.abs(top - 128.0), np.abs(bottom - top)
+
+
+def match_training_clip(values: np.ndarray, below: np.ndarray, stats: dict) -> tuple[float, dict]:
+  """The clip level whose gray levels best match the training images' (gray_stats).
+
+  values, below: amplitudes a[i, j] and a[i + 1, j] of vertical neighbours
+  drawn from the section(s).  For every candidate clip level the samples are
+  mapped to gray exactly as the section will be (clipping and rounding
+  included); the chosen level minimises the mean |log(1 + q_section) -
+  log(1 + q_training)| over MATCH_PERCENTILES of |gray - 128|, the distance
+  from the middle gray that zero amplitude maps to (the training tiles':
+  from each tile's median gray).  Quantiles move with the amplitudes' scale,
+  so the mapped gray levels do not depend on it; samples over 20x the median
+  |a| are left out and the 50th-90th percentiles fitted, so the strongest
+  reflectors do not set it.  The local contrast down a trace, |gray[i + 1]
+  - gray[i]|, is reported beside the training images' (how far the
+  section's texture differs from theirs) but not fitted: in trials on
+  sections rendered with other noise levels and wavelets, fitting it too
+  gave slightly worse masks.
+
+  Returns (clip level, a report of the fit for <stem>_segment.json).
+  """
+  values = np.asarray(values, np.float64)
+  below = np.asarray(below, np.float64)
+  # Samples far brighter than the typical one (a reflector many times the
+  # sediments', a spike) are left out: they would otherwise push every
+  # percentile of the rest up by their share of the samples.
+  typical = np.median(np.abs(values))
+  if typical > 0:
+    ordinary = np.maximum(np.abs(values), np.abs(below)) <= _OUTLIER_RATIO * typical
+    values, below = values[ordinary], below[ordinary]
+  fit = np.array(MATCH_PERCENTILES, float)
+  recorded = np.array(stats["percentiles"], float)
+  want_dev = np.interp(fit, recorded, stats["deviation"])
+  want_con = np.interp(fit, recorded, stats["contrast"])
+  have_dev = np.percentile(np.abs(values), fit)
+  # First estimate: the typical ratio of wanted to present quantiles.
+  usable = (have_dev > 0) & (want_dev > 0)
+  if not usable.any():
+    raise ValueError("the amplitudes are (almost) all zero")
+  first = float(np.exp(np.median(np.log(want_dev[usable] / have_dev[usable]))))
+  target = np.log1p(want_dev)
+
+  def loss(gain):
+    dev = np.percentile(_gray_levels(values, below, gain)[0], fit)
+    return float(np.abs(np.log1p(dev) - target).mean())
+
+  def best_of(gains):
+    losses = [loss(g) for g in gains]
+    # Ties (rounding makes the loss piecewise constant): the middle of the best run.
+    best = np.flatnonzero(np.isclose(losses, min(losses), rtol=0, atol=1e-12))
+    return float(gains[best[len(best) // 2]])
+
+  gain = best_of(first * _MATCH_COARSE)
+  gain = best_of(gain * _MATCH_FINE)
+  dev, con = _gray_levels(values, below, gain)
+  report = {
+      "percentiles": list(MATCH_PERCENTILES),
+      "deviation": {
+          "section": _rounded(np.percentile(dev, fit)),
+          "training": _rounded(want_dev),
+      },
+      "contrast": {
+          "section": _rounded(np.percentile(con, fit)),
+          "training": _rounded(want_con),
+      },
+      "mean_abs_log_ratio": round(loss(gain), 4),
+  }
+  return 127.5 / gain, report
+
+
+def _rounded(values) -> list[float]:
+  return [round(float(v), 2) for v in values]
 
 
 # ------------------------------------------------------------ tile and blend ---
@@ -195,8 +302,33 @@ def check_config(config) -> None:
       "stride",
       f"must be an integer from 1 to {TILE} (a larger stride would leave gaps)",
   )
+  need(
+      s.amplitude in AMPLITUDE_RULES,
+      "amplitude",
+      "use " + ", ".join(repr(r) for r in AMPLITUDE_RULES),
+  )
   need(0 < s.clip_percentile <= 100, "clip_percentile", "must be in (0, 100]")
-  need(s.clip_value >= 0, "clip_value", "must be >= 0 (0: use clip_percentile)")
+  need(s.clip_value >= 0, "clip_value", "must be >= 0")
+  need(
+      s.amplitude != "value" or s.clip_value > 0,
+      "clip_value",
+      "config.segment.amplitude='value' needs the clip level: an amplitude > 0",
+  )
+  need(
+      s.amplitude == "value" or s.clip_value == 0,
+      "clip_value",
+      f"is used only with config.segment.amplitude='value' (now {s.amplitude!r})",
+  )
+  need(
+      s.amplitude == "percentile" or s.clip_percentile == DEFAULT_CLIP_PERCENTILE,
+      "clip_percentile",
+      f"is used only with config.segment.amplitude='percentile' (now {s.amplitude!r})",
+  )
+  need(
+      not s.truth or pathlib.Path(s.truth).expanduser().is_file(),
+      "truth",
+      "no such file (the known salt mask: .npy, .npz or PNG)",
+  )
   need(
       s.threshold < 0 or 0 < s.threshold < 1,
       "threshold",
@@ -370,39 +502,248 @@ def _check_section(source: SectionInput, section: Section, values: np.ndarray) -
     )
 
 
-def scan_input(
-    source: SectionInput, clip_percentile: float, clip_value: float
-) -> tuple[float, tuple[int, int]]:
-  """Checks every section (size, finite samples); returns (clip level, shape).
+@dataclasses.dataclass
+class Scan:
+  """What reading every section once found: their shape and amplitude samples."""
+
+  shape: tuple[int, int]
+  magnitudes: np.ndarray | None = None  # |a|, evenly strided (the percentile rule)
+  pairs: tuple[np.ndarray, np.ndarray] | None = None  # a[i, j], a[i+1, j] (match_training)
+
+
+def scan_input(source: SectionInput) -> Scan:
+  """Checks every section (size, finite samples) and samples its amplitudes.
 
   Everything is read once here, before anything is written, so bad input
-  fails without leaving outputs behind.  The clip level is 0 for 8-bit input.
+  fails without leaving outputs behind.  8-bit input is not sampled.
   """
-  samples, shape = [], None
+  magnitudes, values, below, shape = [], [], [], None
+  rng = np.random.default_rng(0)
+  per_line = -(-_MATCH_SAMPLE // len(source.sections))
   for section in source.sections:
-    values = section.read()
-    _check_section(source, section, values)
-    shape = shape or values.shape
-    if values.shape != shape:
+    data = section.read()
+    _check_section(source, section, data)
+    shape = shape or data.shape
+    if data.shape != shape:
       raise DataError(
-          f"{source.path}: {section.name} is {values.shape[0]} x"
-          f" {values.shape[1]}, unlike the first line's {shape[0]} x {shape[1]}"
+          f"{source.path}: {section.name} is {data.shape[0]} x"
+          f" {data.shape[1]}, unlike the first line's {shape[0]} x {shape[1]}"
       )
-    if not source.is_gray and clip_value <= 0:
-      step = max(1, values.size * len(source.sections) // _CLIP_SAMPLE)
-      samples.append(np.abs(values.astype(np.float32)).ravel()[::step])
+    if source.is_gray:
+      continue
+    step = max(1, data.size * len(source.sections) // _CLIP_SAMPLE)
+    magnitudes.append(np.abs(data.astype(np.float32)).ravel()[::step])
+    pair = _draw_pairs(data, rng, per_line)
+    values.append(pair[0])
+    below.append(pair[1])
   if source.is_gray:
-    return 0.0, shape
-  if clip_value > 0:
-    return float(clip_value), shape
-  level = clip_level(np.concatenate(samples), clip_percentile)
-  if not level > 0:
-    raise DataError(
-        f"{source.path}: the {clip_percentile:g}th percentile of |amplitude| is 0 (the"
-        " section is mostly zeros); set config.segment.clip_value to the amplitude"
-        " that should map to full gray"
+    return Scan(shape)
+  return Scan(shape, np.concatenate(magnitudes), _live_pairs(values, below))
+
+
+def _draw_pairs(data: np.ndarray, rng: np.random.Generator, count: int) -> tuple:
+  """`count` random vertical neighbours (a[i, j], a[i + 1, j]) of a section."""
+  r = rng.integers(0, data.shape[0] - 1, count)
+  c = rng.integers(0, data.shape[1], count)
+  return np.asarray(data[r, c], np.float32), np.asarray(data[r + 1, c], np.float32)
+
+
+def _live_pairs(values: list, below: list) -> tuple[np.ndarray, np.ndarray]:
+  values, below = np.concatenate(values), np.concatenate(below)
+  live = (values != 0) | (below != 0)  # dead traces and muted zones are left out
+  return values[live], below[live]
+
+
+def matched_clip(amplitudes: Sequence[np.ndarray], stats: dict) -> tuple[float, dict]:
+  """The 'match_training' clip level of in-memory sections, as `segment` finds it for a file."""
+  rng = np.random.default_rng(0)
+  per_line = -(-_MATCH_SAMPLE // len(amplitudes))
+  pairs = [_draw_pairs(np.asarray(a), rng, per_line) for a in amplitudes]
+  return match_training_clip(*_live_pairs([p[0] for p in pairs], [p[1] for p in pairs]), stats)
+
+
+def choose_clip(
+    source: SectionInput, scan: Scan, segment, stats: dict | None, stats_note: str = ""
+) -> tuple[float, dict]:
+  """(clip level, the amplitude report for <stem>_segment.json) under segment.amplitude.
+
+  stats: the training images' gray levels (gray_stats); None falls back from
+  'match_training' to the percentile rule (stats_note says why).
+  """
+  if source.is_gray:
+    return 0.0, {"rule": "none", "description": "input is 8-bit gray: used as-is"}
+  rule = segment.amplitude
+  report = {}
+  if rule == "match_training" and stats is None:
+    report["fallback"] = (
+        f"{stats_note}; used the percentile rule instead (the"
+        f" {segment.clip_percentile:g}th percentile of |a|)"
     )
-  return level, shape
+    logging.warning("segment.amplitude='match_training': %s", report["fallback"])
+    rule = "percentile"
+  if rule == "value":
+    clip = float(segment.clip_value)
+    how = "config.segment.clip_value"
+  elif rule == "percentile":
+    clip = clip_level(scan.magnitudes, segment.clip_percentile) if len(scan.magnitudes) else 0.0
+    how = f"the {segment.clip_percentile:g}th percentile of |a|"
+  else:
+    try:
+      clip, report["match"] = match_training_clip(*scan.pairs, stats)
+    except ValueError:
+      clip = 0.0
+    report["training_gray_levels"] = stats_note
+    how = "fitted so that the gray levels match the training images'"
+  if not clip > 0:
+    raise DataError(
+        f"{source.path}: the amplitudes are almost all 0, so no clip level can be found from"
+        " them; set config.segment.amplitude='value' and config.segment.clip_value to the"
+        " amplitude that should map to full gray"
+    )
+  report = {
+      "rule": rule,
+      "clip_level": clip,
+      "description": (
+          f"gray = round(127.5 + 127.5 * clip(a / {clip:.6g}, -1, 1)); clip level: {how}"
+      ),
+      **report,
+  }
+  return clip, report
+
+
+def training_gray_levels(config, workdir: pathlib.Path) -> tuple[dict | None, str]:
+  """The workdir's gray_levels.json; for older workdirs, computed from the training data.
+
+  Returns (statistics or None, where they came from or why there are none).
+  Statistics computed here are saved in the workdir for the next run.
+  """
+  from saltjax import data as data_lib
+  from saltjax import errors
+
+  path = workdir_lib.gray_levels_path(workdir)
+  stats = gray_stats.read(workdir)
+  if stats is not None:
+    return stats, str(path)
+  try:
+    data_dir = data_lib.resolve_data_dir(config)
+    images = data_lib.load(config, load_test=False).train_images
+  except (errors.SaltjaxError, OSError) as e:
+    return None, f"{path} is missing and the training data could not be read ({e})"
+  if not len(images):
+    return None, f"{path} is missing and {data_dir} holds no training images"
+  note = f"computed from the training images in {data_dir} ({path} was missing)"
+  logging.info("Training gray levels: %s", note)
+  try:
+    stats = gray_stats.write(workdir, images, source=f"{data_dir} (at segment time)")
+  except errors.WorkdirError as e:
+    logging.warning("could not save the training gray levels: %s", e)
+  stats = stats or gray_stats.gray_level_stats(images)
+  return stats, note
+
+
+# -------------------------------------------------------------------- truth ---
+
+
+def read_truth(path: str | os.PathLike, source: SectionInput, shape: tuple[int, int]) -> np.ndarray:
+  """The known salt mask of every segmented line: bool (lines, samples, traces).
+
+  path (config.segment.truth): a .npy array or PNG of the section's shape
+  (one line); for several lines a 3-D .npy (lines, samples, traces) in the
+  order they are segmented, or a .npz holding one array per line, named by
+  the line ('inline100', 'crossline7'; or arr_0, arr_1, ... in order).  0
+  is sediment, any other value salt.
+  """
+  path = pathlib.Path(path).expanduser()
+  key = f"config.segment.truth={str(path)!r}"
+  lines = len(source.sections)
+  if not path.is_file():
+    raise DataError(f"{key}: no such file")
+  suffix = path.suffix.lower()
+  try:
+    if suffix == ".npy":
+      arrays = np.load(path, allow_pickle=False)
+      arrays = arrays[None] if arrays.ndim == 2 else arrays
+    elif suffix == ".npz":
+      with np.load(path, allow_pickle=False) as held:
+        names = [sec.label or "line" for sec in source.sections]
+        if all(n in held.files for n in names):
+          arrays = [held[n] for n in names]
+        elif len(held.files) == lines and all(f"arr_{i}" in held.files for i in range(lines)):
+          arrays = [held[f"arr_{i}"] for i in range(lines)]
+        else:
+          raise DataError(
+              f"{key}: holds arrays {sorted(held.files)[:10]}; expected one per segmented"
+              f" line, named {names[:5]} (or arr_0 to arr_{lines - 1} in that order)"
+          )
+    elif suffix == ".png":
+      image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+      if image is None:
+        raise DataError(f"{key}: not a readable PNG image")
+      arrays = (image if image.ndim == 2 else image.max(axis=2))[None]
+    else:
+      raise DataError(f"{key}: use a .npy or .npz array or a PNG")
+  except (ValueError, OSError, EOFError) as e:
+    if isinstance(e, DataError):
+      raise
+    raise DataError(f"{key}: not readable ({e})") from e
+  if len(arrays) != lines or any(np.shape(a) != tuple(shape) for a in arrays):
+    got = [tuple(np.shape(a)) for a in arrays]
+    raise DataError(
+        f"{key}: holds {len(arrays)} mask(s) of shape(s) {sorted(set(got))[:3]}; the input has"
+        f" {lines} segmented line(s) of {shape[0]} samples x {shape[1]} traces"
+        + (" (a 3-D array: one mask per line, in the order segmented)" if lines > 1 else "")
+    )
+  truth = np.stack([np.asarray(a) for a in arrays])
+  if not (np.issubdtype(truth.dtype, np.number) or truth.dtype == bool):
+    raise DataError(f"{key}: holds {truth.dtype} values; expected a mask of numbers")
+  levels = np.unique(truth)
+  if len(levels) > 2 or not np.isfinite(levels).all():
+    raise DataError(
+        f"{key}: holds {len(levels)} different values; expected a mask (0 for sediment,"
+        " one other value such as 1 or 255 for salt)"
+    )
+  return truth != 0
+
+
+def _truth_counts(truth: np.ndarray, mask: np.ndarray) -> dict:
+  """Pixel counts and per-tile competition scores of one line."""
+  truth, mask = np.asarray(truth, bool), np.asarray(mask, bool)
+  t_tiles, _ = cut_tiles(truth, TILE)
+  p_tiles, _ = cut_tiles(mask, TILE)
+  return {
+      "tp": int((truth & mask).sum()),
+      "fp": int((~truth & mask).sum()),
+      "fn": int((truth & ~mask).sum()),
+      "pixels": int(truth.size),
+      "tile_scores": metrics.precision_per_image(t_tiles, p_tiles),
+  }
+
+
+def _scores_of(counts: Sequence[dict]) -> dict:
+  tp, fp, fn = (sum(c[k] for c in counts) for k in ("tp", "fp", "fn"))
+  pixels = sum(c["pixels"] for c in counts)
+  tiles = np.concatenate([c["tile_scores"] for c in counts])
+  return {
+      "iou": tp / (tp + fp + fn) if tp + fp + fn else 1.0,
+      "precision": tp / (tp + fp) if tp + fp else None,
+      "recall": tp / (tp + fn) if tp + fn else None,
+      "competition_score": float(tiles.mean()),
+      "tiles": int(len(tiles)),
+      "true_salt_fraction": (tp + fn) / pixels,
+      "predicted_salt_fraction": (tp + fp) / pixels,
+  }
+
+
+def truth_scores(truth: np.ndarray, mask: np.ndarray) -> dict:
+  """How a line's mask compares with its known salt mask.
+
+  iou: |salt in both| / |salt in either| (1 when both are empty);
+  precision / recall: of salt pixels (None when nothing was predicted /
+  nothing is salt); competition_score: the competition metric (`metrics`) averaged over
+  the line's 101x101 tiles, side by side, the last of each row and column
+  flush with the section's edge (`tile_starts(length, 101)`).
+  """
+  return _scores_of([_truth_counts(truth, mask)])
 
 
 # ----------------------------------------------------------------- ensemble ---
@@ -601,9 +942,16 @@ def segment_input(config, workdir: pathlib.Path, ensemble: Ensemble | None = Non
       parse_line_numbers(s.crosslines, "crosslines"),
   )
   try:
-    clip, shape = scan_input(source, s.clip_percentile, s.clip_value)
+    scan = scan_input(source)
+    truth = read_truth(s.truth, source, scan.shape) if s.truth else None
+    stats, note = (None, "")
+    if s.amplitude == "match_training" and not source.is_gray:
+      stats, note = training_gray_levels(config, workdir)
+    clip, amplitude = choose_clip(source, scan, s, stats, note)
     ensemble = ensemble or load_ensemble(config, workdir)
-    return _segment_and_write(config, workdir, source, clip, shape, ensemble, started)
+    return _segment_and_write(
+        config, workdir, source, clip, amplitude, scan.shape, ensemble, started, truth
+    )
   finally:
     source.close()
 
@@ -613,9 +961,11 @@ def _segment_and_write(
     workdir,
     source: SectionInput,
     clip: float,
+    amplitude: dict,
     shape: tuple[int, int],
     ensemble: Ensemble,
     started: float,
+    truth: np.ndarray | None = None,
 ) -> dict:
   s = config.segment
   stem = source.path.stem
@@ -635,7 +985,7 @@ def _segment_and_write(
         source.sections
     )
     window = tile_window()
-    salt_fraction = {}
+    salt_fraction, truth_counts = {}, {}
     for chunk in _chunks(tiles_per):
       grays = []
       for i in chunk:
@@ -654,12 +1004,11 @@ def _segment_and_write(
         staged.write_png(_png_name(stem, section.label, "mask"), mask.astype(np.uint8) * 255)
         staged.write_png(_png_name(stem, section.label, "overlay"), overlay_image(gray, mask))
         salt_fraction[section.name] = float(mask.mean())
-        logging.info(
-            "%s%s: %.1f%% salt",
-            source.path.name,
-            "" if section.name == "line" else f" {section.name}",
-            100 * salt_fraction[section.name],
-        )
+        where = source.path.name + ("" if section.name == "line" else f" {section.name}")
+        logging.info("%s: %.1f%% salt", where, 100 * salt_fraction[section.name])
+        if truth is not None:
+          truth_counts[section.name] = _truth_counts(truth[i], mask)
+          _log_scores(where, _scores_of([truth_counts[section.name]]))
     prob_out.flush()
     mask_out.flush()
     written_segy = None
@@ -673,17 +1022,10 @@ def _segment_and_write(
         "sections": [sec.name for sec in source.sections],
         "shape": list(stacked),
         "layout": ("(lines, samples, traces)" if source.is_volume else "(samples, traces)"),
-        "amplitude_to_gray": (
-            "input is 8-bit gray: used as-is"
-            if source.is_gray
-            else f"gray = round(127.5 + 127.5 * clip(a / {clip:.6g}, -1, 1)); clip level ="
-            + (
-                " config.segment.clip_value"
-                if s.clip_value > 0
-                else f" {s.clip_percentile:g}th percentile of |a|"
-            )
-        ),
+        "amplitude_to_gray": amplitude["description"],
+        "amplitude_rule": amplitude["rule"],
         "clip_level": clip,
+        "amplitude": amplitude,
         "stride": s.stride,
         "threshold": ensemble.threshold,
         "min_area": ensemble.min_area,
@@ -695,6 +1037,21 @@ def _segment_and_write(
     }
     if written_segy:
       summary["segy_traces"] = written_segy
+    if truth is not None:
+      overall = _scores_of(list(truth_counts.values()))
+      summary["truth"] = {
+          "path": str(pathlib.Path(s.truth).expanduser()),
+          "per_line": {name: _scores_of([c]) for name, c in truth_counts.items()},
+          "overall": overall,
+          "definitions": (
+              "iou, precision and recall of salt pixels (overall: of every line's pixels"
+              " together); competition_score: the competition metric averaged over 101x101"
+              " tiles side by side, the last of each row and column flush with the section's"
+              " edge"
+          ),
+      }
+      if len(truth_counts) > 1:
+        _log_scores(f"{source.path.name} (all {len(truth_counts)} lines)", overall)
     staged.write_bytes(names["summary"], (json.dumps(summary, indent=1) + "\n").encode())
     del prob_out, mask_out
     staged.commit()
@@ -702,6 +1059,22 @@ def _segment_and_write(
     staged.discard()
     raise
   return summary
+
+
+def _log_scores(where: str, scores: dict) -> None:
+  def fmt(x):
+    return "n/a" if x is None else f"{x:.3f}"
+
+  logging.info(
+      "%s against the known mask: IoU %.3f, precision %s, recall %s, competition score %.3f"
+      " over %d tiles",
+      where,
+      scores["iou"],
+      fmt(scores["precision"]),
+      fmt(scores["recall"]),
+      scores["competition_score"],
+      scores["tiles"],
+  )
 
 
 def _write_segy_copy(source: SectionInput, probs: np.ndarray, tmp_path: pathlib.Path) -> int:
@@ -787,33 +1160,57 @@ def write_before_after(
   return path
 
 
+def boost_salt_top(amplitude: np.ndarray, mask: np.ndarray, factor: float = 8.0) -> np.ndarray:
+  """The section with the reflection along the salt's outline `factor` times stronger.
+
+  A strong top-of-salt reflection, as on many real lines: it sets the 99th
+  percentile of |a|, so the percentile rule maps the layered sediments to
+  almost flat gray.
+  """
+  kernel = np.ones((5, 5), np.uint8)
+  mask = np.asarray(mask, np.uint8)
+  rim = (cv2.dilate(mask, kernel) - cv2.erode(mask, kernel)) > 0
+  return np.where(rim, factor * amplitude, amplitude).astype(np.float32)
+
+
 def _figure_main(argv: Sequence[str] | None = None) -> None:
   """python -m saltjax.sections --workdir=runs/x --out=docs/section_before_after.png"""
   import argparse
   from configs import segment as segment_config
-  from saltjax import metrics
   from saltjax import synthetic
 
   parser = argparse.ArgumentParser(description="Before/after picture of a synthetic section")
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--out", required=True)
-  parser.add_argument("--seed", type=int, default=3)
-  parser.add_argument("--rows", type=int, default=250)
-  parser.add_argument("--cols", type=int, default=500)
+  parser.add_argument("--seed", type=int, default=11)
+  parser.add_argument("--rows", type=int, default=256)
+  parser.add_argument("--cols", type=int, default=480)
+  parser.add_argument(
+      "--salt_top", type=float, default=8.0, help="the salt outline's reflection x this"
+  )
   args = parser.parse_args(argv)
   workdir = pathlib.Path(args.workdir)
   config = segment_config.get_config()
   trained = config_checks.config_for_prediction(config, workdir)
   trained.segment = config.segment
   ensemble = load_ensemble(trained, workdir)
+  stats, _ = training_gray_levels(trained, workdir)
   amplitude, truth = synthetic.generate_section(args.seed, args.rows, args.cols)
-  gray = amplitude_to_gray(amplitude, clip_level(amplitude, config.segment.clip_percentile))
-  (prob,) = segment_sections([gray], ensemble.predict_tiles, config.segment.stride)
-  mask = remove_small_regions(prob > ensemble.threshold, ensemble.min_area)
-  iou = float(metrics.iou_per_image(truth[None], mask[None])[0])
+  amplitude = boost_salt_top(amplitude, truth, args.salt_top)
+
+  def segment(clip):
+    gray = amplitude_to_gray(amplitude, clip)
+    (prob,) = segment_sections([gray], ensemble.predict_tiles, config.segment.stride)
+    mask = remove_small_regions(prob > ensemble.threshold, ensemble.min_area)
+    return gray, prob, mask, truth_scores(truth, mask)["iou"]
+
+  gray, prob, mask, iou = segment(matched_clip([amplitude], stats)[0])
+  percentile_iou = segment(clip_level(amplitude, DEFAULT_CLIP_PERCENTILE))[3]
   title = (
-      f"synthetic section {args.rows} x {args.cols} (seed {args.seed}),"
-      f" {len(ensemble.models)} model(s), IoU with the true body {iou:.2f}"
+      f"synthetic {args.rows} x {args.cols} section (seed {args.seed}, salt-top reflection"
+      f" x{args.salt_top:g}), {len(ensemble.models)} model(s)\nIoU with the true body: {iou:.2f}"
+      f" with the default amplitude rule ('match_training'); {percentile_iou:.2f} with the"
+      " 99th-percentile clip"
   )
   print(write_before_after(args.out, gray, prob, mask, truth, title), title)
 

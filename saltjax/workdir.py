@@ -25,6 +25,7 @@ FOLDS_CSV = "folds.csv"
 SUBMISSION_CSV = "submission.csv"
 OOF_CSV = "oof.csv"
 SCORES_JSON = "scores.json"
+GRAY_LEVELS_JSON = "gray_levels.json"  # the training images' gray levels (saltjax.gray_stats)
 TENSORBOARD = "tensorboard"
 PSEUDO_ROUND = "pseudo_round"
 LOCK = ".lock"
@@ -35,6 +36,10 @@ DONE_JSON = "done.json"
 
 def fold_dir(workdir: pathlib.Path, fold: int) -> pathlib.Path:
   return pathlib.Path(workdir) / f"fold_{fold}"
+
+
+def gray_levels_path(workdir: pathlib.Path) -> pathlib.Path:
+  return pathlib.Path(workdir) / GRAY_LEVELS_JSON
 
 
 def done_path(workdir: pathlib.Path, fold: int) -> pathlib.Path:

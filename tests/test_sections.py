@@ -200,6 +200,92 @@ def test_probability_copy_keeps_float_formats_and_makes_integers_float(tmp_path,
   assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
 
 
+def test_gray_level_stats_of_a_hand_made_tile():
+  from saltjax import gray_stats
+
+  # One 3 x 2 tile: median (20 + 30) / 2 = 25, so |gray - median| is 15, 5, 5,
+  # 5, 25, 25, and the vertical steps |20-10|, |20-30|, |50-20|, |50-20| are
+  # 10, 10, 30, 30.
+  tile = np.array([[10, 30], [20, 20], [50, 50]], np.uint8)
+  stats = gray_stats.gray_level_stats(tile[None])
+  at = dict(zip(stats["percentiles"], zip(stats["deviation"], stats["contrast"])))
+  assert at[50] == (10.0, 20.0)  # medians of {5,5,5,15,25,25} and {10,10,30,30}
+  assert at[20] == (5.0, 10.0)  # linear interpolation: rank 1.0 of 0..5, 0.6 of 0..3
+  assert stats["images"] == 1 and stats["mean_gray"] == pytest.approx(30.0)
+
+
+def _exponential_stats(scale):
+  """Training statistics whose |gray - middle| is exponential with this mean (in grays)."""
+  from saltjax import gray_stats
+
+  p = np.array(gray_stats.PERCENTILES, float) / 100
+  return {
+      "percentiles": list(gray_stats.PERCENTILES),
+      "deviation": list(-scale * np.log1p(-p)),
+      "contrast": list(-scale * np.log1p(-p)),
+  }
+
+
+def test_match_training_clip_maps_a_known_distribution_to_the_training_gray_levels():
+  # Laplace amplitudes of scale b have |a| exponential with mean b; training
+  # deviations exponential with mean 20 grays: the gain is 20 / b grays per
+  # unit of amplitude, i.e. the clip level 127.5 * b / 20, at any scale b.
+  rng = np.random.default_rng(0)
+  base = rng.laplace(0.0, 1.0, (300, 400)).astype(np.float32)
+  stats = _exponential_stats(20.0)
+  for b in (0.01, 1.0, 1000.0):
+    clip, report = sections.matched_clip([b * base], stats)
+    assert clip == pytest.approx(127.5 * b / 20.0, rel=0.03), b
+    got, want = report["deviation"]["section"], report["deviation"]["training"]
+    assert np.allclose(got, want, rtol=0.1, atol=1.0), (got, want)
+
+
+def test_default_mapping_is_the_same_at_any_scale_and_with_a_strong_reflector():
+  stats = _exponential_stats(12.0)
+  amplitude, mask = synthetic.generate_section(11, ROWS, COLS)
+  clip, _ = sections.matched_clip([amplitude], stats)
+  gray = sections.amplitude_to_gray(amplitude, clip)
+  for scale in (0.01, 1000.0):
+    scaled_clip, _ = sections.matched_clip([scale * amplitude], stats)
+    assert scaled_clip / scale == pytest.approx(clip, rel=1e-4)
+    other = sections.amplitude_to_gray(scale * amplitude, scaled_clip)
+    assert (other != gray).mean() < 1e-3
+  # A reflector 30x the sediments' peak, 2% of the samples: the 99th
+  # percentile becomes its amplitude, while the fitted clip moves by a few %
+  # (the reflector's samples, over 20x the median |a|, are not fitted).
+  strong = amplitude.copy()
+  strong[60:65] = 30 * np.abs(amplitude).max() * np.sign(amplitude[60:65] + 1e-9)
+  strong_clip, _ = sections.matched_clip([strong], stats)
+  assert strong_clip == pytest.approx(clip, rel=0.05)
+  assert sections.clip_level(strong, 99) > 10 * sections.clip_level(amplitude, 99)
+  outside = np.ones(amplitude.shape, bool)
+  outside[60:65] = False
+  changed = sections.amplitude_to_gray(strong, strong_clip)[outside].astype(int) - gray[outside]
+  assert np.abs(changed).mean() < 2.0  # gray levels
+
+
+def test_truth_scores_agree_with_a_hand_computation():
+  # A 101 x 202 section is two tiles side by side.  Left: true salt in rows
+  # 0-49 (5050 px), predicted in rows 0-39 (4040 px): IoU 0.8, which passes
+  # the thresholds 0.50 ... 0.75 (6 of 10): tile score 0.6.  Right: no salt,
+  # one false pixel: tile score 0.  Pixels: tp 4040, fp 1, fn 1010.
+  truth = np.zeros((101, 202), np.uint8)
+  truth[:50, :101] = 1
+  pred = np.zeros_like(truth)
+  pred[:40, :101] = 1
+  pred[7, 150] = 1
+  scores = sections.truth_scores(truth, pred)
+  assert scores["tiles"] == 2
+  assert scores["competition_score"] == pytest.approx(0.3)
+  assert scores["iou"] == pytest.approx(4040 / 5051)
+  assert scores["precision"] == pytest.approx(4040 / 4041)
+  assert scores["recall"] == pytest.approx(0.8)
+  # Nothing predicted and nothing true: IoU 1, every tile scores 1, no precision/recall.
+  empty = sections.truth_scores(np.zeros((150, 150)), np.zeros((150, 150)))
+  assert empty["iou"] == 1.0 and empty["competition_score"] == 1.0 and empty["tiles"] == 4
+  assert empty["precision"] is None and empty["recall"] is None
+
+
 def test_line_numbers_parse():
   assert sections.parse_line_numbers("", "inlines") is None
   assert sections.parse_line_numbers("3, 5-7,3", "inlines") == [3, 5, 6, 7]
@@ -263,6 +349,108 @@ def test_segy_line_is_segmented_and_its_headers_round_trip(trained, tmp_path, co
     np.testing.assert_allclose(dst.trace.raw[:], prob.T, atol=1e-7)
 
 
+def test_default_rule_gives_the_same_mask_at_any_scale_and_scores_it(
+    trained, tmp_path, compile_cache
+):
+  """Sections whose amplitudes differ from the training tiles' in scale and in contrast."""
+  amplitude, truth = synthetic.generate_section(11, ROWS, COLS)
+  np.save(tmp_path / "truth.npy", truth)
+  cv2.imwrite(str(tmp_path / "truth.png"), truth * 255)
+  # A reflector 30x the sediments' peak over 2% of the samples: it alone sets
+  # the 99th percentile of |a|.
+  strong = amplitude.copy()
+  band = slice(40, 45)
+  strong[band] = 30 * np.abs(amplitude).max() * np.sign(amplitude[band] + 1e-9)
+  inputs = {
+      "x0.01": 0.01 * amplitude,
+      "x1": amplitude,
+      "x1000": 1000.0 * amplitude,
+      "strong": strong,
+  }
+  masks, summaries = {}, {}
+  for name, values in inputs.items():
+    path = tmp_path / f"scaled_{name.replace('.', '_')}.npy"
+    np.save(path, values.astype(np.float32))
+    truth_file = tmp_path / ("truth.png" if name == "strong" else "truth.npy")
+    assert _run(_segment_config(compile_cache, path, truth=str(truth_file)), trained) == 0
+    masks[name] = np.load(trained / "sections" / f"{path.stem}_mask.npy").astype(bool)
+    summaries[name] = json.loads((trained / "sections" / f"{path.stem}_segment.json").read_text())
+
+  reference = masks["x1"]
+  for name in ("x0.01", "x1000"):
+    assert (masks[name] != reference).mean() < 0.005, name
+    assert summaries[name]["amplitude_rule"] == "match_training"
+    scale = float(name[1:])
+    assert summaries[name]["clip_level"] / scale == pytest.approx(
+        summaries["x1"]["clip_level"], rel=1e-3
+    )
+  away = np.ones(reference.shape, bool)
+  away[30:55] = False  # the reflector and the tiles' blur of it
+  assert (masks["strong"][away] != reference[away]).mean() < 0.03
+  # The body the generator drew is found.
+  for name, mask in masks.items():
+    assert _iou(mask, truth) >= 0.7, (name, _iou(mask, truth))
+
+  # The scores in the summary are those of the mask against the truth file.
+  for name, summary in summaries.items():
+    mask = masks[name]
+    tp, fp, fn = (
+        (mask & (truth > 0)).sum(),
+        (mask & (truth == 0)).sum(),
+        (~mask & (truth > 0)).sum(),
+    )
+    for scores in (summary["truth"]["per_line"]["line"], summary["truth"]["overall"]):
+      assert scores["iou"] == pytest.approx(_iou(mask, truth))
+      assert scores["precision"] == pytest.approx(tp / (tp + fp))
+      assert scores["recall"] == pytest.approx(tp / (tp + fn))
+      assert scores["tiles"] == 3 * 4  # 101-pixel tiles at 0, 101, 149 (rows) x 0, 101, 202, 299
+      assert 0 <= scores["competition_score"] <= 1
+
+  # The old default, the 99th percentile of |a|, is set by the reflector: the
+  # sediments come out flat gray and the mask is far worse.
+  path = tmp_path / "scaled_strong.npy"
+  assert _run(_segment_config(compile_cache, path, amplitude="percentile"), trained) == 0
+  summary = json.loads((trained / "sections" / "scaled_strong_segment.json").read_text())
+  assert summary["amplitude_rule"] == "percentile"
+  assert summary["clip_level"] > 10 * summaries["strong"]["clip_level"]
+  assert _iou(np.load(trained / "sections" / "scaled_strong_mask.npy"), truth) < 0.5
+
+
+def test_older_workdir_gets_gray_levels_from_its_training_data_or_falls_back(
+    trained, tmp_path, compile_cache, caplog
+):
+  import shutil
+
+  workdir = tmp_path / "old"
+  shutil.copytree(trained, workdir, ignore=shutil.ignore_patterns("sections", ".lock"))
+  recorded = json.loads((workdir / "gray_levels.json").read_text())
+  (workdir / "gray_levels.json").unlink()
+  amplitude, _ = synthetic.generate_section(12, 150, 200)
+  np.save(tmp_path / "old.npy", amplitude)
+  assert _run(_segment_config(compile_cache, tmp_path / "old.npy"), workdir) == 0
+  summary = json.loads((workdir / "sections" / "old_segment.json").read_text())
+  assert summary["amplitude_rule"] == "match_training"
+  assert "computed from the training images" in summary["amplitude"]["training_gray_levels"]
+  again = json.loads((workdir / "gray_levels.json").read_text())
+  assert again["deviation"] == recorded["deviation"]
+
+  # Training data that cannot be read: the percentile rule, with a warning.
+  (workdir / "gray_levels.json").unlink()
+  empty = tmp_path / "no_tiles"
+  empty.mkdir()
+  config = json.loads((workdir / "config.json").read_text())
+  config["data_dir"] = str(empty)
+  (workdir / "config.json").write_text(json.dumps(config))
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    assert _run(_segment_config(compile_cache, tmp_path / "old.npy"), workdir) == 0
+  summary = json.loads((workdir / "sections" / "old_segment.json").read_text())
+  assert summary["amplitude_rule"] == "percentile"
+  assert "gray_levels.json is missing" in summary["amplitude"]["fallback"]
+  assert summary["clip_level"] == pytest.approx(sections.clip_level(amplitude, 99), rel=1e-6)
+  assert any("99th percentile" in r.getMessage() for r in caplog.records)
+
+
 def _jumps(prob, axis):
   """Mean |difference| between neighbouring columns (axis 1) or rows (axis 0)."""
   return np.abs(np.diff(prob, axis=axis)).mean(axis=1 - axis)
@@ -319,7 +507,10 @@ def test_volume_gives_one_mask_per_inline_and_crosslines_on_request(
     lines.append(amplitude)
     truths.append(mask)
   path = segy.write_section(tmp_path / "cube.sgy", np.stack(lines), inlines=[100, 101, 102])
-  config = _segment_config(compile_cache, path, inlines="100,102")
+  np.save(tmp_path / "cube_truth.npy", np.stack([truths[0], truths[2]]))
+  config = _segment_config(
+      compile_cache, path, inlines="100,102", truth=str(tmp_path / "cube_truth.npy")
+  )
   assert _run(config, trained) == 0
   out = trained / "sections"
   prob = np.load(out / "cube_probability.npy")
@@ -330,6 +521,15 @@ def test_volume_gives_one_mask_per_inline_and_crosslines_on_request(
       assert (out / f"cube_inline{inline}_{what}.png").is_file()
     assert _iou(mask[k], truths[inline - 100]) > 0.5
   assert not (out / "cube_inline101_mask.png").exists()
+  scored = json.loads((out / "cube_segment.json").read_text())["truth"]
+  assert scored["per_line"]["inline 102"]["iou"] == pytest.approx(_iou(mask[1], truths[2]))
+  assert scored["overall"]["iou"] == pytest.approx(_iou(mask, np.stack([truths[0], truths[2]])))
+  assert scored["overall"]["tiles"] == 2 * scored["per_line"]["inline 100"]["tiles"]
+  # A truth that is not one mask per segmented line is refused, naming the option.
+  wrong = _segment_config(
+      compile_cache, path, inlines="100", truth=str(tmp_path / "cube_truth.npy")
+  )
+  assert _run(wrong, trained) == 1
   # The SEG-Y copy holds the two inlines' traces with their own headers.
   with segyio.open(str(path), ignore_geometry=True) as src, segyio.open(
       str(out / "cube_probability.sgy"), ignore_geometry=True
@@ -358,7 +558,8 @@ def test_npy_and_png_inputs_of_any_size(trained, tmp_path, compile_cache):
   assert mask.shape == (180, 333) and _iou(mask, truth) > 0.5
   assert not (trained / "sections" / "arr_probability.sgy").exists()
   # A PNG is already 8-bit gray: it is used as-is.
-  gray = sections.amplitude_to_gray(amplitude, sections.clip_level(amplitude, 99))
+  clip = json.loads((trained / "sections" / "arr_segment.json").read_text())["clip_level"]
+  gray = sections.amplitude_to_gray(amplitude, clip)
   cv2.imwrite(str(tmp_path / "pic.png"), gray)
   assert _run(_segment_config(compile_cache, tmp_path / "pic.png"), trained) == 0
   np.testing.assert_array_equal(np.load(trained / "sections" / "pic_mask.npy"), mask)
@@ -463,8 +664,10 @@ def test_bad_segment_config_values_are_all_named(tmp_path, compile_cache, capsys
       tmp_path / "missing.sgy",
       stride=0,
       clip_percentile=0.0,
+      clip_value=2.0,
       inlines="3",
       crosslines="4",
+      truth=str(tmp_path / "no_truth.npy"),
   )
   assert _run(config, tmp_path / "run") == 1
   err = capsys.readouterr().err
@@ -474,6 +677,8 @@ def test_bad_segment_config_values_are_all_named(tmp_path, compile_cache, capsys
       "config.segment.stride=0",
       "config.segment.clip_percentile=0.0",
       "config.segment.crosslines='4'",
+      "config.segment.clip_value=2.0: is used only with config.segment.amplitude='value'",
+      "config.segment.truth=",
   ):
     assert text in err, err
   assert not (tmp_path / "run").exists()
