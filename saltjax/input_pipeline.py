@@ -59,7 +59,8 @@ class TrainPipeline:
   in turn reads on from one iterator (tf.data prepares the next epoch's first
   batches while this one ends); any other epoch starts a new iterator of the
   same dataset, whose functions are not traced again (`traces` counts the
-  traces of the per-epoch and per-example functions).
+  traces of the per-epoch and per-example functions, `iterators_started` the
+  iterators).
   """
 
   def __init__(
@@ -92,7 +93,7 @@ class TrainPipeline:
           f" {steps * batch_size} training images per fold; the smallest fold has {min(sizes)}"
       )
     self.steps_per_epoch, self.num_epochs = steps, num_epochs
-    self.traces = collections.Counter()
+    self.traces, self.iterators_started = collections.Counter(), 0
     folds = len(examples)
     per_step = folds * batch_size
     shape = ([folds] if fold_axis else []) + [batch_size, image_size, image_size]
@@ -146,6 +147,7 @@ class TrainPipeline:
     self._first.assign(epoch)
     self._last.assign(last)
     self._iterator = self._dataset.as_numpy_iterator()
+    self.iterators_started += 1
     self._position, self._stop = (epoch, 0), last
 
   def epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[dict]:
