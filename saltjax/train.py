@@ -14,11 +14,11 @@ written in the background, at most every `config.checkpoint_every_seconds`.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import logging
 import pathlib
+import queue
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -328,8 +328,9 @@ class TfDataFeeder:
 
   `input_pipeline.TrainPipeline` makes each step's (F, B, ...) batch (this
   process's rows) with the epoch as data, so an epoch starts no new pipeline
-  and traces nothing; `device_prefetch` global batches are on their way to the
-  devices while a step runs, so the step does not wait for the host.
+  and traces nothing; a thread puts them on the devices, `device_prefetch`
+  global batches ahead of the step that runs, so the step does not wait for
+  the host.
   """
 
   def __init__(
@@ -361,14 +362,45 @@ class TfDataFeeder:
     self._fold_pipelines = {}
 
   def _on_device(self, host_batches: Iterator[dict], fold_axis: bool) -> Iterator[dict]:
-    """Global batches, `device_prefetch` of them transferred ahead of the one yielded."""
-    ahead = collections.deque()
-    for batch in host_batches:
-      ahead.append(parallel.global_from_local(batch, self._mesh, fold_axis=fold_axis))
-      if len(ahead) > self._prefetch:
-        yield ahead.popleft()
-    while ahead:
-      yield ahead.popleft()
+    """Global batches made by a thread, `device_prefetch` of them ahead of the one in use.
+
+    The thread takes the host batches and starts their transfers to the
+    devices; the train loop's thread only picks up arrays that are already on
+    their way, so a step is dispatched without waiting for the host.
+    """
+    ahead, stop = queue.Queue(maxsize=self._prefetch), threading.Event()
+
+    def put(item) -> bool:
+      while not stop.is_set():
+        try:
+          ahead.put(item, timeout=0.1)
+          return True
+        except queue.Full:
+          pass
+      return False
+
+    def produce():
+      try:
+        for batch in host_batches:
+          if not put((parallel.global_from_local(batch, self._mesh, fold_axis=fold_axis), None)):
+            return
+        put((None, None))  # the end
+      except BaseException as error:  # handed to the consumer, raised there
+        put((None, error))
+
+    thread = threading.Thread(target=produce, name="TfDataFeeder", daemon=True)
+    thread.start()
+    try:
+      while True:
+        batch, error = ahead.get()
+        if error is not None:
+          raise error
+        if batch is None:
+          return
+        yield batch
+    finally:
+      stop.set()
+      thread.join()
 
   def epoch(self, epoch: int) -> Iterator[dict]:
     """Global (F, B, ...) batches of `epoch`."""

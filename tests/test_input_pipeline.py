@@ -1,5 +1,8 @@
 """The tf.data pipeline: sizes, the inverse back to 101x101, seeded augmentation."""
 
+import threading
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -229,7 +232,7 @@ def test_feeder_puts_two_batches_on_the_device_ahead_and_keeps_each_folds_data(m
   )
   examples = fold_examples()
   mesh = parallel.create_mesh()
-  feeder = train.TfDataFeeder(config, [examples[0], examples[2]], [0, 2], mesh, steps_per_epoch=4)
+  feeder = train.TfDataFeeder(config, [examples[0], examples[2]], [0, 2], mesh, steps_per_epoch=5)
   pulled = []
   original = input_pipeline.epoch_iterator
 
@@ -241,18 +244,38 @@ def test_feeder_puts_two_batches_on_the_device_ahead_and_keeps_each_folds_data(m
   monkeypatch.setattr(input_pipeline, "epoch_iterator", counting)
   batches = feeder.epoch(1)
   first = next(batches)
-  assert pulled == [(1, 0), (1, 1), (1, 2)]  # two more on their way before the first step
+  deadline = time.monotonic() + 10
+  while len(pulled) < 3 and time.monotonic() < deadline:
+    time.sleep(0.01)
+  # While the first step runs, two more batches are on their way (one more may
+  # wait in the feeder's thread), no more.
+  assert pulled[:3] == [(1, 0), (1, 1), (1, 2)] and len(pulled) <= 4
   assert isinstance(first["image"], jax.Array)
   assert first["image"].sharding == parallel.data_sharding(mesh, fold_axis=True)
   assert first["image"].shape == (2, 2, 32, 32, 1) and first["mask"].shape == (2, 2, 32, 32)
   rest = list(batches)
-  assert len(rest) == 3
+  assert len(rest) == 4
   # Fold 2's slot: seed 3 * 100 + 2, as when it trains alone.
   images, masks = expected_batch(examples[2], 302, epoch=1, step=3, batch_size=2)
   np.testing.assert_allclose(np.asarray(rest[2]["image"][1]), images, atol=1e-6)
   np.testing.assert_array_equal(np.asarray(rest[2]["mask"][1]), masks)
+  # An epoch left early stops the feeder's thread; the next one starts afresh.
+  batches = feeder.epoch(2)
+  next(batches)
+  batches.close()
+  assert not [t for t in threading.enumerate() if t.name == "TfDataFeeder"]
+  assert len(list(feeder.epoch(2))) == 5
   # The BatchNorm pass over fold 0 (slot 0): all of its whole batches, the
   # training epoch's first.
   fold_images = list(feeder.fold_epoch(0, 1))
   assert len(fold_images) == 13 // 2 and fold_images[0].shape == (2, 32, 32, 1)
   np.testing.assert_array_equal(np.asarray(fold_images[0]), np.asarray(first["image"][0]))
+  # A failure making the batches reaches the train loop.
+
+  def failing(pipeline, epoch, skip_batches=0):
+    yield from original(pipeline, epoch, skip_batches)
+    raise RuntimeError("disk gone")
+
+  monkeypatch.setattr(input_pipeline, "epoch_iterator", failing)
+  with pytest.raises(RuntimeError, match="disk gone"):
+    list(feeder.epoch(0))
