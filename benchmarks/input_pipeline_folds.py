@@ -1,13 +1,15 @@
-"""Feeding F folds at once: tf.data (F datasets) against the on-device pipeline.
+"""Feeding F folds at once: the tf.data feeder against the on-device pipeline.
 
 A train loop that trains F folds together (vmapped over a leading fold axis)
 needs, every step, one batch from each of F fold datasets: F x batch_size
 images. This script times that input alone, two ways:
 
-- tfdata: F `input_pipeline.train_dataset`s, one per fold as
-  `train.train_fold` builds them; each step takes the next batch of every
-  fold's iterator and stacks them to (F, B, S, S, 1) numpy, ready for the
-  device transfer (which is not timed);
+- tfdata: `train.TfDataFeeder`, as the train loop uses it (one
+  `input_pipeline.TrainPipeline` for the F folds, global (F, B, S, S, 1)
+  arrays on the device); timed twice: taking batches as fast as they come
+  (images/s), and with a simulated step (`--step_seconds` of sleep) between
+  batches, where `host_wait_s` is the time spent waiting for the feeder per
+  epoch: the host seconds per epoch outside the steps;
 - device: `device_input.make_train_batch_fn` jitted, the uint8 data on the
   device; each step's (F, B, S, S, 1) batch is produced there and waited for
   (`block_until_ready`), so its time is the device's, with no overlap.
