@@ -102,8 +102,9 @@ class TrainPipeline:
         for images, masks in examples
     ]
     # The epochs to iterate: [first, last), read when an iterator starts.
-    self._first = tf.Variable(0, dtype=tf.int64, trainable=False)
-    self._last = tf.Variable(0, dtype=tf.int64, trainable=False)
+    with tf.device("/CPU:0"):  # where tf.data runs, even if TensorFlow sees an accelerator
+      self._first = tf.Variable(0, dtype=tf.int64, trainable=False)
+      self._last = tf.Variable(0, dtype=tf.int64, trainable=False)
 
     def epoch_examples(epoch):
       """One epoch's examples, step by step: fold 0's B, fold 1's B, ..."""
@@ -139,7 +140,7 @@ class TrainPipeline:
     ds = ds.batch(per_step, drop_remainder=True).map(to_step)
     self._dataset = ds.prefetch(tf.data.AUTOTUNE)
     self._iterator = None
-    self._position = None  # (epoch, step) of the iterator's next batch
+    self._position, self._stop = None, 0  # (epoch, step) of the next batch; its end epoch
 
   def _start(self, epoch: int) -> None:
     self._iterator = None  # the old one's last reads are done before the variables change
