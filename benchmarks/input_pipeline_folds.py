@@ -1,13 +1,15 @@
-"""Feeding F folds at once: tf.data (F datasets) against the on-device pipeline.
+"""Feeding F folds at once: the tf.data feeder against the on-device pipeline.
 
 A train loop that trains F folds together (vmapped over a leading fold axis)
 needs, every step, one batch from each of F fold datasets: F x batch_size
 images. This script times that input alone, two ways:
 
-- tfdata: F `input_pipeline.train_dataset`s, one per fold as
-  `train.train_fold` builds them; each step takes the next batch of every
-  fold's iterator and stacks them to (F, B, S, S, 1) numpy, ready for the
-  device transfer (which is not timed);
+- tfdata: `train.TfDataFeeder`, as the train loop uses it (one
+  `input_pipeline.TrainPipeline` for the F folds, global (F, B, S, S, 1)
+  arrays on the device); timed twice: taking batches as fast as they come
+  (images/s), and with a simulated step (`--step_seconds` of sleep) between
+  batches, where `host_wait_s` is the time spent waiting for the feeder per
+  epoch: the host seconds per epoch outside the steps;
 - device: `device_input.make_train_batch_fn` jitted, the uint8 data on the
   device; each step's (F, B, S, S, 1) batch is produced there and waited for
   (`block_until_ready`), so its time is the device's, with no overlap.
@@ -58,6 +60,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   )
   p.add_argument("--epochs", type=int, default=3, help="timed epochs after the warm-up")
   p.add_argument(
+      "--step_seconds",
+      type=float,
+      default=0.2,
+      help="tfdata: a simulated train step (sleep) for the host-wait timing",
+  )
+  p.add_argument(
       "--max_steps", type=int, default=0, help="cap on steps per epoch (0: the whole epoch)"
   )
   p.add_argument(
@@ -86,32 +94,44 @@ def _steps(fold_sizes, batch_size, max_steps) -> int:
 
 
 def bench_tfdata(config, data, fold_of, spec, args) -> dict:
+  """`train.TfDataFeeder`, as the train loop uses it: global (F, B, ...) arrays.
+
+  Two timings per epoch: `epoch_s`, the wall time when batches are taken as
+  fast as they come (throughput), and `host_wait_s`, the time the consumer
+  spends inside the feeder when each step takes `--step_seconds` (a sleep
+  standing in for the accelerator's step): the host seconds per epoch outside
+  the steps, the train loop's overhead.
+  """
+  import jax
   import numpy as np
-  from saltjax import input_pipeline
+  from saltjax import parallel, train
 
-  pipelines, sizes = [], []
-  for fold in range(args.folds):
-    rows = np.flatnonzero(fold_of != fold)
-    sizes.append(len(rows))
-    pipelines.append(
-        input_pipeline.train_dataset(
-            data.train_images[rows],
-            data.train_masks[rows],
-            batch_size=args.batch_size,
-            image_size=args.image_size,
-            resize_mode=config.resize_mode,
-            augment_spec=spec,
-            seed=config.seed * 100 + fold,
-        )
-    )
-  steps = _steps(sizes, args.batch_size, args.max_steps)
+  config = config.copy_and_resolve_references()
+  config.augment = spec
+  config.image_size = args.image_size
+  config.batch_size = args.batch_size
+  folds = list(range(args.folds))
+  examples = [train._training_examples(config, data, k, fold_of, None) for k in folds]
+  steps = _steps([len(x[0]) for x in examples], args.batch_size, args.max_steps)
+  mesh = parallel.create_mesh()
+  started = time.perf_counter()
+  try:
+    feeder = train.TfDataFeeder(config, examples, folds, mesh, steps_per_epoch=steps)
+  except TypeError:  # the feeder before issue 18 (F datasets per epoch) has no steps argument
+    feeder = train.TfDataFeeder(config, examples, folds, mesh)
+  build_s = time.perf_counter() - started
 
-  def epoch(e):
-    started = time.perf_counter()
-    iterators = [input_pipeline.epoch_iterator(p, e) for p in pipelines]
+  def epoch(e, step_s):
+    started, wait = time.perf_counter(), 0.0
+    batches = feeder.epoch(e)
     for _ in range(steps):
-      batches = [next(it) for it in iterators]
-      batch = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+      t = time.perf_counter()
+      batch = next(batches)
+      wait += time.perf_counter() - t
+      if step_s:
+        time.sleep(step_s)
+    batches.close()
+    jax.block_until_ready(batch)
     assert batch["image"].shape == (
         args.folds,
         args.batch_size,
@@ -119,13 +139,20 @@ def bench_tfdata(config, data, fold_of, spec, args) -> dict:
         args.image_size,
         1,
     )
-    return time.perf_counter() - started
+    return time.perf_counter() - started, wait
 
-  warmup_s = epoch(0)
+  warmup_s = epoch(0, 0)[0]
+  timed = range(1, args.epochs + 1)
+  throughput = [epoch(e, 0)[0] for e in timed]
+  # The epochs run on in sequence, as in training (a pipeline may prefetch across them).
+  paced = [epoch(e, args.step_seconds)[1] for e in range(args.epochs + 1, 2 * args.epochs + 1)]
   return {
+      "build_s": build_s,
       "warmup_epoch_s": warmup_s,
       "steps_per_epoch": steps,
-      "epoch_s": [epoch(e) for e in range(1, args.epochs + 1)],
+      "epoch_s": throughput,
+      "step_seconds": args.step_seconds,
+      "host_wait_s": paced,
   }
 
 
@@ -256,6 +283,8 @@ def main(argv=None) -> dict:
       )
       result["results"].append(row)
       extra = f"  compile {row['compile_s']:.1f}s" if "compile_s" in row else ""
+      if "host_wait_s" in row:
+        extra += f"  host wait/epoch {statistics.median(row['host_wait_s']):.3f}s"
       print(
           f"{pipeline:>7}  {spec:<45} {row['images_per_s']:>7.0f} images/s"
           f"  {row['steps_per_s']:>6.1f} steps/s (median epoch"

@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import logging
 import pathlib
+import queue
 import threading
 import time
 from typing import Any, Callable, Iterator, NamedTuple
@@ -449,36 +450,101 @@ def _training_examples(config, data, fold: int, fold_of: np.ndarray, extra):
 
 
 class TfDataFeeder:
-  """Each fold's tf.data pipeline; a step's batch stacks the folds' batches."""
+  """One tf.data pipeline for the F folds, built once; batches reach the device ahead of use.
 
-  def __init__(self, config, examples: list[tuple[np.ndarray, np.ndarray]], folds, mesh):
+  `input_pipeline.TrainPipeline` makes each step's (F, B, ...) batch (this
+  process's rows) with the epoch as data, so an epoch starts no new pipeline
+  and traces nothing; a thread puts them on the devices, `device_prefetch`
+  global batches ahead of the step that runs, so the step does not wait for
+  the host.
+  """
+
+  def __init__(
+      self,
+      config,
+      examples: list[tuple[np.ndarray, np.ndarray]],
+      folds,
+      mesh,
+      steps_per_epoch: int | None = None,
+      device_prefetch: int = 2,
+  ):
     from saltjax import input_pipeline  # TensorFlow: only on this path
 
-    self._input_pipeline, self._mesh = input_pipeline, mesh
-    self._for_epoch = [
-        input_pipeline.train_dataset(
-            images,
-            masks,
-            batch_size=local_batch_size(config),
-            image_size=config.image_size,
-            resize_mode=config.resize_mode,
-            augment_spec=config.augment,
-            seed=config.seed * 100 + fold,
-        )
-        for (images, masks), fold in zip(examples, folds)
-    ]
+    self._input_pipeline, self._mesh, self._prefetch = input_pipeline, mesh, device_prefetch
+    self._examples, self._seeds = examples, [config.seed * 100 + fold for fold in folds]
+    self._options = dict(
+        batch_size=local_batch_size(config),
+        image_size=config.image_size,
+        resize_mode=config.resize_mode,
+        augment_spec=config.augment,
+    )
+    self.pipeline = input_pipeline.TrainPipeline(
+        examples,
+        self._seeds,
+        steps_per_epoch=steps_per_epoch,
+        num_epochs=config.num_epochs,
+        **self._options,
+    )
+    self._fold_pipelines = {}
+
+  def _on_device(self, host_batches: Iterator[dict], fold_axis: bool) -> Iterator[dict]:
+    """Global batches made by a thread, `device_prefetch` of them ahead of the one in use.
+
+    The thread takes the host batches and starts their transfers to the
+    devices; the train loop's thread only picks up arrays that are already on
+    their way, so a step is dispatched without waiting for the host.
+    """
+    ahead, stop = queue.Queue(maxsize=self._prefetch), threading.Event()
+
+    def put(item) -> bool:
+      while not stop.is_set():
+        try:
+          ahead.put(item, timeout=0.1)
+          return True
+        except queue.Full:
+          pass
+      return False
+
+    def produce():
+      try:
+        for batch in host_batches:
+          if not put((parallel.global_from_local(batch, self._mesh, fold_axis=fold_axis), None)):
+            return
+        put((None, None))  # the end
+      except BaseException as error:  # handed to the consumer, raised there
+        put((None, error))
+
+    thread = threading.Thread(target=produce, name="TfDataFeeder", daemon=True)
+    thread.start()
+    try:
+      while True:
+        batch, error = ahead.get()
+        if error is not None:
+          raise error
+        if batch is None:
+          return
+        yield batch
+    finally:
+      stop.set()
+      thread.join()
 
   def epoch(self, epoch: int) -> Iterator[dict]:
     """Global (F, B, ...) batches of `epoch`."""
-    iterators = [self._input_pipeline.epoch_iterator(f, epoch) for f in self._for_epoch]
-    for batches in zip(*iterators):
-      stacked = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
-      yield parallel.global_from_local(stacked, self._mesh, fold_axis=True)
+    return self._on_device(self._input_pipeline.epoch_iterator(self.pipeline, epoch), True)
 
   def fold_epoch(self, i: int, epoch: int) -> Iterator[jax.Array]:
-    """Global (B, S, S, 1) images of the i-th fold's `epoch` (for BatchNorm passes)."""
-    for batch in self._input_pipeline.epoch_iterator(self._for_epoch[i], epoch):
-      yield parallel.global_from_local(batch, self._mesh)["image"]
+    """Global (B, S, S, 1) images of the i-th fold's `epoch` (for BatchNorm passes).
+
+    Every whole batch of the fold (the training epochs' batches of that fold,
+    then those past the smallest fold's count).
+    """
+    if i not in self._fold_pipelines:
+      self._fold_pipelines[i] = self._input_pipeline.TrainPipeline(
+          [self._examples[i]], [self._seeds[i]], fold_axis=False, **self._options
+      )
+    host = self._input_pipeline.epoch_iterator(self._fold_pipelines[i], epoch)
+    images = ({"image": b["image"]} for b in host)
+    return (b["image"] for b in self._on_device(images, False))
 
 
 class DeviceFeeder:
