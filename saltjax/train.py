@@ -748,7 +748,7 @@ def _train_group(job: Job, workdir, folds, data, fold_of, extra, checkpoints, re
     feeder = DeviceFeeder(config, data, fold_of, folds, extra, mesh, job.steps_per_epoch)
   else:
     examples = [_training_examples(config, data, k, fold_of, extra) for k in folds]
-    feeder = TfDataFeeder(config, examples, folds, mesh)
+    feeder = TfDataFeeder(config, examples, folds, mesh, steps_per_epoch=job.steps_per_epoch)
   first = resumed[0][1].epoch
   val_counts = [int((fold_of == k).sum()) for k in folds]
   group = _Group(
@@ -882,11 +882,15 @@ def _run_epoch(job: Job, group: _Group, feeder, epoch: int) -> tuple:
         disable=not inference.progress_enabled(config),
         leave=False,
     )
-    for _, batch in zip(range(job.steps_per_epoch), feeder.epoch(epoch)):
-      group.state, step_metrics = step_fn(group.state, batch)
-      pending.append(step_metrics)
-      bar.update(images_per_step)
-    bar.close()
+    batches = feeder.epoch(epoch)
+    try:
+      for _, batch in zip(range(job.steps_per_epoch), batches):
+        group.state, step_metrics = step_fn(group.state, batch)
+        pending.append(step_metrics)
+        bar.update(images_per_step)
+    finally:
+      batches.close()  # stops the feeder's thread
+      bar.close()
     models, val_sums, improved = job.epoch_end_program()(
         group.state, models, group.val_data[:3], group.val_data[3], *epoch_values[1:]
     )
