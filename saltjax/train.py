@@ -769,7 +769,6 @@ def _train_group(job: Job, workdir, folds, data, fold_of, extra, checkpoints, re
   )
   cycle_ends = set(cycle_end_epochs(config))
   logging.info("Training fold(s) %s together from epoch %d.", folds, first)
-  images_per_epoch = job.steps_per_epoch * config.batch_size * len(folds)
 
   for epoch in range(first, config.num_epochs):
     profiling = epoch + 1 == config.get("profile_epoch", 0)
