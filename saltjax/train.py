@@ -283,8 +283,15 @@ def steps_per_epoch_for(config, mesh, fold_of: np.ndarray, num_extra=0) -> int:
   extra = num_extra if not isinstance(num_extra, int) else [num_extra] * config.num_folds
   if isinstance(extra, dict):
     extra = [extra.get(k, 0) for k in range(config.num_folds)]
+  # Each process feeds its own shard of a fold's images and, apart, of its
+  # extras (`_training_examples`): the epoch is as long as the smallest shard.
+  n_proc = jax.process_count()
   smallest = min(int((fold_of != k).sum()) + int(extra[k]) for k in range(config.num_folds))
-  steps_per_epoch = (smallest // jax.process_count()) // local_batch_size(config)
+  per_process = min(
+      int((fold_of != k).sum()) // n_proc + int(extra[k]) // n_proc
+      for k in range(config.num_folds)
+  )
+  steps_per_epoch = per_process // local_batch_size(config)
   if steps_per_epoch == 0:
     raise ConfigError(
         f"a fold has only {smallest} training images, fewer than"
