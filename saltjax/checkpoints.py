@@ -5,6 +5,11 @@ Layout under a fold's directory:
   best/<epoch>/       params + batch_stats of the best validation epoch
   snapshots/<cycle>/  params + batch_stats at the end of each cosine cycle
   swa/<epoch>/        the stochastic weight average, when enabled
+A `best` or `swa` step is deleted only once a newer `latest` is complete on
+disk and no longer refers to it (`FoldCheckpoints.prune`), so a kill at any
+moment leaves a resume point whose models are all there. Which model a fold
+predicts with is what its run recorded (`done.json`, else the resume point),
+not the highest step on disk (`model_checkpoints`).
 Orbax writes each checkpoint to a temporary directory and renames it when
 complete, so a crash never leaves a half-written checkpoint behind a final
 name. Every checkpoint carries the fingerprint of the config that shapes the
@@ -153,6 +158,13 @@ class Store:
   def steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
+  def delete(self, step: int) -> None:
+    """Deletes a finished step (every process calls it: orbax syncs them)."""
+    try:
+      self.manager.delete(step)
+    except OSError as e:
+      raise WorkdirError(workdir_lib.describe_os_error(e, self.directory / str(step))) from e
+
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
@@ -161,6 +173,11 @@ class Store:
 
   def _checked_meta(self, step: int, expected_fingerprint: str) -> dict:
     where = self.directory / str(step)
+    if not where.is_dir():
+      raise CheckpointError(
+          f"checkpoint {where} is missing (the resume point refers to it); delete"
+          f" {self.directory.parent} to train the fold again, or use a new --workdir"
+      )
     _verify_checksums(where)
     try:
       meta = self.meta(step)
@@ -280,18 +297,25 @@ def _verify_checksums(step_dir: pathlib.Path) -> None:
 class FoldCheckpoints:
   """The checkpoints of one fold.
 
-  `best` keeps two steps: a run resumed from `latest` at epoch e restores the
-  best model as of epoch e (meta `best_epoch`) even when a crash came after a
-  newer best was written; `swa` likewise keeps the average of epoch e.
+  `best` and `swa` keep every step that a resume point on disk may still
+  refer to: the resume point `latest/<e>` restores the best model of its meta
+  `best_epoch` and the weight average `swa/<e>`. A step of either is deleted
+  only once a newer `latest` is complete and no longer refers to it
+  (`prune`); until then the older, complete `latest` and its models stay, so a
+  kill while a `latest` is still being written (in the background) leaves a
+  fold that resumes. Steps above the complete resume point's epoch (written
+  for a `latest` still on its way, or left by an abandoned run) are kept until
+  a complete resume point reaches past them.
   """
 
   def __init__(self, fold_dir: pathlib.Path | str, config, asynchronous: bool = False):
     fold_dir = pathlib.Path(fold_dir)
     self.fingerprint = fingerprint(config)
     self.latest = Store(fold_dir / "latest", max_to_keep=1, asynchronous=asynchronous)
-    self.best = Store(fold_dir / "best", max_to_keep=2, asynchronous=asynchronous)
+    self.best = Store(fold_dir / "best", max_to_keep=None, asynchronous=asynchronous)
     self.snapshots = Store(fold_dir / "snapshots", max_to_keep=None, asynchronous=asynchronous)
-    self.swa = Store(fold_dir / "swa", max_to_keep=2, asynchronous=asynchronous)
+    self.swa = Store(fold_dir / "swa", max_to_keep=None, asynchronous=asynchronous)
+    self._writing: tuple[int, dict] | None = None  # the `latest` not yet known complete
 
   def stores(self) -> tuple[Store, ...]:
     return (self.latest, self.best, self.snapshots, self.swa)
@@ -300,16 +324,44 @@ class FoldCheckpoints:
     return {**meta, "fingerprint": self.fingerprint}
 
   def save_latest(self, epoch: int, state: Any, meta: dict) -> None:
+    """Starts writing the resume point; the previous one is finished (and pruned after) first."""
+    self._finish_latest()
+    self._writing = (epoch, meta)
     self.latest.save(epoch, state, self._meta(meta))
 
   def save_model(self, store: str, step: int, variables: Any, meta: dict) -> None:
     getattr(self, store).save(step, variables, self._meta(meta))
 
-  def finish(self) -> None:
-    for store in self.stores():
+  def _finish_latest(self) -> None:
+    """Waits for the `latest` being written; once it is complete, prunes by it."""
+    self.latest.finish()
+    if self._writing is not None:
+      epoch, meta = self._writing
+      self._writing = None
+      if epoch in self.latest.steps():
+        self.prune(epoch, meta)
+
+  def prune(self, epoch: int, meta: dict) -> None:
+    """Deletes the `best` and `swa` steps the complete resume point `latest/<epoch>`
+    (its meta: `best_epoch`, `swa_count`) no longer refers to, up to its epoch."""
+    keep = {
+        "best": meta.get("best_epoch"),
+        "swa": epoch if meta.get("swa_count") else None,
+    }
+    for name, wanted in keep.items():
+      store = getattr(self, name)
       store.finish()
+      for step in store.steps():
+        if step <= epoch and step != wanted:
+          store.delete(step)
+
+  def finish(self) -> None:
+    for store in (self.best, self.snapshots, self.swa):
+      store.finish()
+    self._finish_latest()
 
   def close(self):
+    self.finish()
     for store in self.stores():
       store.close()
 
@@ -321,26 +373,83 @@ def _steps_on_disk(directory: pathlib.Path) -> list[int]:
   return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
 
 
+def resume_point(fold_dir: pathlib.Path) -> tuple[int, dict] | None:
+  """(epoch, meta) of a fold's complete resume point (`latest`), or None.
+
+  Read without checking the weights (prediction and its checks want the
+  record alone); a meta that cannot be read is a CheckpointError naming it.
+  """
+  steps = _steps_on_disk(pathlib.Path(fold_dir) / "latest")
+  if not steps:
+    return None
+  store = Store(pathlib.Path(fold_dir) / "latest", max_to_keep=None)
+  try:
+    meta = store.meta(steps[-1])
+  except Exception as e:  # orbax raises many types for unreadable files
+    raise CheckpointError(
+        f"checkpoint {store.directory / str(steps[-1])} is unreadable or corrupt"
+        f" ({_first_line(e)}); delete that directory or use a new --workdir"
+    ) from e
+  finally:
+    store.manager.close()
+  return steps[-1], meta
+
+
+def _read_done(fold_dir: pathlib.Path) -> dict | None:
+  path = pathlib.Path(fold_dir) / workdir_lib.DONE_JSON
+  return json.loads(path.read_text()) if path.is_file() else None
+
+
 def model_checkpoints(fold_dir: pathlib.Path, which: str) -> list[tuple[str, int]]:
   """(store, step) of the model checkpoints `which` selects in a fold dir.
 
   which: 'best', 'latest', 'snapshots' (falls back to best when the run ended
   before a cycle did), 'swa', or several joined by '+'. Empty when the fold
   holds none of them.
+
+  The models are those the run recorded, not the highest steps on disk
+  (which, after a crash and a resume that went another way, may be leftovers
+  of the abandoned run): `best` is the step the fold's done.json names or,
+  for a fold that never finished, its resume point's `best_epoch`; for an
+  unfinished fold, `swa` is the resume point's average and `snapshots` are
+  those up to its epoch. A fold with neither record (killed before its first
+  resume point) offers the highest steps on disk.
   """
-  chosen = []
-  for part in which.split("+"):
-    part = part.strip()
+  fold_dir = pathlib.Path(fold_dir)
+  parts = [part.strip() for part in which.split("+")]
+  for part in parts:
     if part not in STORES:
       raise CheckpointError(
           f"unknown config.predict.checkpoints part {part!r}: use"
           f" {', '.join(STORES)} or several joined by '+'"
       )
+  done = _read_done(fold_dir)
+  point = resume_point(fold_dir) if done is None and set(parts) != {"latest"} else None
+  if done is not None:
+    best = done.get("best_epoch")
+  elif point is not None:
+    best = point[1].get("best_epoch")
+  else:
+    best = None  # nothing recorded: the highest step on disk
+
+  def recorded_best(steps):
+    if best is None:
+      return steps[-1:]
+    return [best] if best in steps else []
+
+  chosen = []
+  for part in parts:
     steps = _steps_on_disk(fold_dir / part)
-    if part in ("best", "latest", "swa"):
+    if point is not None and part in ("snapshots", "swa"):
+      steps = [s for s in steps if s <= point[0]]
+      if part == "swa" and not point[1].get("swa_count"):
+        steps = []
+    if part == "best":
+      steps = recorded_best(steps)
+    elif part in ("latest", "swa"):
       steps = steps[-1:]
     if not steps and part == "snapshots":
-      steps, part = _steps_on_disk(fold_dir / "best")[-1:], "best"
+      steps, part = recorded_best(_steps_on_disk(fold_dir / "best")), "best"
     chosen += [(part, s) for s in steps]
   return list(dict.fromkeys(chosen))
 

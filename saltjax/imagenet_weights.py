@@ -18,7 +18,8 @@ there by hand:
 
 A file found there is used without asking the network, after a check: when a
 `<file>.sha256` line sits beside it (every download writes one, with the
-hub's SHA-256), the file must hash to it; every file must hold exactly the
+hub's SHA-256), the file must hash to it (an empty or garbled `.sha256` is
+refused too: the check it stands for cannot be made); every file must hold exactly the
 ResNet50 keys and shapes (`pretrained.load_resnet50`) with finite values.
 A file that fails is refused, never loaded.
 
@@ -51,6 +52,7 @@ HUB_FILENAME = "model.safetensors"
 HUB_CLIENT = "huggingface_hub==2.4.0"
 
 _HUB_NAME = re.compile(r"timm/(resnet50\.[A-Za-z0-9_]+)")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _SCRATCH_HINT = "--config.model.pretrained=''"
 
 
@@ -128,9 +130,18 @@ def check_weights(path: pathlib.Path, sha256: str | None = None) -> str:
   """What is wrong with the weight file at `path`, or '' when it is usable.
 
   The file must hash to `sha256` (or to its `.sha256` line, when one is
-  beside it), and hold exactly ResNet50's keys and shapes with finite values.
+  beside it: an empty or garbled one is a problem too), and hold exactly
+  ResNet50's keys and shapes with finite values.
   """
   expected = sha256 or _read_sidecar(path)
+  if not sha256 and expected is not None and not _SHA256.fullmatch(expected):
+    # An empty or garbled sidecar (a full disk or a kill while it was
+    # written): the hash the file came with is lost, so it cannot be checked.
+    return (
+        f"its {_sidecar(path).name} beside it holds no SHA-256"
+        f" ({'empty' if not expected else repr(expected[:80])}), so the file cannot be"
+        " checked against the hash it was downloaded with"
+    )
   if expected:
     got = file_sha256(path)
     if got != expected:

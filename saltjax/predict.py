@@ -53,7 +53,12 @@ def usable_folds(
     workdir: pathlib.Path, num_folds: int, which: str
 ) -> tuple[dict[int, list], dict[int, str]]:
   """({fold: [(store, step)]} of the folds holding the checkpoints `which` asks for,
-  {fold: why it is left out} of the others)."""
+  {fold: why it is left out} of the others).
+
+  A usable fold whose training never finished (no done.json: killed, or
+  still running) takes part with what its run recorded, and a warning names
+  it with the last epoch its resume point holds.
+  """
   usable, left_out = {}, {}
   for k in range(num_folds):
     fold_dir = workdir_lib.fold_dir(workdir, k)
@@ -63,9 +68,32 @@ def usable_folds(
     chosen = ckpt_lib.model_checkpoints(fold_dir, which)
     if chosen:
       usable[k] = chosen
+      if workdir_lib.read_done(workdir, k) is None:
+        logging.warning("%s", unfinished_warning(workdir, k, chosen))
     else:
       left_out[k] = f"holds no {which!r} checkpoint (config.predict.checkpoints)"
   return usable, left_out
+
+
+def last_epoch(workdir: pathlib.Path, fold: int) -> int | None:
+  """The epoch of an unfinished fold's resume point (None: it has none)."""
+  point = ckpt_lib.resume_point(workdir_lib.fold_dir(workdir, fold))
+  return None if point is None else point[0]
+
+
+def unfinished_warning(workdir: pathlib.Path, fold: int, chosen: list) -> str:
+  epoch = last_epoch(workdir, fold)
+  where = (
+      f"its last resume point is epoch {epoch}"
+      if epoch is not None
+      else "it has no resume point (killed in its first epochs)"
+  )
+  models = ", ".join(f"{store}/{step}" for store, step in chosen)
+  return (
+      f"fold {fold} never finished training (no {workdir_lib.DONE_JSON}): {where};"
+      f" it predicts with {models}, a model of an unfinished run. Run the training"
+      " command again to finish it"
+  )
 
 
 def trained_folds(
@@ -268,4 +296,6 @@ def _fold_record(workdir, fold, oof_score, models_used) -> dict:
   summary = workdir_lib.read_done(workdir, fold)
   if summary is not None:
     record.update(val_score=summary["val_score"], best_epoch=summary["best_epoch"])
+  else:
+    record.update(finished=False, last_epoch=last_epoch(workdir, fold))
   return record

@@ -380,9 +380,10 @@ def pseudo_label_round(config, workdir: pathlib.Path, data, fold_of, mesh, first
   they never saw fold k's validation images, so no label of those images can
   leak into fold k's second round through the test predictions, and the
   out-of-fold score stays an honest estimate. The round runs in
-  workdir/pseudo_round (its own checkpoints, resumable like the first); its
-  outputs then replace the workdir's submission, oof and scores, and the
-  first round's are kept as round1_*.
+  workdir/pseudo_round (its own checkpoints, resumable like the first) on the
+  first round's fold split: workdir/folds.csv is copied there, never
+  recomputed. Its outputs then replace the workdir's submission, oof and
+  scores, and the first round's are kept as round1_*.
   """
   from saltjax import predict, pseudo
 
@@ -401,6 +402,7 @@ def pseudo_label_round(config, workdir: pathlib.Path, data, fold_of, mesh, first
     )
   round_dir = workdir / workdir_lib.PSEUDO_ROUND
   round_dir.mkdir(exist_ok=True)
+  _copy_fold_split(workdir, round_dir)
   train_folds(config, round_dir, data, fold_of, mesh, extra=extra)
   scores = predict.predict_and_submit(config, round_dir, data=data, mesh=mesh).scores
   scores["pseudo_label"] = {
@@ -419,3 +421,22 @@ def pseudo_label_round(config, workdir: pathlib.Path, data, fold_of, mesh, first
       workdir_lib.write_text((round_dir / name).read_text(), workdir / name)
     workdir_lib.write_json(scores, workdir / workdir_lib.SCORES_JSON)
   return scores
+
+
+def _copy_fold_split(workdir: pathlib.Path, round_dir: pathlib.Path) -> None:
+  """The parent's folds.csv in the round's workdir, so that its training and its
+  out-of-fold prediction use the very split the first round used."""
+  parent, copy = workdir / workdir_lib.FOLDS_CSV, round_dir / workdir_lib.FOLDS_CSV
+  if not parent.is_file():
+    raise errors.WorkdirError(
+        f"{parent} is missing: the pseudo-label round needs the first round's fold split;"
+        " use a new --workdir"
+    )
+  text = parent.read_text()
+  if copy.is_file() and copy.read_text() != text:
+    raise errors.WorkdirError(
+        f"{copy} differs from {parent}: the pseudo-label round must use the first round's"
+        f" fold split; delete {round_dir} to run the round again, or use a new --workdir"
+    )
+  if jax.process_index() == 0:
+    workdir_lib.write_text(text, copy)

@@ -16,7 +16,8 @@ arrays are (traces, samples), hence the transposes below.
 The probability copy has the input's textual, binary and trace headers and
 the input's trace order; its samples are the salt probability.  Integer
 sample formats (which would round every probability to 0 or 1) become IEEE
-float (format 5); IBM and IEEE float files keep their format.
+float (format 5); IBM float, IEEE float and IEEE double (format 6) files keep
+their format (a double holds every float32 probability exactly).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ _FORMATS = {
     11: "uint16",
     16: "uint8",
 }
-_FLOAT_FORMATS = (1, 5)
+_FLOAT_FORMATS = (1, 5, 6)  # kept by the probability copy
 _IEEE_FLOAT = 5
 
 INLINE, CROSSLINE = "inline", "crossline"

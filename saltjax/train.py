@@ -96,7 +96,14 @@ def model_variables(state) -> dict:
 def train_step(
     state: TrainState, batch: dict, *, loss_config, loss_name: str, skip_nonfinite: bool
 ) -> tuple[TrainState, dict]:
-  """One optimisation step of one fold model on a (globally sharded) batch. Pure."""
+  """One optimisation step of one fold model on a (globally sharded) batch. Pure.
+
+  With `skip_nonfinite`, a step whose loss or gradient is not finite changes
+  no weights, BatchNorm statistics or optimiser moments, but still counts as
+  a step: `step` and the schedule's own count in the optimiser state
+  (optax's ScaleByScheduleState, which the learning rate is read from) go on,
+  so the schedule stays on the step the epochs say (cycle ends, snapshots).
+  """
 
   def loss_fn(params):
     outputs, new_model_state = state.apply_fn(
@@ -116,7 +123,15 @@ def train_step(
   )
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   if skip_nonfinite:
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
+    opt_state = jax.tree.map(
+        lambda k, n: n if is_schedule(k) else k,
+        kept.opt_state,
+        new_state.opt_state,
+        is_leaf=is_schedule,
+    )
+    new_state = kept.replace(step=new_state.step, opt_state=opt_state)
   pred, truth = logits > 0, batch["mask"] > 0.5
   inter = jnp.sum(pred & truth, axis=(1, 2))
   union = jnp.sum(pred | truth, axis=(1, 2))
@@ -410,8 +425,14 @@ def steps_per_epoch_for(config, mesh, fold_of: np.ndarray, num_extra=0) -> int:
   extra = num_extra if not isinstance(num_extra, int) else [num_extra] * config.num_folds
   if isinstance(extra, dict):
     extra = [extra.get(k, 0) for k in range(config.num_folds)]
+  # Each process feeds its own shard of a fold's images and, apart, of its
+  # extras (`_training_examples`): the epoch is as long as the smallest shard.
+  n_proc = jax.process_count()
   smallest = min(int((fold_of != k).sum()) + int(extra[k]) for k in range(config.num_folds))
-  steps_per_epoch = (smallest // jax.process_count()) // local_batch_size(config)
+  per_process = min(
+      int((fold_of != k).sum()) // n_proc + int(extra[k]) // n_proc for k in range(config.num_folds)
+  )
+  steps_per_epoch = per_process // local_batch_size(config)
   if steps_per_epoch == 0:
     raise ConfigError(
         f"a fold has only {smallest} training images, fewer than"
@@ -931,9 +952,16 @@ def _record_epoch(
           if last
           else "no checkpoint was written yet"
       )
+      others = [k for k in group.folds if k != fold]
+      together = (
+          f" Fold(s) {', '.join(map(str, others))}, trained together with fold {fold}, stopped"
+          " with it and resume from the same epoch."
+          if others
+          else ""
+      )
       raise NonFiniteError(
           f"non-finite loss or gradient at step {bad[0]} (fold {fold}, epoch {epoch + 1});"
-          f" training stopped and {where}. Lower config.optimizer.learning_rate, set"
+          f" training stopped and {where}.{together} Lower config.optimizer.learning_rate, set"
           " config.optimizer.grad_clip, or set config.nonfinite='skip' to skip such steps."
       )
     if bad:
@@ -1038,7 +1066,8 @@ def _save(group: _Group, epoch: int) -> None:
   Snapshots, a new best model and the weight average are written and
   finished before `latest` is started, so a `latest` on disk never refers
   to a model that is not; `latest` itself (the largest) is written in the
-  background while the next epoch trains.
+  background while the next epoch trains. Older best/swa steps are deleted
+  only once that `latest` is complete (`FoldCheckpoints.prune`).
   """
   new_best = [
       p.best_epoch > 0 and p.best_epoch != saved

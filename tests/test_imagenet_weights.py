@@ -151,6 +151,18 @@ def _flipped_byte_with_sidecar(state_dict, path):
   path.write_bytes(bytes(data))
 
 
+def _empty_sidecar(state_dict, path):
+  # A good file whose `.sha256` was left empty (a full disk or a kill while
+  # it was written): the check it stands for cannot be made.
+  save_file(state_dict, str(path))
+  (path.parent / (path.name + ".sha256")).write_text("")
+
+
+def _garbled_sidecar(state_dict, path):
+  save_file(state_dict, str(path))
+  (path.parent / (path.name + ".sha256")).write_text("not-a-hash  " + path.name + "\n")
+
+
 @pytest.mark.parametrize(
     "damage, reason",
     [
@@ -158,6 +170,8 @@ def _flipped_byte_with_sidecar(state_dict, path):
         (_resnet18_like, "missing keys: layer4.2.bn1.bias"),
         (_with_nan, "non-finite"),
         (_flipped_byte_with_sidecar, "SHA-256"),
+        (_empty_sidecar, "resnet50.tv_in1k.safetensors.sha256 beside it holds no SHA-256 (empty)"),
+        (_garbled_sidecar, "holds no SHA-256 ('not-a-hash')"),
     ],
 )
 def test_corrupt_or_wrong_cached_file_is_refused(

@@ -198,3 +198,38 @@ def test_other_overrides_are_named_not_silently_ignored(
   rc, err = _predict(workdir, capfd, monkeypatch, **{"model.encoder_width": 16})
   assert rc == 0, err
   assert "config.model.encoder_width=16 is ignored" in caplog.text
+
+
+def _steps(store_dir: pathlib.Path) -> list[int]:
+  return sorted(int(p.name) for p in store_dir.iterdir() if p.name.isdigit())
+
+
+def test_best_is_the_recorded_model_and_an_unfinished_fold_is_named(
+    trained, tmp_path, capfd, monkeypatch, caplog
+):
+  """A leftover best/99 (what an abandoned run can leave above the steps a resumed run
+  writes) is not taken for the best model: fold 0's is the step its done.json names,
+  and fold 1, whose training never finished, takes its resume point's best_epoch and
+  is named in a warning with the epoch it stopped at."""
+  workdir = _copy(trained, tmp_path)
+  recorded = {}
+  for fold in (0, 1):
+    fold_dir = workdir / f"fold_{fold}"
+    recorded[fold] = json.loads((fold_dir / "done.json").read_text())["best_epoch"]
+    snapshot = _steps(fold_dir / "snapshots")[0]
+    shutil.copytree(fold_dir / "snapshots" / str(snapshot), fold_dir / "best" / "99")
+  (workdir / "fold_1" / "done.json").unlink()
+  caplog.set_level("WARNING")
+  rc, err = _predict(workdir, capfd, monkeypatch, **{"predict.checkpoints": "best"})
+  assert rc == 0, err
+  scores = json.loads((workdir / "scores.json").read_text())
+  assert scores["folds"]["0"]["models"] == [f"best/{recorded[0]}"]
+  assert scores["folds"]["1"]["models"] == [f"best/{recorded[1]}"]
+  assert (
+      f"fold 1 never finished training (no done.json): its last resume point is epoch {EPOCHS}"
+      in (caplog.text)
+  )
+  assert "fold 0 never finished" not in caplog.text
+  assert scores["folds"]["1"]["finished"] is False
+  assert scores["folds"]["1"]["last_epoch"] == EPOCHS
+  assert "finished" not in scores["folds"]["0"]

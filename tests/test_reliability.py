@@ -5,8 +5,11 @@
   interrupted (CPU, same seed), and so does one that crashed between two
   checkpoint saves of one epoch.
 - A non-finite loss stops training with a message naming the step and fold,
-  keeping the last good checkpoint; config.nonfinite='skip' skips such steps
-  without touching the state.
+  keeping the last good checkpoint (and the folds trained with it stop too, named);
+  config.nonfinite='skip' skips such steps without touching the model, while the
+  learning-rate schedule goes on.
+- A kill while a `latest` is still being written leaves a resume point whose
+  best and swa models are on disk.
 - Bad data directories and bad config values end main.py with exit status 1,
   a message naming the file, id or option, no traceback, and nothing in the
   workdir; corrupt checkpoints and checkpoints of another config are refused.
@@ -457,6 +460,60 @@ def test_crash_between_checkpoint_saves_of_an_epoch_resumes(
   _assert_same_training(reference / f"fold_{FOLD}", fold_dir)
 
 
+def test_a_kill_while_latest_is_still_written_leaves_a_fold_that_resumes(
+    shared_job, tmp_path, monkeypatch, data_cache, compile_cache
+):
+  """Epoch 2's `latest` is slow: still being written when epoch 3's best and swa are
+  written (every epoch, SWA from epoch 1) and the run is killed. Until that write is
+  complete, the resume point on disk is epoch 1's, so its best and its average must
+  still be there: the same command resumes from epoch 1 and ends as the run that was
+  not killed. Once a newer `latest` is complete, what it no longer refers to goes."""
+  import json
+
+  from saltjax import checkpoints as ckpt_lib
+  from saltjax import run
+
+  config = tiny_config(data_cache, compile_cache, fold=FOLD, swa_from_epoch=1)
+  run.enable_compilation_cache(config)
+  save_latest = ckpt_lib.FoldCheckpoints.save_latest
+  workdir, killed = tmp_path / "run", tmp_path / "killed"
+
+  def slow(self, epoch, state, meta):
+    if epoch == 2:
+      self.finish()  # epoch 1's `latest` is complete on disk...
+      return  # ... epoch 2's is started and never gets there before the kill
+    if epoch == 3:
+      # The kill, while this save waits for epoch 2's: what the disk holds now.
+      shutil.copytree(workdir, killed)
+    save_latest(self, epoch, state, meta)
+
+  monkeypatch.setattr(ckpt_lib.FoldCheckpoints, "save_latest", slow)
+  run_lib.train_and_evaluate(config, str(workdir))  # this one goes on, as if not killed
+  monkeypatch.setattr(ckpt_lib.FoldCheckpoints, "save_latest", save_latest)
+
+  fold_dir = killed / f"fold_{FOLD}"
+  assert _steps(fold_dir / "latest") == [1]
+  meta = _checkpoints(fold_dir)["latest/1"][1]
+  assert meta["best_epoch"] == 1 and meta["swa_count"] == 1
+  assert 1 in _steps(fold_dir / "best") and 1 in _steps(fold_dir / "swa")
+  # A resume point whose model is gone says which one, and that it is missing.
+  shutil.copytree(killed, tmp_path / "damaged")
+  shutil.rmtree(tmp_path / "damaged" / f"fold_{FOLD}" / "swa" / "1")
+  with pytest.raises(ckpt_lib.CheckpointError, match="swa/1 is missing"):
+    run_lib.train_and_evaluate(config, str(tmp_path / "damaged"))
+
+  run_lib.train_and_evaluate(config, str(killed))
+  _assert_same_result(workdir / f"fold_{FOLD}", fold_dir)
+  final_swa = f"swa/{EPOCHS + 1}"
+  assert _checkpoints(fold_dir)[final_swa] == _checkpoints(workdir / f"fold_{FOLD}")[final_swa]
+  # Finished, each store keeps what the final resume point (epoch 3) refers to,
+  # and the final average.
+  for directory in (workdir, killed):
+    done = json.loads((directory / f"fold_{FOLD}" / "done.json").read_text())
+    assert _steps(directory / f"fold_{FOLD}" / "best") == [done["best_epoch"]]
+    assert _steps(directory / f"fold_{FOLD}" / "swa") == [EPOCHS, EPOCHS + 1]
+
+
 # -------------------------------------------------------- numerical faults ---
 
 
@@ -513,10 +570,14 @@ def test_nonfinite_loss_stops_naming_step_and_fold_and_keeps_last_good_checkpoin
     assert np.all(np.isfinite(np.frombuffer(data, dtype).astype(np.float64)))
 
 
-def test_nonfinite_skip_leaves_the_state_unchanged_and_training_goes_on(
+def test_nonfinite_skip_leaves_the_model_unchanged_advances_the_schedule_and_goes_on(
     reference, shared_job, tmp_path, monkeypatch, prepared_data, data_cache, compile_cache, caplog
 ):
+  """A skipped step changes no weights, statistics or optimiser moments, but counts:
+  `step` and the schedule's count (which the learning rate is read from) go on by one,
+  so the schedule stays on the step number the epochs give it."""
   import jax
+  import optax
   from saltjax import run, train
 
   config = tiny_config(data_cache, compile_cache, fold=FOLD, nonfinite="skip")
@@ -549,10 +610,23 @@ def test_nonfinite_skip_leaves_the_state_unchanged_and_training_goes_on(
   assert len(seen) == 1
   before, after, metrics = seen[0]
   assert not metrics["finite"] and not np.isfinite(metrics["loss"])
-  for part in ("params", "batch_stats", "opt_state", "step", "lr_scale"):
+  for part in ("params", "batch_stats", "lr_scale"):
     a, b = jax.tree.leaves(getattr(before, part)), jax.tree.leaves(getattr(after, part))
     assert len(a) == len(b)
     assert all(np.asarray(x).tobytes() == np.asarray(y).tobytes() for x, y in zip(a, b)), part
+  # The skipped step is step `step` of the run: the state then holds `step` steps.
+  np.testing.assert_array_equal(np.asarray(before.step), step - 1)
+  np.testing.assert_array_equal(np.asarray(after.step), step)
+  is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
+  nodes_before = jax.tree.leaves(before.opt_state, is_leaf=is_schedule)
+  nodes_after = jax.tree.leaves(after.opt_state, is_leaf=is_schedule)
+  schedules = [(a, b) for a, b in zip(nodes_before, nodes_after) if is_schedule(a)]
+  assert len(schedules) == 1 and len(nodes_before) == len(nodes_after)
+  _, schedule_after = schedules[0]
+  np.testing.assert_array_equal(np.asarray(schedule_after.count), step)
+  moments = [(a, b) for a, b in zip(nodes_before, nodes_after) if not is_schedule(a)]
+  assert moments  # Adam's moments and its own count: untouched
+  assert all(np.asarray(a).tobytes() == np.asarray(b).tobytes() for a, b in moments)
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(after.params))
   assert f"skipped 1 non-finite step(s), first at step {step}" in caplog.text
 
@@ -564,6 +638,45 @@ def test_nonfinite_skip_leaves_the_state_unchanged_and_training_goes_on(
   assert all(
       np.all(np.isfinite(np.frombuffer(d, t).astype(np.float64))) for t, _, d in leaves.values()
   )
+
+
+def test_nonfinite_in_one_fold_of_a_group_names_it_and_the_folds_stopped_with_it(tmp_path):
+  """Folds trained together stop together: the message names the fold whose loss was
+  not finite, and the others that stopped with it."""
+  import types
+
+  from saltjax import train
+
+  config = tiny_config("", "", nonfinite="stop")
+  job = types.SimpleNamespace(config=config, writer=None, steps_per_epoch=3, lr_fn=lambda s: 0.1)
+  folds = [0, 2, 3]
+  group = types.SimpleNamespace(
+      folds=folds,
+      progress=[train.FoldProgress(k) for k in folds],
+      checkpoints=[
+          types.SimpleNamespace(latest=types.SimpleNamespace(directory=tmp_path / f"f{k}"))
+          for k in folds
+      ],
+      state=types.SimpleNamespace(lr_scale=np.ones(3, np.float32)),
+      val_counts=[4, 4, 4],
+      saved_epoch=1,
+  )
+  finite = [[True, True, True], [True, False, True], [True, True, True]]  # fold 2, 2nd step
+  host_steps = [
+      {
+          "loss": np.where(f, 0.5, np.nan).astype(np.float32),
+          "finite": np.array(f),
+          "iou": np.full(3, 0.5, np.float32),
+      }
+      for f in finite
+  ]
+  with pytest.raises(train.NonFiniteError) as raised:
+    train._record_epoch(job, group, 1, host_steps, np.ones((3, 2), np.float32), time.time())
+  message = str(raised.value)
+  # Epoch 2 (0-based 1) starts at step 3 * 1 + 1 = 4; its second step is step 5.
+  assert "non-finite loss or gradient at step 5 (fold 2, epoch 2)" in message
+  assert f"the last good checkpoint is epoch 1 in {tmp_path / 'f2'}" in message
+  assert "Fold(s) 0, 3, trained together with fold 2, stopped with it" in message
 
 
 def test_sigterm_saves_the_resume_point_then_resumes_to_the_same_result(
