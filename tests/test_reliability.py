@@ -657,7 +657,6 @@ def test_nonfinite_in_one_fold_of_a_group_names_it_and_the_folds_stopped_with_it
           types.SimpleNamespace(latest=types.SimpleNamespace(directory=tmp_path / f"f{k}"))
           for k in folds
       ],
-      state=types.SimpleNamespace(lr_scale=np.ones(3, np.float32)),
       val_counts=[4, 4, 4],
       saved_epoch=1,
   )
@@ -671,7 +670,9 @@ def test_nonfinite_in_one_fold_of_a_group_names_it_and_the_folds_stopped_with_it
       for f in finite
   ]
   with pytest.raises(train.NonFiniteError) as raised:
-    train._record_epoch(job, group, 1, host_steps, np.ones((3, 2), np.float32), time.time())
+    train._record_epoch(
+        job, group, 1, host_steps, np.ones((3, 2), np.float32), np.ones(3, np.float32), time.time()
+    )
   message = str(raised.value)
   # Epoch 2 (0-based 1) starts at step 3 * 1 + 1 = 4; its second step is step 5.
   assert "non-finite loss or gradient at step 5 (fold 2, epoch 2)" in message
