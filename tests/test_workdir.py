@@ -132,6 +132,36 @@ def test_a_workdir_that_a_host_does_not_see_is_refused_on_every_process(tmp_path
   assert not (shared / workdir_lib.LOCK).exists() and not (elsewhere / workdir_lib.LOCK).exists()
 
 
+def test_any_config_takes_distributed_and_says_how_to_start_a_job(tmp_path):
+  """--config.distributed=True is a key of every config (configs/fold.py's);
+  outside a cluster it ends in one message saying how to start each process."""
+  from tests.conftest import REPO
+
+  env = {
+      k: v
+      for k, v in os.environ.items()
+      if not k.startswith(("SLURM_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"))
+  }
+  result = subprocess.run(
+      [
+          sys.executable,
+          str(REPO / "main.py"),
+          "--config=configs/quick.py",
+          "--config.distributed=True",
+          f"--workdir={tmp_path / 'run'}",
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env={**env, "JAX_PLATFORMS": "cpu"},
+  )
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert "error: config.distributed=True, but this process could not join its job" in result.stderr
+  assert "JAX_COORDINATOR_ADDRESS" in result.stderr and "Traceback" not in result.stderr
+  assert not (tmp_path / "run").exists()
+
+
 def test_main_refuses_a_workdir_in_use_before_writing_anything(
     tmp_path, data_cache, compile_cache, capfd, monkeypatch
 ):
