@@ -383,8 +383,9 @@ if os.environ.get("SIGTERM_AT"):
   def epoch_iterator(for_epoch, epoch, skip_batches=0):
     for i, batch in enumerate(original(for_epoch, epoch, skip_batches)):
       if (epoch, i) == at and not os.path.exists(os.environ["SIGTERM_SENT"]):
-        with open(os.environ["SIGTERM_SENT"], "w") as f:
+        with open(os.environ["SIGTERM_SENT"] + ".tmp", "w") as f:
           f.write(repr(time.time()))
+        os.replace(os.environ["SIGTERM_SENT"] + ".tmp", os.environ["SIGTERM_SENT"])
         os.kill(os.getpid(), signal.SIGTERM)
       yield batch
 
@@ -473,8 +474,13 @@ def _run_pod_job(args, out: pathlib.Path, sigterm_at: str | None = None) -> dict
         if i not in ended and p.poll() is not None:
           ended[i] = time.time()
           first_end = first_end or ended[i]
-      # A process left alone in a collective would wait for ever: 2 minutes' grace.
+      # A process left alone in a collective would wait for ever: 2 minutes' grace,
+      # and hosts that do not stop after SIGTERM are hung (the fault this tests).
       if first_end and time.time() - first_end > 120:
+        break
+      sent = out / "sigterm_sent"
+      sent_at = sent.read_text() if sent.exists() else ""
+      if sent_at and time.time() - float(sent_at) > STOP_WITHIN_S + 60:
         break
       time.sleep(0.5)
   finally:
