@@ -116,6 +116,9 @@ def get_config():
       )
   )
 
+  # A multi-host job (TPU pod slice, SLURM cluster): every process calls
+  # jax.distributed.initialize() and the mesh spans every host's devices.
+  config.distributed = False
   # JAX's persistent compilation cache: later folds and runs skip compiling.
   config.compilation_cache = "~/.cache/saltjax/jax_cache"
   # Pseudo-labelling: after every fold is trained and predicted, confident test

@@ -118,7 +118,16 @@ class Store:
     self.manager = ocp.CheckpointManager(
         self.directory.absolute(),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=asynchronous
+            max_to_keep=max_to_keep,
+            create=True,
+            enable_async_checkpointing=asynchronous,
+            # On several hosts orbax syncs each save with named barriers; without
+            # a prefix of its own, two stores saving at once (fold_0/best while
+            # fold_0/snapshots finishes in the background) use the same name,
+            # which the coordination service refuses.
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix=f"{self.directory.parent.name}.{self.directory.name}"
+            ),
         ),
         item_names=("state", "meta"),
     )

@@ -93,5 +93,8 @@ def folds_for_run(config, data: layout.SaltData, workdir: pathlib.Path) -> np.nd
       )
     return saved["fold"].to_numpy()
   frame = fold_assignment(config, data)
-  write_csv_atomic(frame, path)
+  import jax  # every process computes the same split; one writes it
+
+  if jax.process_index() == 0:
+    write_csv_atomic(frame, path)
   return frame["fold"].to_numpy()

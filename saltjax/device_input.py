@@ -17,7 +17,9 @@ The random streams differ from tf.data's (JAX keys, not TF seeds), so the
 two pipelines give different but equally distributed epochs.
 
 Determinism: a fold's epoch is a pure function of (fold key, epoch). The
-order is a permutation drawn from fold_in(order stream, epoch); example i of
+order sorts the fold's rows by random keys drawn per row from
+fold_in(order stream, epoch), so it does not depend on which folds (and so
+which padded table length) the fold is trained with; example i of
 the epoch is augmented with fold_in(fold_in(augment stream, epoch), i). The
 fold key is jax.random.key(config.seed * 100 + fold), the seed the tf.data
 pipeline gets. So any step of any epoch can be rebuilt after a restart.
@@ -271,17 +273,24 @@ def steps_per_epoch(folds: FoldIndices, batch_size: int) -> int:
 
 
 def epoch_order(rows: jax.Array, size, key: jax.Array, epoch) -> jax.Array:
-  """One fold's rows in epoch `epoch`'s order: a permutation from (key, epoch).
+  """One fold's rows in epoch `epoch`'s order, a function of (key, epoch) alone.
 
-  The first `size` entries of `rows` are the fold's; the permutation of all
-  of `rows` is stably partitioned so that they come first, which leaves them
-  in a uniformly random order (the padding, after them, is never read).
+  The first `size` entries of `rows` are the fold's, the rest padding (the
+  fold table is padded to the largest fold trained with it). Entry i gets a
+  64-bit random sort key from fold_in(epoch key, i), which no other entry
+  and no length enters; sorting by it (padding last, ties by position)
+  leaves the fold's rows in a uniformly random order that is the same
+  whatever the padding, so a fold gets the same batches alone as in any
+  group. (A `jax.random.permutation` of the padded length would not: its
+  order of the fold's rows changes with that length.)
   """
-  perm = jax.random.permutation(
-      jax.random.fold_in(jax.random.fold_in(key, _ORDER_STREAM), epoch), rows.shape[0]
-  )
-  perm = perm[jnp.argsort(perm >= size, stable=True)]
-  return rows[perm]
+  epoch_key = jax.random.fold_in(jax.random.fold_in(key, _ORDER_STREAM), epoch)
+  positions = jnp.arange(rows.shape[0])
+  bits = jax.vmap(lambda i: jax.random.bits(jax.random.fold_in(epoch_key, i), (2,)))(positions)
+  padding = (positions >= size).astype(jnp.uint32)
+  # lexsort: the last key is the primary one.
+  order = jnp.lexsort((positions, bits[:, 1], bits[:, 0], padding))
+  return rows[order]
 
 
 def example_keys(key: jax.Array, epoch, positions: jax.Array) -> jax.Array:

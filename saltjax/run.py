@@ -26,6 +26,7 @@ from importlib import metadata
 
 import jax
 import ml_collections
+import numpy as np
 
 from saltjax import config_checks
 from saltjax import errors
@@ -156,7 +157,11 @@ def _tensorflow_installed() -> bool:
 def main(config, workdir: str | None, config_file: str | None = None) -> int:
   set_up_process()
   if config.get("distributed", False):
-    jax.distributed.initialize()
+    try:
+      initialize_distributed()
+    except errors.ConfigError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 1
   workdir = workdir or default_workdir(config_file)
   if "://" in workdir:
     # pathlib would quietly turn gs://b/x into a local folder gs:/b/x.
@@ -202,6 +207,40 @@ def main(config, workdir: str | None, config_file: str | None = None) -> int:
   return 0
 
 
+def initialize_distributed() -> None:
+  """Joins this process to its multi-host job (`config.distributed=True`).
+
+  `jax.distributed.initialize()` finds the job by itself on a Cloud TPU VM
+  and under SLURM (SLURM_JOB_ID, SLURM_PROCID, SLURM_NTASKS, ...: every
+  task of `srun` gets them); elsewhere JAX_COORDINATOR_ADDRESS (process 0's
+  host:port), JAX_NUM_PROCESSES and JAX_PROCESS_ID say it. On CPU the
+  processes' collectives go through gloo.
+  """
+  try:
+    jax.distributed.initialize()
+  except (ValueError, RuntimeError) as e:
+    raise errors.ConfigError(
+        f"config.distributed=True, but this process could not join its job ({e})."
+        " Run it under SLURM (srun) or on every host of a TPU pod slice, or set"
+        " JAX_COORDINATOR_ADDRESS=<process 0's host>:<port>, JAX_NUM_PROCESSES and"
+        " JAX_PROCESS_ID on each process"
+    ) from e
+
+
+def job_lock(workdir: pathlib.Path):
+  """The workdir's lock, held for the job: by its process 0 when there are several."""
+  if jax.process_count() == 1:
+    return workdir_lib.locked(workdir)
+  return workdir_lib.locked(workdir, process_index=jax.process_index(), allgather=_allgather_ints)
+
+
+def _allgather_ints(value: int) -> list[int]:
+  """Every process's `value`, in process order, on every process."""
+  from jax.experimental import multihost_utils
+
+  return [int(v) for v in np.asarray(multihost_utils.process_allgather(np.int32(value)))]
+
+
 def _on_sigterm(signum, frame) -> None:
   from saltjax import train
 
@@ -221,7 +260,7 @@ def _train(config, workdir: pathlib.Path) -> dict:
       config, parallel.create_mesh(), data_lib.fold_assignment(config, data)["fold"].to_numpy()
   )
   workdir_lib.check_writable(workdir)
-  with workdir_lib.locked(workdir):
+  with job_lock(workdir):
     _record_run(config, workdir)
     from saltjax import gray_stats  # what configs/segment.py maps sections to
 
@@ -243,7 +282,7 @@ def _predict(config, workdir: pathlib.Path, defaults=None) -> dict:
 
   config = config_checks.config_for_prediction(config, workdir, defaults)
   workdir_lib.check_writable(workdir)
-  with workdir_lib.locked(workdir):
+  with job_lock(workdir):
     return predict.predict_and_submit(config, workdir).scores
 
 
@@ -251,7 +290,7 @@ def _segment(config, workdir: pathlib.Path) -> int:
   """Whole seismic sections through the workdir's ensemble (configs/segment.py)."""
   from saltjax import sections
 
-  with workdir_lib.locked(workdir) if workdir.is_dir() else _no_lock():
+  with job_lock(workdir) if workdir.is_dir() else _no_lock():
     sections.run(config, workdir)
   return 0
 
@@ -262,13 +301,16 @@ def _no_lock():
 
 
 def _record_run(config, workdir: pathlib.Path) -> None:
-  """The resolved config and package versions, saved with every run."""
-  if jax.process_index() != 0:
-    return
+  """The resolved config and package versions, saved with every run (by process 0).
+
+  Every process checks a previous run's config, so that all refuse together.
+  """
   saved = workdir / workdir_lib.CONFIG_JSON
   if saved.exists():
     previous = json.loads(saved.read_text())
     config_checks.check_same_training_config(previous, config.to_dict(), saved)
+  if jax.process_index() != 0:
+    return
   workdir_lib.write_text(config.to_json_best_effort(indent=1), saved)
   workdir_lib.write_json(package_versions(), workdir / workdir_lib.VERSIONS_JSON)
 

@@ -451,6 +451,31 @@ def request_stop() -> None:
   _STOP.set()
 
 
+def _agree_on_save_and_stop(config, group) -> tuple[bool, bool]:
+  """(save, stop) after an epoch: the same decision on every process.
+
+  Each process wants to save when its clock says `checkpoint_every_seconds`
+  have passed (or on every epoch at 0), and to stop when it got SIGTERM; on
+  several hosts the wishes are OR-ed over the processes (one tiny all-gather
+  per epoch), so all of them enter orbax's cross-host save, or the next
+  epoch's steps, together. Deciding apart, one host could wait in the save
+  barrier while another waits in the next step's all-reduce: a hang, where a
+  pod whose first host gets SIGTERM must save and stop.
+  """
+  stop = _STOP.is_set()
+  save = (
+      stop
+      or config.checkpoint_every_seconds == 0
+      or time.monotonic() - group.saved_at >= config.checkpoint_every_seconds
+  )
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    wishes = multihost_utils.process_allgather(np.array([save, stop], np.int32))
+    save, stop = (bool(x) for x in np.asarray(wishes).reshape(-1, 2).max(axis=0))
+  return save, stop
+
+
 # ------------------------------------------------------------ a fold's data ---
 
 
@@ -812,13 +837,8 @@ def _train_group(job: Job, workdir, folds, data, fold_of, extra, checkpoints, re
       host_steps = [{k: v[j] for k, v in host_steps.items()} for j in range(job.steps_per_epoch)]
     _record_epoch(job, group, epoch, host_steps, host_val, lr_scales, started, compiling)
     _update_models(job, group, epoch, host_improved, cycle_ends)
-    stop = _STOP.is_set()
-    if (
-        epoch + 1 == config.num_epochs
-        or stop
-        or config.checkpoint_every_seconds == 0
-        or time.monotonic() - group.saved_at >= config.checkpoint_every_seconds
-    ):
+    save, stop = _agree_on_save_and_stop(config, group)
+    if save or epoch + 1 == config.num_epochs:
       _save(group, epoch + 1)
     if job.writer is not None:
       job.writer.flush()

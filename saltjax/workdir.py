@@ -12,8 +12,10 @@ import errno
 import json
 import os
 import pathlib
+import secrets
 import shutil
 import socket
+import time
 from typing import Callable, Iterator
 
 from saltjax.errors import WorkdirError
@@ -121,9 +123,11 @@ def check_writable(directory: pathlib.Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
   except OSError as e:
     raise WorkdirError(describe_os_error(e, directory)) from e
-  write_text("", directory / ".write-test")
+  # Named for the process: the hosts of a multi-host job check at once.
+  probe = directory / f".write-test-{socket.gethostname()}-{os.getpid()}"
+  write_text("", probe)
   with contextlib.suppress(OSError):
-    (directory / ".write-test").unlink()
+    probe.unlink()
 
 
 # ------------------------------------------------------------------- lock ---
@@ -139,15 +143,9 @@ def _alive(pid: int) -> bool:
   return True
 
 
-@contextlib.contextmanager
-def locked(directory: pathlib.Path) -> Iterator[None]:
-  """Holds `directory/.lock` (holder's PID and host) for the duration of a run.
-
-  A second run on the same workdir is refused at once, naming the holder; a
-  lock whose holder is dead (same host, no such PID) is taken over.
-  """
+def _take_lock(directory: pathlib.Path, me: dict) -> None:
+  """Creates `directory/.lock` holding `me`, or raises WorkdirError naming its holder."""
   path = pathlib.Path(directory) / LOCK
-  me = {"pid": os.getpid(), "host": socket.gethostname()}
   for _ in range(2):
     try:
       fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -169,9 +167,81 @@ def locked(directory: pathlib.Path) -> Iterator[None]:
       raise WorkdirError(describe_os_error(e, path)) from e
     with os.fdopen(fd, "w") as f:
       json.dump(me, f)
-    break
+    return
+  raise WorkdirError(f"could not take the lock {path}; try again")
+
+
+def _holds_job(path: pathlib.Path, job: int, wait_s: float) -> bool:
+  """Whether the lock file names `job`; a shared filesystem may show it late."""
+  deadline = time.monotonic() + wait_s
+  while True:
+    try:
+      if json.loads(path.read_text()).get("job") == job:
+        return True
+    except (OSError, ValueError):
+      pass
+    if time.monotonic() >= deadline:
+      return False
+    time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def locked(
+    directory: pathlib.Path,
+    *,
+    process_index: int = 0,
+    allgather: Callable[[int], list[int]] | None = None,
+    wait_s: float = 10.0,
+) -> Iterator[None]:
+  """Holds `directory/.lock` (holder's PID and host) for the duration of a run.
+
+  A second run on the same workdir is refused at once, naming the holder; a
+  lock whose holder is dead (same host, no such PID) is taken over.
+
+  A multi-host job holds one lock, its process 0's: that process takes it
+  with a random job number, and `allgather` (every process's int, in process
+  order, on every process: a collective over the job's processes) hands the
+  number to the others, which check that the lock file holds it. So every
+  process of the job is let in, or every one gets the same refusal: another
+  run holds the workdir, or some host does not see process 0's lock file
+  (the workdir is not one directory shared by every host).
+  """
+  path = pathlib.Path(directory) / LOCK
+  me = {"pid": os.getpid(), "host": socket.gethostname()}
+  if allgather is None:
+    _take_lock(directory, me)
   else:
-    raise WorkdirError(f"could not take the lock {path}; try again")
+    job, refused = 0, None
+    if process_index == 0:
+      try:
+        me["job"] = secrets.randbelow(2**31 - 1) + 1  # 0 says: refused
+        _take_lock(directory, me)
+        job = me["job"]
+      except WorkdirError as e:
+        refused = e
+    job = allgather(job)[0]
+    sees_it = process_index == 0 or (job != 0 and _holds_job(path, job, wait_s))
+    blind = [i for i, ok in enumerate(allgather(int(sees_it))) if not ok]
+    if refused is not None:
+      raise refused
+    if job == 0:
+      raise WorkdirError(
+          f"{directory} is in use by another run: process 0 of this job could not take"
+          f" {path} (its message names the holder); wait for that run to finish or use"
+          " another --workdir"
+      )
+    if blind:
+      if process_index == 0:
+        with contextlib.suppress(OSError):
+          path.unlink()
+      raise WorkdirError(
+          f"process(es) {', '.join(map(str, blind))} of this job do not see {path}, which"
+          f" process 0 wrote: --workdir={directory} must be one directory that every host"
+          " sees (an NFS or Filestore mount, or a gcsfuse mount of one bucket)"
+      )
+    if process_index != 0:
+      yield  # process 0 holds the lock and releases it
+      return
   try:
     yield
   finally:

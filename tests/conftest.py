@@ -244,3 +244,82 @@ def shared_job(job_cache, monkeypatch):
     return dataclasses.replace(job_cache[key], writer=writer)
 
   monkeypatch.setattr(train.Job, "create", shared)
+
+
+# ------------------------------------- float32 parity: what reduction order moves ---
+
+F32_EPS = float(np.finfo(np.float32).eps)
+
+
+def reduction_order_tolerance(num_terms: int, scale: float) -> float:
+  """How far two float32 summation orders can move a mean of `num_terms` terms.
+
+  Each order's computed sum is within gamma_(n-1) * sum|x_i| of the exact one
+  (Higham, Accuracy and Stability of Numerical Algorithms, section 4.2:
+  gamma_k = k u / (1 - k u), u = eps / 2), so two orders differ by at most
+  about n * eps * (mean of |x_i|), and `scale` bounds that mean. The parity
+  tests compare one step on several devices or processes with one device:
+  gradients are means over the batch's pixels (num_terms = batch * height *
+  width at the stem, the largest sum of the model), so the gradients may
+  differ by reduction_order_tolerance(n, max |gradient|) and one SGD step's
+  parameters by reduction_order_tolerance(n, learning rate * max |gradient|)
+  = reduction_order_tolerance(n, the largest parameter move). Loss and
+  BatchNorm statistics are means over the same pixels: the tolerance of their
+  own size. A real error (a shard dropped or counted twice, statistics per
+  device) moves them by a share of their size, not of eps.
+  """
+  return num_terms * F32_EPS * scale
+
+
+def parity_mismatches(
+    ours: dict, reference: dict, keys, num_terms: int, scale: float | None = None
+) -> list[str]:
+  """The leaves of `keys` that differ by more than float32 reduction order allows.
+
+  |ours - reference| <= reduction_order_tolerance(num_terms, scale) + 2 eps |reference|
+  (the last for rounding the result itself); `scale` is the leaf's own largest
+  magnitude when None.
+  """
+  bad = []
+  for key in keys:
+    a, b = np.asarray(ours[key], np.float64), np.asarray(reference[key], np.float64)
+    size = float(np.max(np.abs(b))) if scale is None else scale
+    allowed = reduction_order_tolerance(num_terms, size) + 2 * F32_EPS * np.abs(b)
+    excess = np.abs(a - b) - allowed
+    if np.any(excess > 0):
+      bad.append(
+          f"{key}: max |difference| {np.max(np.abs(a - b)):.3g}, allowed {np.max(allowed):.3g}"
+      )
+  return bad
+
+
+def step_mismatches(
+    ours: dict, reference: dict, init: dict, num_terms: int, steps: int = 1
+) -> list[str]:
+  """Where `ours` is further from `reference` than float32 reduction order allows.
+
+  All three map "['params']...", "['batch_stats']..." keys (and "loss", in the
+  first two) to values after `steps` SGD steps from `init`. Each of the
+  `steps` steps may add the tolerance once. Scales (see
+  reduction_order_tolerance): parameters, the largest move of any parameter
+  (lr * |gradient|, summed over steps); the loss, its own size; a BatchNorm
+  layer's running mean and variance, (1 - momentum^steps) * max(batch variance
+  + batch mean^2), the size of the sums of x and x^2 they come from.
+  """
+  from saltjax.models import BATCH_NORM_MOMENTUM
+
+  params = [k for k in reference if k.startswith("['params']")]
+  moved = max(float(np.max(np.abs(reference[k] - init[k]))) for k in params)
+  assert moved > 0, "the step did not move the parameters"
+  bad = parity_mismatches(ours, reference, params, steps * num_terms, moved)
+  if "loss" in reference:
+    bad += parity_mismatches(ours, reference, ["loss"], num_terms)
+  kept = BATCH_NORM_MOMENTUM**steps
+  for key in reference:
+    if key.startswith("['batch_stats']") and key.endswith("['mean']"):
+      var = key[: -len("['mean']")] + "['var']"
+      batch_mean = reference[key] / (1 - kept)
+      batch_var = (reference[var] - kept * init[var]) / (1 - kept)
+      scale = (1 - kept) * float(np.max(batch_var + batch_mean**2))
+      bad += parity_mismatches(ours, reference, [key, var], steps * num_terms, scale)
+  return bad

@@ -394,3 +394,59 @@ def test_put_on_device_refuses_bad_arrays():
   folds = device_input.fold_indices(np.arange(4) % 2, [0, 1], seed=0)
   with pytest.raises(ValueError, match="config.batch_size=8"):
     device_input.steps_per_epoch(folds, 8)
+
+
+def test_a_folds_batches_do_not_depend_on_the_folds_trained_with_it():
+  """Kaggle size (4,000 ids, 5 folds; pseudo-labels make the folds' training
+  sides unequal): each fold's epoch order and batches are the same when it is
+  trained alone as in the group of 5, whose table is padded to the largest fold."""
+  num_ids, num_folds, batch = 4000, 5, 32
+  fold_of = np.arange(num_ids) % num_folds
+  extra_counts = {0: 310, 1: 0, 2: 57, 3: 123, 4: 1}  # per-fold pseudo-labels
+  extra_rows, start = {}, num_ids
+  for fold, count in extra_counts.items():
+    extra_rows[fold] = np.arange(start, start + count)
+    start += count
+  # Row r's image holds r in two pixels (high and low byte), so a batch's rows
+  # are read off it; no augmentation, padding to 128 keeps the pixels exact.
+  images = np.zeros((start, 101, 101), np.uint8)
+  images[:, 0, 0], images[:, 0, 1] = np.arange(start) // 256, np.arange(start) % 256
+  masks = (images > 0).astype(np.uint8)
+  config = _config(augment="", resize_mode="pad", image_size=128)
+  data = device_input.put_on_device(images, masks)
+  group = device_input.fold_indices(
+      fold_of, range(num_folds), seed=config.seed, extra_rows=extra_rows
+  )
+  assert len(set(np.asarray(group.sizes).tolist())) > 1  # unequal: the table is padded
+  batch_fn = jax.jit(device_input.make_train_batch_fn(config, batch))
+  steps = device_input.steps_per_epoch(group, batch)
+  for fold in range(num_folds):
+    alone = device_input.fold_indices(
+        fold_of, [fold], seed=config.seed, extra_rows={fold: extra_rows[fold]}
+    )
+    size = int(alone.sizes[0])
+    for epoch in (0, 7):
+      order_alone = np.asarray(
+          device_input.epoch_order(
+              alone.rows[0], alone.sizes[0], jax.random.key(alone.seeds[0]), epoch
+          )
+      )
+      order_group = np.asarray(
+          device_input.epoch_order(
+              group.rows[fold], group.sizes[fold], jax.random.key(group.seeds[fold]), epoch
+          )
+      )
+      expected = np.concatenate([np.flatnonzero(fold_of != fold), extra_rows[fold]])
+      np.testing.assert_array_equal(np.sort(order_alone[:size]), expected)
+      np.testing.assert_array_equal(order_group[:size], order_alone[:size], err_msg=f"{fold}")
+    for step in (0, steps - 1):
+      got_group = jax.device_get(batch_fn(data, group, 3, step))
+      got_alone = jax.device_get(batch_fn(data, alone, 3, step))
+      for key in ("image", "mask"):
+        np.testing.assert_array_equal(got_group[key][fold], got_alone[key][0])
+      pixels = np.rint(got_alone["image"][0, :, 13, 13:15, 0] * 255).astype(int)
+      rows = pixels[:, 0] * 256 + pixels[:, 1]
+      order = np.asarray(
+          device_input.epoch_order(alone.rows[0], alone.sizes[0], jax.random.key(alone.seeds[0]), 3)
+      )
+      np.testing.assert_array_equal(rows, order[step * batch : (step + 1) * batch])

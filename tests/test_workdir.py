@@ -60,6 +60,108 @@ def test_the_lock_of_a_dead_holder_is_taken_over(tmp_path):
   assert not (tmp_path / workdir_lib.LOCK).exists()
 
 
+class _Job:
+  """The processes of one multi-host job as threads: `allgather` is a collective."""
+
+  def __init__(self, num_processes: int):
+    import threading
+
+    self.n = num_processes
+    self._barrier = threading.Barrier(num_processes, timeout=30)
+    self._values = [None] * num_processes
+
+  def allgather_of(self, i: int):
+    def allgather(value: int) -> list[int]:
+      self._values[i] = value
+      self._barrier.wait()
+      out = list(self._values)
+      self._barrier.wait()  # every process read before the next call writes
+      return out
+
+    return allgather
+
+  def run(self, directories, body=lambda i: None) -> list:
+    """locked() on each process (process i on directories[i]); each one's result or error."""
+    import concurrent.futures
+
+    def process(i):
+      try:
+        with workdir_lib.locked(
+            directories[i], process_index=i, allgather=self.allgather_of(i), wait_s=0.5
+        ):
+          return body(i)
+      except errors.WorkdirError as e:
+        return e
+
+    with concurrent.futures.ThreadPoolExecutor(self.n) as pool:
+      return list(pool.map(process, range(self.n)))
+
+
+def test_a_multi_host_job_holds_one_lock_taken_by_process_0(tmp_path):
+  lock = tmp_path / workdir_lib.LOCK
+  seen = {}
+
+  def body(i):
+    seen[i] = json.loads(lock.read_text())
+
+  results = _Job(2).run([tmp_path, tmp_path], body)
+  assert results == [None, None]  # both processes of the job were let in
+  assert seen[0] == seen[1]
+  assert seen[0]["pid"] == os.getpid() and seen[0]["job"] > 0
+  assert not lock.exists()  # released by process 0
+
+
+def test_a_multi_host_job_is_refused_on_every_process_when_the_workdir_is_in_use(tmp_path):
+  with workdir_lib.locked(tmp_path):  # another run
+    results = _Job(2).run([tmp_path, tmp_path])
+  assert all(isinstance(r, errors.WorkdirError) for r in results)
+  assert f"PID {os.getpid()} on host {socket.gethostname()}" in str(results[0])
+  assert "in use by another run: process 0 of this job could not take" in str(results[1])
+
+
+def test_a_workdir_that_a_host_does_not_see_is_refused_on_every_process(tmp_path):
+  """Process 1's --workdir is another directory than process 0's (not shared)."""
+  shared, elsewhere = tmp_path / "shared", tmp_path / "local"
+  shared.mkdir()
+  elsewhere.mkdir()
+  results = _Job(2).run([shared, elsewhere])
+  assert all(isinstance(r, errors.WorkdirError) for r in results)
+  for r in results:
+    assert "process(es) 1 of this job do not see" in str(r)
+    assert "must be one directory that every host sees" in str(r)
+  assert not (shared / workdir_lib.LOCK).exists() and not (elsewhere / workdir_lib.LOCK).exists()
+
+
+def test_any_config_takes_distributed_and_says_how_to_start_a_job(tmp_path):
+  """--config.distributed=True is a key of every config (configs/fold.py's);
+  outside a cluster it ends in one message saying how to start each process."""
+  from tests.conftest import REPO
+
+  env = {
+      k: v
+      for k, v in os.environ.items()
+      if not k.startswith(("SLURM_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"))
+  }
+  result = subprocess.run(
+      [
+          sys.executable,
+          str(REPO / "main.py"),
+          "--config=configs/quick.py",
+          "--config.distributed=True",
+          f"--workdir={tmp_path / 'run'}",
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env={**env, "JAX_PLATFORMS": "cpu"},
+  )
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert "error: config.distributed=True, but this process could not join its job" in result.stderr
+  assert "JAX_COORDINATOR_ADDRESS" in result.stderr and "Traceback" not in result.stderr
+  assert not (tmp_path / "run").exists()
+
+
 def test_main_refuses_a_workdir_in_use_before_writing_anything(
     tmp_path, data_cache, compile_cache, capfd, monkeypatch
 ):
