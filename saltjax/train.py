@@ -200,12 +200,21 @@ def _validation_sums_fn(model, config) -> Callable:
 
 
 def _select_fold_trees(take: jax.Array, new, old):
-  """Per fold (leading axis), `new` where take[f] else `old`."""
+  """Per fold (leading axis), `new` where take[f] else `old`.
 
-  def pick(n, o):
-    return jnp.where(take.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
-
-  return jax.tree.map(pick, new, old)
+  Fold by fold under `lax.cond`, as an in-place update of the (donated) `old`:
+  only the folds that take a new model copy it, where a `where` over the
+  stack would read both trees and write a third every epoch (2 GB of memory
+  traffic for 5 full-size models, a tenth of a second on a CPU).
+  """
+  for f in range(take.shape[0]):
+    old = jax.lax.cond(
+        take[f],
+        lambda tree, f=f: jax.tree.map(lambda o, n: o.at[f].set(n[f]), tree, new),
+        lambda tree: tree,
+        old,
+    )
+  return old
 
 
 def _swa_mean(swa, variables, count):
@@ -248,9 +257,7 @@ def make_epoch_end_fn(model, config) -> Callable:
     best_scores = jnp.where(improved, scores, models.best_scores)
     swa = models.swa
     if use_swa:
-      swa = jax.tree.map(
-          lambda new, old: jnp.where(swa_on, new, old), _swa_mean(swa, variables, swa_count), swa
-      )
+      swa = jax.lax.cond(swa_on, lambda a: _swa_mean(a, variables, swa_count), lambda a: a, swa)
     return ModelsInMemory(best, best_scores, swa), sums, improved
 
   return epoch_end

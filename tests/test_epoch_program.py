@@ -66,20 +66,36 @@ def _fresh(job, mesh, best_scores):
   return state, models
 
 
-def test_the_epoch_program_equals_the_step_by_step_loop(setting):
+def _flat(state, losses) -> dict:
+  """{"['params']...": array, "['batch_stats']...": array, "loss": array} on the host."""
   import jax
 
   from saltjax import train
+
+  leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(train.model_variables(state)))
+  flat = {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+  return {**flat, "loss": np.asarray(losses)}
+
+
+def test_the_epoch_program_equals_the_step_by_step_loop(setting):
+  """Same batches and updates: the programs differ only in how XLA orders the
+  float32 sums, so they agree within what summation order can change
+  (`conftest.step_mismatches`: tolerances derived from the batch's pixel count)."""
+  import jax
+
+  from saltjax import train
+  from tests.conftest import step_mismatches
 
   config, _, _, mesh, job, feeder, val, counts = setting
   epoch, name = 1, config.loss.name
   scalars = (np.int32(epoch), np.float32(0), np.bool_(True))
 
   state, models = _fresh(job, mesh, [-1.0, -1.0])
+  init = _flat(state, np.zeros(()))
   state, models, metrics, sums, improved = job.device_epoch_program(name)(
       state, models, feeder.data, feeder.folds, val, counts, *scalars
   )
-  one_program = jax.device_get((state, models, metrics, sums, improved))
+  one_program = jax.device_get((state, metrics, sums, improved))
 
   state, models = _fresh(job, mesh, [-1.0, -1.0])
   losses = []
@@ -87,15 +103,26 @@ def test_the_epoch_program_equals_the_step_by_step_loop(setting):
     state, step_metrics = job.train_steps[name](state, batch)
     losses.append(step_metrics["loss"])
   models, sums, improved = job.epoch_end_program()(state, models, val, counts, *scalars[1:])
-  by_step = jax.device_get((state, models, np.stack(losses), sums, improved))
+  by_step = jax.device_get((state, np.stack(losses), sums, improved))
 
-  assert one_program[2]["loss"].shape == (job.steps_per_epoch, len(FOLDS))
-  np.testing.assert_allclose(one_program[2]["loss"], by_step[2], rtol=1e-5)
-  assert int(one_program[0].step[0]) == job.steps_per_epoch
-  for a, b in zip(jax.tree.leaves(one_program[0].params), jax.tree.leaves(by_step[0].params)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(one_program[3], by_step[3], rtol=1e-5, atol=1e-6)
-  np.testing.assert_array_equal(one_program[4], by_step[4])
+  steps = job.steps_per_epoch
+  assert one_program[1]["loss"].shape == (steps, len(FOLDS))
+  assert int(one_program[0].step[0]) == steps
+  pixels = config.batch_size * config.image_size**2
+  bad = step_mismatches(
+      _flat(one_program[0], one_program[1]["loss"]),
+      _flat(by_step[0], by_step[1]),
+      init,
+      num_terms=pixels,
+      steps=steps,
+  )
+  assert not bad, bad
+  # Validation: per-fold means of per-image scores and IoUs in [0, 1]. Weights
+  # equal to rounding can still flip a pixel whose probability is 0.5 and so
+  # move an image's IoU by 1 / its union: means within 0.01, not to the bit.
+  held_out = np.asarray(jax.device_get(counts))[:, None]
+  np.testing.assert_allclose(one_program[2] / held_out, by_step[2] / held_out, atol=0.01)
+  np.testing.assert_array_equal(one_program[3], by_step[3])
 
 
 def test_epoch_end_keeps_the_better_model_and_averages_the_weights(setting):
@@ -127,13 +154,15 @@ def test_epoch_end_keeps_the_better_model_and_averages_the_weights(setting):
 
 def test_training_dispatches_one_program_an_epoch(setting, tmp_path, monkeypatch):
   """The loop runs each epoch as one program and never falls back to making
-  batches one step at a time (the per-step batch function is not called)."""
+  batches one step at a time (the per-step batch function is not called);
+  `profile_epoch` traces the epoch it names."""
   from saltjax import train
 
   config, data, fold_of, _, job, _, _, _ = setting
   config = config.copy_and_resolve_references()
   config.num_epochs = 3
   config.swa_from_epoch = -1
+  config.profile_epoch = 2
   job = train.Job.create(config, setting[3], fold_of, writer=None)
 
   def per_step(*args, **kwargs):
@@ -146,3 +175,6 @@ def test_training_dispatches_one_program_an_epoch(setting, tmp_path, monkeypatch
   assert calls == {f"the epoch on the device ({config.loss.name})": 3}, calls
   assert all(len(p._compiled) == 1 for p in job.programs.values())
   assert all(h["images_per_second"] > 0 for s in summaries for h in s["history"])
+  # config.profile_epoch: a jax.profiler trace of epoch 2 for TensorBoard's profile plugin.
+  traces = list((tmp_path / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0
