@@ -716,6 +716,7 @@ class _Group:
   snapshots: list[list]  # per fold: (epoch, variables) not yet written
   val_counts: list[int]  # held-out images per fold
   val_data: tuple  # the held-out batches on the device (`_validation_data`)
+  val_counts_on_device: jax.Array  # (F,) float32: `val_counts`, for the epoch programs
   saved_best_epoch: list[int]
   saved_epoch: int
   saved_at: float
@@ -814,8 +815,8 @@ def _train_group(job: Job, workdir, folds, data, fold_of, extra, checkpoints, re
       swa=jax.device_put(_stack([r[3] for r in resumed]), repl),
       snapshots=[[] for _ in folds],
       val_counts=val_counts,
-      val_data=_validation_data(config, data, folds, fold_of, mesh)
-      + (jax.device_put(np.array(val_counts, np.float32), repl),),
+      val_data=_validation_data(config, data, folds, fold_of, mesh),
+      val_counts_on_device=jax.device_put(np.array(val_counts, np.float32), repl),
       saved_best_epoch=[r[1].best_epoch for r in resumed],
       saved_epoch=first,
       saved_at=time.monotonic(),
@@ -914,8 +915,8 @@ def _run_epoch(job: Job, group: _Group, feeder, epoch: int) -> tuple:
         models,
         feeder.data,
         feeder.folds,
-        group.val_data[:3],
-        group.val_data[3],
+        group.val_data,
+        group.val_counts_on_device,
         *epoch_values,
     )
   else:
@@ -939,7 +940,7 @@ def _run_epoch(job: Job, group: _Group, feeder, epoch: int) -> tuple:
       batches.close()  # stops the feeder's thread
       bar.close()
     models, val_sums, improved = job.epoch_end_program()(
-        group.state, models, group.val_data[:3], group.val_data[3], *epoch_values[1:]
+        group.state, models, group.val_data, group.val_counts_on_device, *epoch_values[1:]
     )
   group.best, group.best_scores, group.swa = models
   return pending, val_sums, improved
