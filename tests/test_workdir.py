@@ -100,11 +100,13 @@ class _Job:
 def test_a_multi_host_job_holds_one_lock_taken_by_process_0(tmp_path):
   lock = tmp_path / workdir_lib.LOCK
   seen = {}
+  job = _Job(2)
 
   def body(i):
     seen[i] = json.loads(lock.read_text())
+    job.allgather_of(i)(0)  # neither leaves (process 0 releasing) before both have read
 
-  results = _Job(2).run([tmp_path, tmp_path], body)
+  results = job.run([tmp_path, tmp_path], body)
   assert results == [None, None]  # both processes of the job were let in
   assert seen[0] == seen[1]
   assert seen[0]["pid"] == os.getpid() and seen[0]["job"] > 0
