@@ -464,7 +464,7 @@ def _write_examples(root: pathlib.Path, seed: int, split: int, start: int, names
   return rows
 
 
-# Examples a worker process writes at a time; below two chunks, one process.
+# Examples a worker process writes at a time; up to two chunks in all, one process.
 _CHUNK = 1000
 
 
@@ -483,8 +483,9 @@ def _fill(root: pathlib.Path, num_train: int, num_test: int, seed: int) -> None:
       for split, names in ((_TRAIN, ids[:num_train]), (_TEST, ids[num_train:]))
       for start in range(0, len(names), _CHUNK)
   ]
+  # A small set is written here: starting processes would cost more than it saves.
   workers = min(len(jobs), len(os.sched_getaffinity(0)))
-  if workers > 1:
+  if workers > 1 and num_train + num_test > 2 * _CHUNK:
     import concurrent.futures
     import multiprocessing
 

@@ -47,12 +47,6 @@ GLOBAL_BATCH = 8
 IMAGE_SIZE = 64
 # Generous: compiling the step takes ~35 s of CPU a process, more on shared CPUs.
 TIMEOUT_S = 600
-XLA_FLAGS = (
-    # Compile-time savers: lower LLVM's effort on the CPU code, not what the
-    # HLO computes; every process compared gets them.
-    "--xla_backend_optimization_level=0",
-    "--xla_llvm_disable_expensive_passes=true",
-)
 
 
 # -------------------------------------------------------- the processes ---
@@ -220,7 +214,6 @@ def _start(out_dir, process_id: int, port: int, log) -> subprocess.Popen:
       JAX_PLATFORMS="cpu",
       PYTHONPATH=str(REPO),
       TF_CPP_MIN_LOG_LEVEL="2",
-      XLA_FLAGS=" ".join([env.get("XLA_FLAGS", ""), *XLA_FLAGS]).strip(),
   )
   env.pop("JAX_NUM_CPU_DEVICES", None)
   return subprocess.Popen(
@@ -443,8 +436,7 @@ def _run_pod_job(args, out: pathlib.Path, sigterm_at: str | None = None) -> dict
         JAX_PLATFORMS="cpu",
         PYTHONPATH=str(REPO),
         TF_CPP_MIN_LOG_LEVEL="2",
-        XLA_FLAGS=" ".join([env.get("XLA_FLAGS", ""), *XLA_FLAGS]).strip(),
-        # What `srun --ntasks=2` gives each task (one node, here).
+          # What `srun --ntasks=2` gives each task (one node, here).
         SLURM_JOB_ID=str(job),
         SLURM_STEP_NODELIST="127.0.0.1",
         SLURM_STEP_NUM_NODES="1",

@@ -58,14 +58,8 @@ IMAGE_SIZE = 64
 # The largest float32 sum of the step: a gradient of the stem's kernel (or a
 # BatchNorm statistic of its output) sums over every pixel of the global batch.
 NUM_TERMS = GLOBAL_BATCH * IMAGE_SIZE * IMAGE_SIZE
-XLA_FLAGS = (
-    f"--xla_force_host_platform_device_count={NUM_DEVICES}",
-    # Compile-time savers (about 3x on the model's init, 1.5x on the step):
-    # they lower LLVM's effort on the generated CPU code, not what the HLO
-    # computes, and both runs being compared get them.
-    "--xla_backend_optimization_level=0",
-    "--xla_llvm_disable_expensive_passes=true",
-)
+# (conftest's compile-time savers come with the environment)
+XLA_FLAGS = (f"--xla_force_host_platform_device_count={NUM_DEVICES}",)
 
 
 # ------------------------------------------------- the 8-device subprocess ---
