@@ -336,3 +336,21 @@ def step_mismatches(
       scale = (1 - kept) * float(np.max(batch_var + batch_mean**2))
       bad += parity_mismatches(ours, reference, [key, var], steps * num_terms, scale)
   return bad
+
+
+# ------------------------------- for pytest-xdist: one worker per shared set-up ---
+# `python -m pytest -q tests -n auto --dist loadgroup` spreads the suite over
+# the cores. Tests that share an expensive module-scoped set-up go to one
+# worker, so that it is made once; so do the tests that read the session's
+# reference run, so that it is trained once. Without -n the marks do nothing.
+
+
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    if "reference_started" in item.fixturenames:
+      group = "reference"
+    elif any(defs[-1].scope == "module" for defs in item._fixtureinfo.name2fixturedefs.values()):
+      group = item.module.__name__
+    else:
+      continue
+    item.add_marker(pytest.mark.xdist_group(group))

@@ -53,7 +53,6 @@ def test_every_recipe_option_together(tmp_path, data_cache, compile_cache):
           "predict.checkpoints": "best+swa",
           "model.encoder_width": 4,
           "model.decoder_channels": (8, 8, 8, 8, 8),
-          "synthetic.num_train": 24,
           "num_folds": 2,
       },
   )
