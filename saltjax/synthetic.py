@@ -464,7 +464,8 @@ def _write_examples(root: pathlib.Path, seed: int, split: int, start: int, names
   return rows
 
 
-# Examples a worker process writes at a time; up to two chunks in all, one process.
+# Examples a worker process writes at a time; a set of up to 2 * _CHUNK examples
+# is written by one process.
 _CHUNK = 1000
 
 

@@ -284,6 +284,15 @@ def reduction_order_tolerance(num_terms: int, scale: float) -> float:
   return num_terms * F32_EPS * scale
 
 
+def flat_leaves(tree, prefix: str = "") -> dict[str, np.ndarray]:
+  """{prefix + "['path']['to']['leaf']": array} of a pytree, on the host: the
+  keys that parity_mismatches and step_mismatches compare."""
+  import jax
+
+  leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(tree))
+  return {prefix + jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+
+
 def parity_mismatches(
     ours: dict, reference: dict, keys, num_terms: int, scale: float | None = None
 ) -> list[str]:

@@ -68,13 +68,10 @@ def _fresh(job, mesh, best_scores):
 
 def _flat(state, losses) -> dict:
   """{"['params']...": array, "['batch_stats']...": array, "loss": array} on the host."""
-  import jax
-
   from saltjax import train
+  from tests.conftest import flat_leaves
 
-  leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(train.model_variables(state)))
-  flat = {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
-  return {**flat, "loss": np.asarray(losses)}
+  return {**flat_leaves(train.model_variables(state)), "loss": np.asarray(losses)}
 
 
 def test_the_epoch_program_equals_the_step_by_step_loop(setting):

@@ -72,14 +72,6 @@ def tiny_config():
   return step_config(GLOBAL_BATCH, IMAGE_SIZE)
 
 
-def _flat(tree, prefix: str) -> dict[str, np.ndarray]:
-  """{'prefix/path/to/leaf': array} of a pytree, on the host."""
-  import jax
-
-  leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(tree))
-  return {prefix + jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
-
-
 FOLD_STEPS = 3
 
 
@@ -95,6 +87,7 @@ def _worker(out_dir: str) -> None:
   import jax.numpy as jnp
   from saltjax import parallel
   from saltjax import train
+  from tests.conftest import flat_leaves
 
   devices = jax.devices()
   assert len(devices) == NUM_DEVICES, f"expected {NUM_DEVICES} devices, got {devices}"
@@ -160,10 +153,10 @@ def _worker(out_dir: str) -> None:
     )
     facts[f"step_{name}"] = int(new_state.step[0])
     one_fold = lambda tree: jax.tree.map(lambda x: x[0], tree)
-    results.update(_flat(one_fold(step_metrics), f"{name}/metrics"))
-    results.update(_flat(one_fold(new_state.params), f"{name}/params"))
-    results.update(_flat(one_fold(new_state.batch_stats), f"{name}/batch_stats"))
-    results.update(_flat(one_fold(new_state.opt_state), f"{name}/opt_state"))
+    results.update(flat_leaves(one_fold(step_metrics), f"{name}/metrics"))
+    results.update(flat_leaves(one_fold(new_state.params), f"{name}/params"))
+    results.update(flat_leaves(one_fold(new_state.batch_stats), f"{name}/batch_stats"))
+    results.update(flat_leaves(one_fold(new_state.opt_state), f"{name}/opt_state"))
     timings[name] = round(time.time() - started, 1)
 
   # Both device counts go through one code path: the same train_step function
@@ -187,9 +180,9 @@ def _worker(out_dir: str) -> None:
     state, step_metrics = step8(state, parallel.global_from_local(stacked, mesh8, fold_axis=True))
     results[f"together/loss/{t}"] = np.asarray(jax.device_get(step_metrics["loss"]))
   for f in range(2):
-    results.update(_flat(jax.tree.map(lambda x: x[f], state.params), f"together{f}/params"))
+    results.update(flat_leaves(jax.tree.map(lambda x: x[f], state.params), f"together{f}/params"))
     results.update(
-        _flat(jax.tree.map(lambda x: x[f], state.batch_stats), f"together{f}/batch_stats")
+        flat_leaves(jax.tree.map(lambda x: x[f], state.batch_stats), f"together{f}/batch_stats")
     )
   for f in range(2):
     alone = jax.device_put(train._stack([job.new_state()]), parallel.replicated(mesh1))
@@ -197,8 +190,10 @@ def _worker(out_dir: str) -> None:
       folded = {k: v[None] for k, v in fold_batches[f][t].items()}
       alone, step_metrics = step1(alone, parallel.global_from_local(folded, mesh1, fold_axis=True))
       results[f"apart{f}/loss/{t}"] = np.asarray(jax.device_get(step_metrics["loss"]))[0]
-    results.update(_flat(jax.tree.map(lambda x: x[0], alone.params), f"apart{f}/params"))
-    results.update(_flat(jax.tree.map(lambda x: x[0], alone.batch_stats), f"apart{f}/batch_stats"))
+    results.update(flat_leaves(jax.tree.map(lambda x: x[0], alone.params), f"apart{f}/params"))
+    results.update(
+        flat_leaves(jax.tree.map(lambda x: x[0], alone.batch_stats), f"apart{f}/batch_stats")
+    )
   timings["folds"] = round(time.time() - started, 1)
 
   # What a per-device BatchNorm would have recorded: the statistics of one
@@ -212,9 +207,9 @@ def _worker(out_dir: str) -> None:
   _, local_stats = jax.jit(
       lambda v, im: job.model.apply(v, im, train=True, mutable=["batch_stats"])
   )(variables, jnp.asarray(images[: GLOBAL_BATCH // NUM_DEVICES]))
-  results.update(_flat(local_stats["batch_stats"], "local/batch_stats"))
-  results.update(_flat(job.initial_variables["params"], "init/params"))
-  results.update(_flat(job.initial_variables["batch_stats"], "init/batch_stats"))
+  results.update(flat_leaves(local_stats["batch_stats"], "local/batch_stats"))
+  results.update(flat_leaves(job.initial_variables["params"], "init/params"))
+  results.update(flat_leaves(job.initial_variables["batch_stats"], "init/batch_stats"))
   timings["local_stats"] = round(time.time() - started, 1)
 
   facts["timings"] = timings
