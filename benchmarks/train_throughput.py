@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib
 import os
 import pathlib
 import platform
@@ -106,41 +105,6 @@ def parse_args(argv=None) -> argparse.Namespace:
   if args.tiny:
     args.steps, args.repeats = min(args.steps, 3), min(args.repeats, 3)
   return args
-
-
-def stub_missing_host_only_packages() -> list[str]:
-  """Lets saltjax.train import where TensorFlow (or clu) is not installed.
-
-  saltjax.train imports the tf.data pipeline and clu's TensorBoard writer at
-  module level, but the train step and the inference function never touch
-  them. Accelerator images often lack TensorFlow, and its wheel is too big
-  to carry, so a stand-in module satisfies those imports; any real use of it
-  would fail loudly rather than silently (a MagicMock returns mocks, which
-  nothing here feeds to JAX).
-  """
-  from unittest import mock
-
-  stubbed = []
-  for name in ("tensorflow", "clu"):
-    try:
-      importlib.import_module(name)
-    except ImportError:
-      sys.modules[name] = mock.MagicMock(name=name)
-      if name == "clu":
-        sys.modules["clu.metric_writers"] = sys.modules["clu"].metric_writers
-      stubbed.append(name)
-  try:
-    importlib.import_module("clu.metric_writers")
-  except ImportError:  # clu is there but its TensorBoard writer is not usable
-    sys.modules["clu.metric_writers"] = mock.MagicMock(name="clu.metric_writers")
-    stubbed.append("clu.metric_writers")
-  if stubbed:
-    print(
-        f"note: {', '.join(stubbed)} not importable here; stubbed (unused by the"
-        " timed functions)",
-        file=sys.stderr,
-    )
-  return stubbed
 
 
 def make_config(args):
@@ -361,7 +325,6 @@ def print_table(title: str, rows: list[dict]) -> None:
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  stubbed = stub_missing_host_only_packages()
   import jax
 
   if args.compilation_cache:
@@ -410,7 +373,6 @@ def main(argv=None) -> dict:
           "host_cpus": len(os.sched_getaffinity(0)),
       },
       "versions": versions(),
-      "stubbed_modules": stubbed,
       "settings": {
           "tiny": args.tiny,
           "match_peer": args.match_peer,

@@ -239,6 +239,24 @@ def reference(reference_started):
 
 
 @pytest.fixture(scope="session")
+def trained_job(tmp_path_factory, prepared_data, data_cache, compile_cache):
+  """`main.py --config=configs/quick.py` at conftest's sizes, every fold, once for
+  the session: trained, predicted, submitted. Tests read it; to change it, copy it."""
+  workdir = tmp_path_factory.mktemp("trained_job") / "run"
+  result = run_main(
+      [
+          "--config=configs/quick.py",
+          f"--workdir={workdir}",
+          f"--config.cache_dir={data_cache}",
+          f"--config.compilation_cache={compile_cache}",
+          *flag_args(),
+      ]
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+@pytest.fixture(scope="session")
 def job_cache():
   return {}
 
@@ -347,19 +365,63 @@ def step_mismatches(
   return bad
 
 
-# ------------------------------- for pytest-xdist: one worker per shared set-up ---
-# `python -m pytest -q tests -n auto --dist loadgroup` spreads the suite over
-# the cores. Tests that share an expensive module-scoped set-up go to one
-# worker, so that it is made once; so do the tests that read the session's
-# reference run, so that it is trained once. Without -n the marks do nothing.
+# ------------------------------- pytest-xdist: two workers, heaviest first ---
+# pytest.ini runs the suite on two pytest-xdist workers, a test file at a time
+# (`--dist loadfile`; `-n 0` runs it in one process). A worker runs a file
+# whole, so a module-scoped set-up (a trained model, a two-process job) is made
+# once; the files that read one session fixture (the reference run, the
+# trained job) are one unit, so that it is made once. The units are handed out heaviest first (the longest
+# ones left to the end would keep one worker busy while the other idles), by
+# their measured serial seconds on a 2-core machine, the rest after them in
+# collection order.
+# Files that share a session fixture, as one unit: test_reliability first (its
+# first tests start the reference run and overlap with it).
+SHARED_UNITS = {
+    "test_reliability": "reference",
+    "test_checkpoints": "reference",
+    "test_end_to_end": "trained_job",
+    "test_predict": "trained_job",
+}
+HEAVY_UNITS = (
+    "reference",  # test_reliability + test_checkpoints, ~175 s
+    "test_multihost",  # ~115 s, two processes at a time
+    "trained_job",  # test_end_to_end + test_predict, ~100 s
+    "test_train",  # ~85 s
+    "test_benchmarks",  # ~70 s
+    "test_sections",  # ~57 s
+    "test_epoch_program",  # ~40 s
+    "test_parallel",  # ~41 s
+    "test_imagenet_weights",  # ~25 s
+)
+
+
+def unit_of(nodeid: str) -> str:
+  """The unit of work a test belongs to: its file, or its files' shared unit."""
+  name = pathlib.PurePosixPath(nodeid.split("::")[0]).stem
+  return SHARED_UNITS.get(name, name)
 
 
 def pytest_collection_modifyitems(config, items):
-  for item in items:
-    if "reference_started" in item.fixturenames:
-      group = "reference"
-    elif any(defs[-1].scope == "module" for defs in item._fixtureinfo.name2fixturedefs.values()):
-      group = item.module.__name__
-    else:
-      continue
-    item.add_marker(pytest.mark.xdist_group(group))
+  rank = {unit: i for i, unit in enumerate(HEAVY_UNITS)}
+  files = {name: i for i, name in enumerate(SHARED_UNITS)}
+
+  def order(item):
+    name = pathlib.PurePosixPath(item.nodeid.split("::")[0]).stem
+    return rank.get(unit_of(item.nodeid), len(rank)), files.get(name, 0)
+
+  # sorted() is stable: a file's tests keep their order.
+  items[:] = sorted(items, key=order)
+
+
+def pytest_xdist_make_scheduler(config, log):
+  """`--dist loadfile`, with the files of SHARED_UNITS together."""
+  if config.getvalue("dist") != "loadfile":
+    return None
+  from xdist.scheduler import LoadScopeScheduling
+
+  class FileUnits(LoadScopeScheduling):
+
+    def _split_scope(self, nodeid: str) -> str:
+      return unit_of(nodeid)
+
+  return FileUnits(config, log)

@@ -1,5 +1,6 @@
 """The GPU proof script: its arithmetic on a hand-made log, and the whole script
-run on a CPU in its --tiny mode (the same stages, tiny sizes)."""
+run on a CPU in its --tiny mode (the same stages, tiny sizes), without
+TensorFlow as on the GPU image."""
 
 import json
 import os
@@ -64,10 +65,25 @@ def test_job_phases_and_projection_from_a_stamped_log(tmp_path):
   assert summary["projected_150_epoch_job_s"] == pytest.approx(30 + 45 + 149 * 3.5 + 18.5)
 
 
-def test_gpu_proof_runs_every_stage_in_tiny_mode(tmp_path):
+# Every Python process of the script as on the GPU image it is made for, where
+# TensorFlow (and so tensorflow-datasets and clu's writers) cannot be imported:
+# the whole job (use_tfds=False, the on-device input pipeline) must train,
+# predict and submit without it.
+_NO_TENSORFLOW = """
+import sys
+for name in ("tensorflow", "tensorflow_datasets"):
+  sys.modules[name] = None
+"""
+
+
+def test_gpu_proof_runs_every_stage_in_tiny_mode_without_tensorflow(tmp_path):
+  site = tmp_path / "no_tensorflow"
+  site.mkdir()
+  (site / "sitecustomize.py").write_text(_NO_TENSORFLOW)
   env = {
       **os.environ,
       "JAX_PLATFORMS": "cpu",
+      "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
       "RESULTS_DIR": str(tmp_path / "results"),
       "WORK": str(tmp_path / "work"),
       "RUN_ID": "tiny",
@@ -92,4 +108,7 @@ def test_gpu_proof_runs_every_stage_in_tiny_mode(tmp_path):
   assert job["compile_s"] and job["steady_epoch_s"] > 0 and job["prediction_s"] > 0
   assert job["projected_150_epoch_job_s"] > job["job_s"]
   assert 0 <= job["oof_score"] <= 1
+  assert "TensorFlow is not installed" in (tmp_path / "work" / "job.log").read_text()
+  submission = (tmp_path / "work" / "job" / "submission.csv").read_text().splitlines()
+  assert submission[0] == "id,rle_mask" and len(submission) == 1 + 8  # the tiny job's test images
   assert (tmp_path / "results" / "gpu_proof_tiny.md").read_text().startswith("# GPU proof")

@@ -1,24 +1,21 @@
-"""The user's commands, run for real at tiny size: train, predict, submit."""
+"""The user's commands, run for real at tiny size: train, predict, submit
+(without TensorFlow too: test_benchmarks runs the GPU proof's whole job so)."""
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
 
 from saltjax import layout, rle, submission
-from tests.conftest import flag_args, run_main, tiny_config
+from tests.conftest import run_main, tiny_config
 
 
-def test_main_train_then_predict_writes_a_valid_submission(tmp_path, data_cache, compile_cache):
-  workdir = tmp_path / "run"
-  common = [
-      f"--workdir={workdir}",
-      f"--config.cache_dir={data_cache}",
-      f"--config.compilation_cache={compile_cache}",
-  ]
-  result = run_main(["--config=configs/quick.py", *common, *flag_args()])
-  assert result.returncode == 0, result.stderr[-3000:]
-
+def test_main_train_then_predict_writes_a_valid_submission(
+    trained_job, tmp_path, data_cache, compile_cache
+):
+  """conftest's trained_job is `main.py --config=configs/quick.py` (every fold)."""
+  workdir = trained_job
   from saltjax import data as data_lib
 
   config = tiny_config(data_cache, compile_cache)
@@ -58,54 +55,10 @@ def test_main_train_then_predict_writes_a_valid_submission(tmp_path, data_cache,
 
   # predicting again from the workdir's checkpoints gives the same submission
   before = (workdir / "submission.csv").read_text()
+  workdir = shutil.copytree(workdir, tmp_path / "run")
   (workdir / "submission.csv").unlink()
   result = run_main(
       ["--config=configs/predict.py", f"--workdir={workdir}", "--config.progress=False"]
   )
   assert result.returncode == 0, result.stderr[-3000:]
   assert (workdir / "submission.csv").read_text() == before
-
-
-# main.py with TensorFlow (and so tensorflow-datasets and clu's writers) made
-# impossible to import, as on a GPU image that lacks it.
-_WITHOUT_TENSORFLOW = """
-import runpy, sys
-for name in ("tensorflow", "tensorflow_datasets"):
-  sys.modules[name] = None
-sys.argv[0] = "main.py"
-runpy.run_path("main.py", run_name="__main__")
-"""
-
-
-def test_the_whole_job_runs_without_tensorflow(tmp_path, data_cache, compile_cache):
-  """use_tfds=False and the on-device input pipeline: train, predict, submit
-  with no TensorFlow at all (how the full job runs on a GPU machine without it)."""
-  import subprocess
-  import sys
-
-  from tests.conftest import REPO
-
-  workdir = tmp_path / "run"
-  args = [
-      "--config=configs/quick.py",
-      f"--workdir={workdir}",
-      f"--config.cache_dir={data_cache}",
-      f"--config.compilation_cache={compile_cache}",
-      "--config.use_tfds=False",
-      "--config.input_pipeline=device",
-      *flag_args(num_epochs=2),
-  ]
-  result = subprocess.run(
-      [sys.executable, "-c", _WITHOUT_TENSORFLOW, *args],
-      cwd=REPO,
-      capture_output=True,
-      text=True,
-      timeout=900,
-      env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"},
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert "TensorFlow is not installed" in result.stderr
-  sub = pd.read_csv(workdir / "submission.csv", dtype=str, keep_default_na=False)
-  assert len(sub) == 12  # conftest's synthetic test images
-  history = json.loads((workdir / "fold_0" / "done.json").read_text())["history"]
-  assert len(history) == 2

@@ -7,6 +7,8 @@ the model choices at the epoch's end follow their definitions, and that the
 training loop dispatches one program an epoch, not one a step.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -151,25 +153,38 @@ def test_epoch_end_keeps_the_better_model_and_averages_the_weights(setting):
 
 def test_training_dispatches_one_program_an_epoch(setting, tmp_path, monkeypatch):
   """The loop runs each epoch as one program and never falls back to making
-  batches one step at a time (the per-step batch function is not called);
+  batches one step at a time (the per-step batch function is not called in an epoch);
   `profile_epoch` traces the epoch it names."""
   from saltjax import train
 
   config, data, fold_of, _, job, _, _, _ = setting
   config = config.copy_and_resolve_references()
-  config.num_epochs = 3
-  config.swa_from_epoch = -1
-  config.profile_epoch = 2
-  job = train.Job.create(config, setting[3], fold_of, writer=None)
+  config.profile_epoch = 2  # read by the loop, not by the programs: the job's programs serve
+  job = dataclasses.replace(job, config=config)
+  before = {name: p.calls for name, p in job.programs.items()}
 
-  def per_step(*args, **kwargs):
-    raise AssertionError("the loop made a batch outside the epoch program")
+  # The weight average's BatchNorm statistics are recomputed after training
+  # from batches made on the host; within an epoch, none may be.
+  in_epoch, run_epoch, per_step = [False], train._run_epoch, train.DeviceFeeder.epoch
 
-  monkeypatch.setattr(train.DeviceFeeder, "epoch", per_step)
+  def epoch(*args, **kwargs):
+    in_epoch[0] = True
+    try:
+      return run_epoch(*args, **kwargs)
+    finally:
+      in_epoch[0] = False
+
+  def batches(*args, **kwargs):
+    assert not in_epoch[0], "the loop made a batch outside the epoch program"
+    return per_step(*args, **kwargs)
+
+  monkeypatch.setattr(train, "_run_epoch", epoch)
+  monkeypatch.setattr(train.DeviceFeeder, "epoch", batches)
   summaries = train.train_folds(job, tmp_path, FOLDS, data, fold_of)
-  assert [len(s["history"]) for s in summaries] == [3, 3]
-  calls = {name: p.calls for name, p in job.programs.items()}
-  assert calls == {f"the epoch on the device ({config.loss.name})": 3}, calls
+  assert [len(s["history"]) for s in summaries] == [config.num_epochs] * 2
+  calls = {name: p.calls - before.get(name, 0) for name, p in job.programs.items()}
+  calls = {name: n for name, n in calls.items() if n}
+  assert calls == {f"the epoch on the device ({config.loss.name})": config.num_epochs}, calls
   assert all(len(p._compiled) == 1 for p in job.programs.values())
   assert all(h["images_per_second"] > 0 for s in summaries for h in s["history"])
   # config.profile_epoch: a jax.profiler trace of epoch 2 for TensorBoard's profile plugin.

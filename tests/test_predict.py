@@ -1,7 +1,8 @@
 """Prediction from a trained workdir: which checkpoints, which folds, which test images.
 
-One tiny run (two folds, three epochs, no SWA) is trained once for the module;
-each test predicts from a copy of it, in-process, as main.py does.
+The suite's tiny two-fold job (conftest's trained_job: three epochs, no SWA,
+trained once by main.py) is what each test predicts from, from a copy of it,
+in-process, as main.py does.
 """
 
 from __future__ import annotations
@@ -14,25 +15,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import REPO, flag_args, run_main
+from tests.conftest import REPO
 
 EPOCHS = 3
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_cache, compile_cache):
-  workdir = tmp_path_factory.mktemp("predict") / "run"
-  result = run_main(
-      [
-          "--config=configs/quick.py",
-          f"--workdir={workdir}",
-          f"--config.cache_dir={data_cache}",
-          f"--config.compilation_cache={compile_cache}",
-          *flag_args(),
-      ]
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir
+def trained(trained_job):
+  return trained_job
 
 
 def _copy(trained: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
