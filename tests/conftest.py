@@ -366,16 +366,18 @@ def step_mismatches(
 
 
 # ------------------------------- pytest-xdist: two workers, heaviest first ---
-# pytest.ini runs the suite on two pytest-xdist workers, a test file at a time
-# (`--dist loadfile`; `-n 0` runs it in one process). A worker runs a file
-# whole, so a module-scoped set-up (a trained model, a two-process job) is made
-# once; the files that read one session fixture (the reference run, the
-# trained job) are one unit, so that it is made once. The units are handed out heaviest first (the longest
-# ones left to the end would keep one worker busy while the other idles), by
-# their measured serial seconds on a 2-core machine, the rest after them in
-# collection order.
-# Files that share a session fixture, as one unit: test_reliability first (its
-# first tests start the reference run and overlap with it).
+# pytest.ini runs the suite on two pytest-xdist workers, a unit at a time
+# (`--dist loadfile`; `-n 0` runs it in one process). A unit is a test file,
+# or the files that read one session fixture: a worker runs a unit whole, so a
+# module-scoped set-up (a trained model, a two-process job) or the shared
+# session fixture (the reference run, the trained job) is made once. Units are
+# handed out heaviest first, by their measured serial seconds on a 2-core
+# machine (a long one left to the end would keep one worker busy while the
+# other idles), the rest after them in collection order.
+
+# Files that share a session fixture, in the order they run within their unit:
+# test_reliability first (its first tests start the reference run and overlap
+# with it).
 SHARED_UNITS = {
     "test_reliability": "reference",
     "test_checkpoints": "reference",
@@ -389,25 +391,28 @@ HEAVY_UNITS = (
     "test_train",  # ~85 s
     "test_benchmarks",  # ~70 s
     "test_sections",  # ~57 s
-    "test_epoch_program",  # ~40 s
     "test_parallel",  # ~41 s
+    "test_epoch_program",  # ~40 s
     "test_imagenet_weights",  # ~25 s
 )
 
 
+def _file_of(nodeid: str) -> str:
+  return pathlib.PurePosixPath(nodeid.split("::")[0]).stem
+
+
 def unit_of(nodeid: str) -> str:
   """The unit of work a test belongs to: its file, or its files' shared unit."""
-  name = pathlib.PurePosixPath(nodeid.split("::")[0]).stem
+  name = _file_of(nodeid)
   return SHARED_UNITS.get(name, name)
 
 
 def pytest_collection_modifyitems(config, items):
   rank = {unit: i for i, unit in enumerate(HEAVY_UNITS)}
-  files = {name: i for i, name in enumerate(SHARED_UNITS)}
+  within_unit = {name: i for i, name in enumerate(SHARED_UNITS)}
 
   def order(item):
-    name = pathlib.PurePosixPath(item.nodeid.split("::")[0]).stem
-    return rank.get(unit_of(item.nodeid), len(rank)), files.get(name, 0)
+    return rank.get(unit_of(item.nodeid), len(rank)), within_unit.get(_file_of(item.nodeid), 0)
 
   # sorted() is stable: a file's tests keep their order.
   items[:] = sorted(items, key=order)
