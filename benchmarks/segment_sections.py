@@ -22,10 +22,12 @@ Accuracy of the amplitude rules (`--accuracy`): a trained workdir (with
 of CPU) segments sections whose true salt is known, each rendered several
 ways: scaled x0.01 / x1 / x1000, with a strong salt-top reflection, with one
 very strong flat reflector, with amplitudes fading with depth, with extra
-noise, smoother, and sections drawn by a renderer independent of
-saltjax.synthetic (flat layers, a dome and a detached lens).  Every section
-is mapped by the default rule ('match_training', the workdir's
-gray_levels.json) and by the 99th-percentile rule; the IoU of each mask with
+noise, smoother, sections drawn by a renderer independent of
+saltjax.synthetic (flat layers, a dome and a detached lens), and 8-bit
+pictures of the sections drawn darker, lighter and flatter than the training
+tiles (as PNGs are).  Every section is mapped by the default rule
+('match_training', the workdir's gray_levels.json) and by the 99th-percentile
+rule, and the pictures also as they are ('as_is'); the IoU of each mask with
 the true body is written to benchmarks/results/segment_sections_accuracy.json:
 
   JAX_PLATFORMS=cpu python benchmarks/segment_sections.py --accuracy --train --workdir=/tmp/acc
@@ -255,6 +257,14 @@ def accuracy_cases(seeds):
     yield f"synthetic {seed} smoother", cv2.GaussianBlur(a, (0, 0), 0.1, sigmaY=1.2), m
   for seed in range(len(seeds)):
     yield f"independent renderer {seed}", *independent_section(seed)
+  # 8-bit pictures: gray = round(middle + contrast * a / (the 99th percentile
+  # of |a|)), clipped to 0-255; contrast 127.5 fills the 8 bits.
+  for seed in seeds:
+    a, m = synthetic.generate_section(seed, 256, 480)
+    unit = sections.clip_level(a, 99.0)
+    for middle, contrast in ((128, 40.0), (70, 127.5), (70, 16.0), (190, 40.0)):
+      picture = np.clip(np.rint(middle + contrast * a / unit), 0, 255).astype(np.uint8)
+      yield f"synthetic {seed} 8-bit, middle gray {middle}, contrast {contrast:g}", picture, m
 
 
 def _train_tests_model(workdir):
@@ -274,6 +284,8 @@ def _train_tests_model(workdir):
 
 
 def accuracy(args) -> dict:
+  import types
+
   import numpy as np
   from configs import segment as segment_config
   from saltjax import config_checks
@@ -289,32 +301,45 @@ def accuracy(args) -> dict:
   ensemble = sections.load_ensemble(trained, workdir)
   stats, stats_note = sections.training_gray_levels(trained, workdir)
 
-  def iou_of(amplitude, truth, clip):
-    gray = sections.amplitude_to_gray(amplitude, clip)
+  def iou_of(section, truth, rule):
+    """The mask's IoU when `segment` maps the section by `rule` (clip choice included)."""
+    source = sections.in_memory_input(section)
+    segment = types.SimpleNamespace(amplitude=rule, clip_percentile=99.0, clip_value=0.0)
+    clip, report = sections.choose_clip(source, sections.scan_input(source), segment, stats)
+    gray = (
+        section
+        if rule == "as_is"
+        else sections.amplitude_to_gray(section, clip, report.get("zero", 0.0))
+    )
     (prob,) = sections.segment_sections([gray], ensemble.predict_tiles, args.stride)
     mask = sections.remove_small_regions(prob > ensemble.threshold, ensemble.min_area)
     return round(sections.truth_scores(truth, mask)["iou"], 4)
 
+  rules = {"match_training": "match_training", "percentile_99": "percentile", "as_is": "as_is"}
   rows = []
-  for name, amplitude, truth in accuracy_cases([int(s) for s in args.seeds.split(",")]):
-    match_clip, _ = sections.matched_clip([amplitude], stats)
-    row = {
-        "section": name,
-        "true_salt_fraction": round(float(truth.mean()), 3),
-        "match_training": iou_of(amplitude, truth, match_clip),
-        "percentile_99": iou_of(amplitude, truth, sections.clip_level(amplitude, 99.0)),
-    }
+  for name, section, truth in accuracy_cases([int(s) for s in args.seeds.split(",")]):
+    row = {"section": name, "true_salt_fraction": round(float(truth.mean()), 3)}
+    for key, rule in rules.items():
+      if rule != "as_is" or section.dtype == np.uint8:
+        row[key] = iou_of(section, truth, rule)
     rows.append(row)
-    print(
-        f"{name:48s} IoU match_training {row['match_training']:.3f}  p99 {row['percentile_99']:.3f}"
-    )
+    print(f"{name:56s} IoU " + "  ".join(f"{k} {row[k]:.3f}" for k in rules if k in row))
+
+  def summary_of(subset):
+    return {
+        key: {
+            "mean_iou": round(float(np.mean([r[key] for r in subset])), 4),
+            "min_iou": round(float(np.min([r[key] for r in subset])), 4),
+            "sections_with_iou_at_least_0.7": sum(r[key] >= 0.7 for r in subset),
+            "sections": len(subset),
+        }
+        for key in rules
+        if all(key in r for r in subset)
+    }
+
   summary = {
-      rule: {
-          "mean_iou": round(float(np.mean([r[rule] for r in rows])), 4),
-          "min_iou": round(float(np.min([r[rule] for r in rows])), 4),
-          "sections_with_iou_at_least_0.7": sum(r[rule] >= 0.7 for r in rows),
-      }
-      for rule in ("match_training", "percentile_99")
+      "amplitudes": summary_of([r for r in rows if "as_is" not in r]),
+      "8-bit pictures": summary_of([r for r in rows if "as_is" in r]),
   }
   result = {
       "benchmark": "amplitude rules' mask IoU (benchmarks/segment_sections.py --accuracy)",

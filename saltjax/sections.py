@@ -17,7 +17,10 @@ would use it:
    (<workdir>/gray_levels.json, `match_training_clip`); 'percentile' takes
    the `clip_percentile`-th percentile of |a|; 'value' takes `clip_value`.
    One c serves every selected line.  8-bit inputs (PNG, uint8 arrays) are
-   used as-is.
+   pictures of amplitudes drawn around some middle gray at some contrast,
+   neither of which need be the training tiles': their amplitude is a =
+   gray - (their median gray), mapped by the same rules; 'as_is' uses them
+   unchanged.
 3. Cut overlapping 101x101 tiles (`stride` apart; the last tile of a row or
    column is aligned with the section's edge), predict every tile with the
    fold x snapshot ensemble and TTA (as `configs/predict.py` does), and
@@ -63,7 +66,7 @@ _CLIP_SAMPLE = 4_000_000
 _CHUNK_TILES = 2048
 _SEGY_SUFFIXES = (".sgy", ".segy")
 # segment.amplitude: how the clip level is chosen.
-AMPLITUDE_RULES = ("match_training", "percentile", "value")
+AMPLITUDE_RULES = ("match_training", "percentile", "value", "as_is")
 DEFAULT_CLIP_PERCENTILE = 99.0
 # The percentiles of |gray - middle gray| that a section is fitted to: the upper
 # half, set by the layered sediments (the lower half is mostly the weak inside
@@ -90,9 +93,9 @@ def clip_level(amplitudes: np.ndarray, percentile: float) -> float:
   return float(np.percentile(np.abs(amplitudes), percentile))
 
 
-def amplitude_to_gray(amplitude: np.ndarray, clip: float) -> np.ndarray:
-  """uint8 gray: 0 at -clip and below, 255 at +clip and above, 127.5 at 0."""
-  scaled = np.clip(np.asarray(amplitude, np.float64) / clip, -1.0, 1.0)
+def amplitude_to_gray(amplitude: np.ndarray, clip: float, zero: float = 0.0) -> np.ndarray:
+  """uint8 gray: 0 at zero - clip and below, 255 at zero + clip and above, 127.5 at zero."""
+  scaled = np.clip((np.asarray(amplitude, np.float64) - zero) / clip, -1.0, 1.0)
   return np.rint(127.5 + 127.5 * scaled).astype(np.uint8)
 
 
@@ -369,7 +372,7 @@ class SectionInput:
   kind: str  # "segy", "npy", "png"
   sections: list[Section]
   is_volume: bool
-  is_gray: bool  # already 8-bit: no amplitude mapping
+  is_gray: bool  # an 8-bit picture: its amplitudes are gray levels about its median
   direction: str
   segy_file: segy.SegyFile | None = None
 
@@ -421,6 +424,20 @@ def open_input(
       for line in lines
   ]
   return SectionInput(path, "segy", sections, source.is_volume, False, direction, source)
+
+
+def in_memory_input(section: np.ndarray, name: str = "section.npy") -> SectionInput:
+  """A 2-D section held in memory, as `segment` sees an .npy file of it
+  (uint8: an 8-bit picture)."""
+  section = np.asarray(section)
+  return SectionInput(
+      pathlib.Path(name),
+      "npy",
+      [Section("line", "", lambda: section)],
+      is_volume=False,
+      is_gray=section.dtype == np.uint8,
+      direction=segy.INLINE,
+  )
 
 
 def _open_npy(path: pathlib.Path, direction: str, numbers) -> SectionInput:
@@ -507,17 +524,19 @@ class Scan:
   """What reading every section once found: their shape and amplitude samples."""
 
   shape: tuple[int, int]
-  magnitudes: np.ndarray | None = None  # |a|, evenly strided (the percentile rule)
-  pairs: tuple[np.ndarray, np.ndarray] | None = None  # a[i, j], a[i+1, j] (match_training)
+  magnitudes: np.ndarray  # |a|, evenly strided (the percentile rule)
+  pairs: tuple[np.ndarray, np.ndarray]  # a[i, j], a[i+1, j] (match_training)
+  # The input value of zero amplitude: 0, or an 8-bit picture's median gray.
+  zero: float = 0.0
 
 
 def scan_input(source: SectionInput) -> Scan:
   """Checks every section (size, finite samples) and samples its amplitudes.
 
   Everything is read once here, before anything is written, so bad input
-  fails without leaving outputs behind.  8-bit input is not sampled.
+  fails without leaving outputs behind.
   """
-  magnitudes, values, below, shape = [], [], [], None
+  samples, values, below, shape = [], [], [], None
   rng = np.random.default_rng(0)
   per_line = -(-_MATCH_SAMPLE // len(source.sections))
   for section in source.sections:
@@ -529,16 +548,21 @@ def scan_input(source: SectionInput) -> Scan:
           f"{source.path}: {section.name} is {data.shape[0]} x"
           f" {data.shape[1]}, unlike the first line's {shape[0]} x {shape[1]}"
       )
-    if source.is_gray:
-      continue
     step = max(1, data.size * len(source.sections) // _CLIP_SAMPLE)
-    magnitudes.append(np.abs(data.astype(np.float32)).ravel()[::step])
+    samples.append(np.asarray(data, np.float32).ravel()[::step])
     pair = _draw_pairs(data, rng, per_line)
     values.append(pair[0])
     below.append(pair[1])
-  if source.is_gray:
-    return Scan(shape)
-  return Scan(shape, np.concatenate(magnitudes), _live_pairs(values, below))
+  samples = np.concatenate(samples)
+  if not source.is_gray:
+    return Scan(shape, np.abs(samples), _live_pairs(values, below))
+  # An 8-bit picture is drawn around its zero amplitude, at whatever gray its
+  # maker chose: the median gray (seismic amplitudes are symmetric about 0,
+  # and salt's weak inside sits at 0 too).  Every sample is live: a gray
+  # equal to the median is a zero amplitude, not a dead trace.
+  zero = float(np.median(samples))
+  pairs = (np.concatenate(values) - zero, np.concatenate(below) - zero)
+  return Scan(shape, np.abs(samples - zero), pairs, zero)
 
 
 def _draw_pairs(data: np.ndarray, rng: np.random.Generator, count: int) -> tuple:
@@ -570,9 +594,15 @@ def choose_clip(
   stats: the training images' gray levels (gray_stats); None falls back from
   'match_training' to the percentile rule (stats_note says why).
   """
-  if source.is_gray:
-    return 0.0, {"rule": "none", "description": "input is 8-bit gray: used as-is"}
   rule = segment.amplitude
+  if rule == "as_is":
+    if not source.is_gray:
+      raise DataError(
+          f"{source.path}: holds amplitudes, not an 8-bit picture, so"
+          " config.segment.amplitude='as_is' cannot use it unchanged; choose"
+          " 'match_training', 'percentile' or 'value'"
+      )
+    return 0.0, {"rule": rule, "description": "input is 8-bit gray: used unchanged"}
   report = {}
   if rule == "match_training" and stats is None:
     report["fallback"] = (
@@ -600,11 +630,17 @@ def choose_clip(
         " them; set config.segment.amplitude='value' and config.segment.clip_value to the"
         " amplitude that should map to full gray"
     )
+  if source.is_gray:
+    a = f"(g - {scan.zero:g})"
+    report["zero"] = scan.zero
+    how += f"; g is the input's gray, {scan.zero:g} its median (zero amplitude)"
+  else:
+    a = "a"
   report = {
       "rule": rule,
       "clip_level": clip,
       "description": (
-          f"gray = round(127.5 + 127.5 * clip(a / {clip:.6g}, -1, 1)); clip level: {how}"
+          f"gray = round(127.5 + 127.5 * clip({a} / {clip:.6g}, -1, 1)); clip level: {how}"
       ),
       **report,
   }
@@ -945,7 +981,7 @@ def segment_input(config, workdir: pathlib.Path, ensemble: Ensemble | None = Non
     scan = scan_input(source)
     truth = read_truth(s.truth, source, scan.shape) if s.truth else None
     stats, note = (None, "")
-    if s.amplitude == "match_training" and not source.is_gray:
+    if s.amplitude == "match_training":
       stats, note = training_gray_levels(config, workdir)
     clip, amplitude = choose_clip(source, scan, s, stats, note)
     ensemble = ensemble or load_ensemble(config, workdir)
@@ -985,12 +1021,13 @@ def _segment_and_write(
         source.sections
     )
     window = tile_window()
+    as_is, zero = amplitude["rule"] == "as_is", amplitude.get("zero", 0.0)
     salt_fraction, truth_counts = {}, {}
     for chunk in _chunks(tiles_per):
       grays = []
       for i in chunk:
         values = source.sections[i].read()
-        grays.append(values if source.is_gray else amplitude_to_gray(values, clip))
+        grays.append(values if as_is else amplitude_to_gray(values, clip, zero))
       probs = segment_sections(grays, ensemble.predict_tiles, s.stride, window)
       for i, gray, prob in zip(chunk, grays, probs):
         section = source.sections[i]

@@ -264,6 +264,42 @@ def test_default_mapping_is_the_same_at_any_scale_and_with_a_strong_reflector():
   assert np.abs(changed).mean() < 2.0  # gray levels
 
 
+def test_an_8_bit_picture_is_mapped_as_the_amplitudes_it_shows():
+  # Laplace amplitudes (not the generator's) drawn as 8-bit pictures darker,
+  # lighter, flatter or harsher than the training tiles: gray = round(mid + k a).
+  # The picture's zero amplitude is its median gray, mid; its clip level in
+  # grays is k times the amplitudes' own; the grays given to the model are
+  # the amplitudes' but for the picture's rounding to whole grays.
+  import types
+
+  rng = np.random.default_rng(0)
+  amplitude = rng.laplace(0.0, 1.0, (300, 400)).astype(np.float32)
+  stats = _exponential_stats(20.0)
+  clip, _ = sections.matched_clip([amplitude], stats)
+  gray = sections.amplitude_to_gray(amplitude, clip)
+  segment = types.SimpleNamespace(amplitude="match_training", clip_percentile=99.0, clip_value=0.0)
+  for mid, k in ((128, 10.0), (70, 4.0), (190, 25.0), (100, 2.0)):
+    picture = np.clip(np.rint(mid + k * amplitude), 0, 255).astype(np.uint8)
+    source = sections.in_memory_input(picture, "picture.npy")
+    scan = sections.scan_input(source)
+    picture_clip, report = sections.choose_clip(source, scan, segment, stats)
+    assert report["zero"] == mid
+    # Rounding to whole grays moves the fitted percentiles by at most half a gray.
+    assert picture_clip == pytest.approx(k * clip, rel=0.05), (mid, k)
+    mapped = sections.amplitude_to_gray(picture, picture_clip, report["zero"])
+    # Away from the picture's own clipping, a sample moves by at most half a
+    # picture gray (127.5 / picture_clip model grays), one model gray of
+    # rounding and the few % the fitted gains differ by.
+    unclipped = (picture > 0) & (picture < 255)
+    moved = np.abs(mapped.astype(int) - gray)[unclipped]
+    assert moved.mean() < 1.0 + 0.5 * 127.5 / picture_clip, (mid, k, moved.mean())
+  # 'as_is' is for 8-bit pictures only.
+  amplitudes = sections.in_memory_input(amplitude, "amplitudes.npy")
+  segment.amplitude = "as_is"
+  with pytest.raises(sections.DataError, match=r"amplitudes.npy: .*amplitude='as_is'"):
+    sections.choose_clip(amplitudes, sections.scan_input(amplitudes), segment, stats)
+
+
 def test_truth_scores_agree_with_a_hand_computation():
   # A 101 x 202 section is two tiles side by side.  Left: true salt in rows
   # 0-49 (5050 px), predicted in rows 0-39 (4040 px): IoU 0.8, which passes
@@ -557,11 +593,22 @@ def test_npy_and_png_inputs_of_any_size(trained, tmp_path, compile_cache):
   mask = np.load(trained / "sections" / "arr_mask.npy")
   assert mask.shape == (180, 333) and _iou(mask, truth) > 0.5
   assert not (trained / "sections" / "arr_probability.sgy").exists()
-  # A PNG is already 8-bit gray: it is used as-is.
+  # A PNG is a picture of the amplitudes: drawn darker or lighter, flatter or
+  # harsher than the training tiles, it gives the amplitudes' mask.
   clip = json.loads((trained / "sections" / "arr_segment.json").read_text())["clip_level"]
-  gray = sections.amplitude_to_gray(amplitude, clip)
-  cv2.imwrite(str(tmp_path / "pic.png"), gray)
-  assert _run(_segment_config(compile_cache, tmp_path / "pic.png"), trained) == 0
+  for name, (mid, contrast) in {"dark": (70, 40.0), "light": (190, 60.0)}.items():
+    picture = np.clip(np.rint(mid + contrast * amplitude / clip), 0, 255).astype(np.uint8)
+    cv2.imwrite(str(tmp_path / f"{name}.png"), picture)
+    assert _run(_segment_config(compile_cache, tmp_path / f"{name}.png"), trained) == 0
+    got = np.load(trained / "sections" / f"{name}_mask.npy")
+    assert (got != mask).mean() < 0.01, name
+    summary = json.loads((trained / "sections" / f"{name}_segment.json").read_text())
+    assert summary["amplitude_rule"] == "match_training" and summary["amplitude"]["zero"] == mid
+  # 'as_is' gives the model the PNG's gray levels unchanged: those of the
+  # amplitudes' own mapping give their mask exactly.
+  cv2.imwrite(str(tmp_path / "pic.png"), sections.amplitude_to_gray(amplitude, clip))
+  config = _segment_config(compile_cache, tmp_path / "pic.png", amplitude="as_is")
+  assert _run(config, trained) == 0
   np.testing.assert_array_equal(np.load(trained / "sections" / "pic_mask.npy"), mask)
 
 
