@@ -26,9 +26,10 @@ def get_config():
           # chosen by this rule: 'match_training' fits c so that the section's gray
           # levels match the training images' (<workdir>/gray_levels.json);
           # 'percentile' takes c = clip_percentile-th percentile of |a| over every
-          # selected line; 'value' takes c = clip_value.  An 8-bit input (PNG, uint8
-          # array) is a picture of amplitudes a = gray - (its median gray), mapped by
-          # the same rules; 'as_is' uses it unchanged (8-bit input only).
+          # selected line; 'value' takes c = clip_value.  An unsigned input (8- or
+          # 16-bit PNG, uint8 or uint16 array) is a picture of amplitudes a = value -
+          # (its median value), mapped by the same rules; 'as_is' gives an 8-bit
+          # input to the model unchanged.
           amplitude="match_training",
           clip_percentile=99.0,
           clip_value=0.0,

@@ -16,11 +16,11 @@ would use it:
    section's gray levels match those of the tiles the model was trained on
    (<workdir>/gray_levels.json, `match_training_clip`); 'percentile' takes
    the `clip_percentile`-th percentile of |a|; 'value' takes `clip_value`.
-   One c serves every selected line.  8-bit inputs (PNG, uint8 arrays) are
-   pictures of amplitudes drawn around some middle gray at some contrast,
-   neither of which need be the training tiles': their amplitude is a =
-   gray - (their median gray), mapped by the same rules; 'as_is' uses them
-   unchanged.
+   One c serves every selected line.  Unsigned inputs (8- and 16-bit PNGs,
+   uint8 and uint16 arrays) are pictures of amplitudes drawn around some
+   middle level at some contrast, neither of which need be the training
+   tiles': their amplitude is a = value - (their median value), mapped by the
+   same rules; 'as_is' gives an 8-bit picture to the model unchanged.
 3. Cut overlapping 101x101 tiles (`stride` apart; the last tile of a row or
    column is aligned with the section's edge), predict every tile with the
    fold x snapshot ensemble and TTA (as `configs/predict.py` does), and
@@ -372,9 +372,11 @@ class SectionInput:
   kind: str  # "segy", "npy", "png"
   sections: list[Section]
   is_volume: bool
-  is_gray: bool  # an 8-bit picture: its amplitudes are gray levels about its median
+  is_gray: bool  # 8-bit: the model's own range ('as_is' may use it unchanged)
   direction: str
   segy_file: segy.SegyFile | None = None
+  # Unsigned values (PNGs, uint arrays): a picture whose zero amplitude is its median.
+  is_picture: bool = False
 
   def close(self):
     if self.segy_file is not None:
@@ -437,6 +439,7 @@ def in_memory_input(section: np.ndarray, name: str = "section.npy") -> SectionIn
       is_volume=False,
       is_gray=section.dtype == np.uint8,
       direction=segy.INLINE,
+      is_picture=np.issubdtype(section.dtype, np.unsignedinteger),
   )
 
 
@@ -472,7 +475,10 @@ def _open_npy(path: pathlib.Path, direction: str, numbers) -> SectionInput:
         f"{path}: has shape {array.shape}; expected a section (samples, traces)"
         " or a volume (lines, samples, traces)"
     )
-  return SectionInput(path, "npy", sections, array.ndim == 3, array.dtype == np.uint8, direction)
+  picture = np.issubdtype(array.dtype, np.unsignedinteger)
+  return SectionInput(
+      path, "npy", sections, array.ndim == 3, array.dtype == np.uint8, direction, is_picture=picture
+  )
 
 
 def _open_png(path: pathlib.Path, direction: str, numbers) -> SectionInput:
@@ -496,10 +502,10 @@ def _open_png(path: pathlib.Path, direction: str, numbers) -> SectionInput:
     raise DataError(
         f"{path}: is not an 8- or 16-bit gray image ({image.dtype}," f" shape {image.shape})"
     )
-  # 16-bit PNGs are amplitudes (centred on 32768), mapped like any others.
   gray = image.dtype == np.uint8
-  data = image if gray else image.astype(np.float32) - 32768.0
-  return SectionInput(path, "png", [Section("line", "", lambda: data)], False, gray, direction)
+  return SectionInput(
+      path, "png", [Section("line", "", lambda: image)], False, gray, direction, is_picture=True
+  )
 
 
 def _check_section(source: SectionInput, section: Section, values: np.ndarray) -> None:
@@ -526,7 +532,7 @@ class Scan:
   shape: tuple[int, int]
   magnitudes: np.ndarray  # |a|, evenly strided (the percentile rule)
   pairs: tuple[np.ndarray, np.ndarray]  # a[i, j], a[i+1, j] (match_training)
-  # The input value of zero amplitude: 0, or an 8-bit picture's median gray.
+  # The input value of zero amplitude: 0, or a picture's median value.
   zero: float = 0.0
 
 
@@ -554,12 +560,12 @@ def scan_input(source: SectionInput) -> Scan:
     values.append(pair[0])
     below.append(pair[1])
   samples = np.concatenate(samples)
-  if not source.is_gray:
+  if not source.is_picture:
     return Scan(shape, np.abs(samples), _live_pairs(values, below))
-  # An 8-bit picture is drawn around its zero amplitude, at whatever gray its
-  # maker chose: the median gray (seismic amplitudes are symmetric about 0,
-  # and salt's weak inside sits at 0 too).  Every sample is live: a gray
-  # equal to the median is a zero amplitude, not a dead trace.
+  # A picture is drawn around its zero amplitude, at whatever level its maker
+  # chose: the median value (seismic amplitudes are symmetric about 0, and
+  # salt's weak inside sits at 0 too).  Every sample is live: a value equal
+  # to the median is a zero amplitude, not a dead trace.
   zero = float(np.median(samples))
   pairs = (np.concatenate(values) - zero, np.concatenate(below) - zero)
   return Scan(shape, np.abs(samples - zero), pairs, zero)
@@ -598,9 +604,9 @@ def choose_clip(
   if rule == "as_is":
     if not source.is_gray:
       raise DataError(
-          f"{source.path}: holds amplitudes, not an 8-bit picture, so"
-          " config.segment.amplitude='as_is' cannot use it unchanged; choose"
-          " 'match_training', 'percentile' or 'value'"
+          f"{source.path}: is not 8-bit gray, so config.segment.amplitude='as_is'"
+          " cannot give it to the model unchanged; choose 'match_training',"
+          " 'percentile' or 'value'"
       )
     return 0.0, {"rule": rule, "description": "input is 8-bit gray: used unchanged"}
   report = {}
@@ -630,10 +636,10 @@ def choose_clip(
         " them; set config.segment.amplitude='value' and config.segment.clip_value to the"
         " amplitude that should map to full gray"
     )
-  if source.is_gray:
-    a = f"(g - {scan.zero:g})"
+  if source.is_picture:
+    a = f"(v - {scan.zero:g})"
     report["zero"] = scan.zero
-    how += f"; g is the input's gray, {scan.zero:g} its median (zero amplitude)"
+    how += f"; v is the input's value, {scan.zero:g} its median (zero amplitude)"
   else:
     a = "a"
   report = {

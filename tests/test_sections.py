@@ -264,7 +264,7 @@ def test_default_mapping_is_the_same_at_any_scale_and_with_a_strong_reflector():
   assert np.abs(changed).mean() < 2.0  # gray levels
 
 
-def test_an_8_bit_picture_is_mapped_as_the_amplitudes_it_shows():
+def test_a_picture_is_mapped_as_the_amplitudes_it_shows():
   # Laplace amplitudes (not the generator's) drawn as 8-bit pictures darker,
   # lighter, flatter or harsher than the training tiles: gray = round(mid + k a).
   # The picture's zero amplitude is its median gray, mid; its clip level in
@@ -293,11 +293,20 @@ def test_an_8_bit_picture_is_mapped_as_the_amplitudes_it_shows():
     unclipped = (picture > 0) & (picture < 255)
     moved = np.abs(mapped.astype(int) - gray)[unclipped]
     assert moved.mean() < 1.0 + 0.5 * 127.5 / picture_clip, (mid, k, moved.mean())
+  # A 16-bit picture (min-max stretched, as 16-bit exports are): the same.
+  lo, hi = amplitude.min(), amplitude.max()
+  k = 65535 / (hi - lo)
+  picture = np.rint((amplitude - lo) * k).astype(np.uint16)
+  source = sections.in_memory_input(picture, "picture16.npy")
+  picture_clip, report = sections.choose_clip(source, sections.scan_input(source), segment, stats)
+  assert report["zero"] == pytest.approx((np.median(amplitude) - lo) * k, abs=1.0)
+  assert picture_clip == pytest.approx(k * clip, rel=0.01)
   # 'as_is' is for 8-bit pictures only.
-  amplitudes = sections.in_memory_input(amplitude, "amplitudes.npy")
   segment.amplitude = "as_is"
-  with pytest.raises(sections.DataError, match=r"amplitudes.npy: .*amplitude='as_is'"):
-    sections.choose_clip(amplitudes, sections.scan_input(amplitudes), segment, stats)
+  for name, values in (("amplitudes.npy", amplitude), ("picture16.npy", picture)):
+    source = sections.in_memory_input(values, name)
+    with pytest.raises(sections.DataError, match=rf"{name}: .*amplitude='as_is'"):
+      sections.choose_clip(source, sections.scan_input(source), segment, stats)
 
 
 def test_truth_scores_agree_with_a_hand_computation():
@@ -604,6 +613,12 @@ def test_npy_and_png_inputs_of_any_size(trained, tmp_path, compile_cache):
     assert (got != mask).mean() < 0.01, name
     summary = json.loads((trained / "sections" / f"{name}_segment.json").read_text())
     assert summary["amplitude_rule"] == "match_training" and summary["amplitude"]["zero"] == mid
+  # A 16-bit PNG stretched from the lowest to the highest amplitude.
+  lo, hi = amplitude.min(), amplitude.max()
+  picture = np.rint((amplitude - lo) * (65535 / (hi - lo))).astype(np.uint16)
+  cv2.imwrite(str(tmp_path / "deep.png"), picture)
+  assert _run(_segment_config(compile_cache, tmp_path / "deep.png"), trained) == 0
+  assert (np.load(trained / "sections" / "deep_mask.npy") != mask).mean() < 0.01
   # 'as_is' gives the model the PNG's gray levels unchanged: those of the
   # amplitudes' own mapping give their mask exactly.
   cv2.imwrite(str(tmp_path / "pic.png"), sections.amplitude_to_gray(amplitude, clip))
