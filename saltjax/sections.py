@@ -17,10 +17,11 @@ would use it:
    (<workdir>/gray_levels.json, `match_training_clip`); 'percentile' takes
    the `clip_percentile`-th percentile of |a|; 'value' takes `clip_value`.
    One c serves every selected line.  Unsigned inputs (8- and 16-bit PNGs,
-   uint8 and uint16 arrays) are pictures of amplitudes drawn around some
-   middle level at some contrast, neither of which need be the training
-   tiles': their amplitude is a = value - (their median value), mapped by the
-   same rules; 'as_is' gives an 8-bit picture to the model unchanged.
+   uint8 and uint16 arrays), and any input that is never negative, are
+   pictures of amplitudes drawn around some middle level at some contrast,
+   neither of which need be the training tiles': their amplitude is a =
+   value - (their median value), mapped by the same rules; 'as_is' gives an
+   8-bit picture to the model unchanged.
 3. Cut overlapping 101x101 tiles (`stride` apart; the last tile of a row or
    column is aligned with the section's edge), predict every tile with the
    fold x snapshot ensemble and TTA (as `configs/predict.py` does), and
@@ -534,6 +535,7 @@ class Scan:
   pairs: tuple[np.ndarray, np.ndarray]  # a[i, j], a[i+1, j] (match_training)
   # The input value of zero amplitude: 0, or a picture's median value.
   zero: float = 0.0
+  picture: bool = False  # a picture of amplitudes (SectionInput.is_picture, or never negative)
 
 
 def scan_input(source: SectionInput) -> Scan:
@@ -560,7 +562,9 @@ def scan_input(source: SectionInput) -> Scan:
     values.append(pair[0])
     below.append(pair[1])
   samples = np.concatenate(samples)
-  if not source.is_picture:
+  # Seismic amplitudes have both signs: values that are never negative are a
+  # picture of them, whatever their type (a PNG read into floats in [0, 1]).
+  if not (source.is_picture or (samples.min() >= 0 and samples.max() > 0)):
     return Scan(shape, np.abs(samples), _live_pairs(values, below))
   # A picture is drawn around its zero amplitude, at whatever level its maker
   # chose: the median value (seismic amplitudes are symmetric about 0, and
@@ -568,7 +572,7 @@ def scan_input(source: SectionInput) -> Scan:
   # to the median is a zero amplitude, not a dead trace.
   zero = float(np.median(samples))
   pairs = (np.concatenate(values) - zero, np.concatenate(below) - zero)
-  return Scan(shape, np.abs(samples - zero), pairs, zero)
+  return Scan(shape, np.abs(samples - zero), pairs, zero, picture=True)
 
 
 def _draw_pairs(data: np.ndarray, rng: np.random.Generator, count: int) -> tuple:
@@ -636,7 +640,7 @@ def choose_clip(
         " them; set config.segment.amplitude='value' and config.segment.clip_value to the"
         " amplitude that should map to full gray"
     )
-  if source.is_picture:
+  if scan.picture:
     a = f"(v - {scan.zero:g})"
     report["zero"] = scan.zero
     how += f"; v is the input's value, {scan.zero:g} its median (zero amplitude)"

@@ -301,6 +301,12 @@ def test_a_picture_is_mapped_as_the_amplitudes_it_shows():
   picture_clip, report = sections.choose_clip(source, sections.scan_input(source), segment, stats)
   assert report["zero"] == pytest.approx((np.median(amplitude) - lo) * k, abs=1.0)
   assert picture_clip == pytest.approx(k * clip, rel=0.01)
+  # Floats that are never negative (a picture read into [0, 1]): a picture too.
+  picture = ((amplitude - lo) / (hi - lo)).astype(np.float32)
+  source = sections.in_memory_input(picture, "picture01.npy")
+  picture_clip, report = sections.choose_clip(source, sections.scan_input(source), segment, stats)
+  assert report["zero"] == pytest.approx((np.median(amplitude) - lo) / (hi - lo), abs=1e-6)
+  assert picture_clip == pytest.approx(clip / (hi - lo), rel=0.01)
   # 'as_is' is for 8-bit pictures only.
   segment.amplitude = "as_is"
   for name, values in (("amplitudes.npy", amplitude), ("picture16.npy", picture)):
