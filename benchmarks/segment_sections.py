@@ -305,12 +305,8 @@ def accuracy(args) -> dict:
     """The mask's IoU when `segment` maps the section by `rule` (clip choice included)."""
     source = sections.in_memory_input(section)
     segment = types.SimpleNamespace(amplitude=rule, clip_percentile=99.0, clip_value=0.0)
-    clip, report = sections.choose_clip(source, sections.scan_input(source), segment, stats)
-    gray = (
-        section
-        if rule == "as_is"
-        else sections.amplitude_to_gray(section, clip, report.get("zero", 0.0))
-    )
+    _, report = sections.choose_clip(source, sections.scan_input(source), segment, stats)
+    gray = sections.model_gray(section, report)
     (prob,) = sections.segment_sections([gray], ensemble.predict_tiles, args.stride)
     mask = sections.remove_small_regions(prob > ensemble.threshold, ensemble.min_area)
     return round(sections.truth_scores(truth, mask)["iou"], 4)

@@ -657,6 +657,13 @@ def choose_clip(
   return clip, report
 
 
+def model_gray(values: np.ndarray, amplitude: dict) -> np.ndarray:
+  """A section's gray levels as the model is given them, under `choose_clip`'s report."""
+  if amplitude["rule"] == "as_is":
+    return values
+  return amplitude_to_gray(values, amplitude["clip_level"], amplitude.get("zero", 0.0))
+
+
 def training_gray_levels(config, workdir: pathlib.Path) -> tuple[dict | None, str]:
   """The workdir's gray_levels.json; for older workdirs, computed from the training data.
 
@@ -1031,13 +1038,12 @@ def _segment_and_write(
         source.sections
     )
     window = tile_window()
-    as_is, zero = amplitude["rule"] == "as_is", amplitude.get("zero", 0.0)
     salt_fraction, truth_counts = {}, {}
     for chunk in _chunks(tiles_per):
       grays = []
       for i in chunk:
         values = source.sections[i].read()
-        grays.append(values if as_is else amplitude_to_gray(values, clip, zero))
+        grays.append(model_gray(values, amplitude))
       probs = segment_sections(grays, ensemble.predict_tiles, s.stride, window)
       for i, gray, prob in zip(chunk, grays, probs):
         section = source.sections[i]
