@@ -25,10 +25,13 @@ very strong flat reflector, with amplitudes fading with depth, with extra
 noise, smoother, sections drawn by a renderer independent of
 saltjax.synthetic (flat layers, a dome and a detached lens), and 8-bit
 pictures of the sections drawn darker, lighter and flatter than the training
-tiles (as PNGs are).  Every section is mapped by the default rule
-('match_training', the workdir's gray_levels.json) and by the 99th-percentile
-rule, and the pictures also as they are ('as_is'); the IoU of each mask with
-the true body is written to benchmarks/results/segment_sections_accuracy.json:
+tiles (as PNGs are), and sections sampled twice as finely (in depth and
+along the line, or along the line only).  Every section is mapped by the
+default rule ('match_training', the workdir's gray_levels.json) and by the
+99th-percentile rule, the pictures also as they are ('as_is'), and the finer
+sections also resampled to the tiles' sampling (segment.scale_samples /
+scale_traces 0.5); the IoU of each mask with the true body is written to
+benchmarks/results/segment_sections_accuracy.json:
 
   JAX_PLATFORMS=cpu python benchmarks/segment_sections.py --accuracy --train --workdir=/tmp/acc
 """
@@ -265,6 +268,16 @@ def accuracy_cases(seeds):
     for middle, contrast in ((128, 40.0), (70, 127.5), (70, 16.0), (190, 40.0)):
       picture = np.clip(np.rint(middle + contrast * a / unit), 0, 255).astype(np.uint8)
       yield f"synthetic {seed} 8-bit, middle gray {middle}, contrast {contrast:g}", picture, m
+  # Sampled twice as finely: every feature twice the size in pixels.
+  for seed in seeds:
+    a, m = synthetic.generate_section(seed, 256, 480)
+    for name, (fy, fx) in (("in depth and along the line", (2, 2)), ("along the line", (1, 2))):
+      size = (480 * fx, 256 * fy)
+      yield (
+          f"synthetic {seed} sampled 2x finer {name}",
+          cv2.resize(a, size, interpolation=cv2.INTER_CUBIC),
+          cv2.resize(m, size, interpolation=cv2.INTER_NEAREST),
+      )
 
 
 def _train_tests_model(workdir):
@@ -301,14 +314,21 @@ def accuracy(args) -> dict:
   ensemble = sections.load_ensemble(trained, workdir)
   stats, stats_note = sections.training_gray_levels(trained, workdir)
 
-  def iou_of(section, truth, rule):
-    """The mask's IoU when `segment` maps the section by `rule` (clip choice included)."""
+  def iou_of(section, truth, rule, scale=(1.0, 1.0)):
+    """The mask's IoU when `segment` maps the section by `rule` (clip choice
+    included) and segments it resampled by `scale` (samples, traces)."""
     source = sections.in_memory_input(section)
-    segment = types.SimpleNamespace(amplitude=rule, clip_percentile=99.0, clip_value=0.0)
-    _, report = sections.choose_clip(source, sections.scan_input(source), segment, stats)
+    segment = types.SimpleNamespace(
+        amplitude=rule,
+        clip_percentile=99.0,
+        clip_value=0.0,
+        scale_samples=scale[0],
+        scale_traces=scale[1],
+        stride=args.stride,
+    )
+    _, report = sections.choose_clip(source, sections.scan_input(source, segment), segment, stats)
     gray = sections.model_gray(section, report)
-    (prob,) = sections.segment_sections([gray], ensemble.predict_tiles, args.stride)
-    mask = sections.remove_small_regions(prob > ensemble.threshold, ensemble.min_area)
+    ((_, mask),) = sections.probabilities_and_masks([gray], ensemble, segment)
     return round(sections.truth_scores(truth, mask)["iou"], 4)
 
   rules = {"match_training": "match_training", "percentile_99": "percentile", "as_is": "as_is"}
@@ -318,8 +338,11 @@ def accuracy(args) -> dict:
     for key, rule in rules.items():
       if rule != "as_is" or section.dtype == np.uint8:
         row[key] = iou_of(section, truth, rule)
+    if "finer" in name:
+      scale = (0.5 if "depth" in name else 1.0, 0.5)
+      row["match_training_resampled"] = iou_of(section, truth, "match_training", scale)
     rows.append(row)
-    print(f"{name:56s} IoU " + "  ".join(f"{k} {row[k]:.3f}" for k in rules if k in row))
+    print(f"{name:56s} IoU " + "  ".join(f"{k} {v:.3f}" for k, v in list(row.items())[2:]))
 
   def summary_of(subset):
     return {
@@ -329,13 +352,15 @@ def accuracy(args) -> dict:
             "sections_with_iou_at_least_0.7": sum(r[key] >= 0.7 for r in subset),
             "sections": len(subset),
         }
-        for key in rules
+        for key in (*rules, "match_training_resampled")
         if all(key in r for r in subset)
     }
 
+  finer = [r for r in rows if "finer" in r["section"]]
   summary = {
-      "amplitudes": summary_of([r for r in rows if "as_is" not in r]),
+      "amplitudes": summary_of([r for r in rows if "as_is" not in r and r not in finer]),
       "8-bit pictures": summary_of([r for r in rows if "as_is" in r]),
+      "sampled 2x finer": summary_of(finer),
   }
   result = {
       "benchmark": "amplitude rules' mask IoU (benchmarks/segment_sections.py --accuracy)",

@@ -22,6 +22,11 @@ def get_config():
           inlines="",  # 3-D: inline numbers to segment, e.g. '100,102,110-120' ('' = every inline)
           crosslines="",  # 3-D: crossline numbers instead of inlines (not both)
           stride=50,  # pixels between tile origins; 101-pixel tiles overlap by 101 - stride
+          # Resample the section by these factors before tiling (0.5: half as many
+          # samples), so that its features have the size the model learned them at;
+          # the outputs are at the section's own size.
+          scale_samples=1.0,
+          scale_traces=1.0,
           # Amplitude -> gray: 127.5 + 127.5 * clip(a / c, -1, 1), with the clip level c
           # chosen by this rule: 'match_training' fits c so that the section's gray
           # levels match the training images' (<workdir>/gray_levels.json);

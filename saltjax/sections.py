@@ -22,11 +22,14 @@ would use it:
    neither of which need be the training tiles': their amplitude is a =
    value - (their median value), mapped by the same rules; 'as_is' gives an
    8-bit picture to the model unchanged.
-3. Cut overlapping 101x101 tiles (`stride` apart; the last tile of a row or
+3. Resample the gray section by `scale_samples` x `scale_traces` (1 x 1 by
+   default), so that its features are the size the model learned them at,
+   cut overlapping 101x101 tiles (`stride` apart; the last tile of a row or
    column is aligned with the section's edge), predict every tile with the
    fold x snapshot ensemble and TTA (as `configs/predict.py` does), and
    blend the tile probabilities with a smooth window that falls to almost 0
-   at a tile's border, so no seam shows (`blend_tiles`).
+   at a tile's border, so no seam shows (`blend_tiles`); resample the blended
+   probability back to the section's own size.
 4. Binarise the blended probability at the threshold tuned on the
    out-of-fold predictions (scores.json) and remove salt regions smaller
    than the tuned minimum area (on a tile that rule empties small masks; on
@@ -69,6 +72,8 @@ _SEGY_SUFFIXES = (".sgy", ".segy")
 # segment.amplitude: how the clip level is chosen.
 AMPLITUDE_RULES = ("match_training", "percentile", "value", "as_is")
 DEFAULT_CLIP_PERCENTILE = 99.0
+# segment.scale_samples / scale_traces: the resampling factors allowed.
+MAX_SCALE = 8.0
 # The percentiles of |gray - middle gray| that a section is fitted to: the upper
 # half, set by the layered sediments (the lower half is mostly the weak inside
 # of salt, whose share varies from section to section, and noise), below the
@@ -264,6 +269,52 @@ def segment_sections(
   return out
 
 
+def model_shape(shape: tuple[int, int], segment) -> tuple[int, int]:
+  """(samples, traces) of a section once resampled by segment.scale_samples / scale_traces."""
+  return (
+      max(1, round(shape[0] * segment.scale_samples)),
+      max(1, round(shape[1] * segment.scale_traces)),
+  )
+
+
+def resample(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+  """`image` at (rows, cols) = `shape`: area averaging to shrink, bilinear to enlarge."""
+  if image.shape == tuple(shape):
+    return image
+  shrinking = shape[0] * shape[1] < image.shape[0] * image.shape[1]
+  method = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+  return cv2.resize(image, (shape[1], shape[0]), interpolation=method)
+
+
+def section_min_area(min_area: int, segment) -> int:
+  """A minimum area in the model's pixels, in the section's (a section pixel is
+  scale_samples x scale_traces model pixels)."""
+  return round(min_area / (segment.scale_samples * segment.scale_traces))
+
+
+def probabilities_and_masks(
+    grays: Sequence[np.ndarray], ensemble: "Ensemble", segment, window: np.ndarray | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+  """(salt probability, mask) of gray sections of one shape, as `segment` makes them.
+
+  Each is resampled to the model's sampling (segment.scale_samples /
+  scale_traces), tiled every segment.stride pixels, predicted together and
+  blended; the probability is resampled back to the section's size and
+  thresholded, and salt regions under the minimum area removed.
+  """
+  shape = grays[0].shape
+  resampled = model_shape(shape, segment)
+  probs = segment_sections(
+      [resample(g, resampled) for g in grays], ensemble.predict_tiles, segment.stride, window
+  )
+  min_area = section_min_area(ensemble.min_area, segment)
+  out = []
+  for prob in probs:
+    prob = resample(prob, shape)
+    out.append((prob, remove_small_regions(prob > ensemble.threshold, min_area)))
+  return out
+
+
 # ------------------------------------------------------------------- config ---
 
 
@@ -312,6 +363,12 @@ def check_config(config) -> None:
       "use " + ", ".join(repr(r) for r in AMPLITUDE_RULES),
   )
   need(0 < s.clip_percentile <= 100, "clip_percentile", "must be in (0, 100]")
+  for key in ("scale_samples", "scale_traces"):
+    need(
+        isinstance(s[key], (int, float)) and 0 < s[key] <= MAX_SCALE,
+        key,
+        f"must be a factor in (0, {MAX_SCALE:g}] (1: the section's own sampling)",
+    )
   need(s.clip_value >= 0, "clip_value", "must be >= 0")
   need(
       s.amplitude != "value" or s.clip_value > 0,
@@ -509,13 +566,21 @@ def _open_png(path: pathlib.Path, direction: str, numbers) -> SectionInput:
   )
 
 
-def _check_section(source: SectionInput, section: Section, values: np.ndarray) -> None:
+def _check_section(
+    source: SectionInput, section: Section, values: np.ndarray, scaled: tuple[int, int]
+) -> None:
   where = f"{source.path}" + ("" if section.name == "line" else f" ({section.name})")
   rows, cols = values.shape
-  if rows < TILE or cols < TILE:
+  if min(scaled) < TILE:
+    resampled = (
+        ""
+        if scaled == values.shape
+        else f", {scaled[0]} x {scaled[1]} once resampled by config.segment.scale_samples"
+        " and scale_traces"
+    )
     raise DataError(
-        f"{where}: the section is {rows} samples x {cols} traces; it must be at least"
-        f" {TILE} x {TILE} (one tile) to be segmented"
+        f"{where}: the section is {rows} samples x {cols} traces{resampled}; it must be at"
+        f" least {TILE} x {TILE} (one tile) to be segmented"
     )
   bad = ~np.isfinite(values)
   if bad.any():
@@ -538,18 +603,21 @@ class Scan:
   picture: bool = False  # a picture of amplitudes (SectionInput.is_picture, or never negative)
 
 
-def scan_input(source: SectionInput) -> Scan:
+def scan_input(source: SectionInput, segment=None) -> Scan:
   """Checks every section (size, finite samples) and samples its amplitudes.
 
   Everything is read once here, before anything is written, so bad input
-  fails without leaving outputs behind.
+  fails without leaving outputs behind.  segment: config.segment, whose
+  scale factors set the size the section must have (None: its own).
   """
   samples, values, below, shape = [], [], [], None
   rng = np.random.default_rng(0)
   per_line = -(-_MATCH_SAMPLE // len(source.sections))
   for section in source.sections:
     data = section.read()
-    _check_section(source, section, data)
+    _check_section(
+        source, section, data, model_shape(data.shape, segment) if segment else data.shape
+    )
     shape = shape or data.shape
     if data.shape != shape:
       raise DataError(
@@ -995,7 +1063,7 @@ def segment_input(config, workdir: pathlib.Path, ensemble: Ensemble | None = Non
       parse_line_numbers(s.crosslines, "crosslines"),
   )
   try:
-    scan = scan_input(source)
+    scan = scan_input(source, s)
     truth = read_truth(s.truth, source, scan.shape) if s.truth else None
     stats, note = (None, "")
     if s.amplitude == "match_training":
@@ -1034,9 +1102,10 @@ def _segment_and_write(
     mask_out = np.lib.format.open_memmap(
         staged.temp_path(names["mask"]), mode="w+", dtype=np.uint8, shape=stacked
     )
-    tiles_per = [len(tile_starts(shape[0], s.stride)) * len(tile_starts(shape[1], s.stride))] * len(
-        source.sections
-    )
+    resampled = model_shape(shape, s)
+    tiles_per = [
+        len(tile_starts(resampled[0], s.stride)) * len(tile_starts(resampled[1], s.stride))
+    ] * len(source.sections)
     window = tile_window()
     salt_fraction, truth_counts = {}, {}
     for chunk in _chunks(tiles_per):
@@ -1044,10 +1113,9 @@ def _segment_and_write(
       for i in chunk:
         values = source.sections[i].read()
         grays.append(model_gray(values, amplitude))
-      probs = segment_sections(grays, ensemble.predict_tiles, s.stride, window)
-      for i, gray, prob in zip(chunk, grays, probs):
+      outputs = probabilities_and_masks(grays, ensemble, s, window)
+      for i, gray, (prob, mask) in zip(chunk, grays, outputs):
         section = source.sections[i]
-        mask = remove_small_regions(prob > ensemble.threshold, ensemble.min_area)
         target = (i,) if source.is_volume else ()
         prob_out[target] = prob
         mask_out[target] = mask
@@ -1080,8 +1148,14 @@ def _segment_and_write(
         "clip_level": clip,
         "amplitude": amplitude,
         "stride": s.stride,
+        "scale": {
+            "samples": s.scale_samples,
+            "traces": s.scale_traces,
+            "model_shape": list(resampled),
+        },
         "threshold": ensemble.threshold,
         "min_area": ensemble.min_area,
+        "min_area_section_pixels": section_min_area(ensemble.min_area, s),
         "tta": ensemble.tta,
         "models": ensemble.models,
         "salt_fraction": salt_fraction,
@@ -1253,8 +1327,7 @@ def _figure_main(argv: Sequence[str] | None = None) -> None:
 
   def segment(clip):
     gray = amplitude_to_gray(amplitude, clip)
-    (prob,) = segment_sections([gray], ensemble.predict_tiles, config.segment.stride)
-    mask = remove_small_regions(prob > ensemble.threshold, ensemble.min_area)
+    ((prob, mask),) = probabilities_and_masks([gray], ensemble, config.segment)
     return gray, prob, mask, truth_scores(truth, mask)["iou"]
 
   gray, prob, mask, iou = segment(matched_clip([amplitude], stats)[0])

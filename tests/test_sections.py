@@ -684,6 +684,43 @@ def test_bad_input_is_refused_naming_the_file_and_writing_nothing(
     assert now == before, path
 
 
+def test_scale_segments_a_finer_section_at_the_models_sampling(
+    trained, tmp_path, compile_cache, capsys
+):
+  """A section sampled twice as finely in depth and along the line (its layers,
+  salt edges and noise twice the size in pixels) is resampled to the tiles'
+  sampling, segmented there, and its outputs brought back to its own size."""
+  amplitude, truth = synthetic.generate_section(11, ROWS, COLS)
+  np.save(tmp_path / "coarse.npy", amplitude)
+  assert _run(_segment_config(compile_cache, tmp_path / "coarse.npy"), trained) == 0
+  coarse = np.load(trained / "sections" / "coarse_mask.npy")
+  fine_size = (2 * COLS, 2 * ROWS)
+  np.save(tmp_path / "fine.npy", cv2.resize(amplitude, fine_size, interpolation=cv2.INTER_CUBIC))
+  fine_truth = cv2.resize(truth, fine_size, interpolation=cv2.INTER_NEAREST)
+  np.save(tmp_path / "fine_truth.npy", fine_truth)
+  config = _segment_config(
+      compile_cache,
+      tmp_path / "fine.npy",
+      scale_samples=0.5,
+      scale_traces=0.5,
+      truth=str(tmp_path / "fine_truth.npy"),
+  )
+  assert _run(config, trained) == 0
+  fine = np.load(trained / "sections" / "fine_mask.npy")
+  assert fine.shape == (2 * ROWS, 2 * COLS)
+  # The coarse section's mask, at the fine section's size, up to the outline.
+  assert (fine != cv2.resize(coarse, fine_size, interpolation=cv2.INTER_NEAREST)).mean() < 0.02
+  assert _iou(fine, fine_truth) >= 0.7
+  summary = json.loads((trained / "sections" / "fine_segment.json").read_text())
+  assert summary["scale"] == {"samples": 0.5, "traces": 0.5, "model_shape": [ROWS, COLS]}
+  assert summary["min_area_section_pixels"] == round(4 * summary["min_area"])
+  # A section too small once resampled is refused, naming the factors.
+  np.save(tmp_path / "small.npy", amplitude[:150, :150])
+  config = _segment_config(compile_cache, tmp_path / "small.npy", scale_samples=0.5)
+  assert _run(config, trained) == 1
+  assert "75 x 150 once resampled by config.segment.scale_samples" in capsys.readouterr().err
+
+
 def test_empty_or_untrained_workdir_is_refused(trained, tmp_path, compile_cache, capsys):
   line = tmp_path / "line.sgy"
   segy.write_section(line, np.random.default_rng(0).standard_normal((150, 150)))
@@ -736,6 +773,8 @@ def test_bad_segment_config_values_are_all_named(tmp_path, compile_cache, capsys
       inlines="3",
       crosslines="4",
       truth=str(tmp_path / "no_truth.npy"),
+      scale_samples=0.0,
+      scale_traces=20.0,
   )
   assert _run(config, tmp_path / "run") == 1
   err = capsys.readouterr().err
@@ -747,6 +786,8 @@ def test_bad_segment_config_values_are_all_named(tmp_path, compile_cache, capsys
       "config.segment.crosslines='4'",
       "config.segment.clip_value=2.0: is used only with config.segment.amplitude='value'",
       "config.segment.truth=",
+      "config.segment.scale_samples=0.0: must be a factor in (0, 8]",
+      "config.segment.scale_traces=20.0: must be a factor in (0, 8]",
   ):
     assert text in err, err
   assert not (tmp_path / "run").exists()
