@@ -657,7 +657,8 @@ def _live_pairs(values: list, below: list) -> tuple[np.ndarray, np.ndarray]:
 
 
 def matched_clip(amplitudes: Sequence[np.ndarray], stats: dict) -> tuple[float, dict]:
-  """The 'match_training' clip level of in-memory sections, as `segment` finds it for a file."""
+  """The 'match_training' clip level of in-memory amplitude sections (signed, zero
+  amplitude at 0), as `segment` finds it for a file of them."""
   rng = np.random.default_rng(0)
   per_line = -(-_MATCH_SAMPLE // len(amplitudes))
   pairs = [_draw_pairs(np.asarray(a), rng, per_line) for a in amplitudes]
