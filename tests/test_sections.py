@@ -296,20 +296,20 @@ def test_a_picture_is_mapped_as_the_amplitudes_it_shows():
   # A 16-bit picture (min-max stretched, as 16-bit exports are): the same.
   lo, hi = amplitude.min(), amplitude.max()
   k = 65535 / (hi - lo)
-  picture = np.rint((amplitude - lo) * k).astype(np.uint16)
-  source = sections.in_memory_input(picture, "picture16.npy")
+  deep = np.rint((amplitude - lo) * k).astype(np.uint16)
+  source = sections.in_memory_input(deep, "picture16.npy")
   picture_clip, report = sections.choose_clip(source, sections.scan_input(source), segment, stats)
   assert report["zero"] == pytest.approx((np.median(amplitude) - lo) * k, abs=1.0)
   assert picture_clip == pytest.approx(k * clip, rel=0.01)
   # Floats that are never negative (a picture read into [0, 1]): a picture too.
-  picture = ((amplitude - lo) / (hi - lo)).astype(np.float32)
-  source = sections.in_memory_input(picture, "picture01.npy")
+  unit = ((amplitude - lo) / (hi - lo)).astype(np.float32)
+  source = sections.in_memory_input(unit, "picture01.npy")
   picture_clip, report = sections.choose_clip(source, sections.scan_input(source), segment, stats)
   assert report["zero"] == pytest.approx((np.median(amplitude) - lo) / (hi - lo), abs=1e-6)
   assert picture_clip == pytest.approx(clip / (hi - lo), rel=0.01)
   # 'as_is' is for 8-bit pictures only.
   segment.amplitude = "as_is"
-  for name, values in (("amplitudes.npy", amplitude), ("picture16.npy", picture)):
+  for name, values in (("amplitudes.npy", amplitude), ("picture16.npy", deep)):
     source = sections.in_memory_input(values, name)
     with pytest.raises(sections.DataError, match=rf"{name}: .*amplitude='as_is'"):
       sections.choose_clip(source, sections.scan_input(source), segment, stats)
