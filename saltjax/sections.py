@@ -486,18 +486,24 @@ def open_input(
   return SectionInput(path, "segy", sections, source.is_volume, False, direction, source)
 
 
-def in_memory_input(section: np.ndarray, name: str = "section.npy") -> SectionInput:
-  """A 2-D section held in memory, as `segment` sees an .npy file of it
-  (uint8: an 8-bit picture)."""
-  section = np.asarray(section)
+def in_memory_input(
+    sections: np.ndarray | Sequence[np.ndarray], name: str = "section.npy"
+) -> SectionInput:
+  """A 2-D section held in memory, or a list of lines of one type, as `segment`
+  sees an .npy file of them (uint8: an 8-bit picture)."""
+  if isinstance(sections, np.ndarray):
+    lines = [("line", "", sections)]
+  else:
+    lines = [(f"inline {k}", f"inline{k}", np.asarray(a)) for k, a in enumerate(sections)]
+  dtype = lines[0][2].dtype
   return SectionInput(
       pathlib.Path(name),
       "npy",
-      [Section("line", "", lambda: section)],
-      is_volume=False,
-      is_gray=section.dtype == np.uint8,
+      [Section(line, label, lambda a=a: a) for line, label, a in lines],
+      is_volume=len(lines) > 1,
+      is_gray=dtype == np.uint8,
       direction=segy.INLINE,
-      is_picture=np.issubdtype(section.dtype, np.unsignedinteger),
+      is_picture=np.issubdtype(dtype, np.unsignedinteger),
   )
 
 
@@ -659,10 +665,7 @@ def _live_pairs(values: list, below: list) -> tuple[np.ndarray, np.ndarray]:
 def matched_clip(amplitudes: Sequence[np.ndarray], stats: dict) -> tuple[float, dict]:
   """The 'match_training' clip level of in-memory amplitude sections (signed, zero
   amplitude at 0), as `segment` finds it for a file of them."""
-  rng = np.random.default_rng(0)
-  per_line = -(-_MATCH_SAMPLE // len(amplitudes))
-  pairs = [_draw_pairs(np.asarray(a), rng, per_line) for a in amplitudes]
-  return match_training_clip(*_live_pairs([p[0] for p in pairs], [p[1] for p in pairs]), stats)
+  return match_training_clip(*scan_input(in_memory_input(list(amplitudes))).pairs, stats)
 
 
 def choose_clip(
