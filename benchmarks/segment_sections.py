@@ -26,12 +26,14 @@ noise, smoother, sections drawn by a renderer independent of
 saltjax.synthetic (flat layers, a dome and a detached lens), and 8-bit
 pictures of the sections drawn darker, lighter and flatter than the training
 tiles (as PNGs are), and sections sampled twice as finely (in depth and
-along the line, or along the line only).  Every section is mapped by the
-default rule ('match_training', the workdir's gray_levels.json) and by the
-99th-percentile rule, the pictures also as they are ('as_is'), and the finer
-sections also resampled to the tiles' sampling (segment.scale_samples /
-scale_traces 0.5); the IoU of each mask with the true body is written to
-benchmarks/results/segment_sections_accuracy.json:
+along the line, in depth only, or along the line only) or 1.5 times as
+coarsely.  Every section is mapped by the default rule ('match_training',
+the workdir's gray_levels.json) and by the 99th-percentile rule, the
+pictures also as they are ('as_is'), all at the section's own sampling
+(scale 1 x 1); every section also as `segment` does by default, with the
+scale factors estimated (segment.scale_samples / scale_traces -1), and the
+resampled sections also at their true factors; the IoU of each mask with the
+true body is written to benchmarks/results/segment_sections_accuracy.json:
 
   JAX_PLATFORMS=cpu python benchmarks/segment_sections.py --accuracy --train --workdir=/tmp/acc
 """
@@ -271,13 +273,34 @@ def accuracy_cases(seeds):
   # Sampled twice as finely: every feature twice the size in pixels.
   for seed in seeds:
     a, m = synthetic.generate_section(seed, 256, 480)
-    for name, (fy, fx) in (("in depth and along the line", (2, 2)), ("along the line", (1, 2))):
+    for name, (fy, fx) in (
+        ("in depth and along the line", (2, 2)),
+        ("in depth", (2, 1)),
+        ("along the line", (1, 2)),
+    ):
       size = (480 * fx, 256 * fy)
       yield (
           f"synthetic {seed} sampled 2x finer {name}",
           cv2.resize(a, size, interpolation=cv2.INTER_CUBIC),
           cv2.resize(m, size, interpolation=cv2.INTER_NEAREST),
       )
+  # Sampled 1.5 times as coarsely: drawn 1.5x larger, then averaged down.
+  for seed in seeds:
+    a, m = synthetic.generate_section(seed, 384, 720)
+    yield (
+        f"synthetic {seed} sampled 1.5x coarser in depth and along the line",
+        cv2.resize(a, (480, 256), interpolation=cv2.INTER_AREA),
+        cv2.resize(m, (480, 256), interpolation=cv2.INTER_NEAREST),
+    )
+
+
+def true_scale(name: str) -> tuple[float, float] | None:
+  """(samples, traces) factors that bring a resampled case back to the tiles' sampling."""
+  if "finer" in name:
+    return (0.5 if "in depth" in name else 1.0, 0.5 if "along the line" in name else 1.0)
+  if "coarser" in name:
+    return (1.5, 1.5)
+  return None
 
 
 def _train_tests_model(workdir):
@@ -315,8 +338,9 @@ def accuracy(args) -> dict:
   stats, stats_note = sections.training_gray_levels(trained, workdir)
 
   def iou_of(section, truth, rule, scale=(1.0, 1.0)):
-    """The mask's IoU when `segment` maps the section by `rule` (clip choice
-    included) and segments it resampled by `scale` (samples, traces)."""
+    """(IoU, scale factors) of the mask `segment` makes when it maps the section by
+    `rule` (clip choice included) and resamples it by `scale` (samples, traces;
+    -1: chosen as `segment` chooses them)."""
     source = sections.in_memory_input(section)
     segment = types.SimpleNamespace(
         amplitude=rule,
@@ -326,10 +350,13 @@ def accuracy(args) -> dict:
         scale_traces=scale[1],
         stride=args.stride,
     )
-    _, report = sections.choose_clip(source, sections.scan_input(source, segment), segment, stats)
+    scan = sections.scan_input(source, segment)
+    segment = sections.with_scale(segment, sections.choose_scale(scan, segment, stats)[0])
+    _, report = sections.choose_clip(source, scan, segment, stats)
     gray = sections.model_gray(section, report)
     ((_, mask),) = sections.probabilities_and_masks([gray], ensemble, segment)
-    return round(sections.truth_scores(truth, mask)["iou"], 4)
+    factors = [segment.scale_samples, segment.scale_traces]
+    return round(sections.truth_scores(truth, mask)["iou"], 4), factors
 
   rules = {"match_training": "match_training", "percentile_99": "percentile", "as_is": "as_is"}
   rows = []
@@ -337,12 +364,14 @@ def accuracy(args) -> dict:
     row = {"section": name, "true_salt_fraction": round(float(truth.mean()), 3)}
     for key, rule in rules.items():
       if rule != "as_is" or section.dtype == np.uint8:
-        row[key] = iou_of(section, truth, rule)
-    if "finer" in name:
-      scale = (0.5 if "depth" in name else 1.0, 0.5)
-      row["match_training_resampled"] = iou_of(section, truth, "match_training", scale)
+        row[key] = iou_of(section, truth, rule)[0]
+    row["default"], row["estimated_scale"] = iou_of(section, truth, "match_training", (-1, -1))
+    if true_scale(name):
+      row["match_training_resampled"] = iou_of(section, truth, "match_training", true_scale(name))[
+          0
+      ]
     rows.append(row)
-    print(f"{name:56s} IoU " + "  ".join(f"{k} {v:.3f}" for k, v in list(row.items())[2:]))
+    print(f"{name:56s} IoU " + "  ".join(f"{k} {v}" for k, v in list(row.items())[2:]))
 
   def summary_of(subset):
     return {
@@ -352,15 +381,24 @@ def accuracy(args) -> dict:
             "sections_with_iou_at_least_0.7": sum(r[key] >= 0.7 for r in subset),
             "sections": len(subset),
         }
-        for key in (*rules, "match_training_resampled")
+        for key in (*rules, "default", "match_training_resampled")
         if all(key in r for r in subset)
     }
 
-  finer = [r for r in rows if "finer" in r["section"]]
+  resampled = [r for r in rows if true_scale(r["section"])]
   summary = {
-      "amplitudes": summary_of([r for r in rows if "as_is" not in r and r not in finer]),
+      "amplitudes": summary_of([r for r in rows if "as_is" not in r and r not in resampled]),
       "8-bit pictures": summary_of([r for r in rows if "as_is" in r]),
-      "sampled 2x finer": summary_of(finer),
+      **{
+          f"sampled {kind}": summary_of([r for r in resampled if r["section"].endswith(kind)])
+          for kind in (
+              "2x finer in depth and along the line",
+              "2x finer in depth",
+              "2x finer along the line",
+              "1.5x coarser in depth and along the line",
+          )
+      },
+      "every section": summary_of(rows),
   }
   result = {
       "benchmark": "amplitude rules' mask IoU (benchmarks/segment_sections.py --accuracy)",

@@ -23,10 +23,13 @@ def get_config():
           crosslines="",  # 3-D: crossline numbers instead of inlines (not both)
           stride=50,  # pixels between tile origins; 101-pixel tiles overlap by 101 - stride
           # Resample the section by these factors before tiling (0.5: half as many
-          # samples), so that its features have the size the model learned them at;
-          # the outputs are at the section's own size.
-          scale_samples=1.0,
-          scale_traces=1.0,
+          # samples, 1: as it is), so that its features have the size the model
+          # learned them at; the outputs are at the section's own size.
+          # scale_samples=-1: estimated from the section's vertical period against
+          # the training tiles' (left at 1 when it is within their range);
+          # scale_traces=-1: the factor scale_samples comes to.
+          scale_samples=-1.0,
+          scale_traces=-1.0,
           # Amplitude -> gray: 127.5 + 127.5 * clip(a / c, -1, 1), with the clip level c
           # chosen by this rule: 'match_training' fits c so that the section's gray
           # levels match the training images' (<workdir>/gray_levels.json);

@@ -10,6 +10,14 @@ Both statistics are taken about each tile's own median gray (its zero
 amplitude), leaving out blank (one-gray) tiles, so tiles whose gray levels
 were stretched or shifted per tile (as the competition's were) are measured
 by their contrast, not their offset.
+
+A model also learns the size of things in pixels.  The third statistic is
+the tiles' vertical period (`vertical_period`): the lag at which the
+autocorrelation down the traces first crosses zero, a quarter of the
+wavelet's period or so.  It depends neither on the amplitude scale nor on
+white noise (which only adds to lag 0), so a section whose period lies
+outside the tiles' range was sampled more finely or coarsely than the tiles,
+and `segment` resamples it (`sections.choose_scale`).
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import numpy as np
 
 from saltjax import workdir as workdir_lib
 
-VERSION = 1
+VERSION = 2  # 2: vertical_period added
 # Percentiles recorded for each distribution.
 PERCENTILES = (5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 99)
 # At most this many tiles (evenly strided) are measured.
@@ -47,6 +55,8 @@ def gray_level_stats(images: np.ndarray) -> dict:
   deviation = np.abs(tiles - median)
   contrast = np.abs(np.diff(tiles, axis=1))
   spread = tiles.reshape(len(tiles), -1).std(axis=1)
+  periods = np.array([vertical_period(tile) for tile in tiles])
+  periods = periods[np.isfinite(periods)]
   return {
       "version": VERSION,
       "images": int(len(tiles)),
@@ -54,13 +64,51 @@ def gray_level_stats(images: np.ndarray) -> dict:
       "deviation": _rounded(np.percentile(deviation, PERCENTILES)),
       "contrast": _rounded(np.percentile(contrast, PERCENTILES)),
       "tile_std": _rounded(np.percentile(spread, PERCENTILES)),
+      "vertical_period": _rounded(np.percentile(periods, PERCENTILES)) if len(periods) else None,
       "mean_gray": round(float(tiles.mean()), 3),
       "definitions": {
           "deviation": "|gray - the tile's median gray|, every pixel of every tile",
           "contrast": "|gray[i+1, j] - gray[i, j]|: steps between vertical neighbours",
           "tile_std": "the standard deviation of each tile's gray levels",
+          "vertical_period": "pixels: the first zero of each tile's autocorrelation down"
+          " its traces (gray_stats.vertical_period)",
       },
   }
+
+
+def vertical_autocorrelation(section: np.ndarray, max_traces: int = 20_000) -> np.ndarray:
+  """Autocorrelation down the traces of a (samples, traces) array, summed over traces.
+
+  Each trace's mean is taken out first (a picture's middle gray, a DC
+  offset); at most `max_traces` evenly strided traces are used.  Returns the
+  lags 0 .. samples - 1, unnormalised (lag 0 holds the total energy).
+  """
+  section = np.asarray(section)
+  step = max(1, section.shape[1] // max_traces)
+  traces = section[:, ::step].astype(np.float64)
+  traces -= traces.mean(axis=0, keepdims=True)
+  n = traces.shape[0]
+  spectrum = np.fft.rfft(traces, 2 * n, axis=0)  # zero-padded: no wrap-around
+  return np.fft.irfft(np.abs(spectrum) ** 2, 2 * n, axis=0)[:n].sum(axis=1)
+
+
+def first_zero(autocorrelation: np.ndarray) -> float:
+  """The first lag (linearly interpolated, in samples) where an autocorrelation
+  reaches 0; NaN when it has no energy or never gets there in the first half."""
+  ac = np.asarray(autocorrelation, np.float64)
+  half = ac[: max(2, len(ac) // 2)]
+  if not half[0] > 0:
+    return float("nan")
+  crossed = np.flatnonzero(half <= 0)
+  if not len(crossed):
+    return float("nan")
+  i = int(crossed[0])
+  return float(i - 1 + half[i - 1] / (half[i - 1] - half[i]))
+
+
+def vertical_period(section: np.ndarray) -> float:
+  """Pixels: the first zero of a (samples, traces) array's autocorrelation down its traces."""
+  return first_zero(vertical_autocorrelation(section))
 
 
 def _rounded(values) -> list[float]:
@@ -100,6 +148,8 @@ def read(workdir: pathlib.Path) -> dict | None:
         list(stats["percentiles"]) == list(PERCENTILES)
         and len(stats["deviation"]) == len(PERCENTILES)
         and len(stats["contrast"]) == len(PERCENTILES)
+        # Added later: an older file without it is measured again from the training data.
+        and "vertical_period" in stats
     )
   except (OSError, ValueError, KeyError, TypeError):
     ok = False

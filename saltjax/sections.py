@@ -22,8 +22,11 @@ would use it:
    neither of which need be the training tiles': their amplitude is a =
    value - (their median value), mapped by the same rules; 'as_is' gives an
    8-bit picture to the model unchanged.
-3. Resample the gray section by `scale_samples` x `scale_traces` (1 x 1 by
-   default), so that its features are the size the model learned them at,
+3. Resample the gray section by `scale_samples` x `scale_traces`, so that its
+   features are the size the model learned them at (`choose_scale`): by
+   default (-1) the factor down the traces is estimated from the section's
+   vertical period against the training tiles' (a section sampled twice as
+   finely has twice the period), and the factor along the line follows it;
    cut overlapping 101x101 tiles (`stride` apart; the last tile of a row or
    column is aligned with the section's edge), predict every tile with the
    fold x snapshot ensemble and TTA (as `configs/predict.py` does), and
@@ -44,6 +47,7 @@ would use it:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -74,6 +78,15 @@ AMPLITUDE_RULES = ("match_training", "percentile", "value", "as_is")
 DEFAULT_CLIP_PERCENTILE = 99.0
 # segment.scale_samples / scale_traces: the resampling factors allowed.
 MAX_SCALE = 8.0
+# segment.scale_samples=-1: a section whose vertical period lies within the
+# training tiles' percentiles 20-80 is left at its sampling (the model has
+# seen many such tiles); outside, it is resampled so that its period lands on
+# the nearer of the two.  The factor is continuous in the period: two
+# renderings of one section measured a hair apart get almost the same factor.
+_SCALE_RANGE = (20, 80)
+# An estimated factor beyond this (either way) is not trusted: a period so far
+# from the tiles' is a trend or a picture that is not a comparable section.
+_MAX_ESTIMATED_SCALE = 4.0
 # The percentiles of |gray - middle gray| that a section is fitted to: the upper
 # half, set by the layered sediments (the lower half is mostly the weak inside
 # of salt, whose share varies from section to section, and noise), below the
@@ -85,6 +98,8 @@ MATCH_PERCENTILES = (50, 60, 70, 80, 90)
 _OUTLIER_RATIO = 20.0
 # Vertical pairs of samples (drawn with a fixed seed) that the fit measures.
 _MATCH_SAMPLE = 100_000
+# At most this many traces (evenly strided over every line) measure the vertical period.
+_PERIOD_TRACES = 20_000
 # Candidate gains around the first estimate: 2**-3 to 2**3 in steps of 7%,
 # then around the best of those in steps of 0.35%.
 _MATCH_COARSE = 2.0 ** np.linspace(-3.0, 3.0, 61)
@@ -271,6 +286,8 @@ def segment_sections(
 
 def model_shape(shape: tuple[int, int], segment) -> tuple[int, int]:
   """(samples, traces) of a section once resampled by segment.scale_samples / scale_traces."""
+  if not (segment.scale_samples > 0 and segment.scale_traces > 0):
+    raise ValueError("the scale factors are not chosen yet: see sections.choose_scale")
   return (
       max(1, round(shape[0] * segment.scale_samples)),
       max(1, round(shape[1] * segment.scale_traces)),
@@ -363,11 +380,15 @@ def check_config(config) -> None:
       "use " + ", ".join(repr(r) for r in AMPLITUDE_RULES),
   )
   need(0 < s.clip_percentile <= 100, "clip_percentile", "must be in (0, 100]")
-  for key in ("scale_samples", "scale_traces"):
+  for key, auto in (
+      ("scale_samples", "estimated from the section"),
+      ("scale_traces", "the factor scale_samples comes to"),
+  ):
     need(
-        isinstance(s[key], (int, float)) and 0 < s[key] <= MAX_SCALE,
+        isinstance(s[key], (int, float)) and (0 < s[key] <= MAX_SCALE or s[key] == -1),
         key,
-        f"must be a factor in (0, {MAX_SCALE:g}] (1: the section's own sampling)",
+        f"must be a factor in (0, {MAX_SCALE:g}] (1: the section's own sampling), or -1"
+        f" ({auto})",
     )
   need(s.clip_value >= 0, "clip_value", "must be >= 0")
   need(
@@ -572,21 +593,30 @@ def _open_png(path: pathlib.Path, direction: str, numbers) -> SectionInput:
   )
 
 
-def _check_section(
-    source: SectionInput, section: Section, values: np.ndarray, scaled: tuple[int, int]
-) -> None:
+def check_size(source: SectionInput, shape: tuple[int, int], segment) -> None:
+  """A section (every line is `shape`) must hold a tile once resampled by segment's factors."""
+  scaled = model_shape(shape, segment)
+  if min(scaled) >= TILE:
+    return
+  resampled = (
+      ""
+      if scaled == tuple(shape)
+      else f", {scaled[0]} x {scaled[1]} once resampled by config.segment.scale_samples"
+      f" and scale_traces ({segment.scale_samples:g} x {segment.scale_traces:g})"
+  )
+  lines = "" if len(source.sections) == 1 else " (every line)"
+  raise DataError(
+      f"{source.path}: the section{lines} is {shape[0]} samples x {shape[1]}"
+      f" traces{resampled}; it must be at least {TILE} x {TILE} (one tile) to be segmented"
+  )
+
+
+def _check_section(source: SectionInput, section: Section, values: np.ndarray) -> None:
   where = f"{source.path}" + ("" if section.name == "line" else f" ({section.name})")
-  rows, cols = values.shape
-  if min(scaled) < TILE:
-    resampled = (
-        ""
-        if scaled == values.shape
-        else f", {scaled[0]} x {scaled[1]} once resampled by config.segment.scale_samples"
-        " and scale_traces"
-    )
+  if min(values.shape) < 2:
     raise DataError(
-        f"{where}: the section is {rows} samples x {cols} traces{resampled}; it must be at"
-        f" least {TILE} x {TILE} (one tile) to be segmented"
+        f"{where}: the section is {values.shape[0]} samples x {values.shape[1]} traces;"
+        f" it must be at least {TILE} x {TILE} (one tile) to be segmented"
     )
   bad = ~np.isfinite(values)
   if bad.any():
@@ -607,23 +637,26 @@ class Scan:
   # The input value of zero amplitude: 0, or a picture's median value.
   zero: float = 0.0
   picture: bool = False  # a picture of amplitudes (SectionInput.is_picture, or never negative)
+  # Every line's autocorrelation down the traces, summed (gray_stats.vertical_autocorrelation).
+  autocorrelation: np.ndarray | None = None
 
 
 def scan_input(source: SectionInput, segment=None) -> Scan:
-  """Checks every section (size, finite samples) and samples its amplitudes.
+  """Checks every section (finite samples, one shape) and samples its amplitudes.
 
   Everything is read once here, before anything is written, so bad input
-  fails without leaving outputs behind.  segment: config.segment, whose
-  scale factors set the size the section must have (None: its own).
+  fails without leaving outputs behind.  segment: config.segment; when its
+  scale factors are given (not -1), the section must hold a tile once
+  resampled by them (with -1, `check_size` once `choose_scale` has chosen).
   """
   samples, values, below, shape = [], [], [], None
   rng = np.random.default_rng(0)
   per_line = -(-_MATCH_SAMPLE // len(source.sections))
+  autocorrelation = 0.0
+  max_traces = max(1, _PERIOD_TRACES // len(source.sections))
   for section in source.sections:
     data = section.read()
-    _check_section(
-        source, section, data, model_shape(data.shape, segment) if segment else data.shape
-    )
+    _check_section(source, section, data)
     shape = shape or data.shape
     if data.shape != shape:
       raise DataError(
@@ -635,18 +668,21 @@ def scan_input(source: SectionInput, segment=None) -> Scan:
     pair = _draw_pairs(data, rng, per_line)
     values.append(pair[0])
     below.append(pair[1])
+    autocorrelation = autocorrelation + gray_stats.vertical_autocorrelation(data, max_traces)
+  if segment is not None and segment.scale_samples > 0 and segment.scale_traces > 0:
+    check_size(source, shape, segment)
   samples = np.concatenate(samples)
   # Seismic amplitudes have both signs: values that are never negative are a
   # picture of them, whatever their type (a PNG read into floats in [0, 1]).
   if not (source.is_picture or (samples.min() >= 0 and samples.max() > 0)):
-    return Scan(shape, np.abs(samples), _live_pairs(values, below))
+    return Scan(shape, np.abs(samples), _live_pairs(values, below), autocorrelation=autocorrelation)
   # A picture is drawn around its zero amplitude, at whatever level its maker
   # chose: the median value (seismic amplitudes are symmetric about 0, and
   # salt's weak inside sits at 0 too).  Every sample is live: a value equal
   # to the median is a zero amplitude, not a dead trace.
   zero = float(np.median(samples))
   pairs = (np.concatenate(values) - zero, np.concatenate(below) - zero)
-  return Scan(shape, np.abs(samples - zero), pairs, zero, picture=True)
+  return Scan(shape, np.abs(samples - zero), pairs, zero, True, autocorrelation)
 
 
 def _draw_pairs(data: np.ndarray, rng: np.random.Generator, count: int) -> tuple:
@@ -729,6 +765,83 @@ def choose_clip(
   return clip, report
 
 
+def choose_scale(
+    scan: Scan, segment, stats: dict | None, stats_note: str = ""
+) -> tuple[tuple[float, float], dict]:
+  """((scale_samples, scale_traces), the scale report for <stem>_segment.json).
+
+  A factor of -1 is chosen here: scale_samples from the section's vertical
+  period (gray_stats.vertical_period of every line together) against the
+  training tiles' (stats["vertical_period"]): left at 1 within their
+  percentiles 20-80, else the period is brought to the nearer of the two;
+  scale_traces=-1 takes the factor scale_samples comes
+  to (the section's aspect taken to be the tiles').  Without the tiles'
+  periods, or a period of the section's, or when the factor would be beyond
+  1/4-4, -1 falls back to 1 with a warning.
+  """
+  period = (
+      gray_stats.first_zero(scan.autocorrelation)
+      if scan.autocorrelation is not None
+      else float("nan")
+  )
+  report = {"vertical_period": {"section": None if np.isnan(period) else round(period, 3)}}
+  samples = float(segment.scale_samples)
+  if samples == -1:
+    tiles = (stats or {}).get("vertical_period")
+    if not tiles:
+      why = f"{stats_note}; " if stats is None else "the training images have no vertical period; "
+    elif np.isnan(period):
+      why = "the section's autocorrelation down the traces has no zero (no oscillation); "
+    else:
+      why = ""
+      at = dict(zip(gray_stats.PERCENTILES, tiles))
+      target = [at[q] for q in _SCALE_RANGE]
+      inside = target[0] <= period <= target[1]
+      estimate = float(np.clip(period, *target)) / period
+      if not 1 / _MAX_ESTIMATED_SCALE <= estimate <= _MAX_ESTIMATED_SCALE:
+        why = (
+            f"the section's vertical period, {period:.3g} pixels, is too far from the training"
+            f" tiles' ({target[0]:.3g}-{target[1]:.3g}) to be a section sampled differently"
+            f" (it would be resampled by {estimate:.3g}); "
+        )
+    if why:
+      samples = 1.0
+      report["fallback"] = (
+          f"{why}left the section at its own sampling (scale_samples 1; give"
+          " config.segment.scale_samples and scale_traces if it was sampled otherwise)"
+      )
+      logging.warning("segment.scale_samples=-1: %s", report["fallback"])
+    else:
+      samples = round(estimate, 3)
+      report["vertical_period"].update(
+          training_percentiles_20_80=target,
+          training_gray_levels=stats_note,
+      )
+      report["rule"] = (
+          "estimated: the section's vertical period is within the training tiles'"
+          " percentiles 20-80, so it is left at its own sampling"
+          if inside
+          else f"estimated: resampled so that its vertical period ({period:.2f} pixels) becomes"
+          f" {period * samples:.2f}, the training tiles' percentile"
+          f" {_SCALE_RANGE[period > target[1]]}"
+      )
+  traces = samples if segment.scale_traces == -1 else float(segment.scale_traces)
+  report.setdefault("rule", "given (config.segment.scale_samples)")
+  report["traces_rule"] = (
+      "the factor scale_samples came to (config.segment.scale_traces=-1)"
+      if segment.scale_traces == -1
+      else "given (config.segment.scale_traces)"
+  )
+  return (samples, traces), report
+
+
+def with_scale(segment, factors: tuple[float, float]):
+  """A copy of config.segment with the scale factors `choose_scale` chose."""
+  segment = copy.deepcopy(segment)
+  segment.scale_samples, segment.scale_traces = factors
+  return segment
+
+
 def model_gray(values: np.ndarray, amplitude: dict) -> np.ndarray:
   """A section's gray levels as the model is given them, under `choose_clip`'s report."""
   if amplitude["rule"] == "as_is":
@@ -756,7 +869,7 @@ def training_gray_levels(config, workdir: pathlib.Path) -> tuple[dict | None, st
     return None, f"{path} is missing and the training data could not be read ({e})"
   if not len(images):
     return None, f"{path} is missing and {data_dir} holds no training images"
-  note = f"computed from the training images in {data_dir} ({path} was missing)"
+  note = f"computed from the training images in {data_dir} ({path} was missing or older)"
   logging.info("Training gray levels: %s", note)
   try:
     stats = gray_stats.write(workdir, images, source=f"{data_dir} (at segment time)")
@@ -1068,31 +1181,36 @@ def segment_input(config, workdir: pathlib.Path, ensemble: Ensemble | None = Non
   )
   try:
     scan = scan_input(source, s)
-    truth = read_truth(s.truth, source, scan.shape) if s.truth else None
     stats, note = (None, "")
-    if s.amplitude == "match_training":
+    if s.amplitude == "match_training" or -1 in (s.scale_samples, s.scale_traces):
       stats, note = training_gray_levels(config, workdir)
+    factors, scale = choose_scale(scan, s, stats, note)
+    s = with_scale(s, factors)
+    check_size(source, scan.shape, s)
+    truth = read_truth(s.truth, source, scan.shape) if s.truth else None
     clip, amplitude = choose_clip(source, scan, s, stats, note)
     ensemble = ensemble or load_ensemble(config, workdir)
     return _segment_and_write(
-        config, workdir, source, clip, amplitude, scan.shape, ensemble, started, truth
+        s, workdir, source, clip, amplitude, scale, scan.shape, ensemble, started, truth
     )
   finally:
     source.close()
 
 
 def _segment_and_write(
-    config,
+    s,
     workdir,
     source: SectionInput,
     clip: float,
     amplitude: dict,
+    scale: dict,
     shape: tuple[int, int],
     ensemble: Ensemble,
     started: float,
     truth: np.ndarray | None = None,
 ) -> dict:
-  s = config.segment
+  """Segments every line of `source` and writes the outputs; s: config.segment with
+  the scale factors chosen."""
   stem = source.path.stem
   names = output_names(stem)
   out_dir = workdir / SECTIONS_DIR
@@ -1156,6 +1274,7 @@ def _segment_and_write(
             "samples": s.scale_samples,
             "traces": s.scale_traces,
             "model_shape": list(resampled),
+            **scale,
         },
         "threshold": ensemble.threshold,
         "min_area": ensemble.min_area,
@@ -1329,9 +1448,12 @@ def _figure_main(argv: Sequence[str] | None = None) -> None:
   amplitude, truth = synthetic.generate_section(args.seed, args.rows, args.cols)
   amplitude = boost_salt_top(amplitude, truth, args.salt_top)
 
+  scan = scan_input(in_memory_input(amplitude))
+  resolved = with_scale(config.segment, choose_scale(scan, config.segment, stats)[0])
+
   def segment(clip):
     gray = amplitude_to_gray(amplitude, clip)
-    ((prob, mask),) = probabilities_and_masks([gray], ensemble, config.segment)
+    ((prob, mask),) = probabilities_and_masks([gray], ensemble, resolved)
     return gray, prob, mask, truth_scores(truth, mask)["iou"]
 
   gray, prob, mask, iou = segment(matched_clip([amplitude], stats)[0])

@@ -315,6 +315,99 @@ def test_a_picture_is_mapped_as_the_amplitudes_it_shows():
       sections.choose_clip(source, sections.scan_input(source), segment, stats)
 
 
+def _ricker_section(rng, frequency, samples=256, traces=300):
+  """Sparse Laplace reflectivity (white) convolved down the traces with a Ricker
+  wavelet of peak `frequency` cycles/sample: drawn here, not by saltjax.synthetic."""
+  spikes = rng.laplace(size=(samples, traces)) * (rng.random((samples, traces)) < 0.3)
+  t = np.arange(-60, 61)
+  a = (np.pi * frequency * t) ** 2
+  wavelet = ((1 - 2 * a) * np.exp(-a)).astype(np.float32)
+  return cv2.filter2D(spikes.astype(np.float32), -1, wavelet[:, None])
+
+
+def test_vertical_period_is_the_first_zero_of_the_wavelets_autocorrelation():
+  from saltjax import gray_stats
+
+  # White reflectivity: the traces' autocorrelation is the wavelet's.  A
+  # Ricker wavelet's power spectrum is f^4 exp(-2 f^2 / fp^2), whose Fourier
+  # transform is He4(x) exp(-x^2 / 2) with x = pi fp tau: its first zero is at
+  # x^2 = 3 - sqrt(6), tau = sqrt(3 - sqrt(6)) / (pi fp) = 0.2362 / fp samples.
+  # (Above 0.1 cycles/sample the zero falls between lags 1 and 2, and linear
+  # interpolation between them is off by a few %: the tiles' periods are
+  # measured the same way, so the comparison stays fair.)
+  rng = np.random.default_rng(0)
+  for fp in (0.025, 0.05, 0.1):
+    section = _ricker_section(rng, fp)
+    want = np.sqrt(3 - np.sqrt(6)) / (np.pi * fp)
+    assert gray_stats.vertical_period(section) == pytest.approx(want, rel=0.04), fp
+    # Neither the amplitude scale, an offset nor white noise moves it (the
+    # noise adds to lag 0 only).
+    noisy = 1e3 * section + 7.0 + 0.5 * section.std() * rng.standard_normal(section.shape)
+    assert gray_stats.vertical_period(noisy) == pytest.approx(want, rel=0.04), fp
+  # A cosine of period 12 down every trace: its autocorrelation is a cosine too,
+  # with its first zero a quarter period down.
+  phase = rng.uniform(0, 2 * np.pi, 200)
+  cosine = np.cos(2 * np.pi * np.arange(400)[:, None] / 12 + phase)
+  assert gray_stats.vertical_period(cosine) == pytest.approx(3.0, abs=0.05)
+  assert np.isnan(gray_stats.vertical_period(np.full((50, 20), 3.0)))  # no energy
+
+
+def _period_stats():
+  """Training statistics whose tiles' vertical periods have percentiles 20 and 80
+  at 2.2 and 2.8 pixels."""
+  from saltjax import gray_stats
+
+  periods = dict(zip((5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 99), np.linspace(1.8, 3.3, 12)))
+  periods.update({10: 2.0, 20: 2.2, 80: 2.8, 90: 3.0})
+  return {"vertical_period": [periods[q] for q in gray_stats.PERCENTILES]}
+
+
+def test_choose_scale_brings_a_finer_or_coarser_section_into_the_tiles_range():
+  import types
+
+  stats = _period_stats()
+  auto = types.SimpleNamespace(scale_samples=-1, scale_traces=-1)
+  rng = np.random.default_rng(1)
+
+  def choose(section, segment=auto, stats=stats):
+    scan = sections.scan_input(sections.in_memory_input(section))
+    return sections.choose_scale(scan, segment, stats, "test stats")
+
+  # Period 0.2362 / 0.1 = 2.36 pixels: within percentiles 20-80, left alone.
+  usual = _ricker_section(rng, 0.1)
+  (samples, traces), report = choose(usual)
+  assert (samples, traces) == (1.0, 1.0)
+  assert report["vertical_period"]["section"] == pytest.approx(2.362, rel=0.04)
+  # Twice as finely sampled (period 4.72): brought to percentile 80, 2.8 pixels;
+  # the traces follow.  1.5 times as coarsely (1.57): up to percentile 20, 2.2.
+  for fp, edge in ((0.05, 2.8), (0.15, 2.2)):
+    section = _ricker_section(rng, fp)
+    (samples, traces), report = choose(section)
+    period = report["vertical_period"]["section"]
+    assert samples == traces == pytest.approx(edge / period, abs=1e-3), fp
+    assert samples == pytest.approx(edge * fp / 0.2362, rel=0.05), fp
+  # Continuous at the range's edge: periods 2.19 and 2.21 (autocorrelations
+  # falling linearly to 0 there) are resampled by 2.2 / 2.19 and left alone.
+  for period, want in ((2.19, 2.2 / 2.19), (2.21, 1.0)):
+    falling = 1.0 - np.arange(50) / period
+    scan = sections.Scan((50, 50), np.ones(1), (np.ones(1), np.ones(1)), autocorrelation=falling)
+    assert sections.choose_scale(scan, auto, stats)[0][0] == pytest.approx(want, abs=1e-3)
+  # Given factors are kept; scale_traces may follow a given scale_samples.
+  given = types.SimpleNamespace(scale_samples=0.5, scale_traces=-1)
+  assert choose(section, given)[0] == (0.5, 0.5)
+  given = types.SimpleNamespace(scale_samples=-1, scale_traces=1.0)
+  assert choose(usual, given)[0] == (1.0, 1.0)
+  # Without the tiles' periods, or a period of the section's: 1, saying why.
+  (samples, traces), report = choose(section, stats=None)
+  assert (samples, traces) == (1.0, 1.0) and "test stats" in report["fallback"]
+  (samples, _), report = choose(np.ones((150, 120), np.float32))
+  assert samples == 1.0 and "has no zero" in report["fallback"]
+  # A trend, not a section sampled otherwise: a period of ~45 pixels would
+  # mean resampling by 1/20.
+  (samples, _), report = choose(np.tile(np.linspace(-1, 1, 150)[:, None], (1, 120)))
+  assert samples == 1.0 and "too far from the training tiles'" in report["fallback"]
+
+
 def test_truth_scores_agree_with_a_hand_computation():
   # A 101 x 202 section is two tiles side by side.  Left: true salt in rows
   # 0-49 (5050 px), predicted in rows 0-39 (4040 px): IoU 0.8, which passes
@@ -475,7 +568,9 @@ def test_older_workdir_gets_gray_levels_from_its_training_data_or_falls_back(
   workdir = tmp_path / "old"
   shutil.copytree(trained, workdir, ignore=shutil.ignore_patterns("sections", ".lock"))
   recorded = json.loads((workdir / "gray_levels.json").read_text())
-  (workdir / "gray_levels.json").unlink()
+  # A workdir of an earlier version recorded no vertical period: measured again.
+  older = {k: v for k, v in recorded.items() if k != "vertical_period"}
+  (workdir / "gray_levels.json").write_text(json.dumps(older))
   amplitude, _ = synthetic.generate_section(12, 150, 200)
   np.save(tmp_path / "old.npy", amplitude)
   assert _run(_segment_config(compile_cache, tmp_path / "old.npy"), workdir) == 0
@@ -484,6 +579,8 @@ def test_older_workdir_gets_gray_levels_from_its_training_data_or_falls_back(
   assert "computed from the training images" in summary["amplitude"]["training_gray_levels"]
   again = json.loads((workdir / "gray_levels.json").read_text())
   assert again["deviation"] == recorded["deviation"]
+  assert again["vertical_period"] == recorded["vertical_period"]
+  assert summary["scale"]["vertical_period"]["training_gray_levels"].startswith("computed from")
 
   # Training data that cannot be read: the percentile rule, with a warning.
   (workdir / "gray_levels.json").unlink()
@@ -500,6 +597,9 @@ def test_older_workdir_gets_gray_levels_from_its_training_data_or_falls_back(
   assert "gray_levels.json is missing" in summary["amplitude"]["fallback"]
   assert summary["clip_level"] == pytest.approx(sections.clip_level(amplitude, 99), rel=1e-6)
   assert any("99th percentile" in r.getMessage() for r in caplog.records)
+  assert summary["scale"]["samples"] == summary["scale"]["traces"] == 1.0
+  assert "gray_levels.json is missing" in summary["scale"]["fallback"]
+  assert any("scale_samples=-1" in r.getMessage() for r in caplog.records)
 
 
 def _jumps(prob, axis):
@@ -626,9 +726,16 @@ def test_npy_and_png_inputs_of_any_size(trained, tmp_path, compile_cache):
   assert _run(_segment_config(compile_cache, tmp_path / "deep.png"), trained) == 0
   assert (np.load(trained / "sections" / "deep_mask.npy") != mask).mean() < 0.01
   # 'as_is' gives the model the PNG's gray levels unchanged: those of the
-  # amplitudes' own mapping give their mask exactly.
+  # amplitudes' own mapping, resampled by the same factors, give their mask exactly.
   cv2.imwrite(str(tmp_path / "pic.png"), sections.amplitude_to_gray(amplitude, clip))
-  config = _segment_config(compile_cache, tmp_path / "pic.png", amplitude="as_is")
+  scale = json.loads((trained / "sections" / "arr_segment.json").read_text())["scale"]
+  config = _segment_config(
+      compile_cache,
+      tmp_path / "pic.png",
+      amplitude="as_is",
+      scale_samples=scale["samples"],
+      scale_traces=scale["traces"],
+  )
   assert _run(config, trained) == 0
   np.testing.assert_array_equal(np.load(trained / "sections" / "pic_mask.npy"), mask)
 
@@ -689,15 +796,33 @@ def test_scale_segments_a_finer_section_at_the_models_sampling(
 ):
   """A section sampled twice as finely in depth and along the line (its layers,
   salt edges and noise twice the size in pixels) is resampled to the tiles'
-  sampling, segmented there, and its outputs brought back to its own size."""
+  sampling, segmented there, and its outputs brought back to its own size:
+  by default with factors estimated from its vertical period, or by the
+  factors given."""
   amplitude, truth = synthetic.generate_section(11, ROWS, COLS)
   np.save(tmp_path / "coarse.npy", amplitude)
   assert _run(_segment_config(compile_cache, tmp_path / "coarse.npy"), trained) == 0
   coarse = np.load(trained / "sections" / "coarse_mask.npy")
+  summary = json.loads((trained / "sections" / "coarse_segment.json").read_text())
+  assert summary["scale"]["samples"] == summary["scale"]["traces"] == 1.0  # the tiles' sampling
   fine_size = (2 * COLS, 2 * ROWS)
   np.save(tmp_path / "fine.npy", cv2.resize(amplitude, fine_size, interpolation=cv2.INTER_CUBIC))
   fine_truth = cv2.resize(truth, fine_size, interpolation=cv2.INTER_NEAREST)
   np.save(tmp_path / "fine_truth.npy", fine_truth)
+  config = _segment_config(
+      compile_cache, tmp_path / "fine.npy", truth=str(tmp_path / "fine_truth.npy")
+  )
+  assert _run(config, trained) == 0
+  summary = json.loads((trained / "sections" / "fine_segment.json").read_text())
+  scale = summary["scale"]
+  # Twice the period, brought back inside the tiles' range: about halved.
+  period = scale["vertical_period"]
+  assert period["section"] == pytest.approx(2 * _summary_period(trained, "coarse"), rel=0.05)
+  assert 0.45 <= scale["samples"] == scale["traces"] <= 0.8
+  assert period["section"] * scale["samples"] == pytest.approx(
+      period["training_percentiles_20_80"][1], rel=0.005
+  )
+  assert summary["truth"]["overall"]["iou"] >= 0.7
   config = _segment_config(
       compile_cache,
       tmp_path / "fine.npy",
@@ -712,13 +837,23 @@ def test_scale_segments_a_finer_section_at_the_models_sampling(
   assert (fine != cv2.resize(coarse, fine_size, interpolation=cv2.INTER_NEAREST)).mean() < 0.02
   assert _iou(fine, fine_truth) >= 0.7
   summary = json.loads((trained / "sections" / "fine_segment.json").read_text())
-  assert summary["scale"] == {"samples": 0.5, "traces": 0.5, "model_shape": [ROWS, COLS]}
+  assert summary["scale"]["samples"] == summary["scale"]["traces"] == 0.5
+  assert summary["scale"]["model_shape"] == [ROWS, COLS]
+  assert summary["scale"]["rule"].startswith("given")
   assert summary["min_area_section_pixels"] == round(4 * summary["min_area"])
   # A section too small once resampled is refused, naming the factors.
   np.save(tmp_path / "small.npy", amplitude[:150, :150])
-  config = _segment_config(compile_cache, tmp_path / "small.npy", scale_samples=0.5)
+  config = _segment_config(
+      compile_cache, tmp_path / "small.npy", scale_samples=0.5, scale_traces=1.0
+  )
   assert _run(config, trained) == 1
   assert "75 x 150 once resampled by config.segment.scale_samples" in capsys.readouterr().err
+
+
+def _summary_period(workdir, stem):
+  """The section's vertical period that <stem>_segment.json records."""
+  summary = json.loads((workdir / "sections" / f"{stem}_segment.json").read_text())
+  return summary["scale"]["vertical_period"]["section"]
 
 
 def test_empty_or_untrained_workdir_is_refused(trained, tmp_path, compile_cache, capsys):
