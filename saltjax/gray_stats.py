@@ -36,6 +36,8 @@ VERSION = 2  # 2: vertical_period added
 PERCENTILES = (5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 99)
 # At most this many tiles (evenly strided) are measured.
 _MAX_TILES = 4000
+# Traces transformed together by vertical_autocorrelation.
+_TRACES_AT_ONCE = 256
 
 
 def gray_level_stats(images: np.ndarray) -> dict:
@@ -76,20 +78,24 @@ def gray_level_stats(images: np.ndarray) -> dict:
   }
 
 
-def vertical_autocorrelation(section: np.ndarray, max_traces: int = 20_000) -> np.ndarray:
+def vertical_autocorrelation(section: np.ndarray, max_traces: int = 2000) -> np.ndarray:
   """Autocorrelation down the traces of a (samples, traces) array, summed over traces.
 
   Each trace's mean is taken out first (a picture's middle gray, a DC
-  offset); at most `max_traces` evenly strided traces are used.  Returns the
-  lags 0 .. samples - 1, unnormalised (lag 0 holds the total energy).
+  offset); at most `max_traces` evenly strided traces are used, a few hundred
+  at a time (memory stays bounded for long traces).  Returns the lags
+  0 .. samples - 1, unnormalised (lag 0 holds the total energy).
   """
   section = np.asarray(section)
-  step = max(1, section.shape[1] // max_traces)
-  traces = section[:, ::step].astype(np.float64)
-  traces -= traces.mean(axis=0, keepdims=True)
-  n = traces.shape[0]
-  spectrum = np.fft.rfft(traces, 2 * n, axis=0)  # zero-padded: no wrap-around
-  return np.fft.irfft(np.abs(spectrum) ** 2, 2 * n, axis=0)[:n].sum(axis=1)
+  step = -(-section.shape[1] // max(1, max_traces))
+  n = section.shape[0]
+  total = np.zeros(n)
+  for start in range(0, section.shape[1], step * _TRACES_AT_ONCE):
+    traces = section[:, start : start + step * _TRACES_AT_ONCE : step].astype(np.float64)
+    traces -= traces.mean(axis=0, keepdims=True)
+    spectrum = np.fft.rfft(traces, 2 * n, axis=0)  # zero-padded: no wrap-around
+    total += np.fft.irfft(np.abs(spectrum) ** 2, 2 * n, axis=0)[:n].sum(axis=1)
+  return total
 
 
 def first_zero(autocorrelation: np.ndarray) -> float:

@@ -99,7 +99,7 @@ _OUTLIER_RATIO = 20.0
 # Vertical pairs of samples (drawn with a fixed seed) that the fit measures.
 _MATCH_SAMPLE = 100_000
 # At most this many traces (evenly strided over every line) measure the vertical period.
-_PERIOD_TRACES = 20_000
+_PERIOD_TRACES = 2000
 # Candidate gains around the first estimate: 2**-3 to 2**3 in steps of 7%,
 # then around the best of those in steps of 0.35%.
 _MATCH_COARSE = 2.0 ** np.linspace(-3.0, 3.0, 61)
