@@ -826,6 +826,15 @@ def choose_scale(
           f" {_SCALE_RANGE[period > target[1]]}"
       )
   traces = samples if segment.scale_traces == -1 else float(segment.scale_traces)
+  if "training_percentiles_20_80" in report["vertical_period"]:
+    logging.info(
+        "Vertical period %.2f pixels, the training tiles' %.2f-%.2f (percentiles 20-80):"
+        " resampled by %g (samples) x %g (traces)",
+        period,
+        *report["vertical_period"]["training_percentiles_20_80"],
+        samples,
+        traces,
+    )
   report.setdefault("rule", "given (config.segment.scale_samples)")
   report["traces_rule"] = (
       "the factor scale_samples came to (config.segment.scale_traces=-1)"
