@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime
 import logging
 import pathlib
+import warnings
 
 import jax
 import numpy as np
@@ -36,8 +37,19 @@ VERSION = 2  # 2: vertical_period added
 PERCENTILES = (5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 99)
 # At most this many tiles (evenly strided) are measured.
 _MAX_TILES = 4000
+_MAX_PERIOD_TILES = 1000
 # Traces transformed together by vertical_autocorrelation.
 _TRACES_AT_ONCE = 256
+# Samples in a run of at least this many equal values down a trace are not
+# data (a muted zone, a flat band drawn along a picture's edge): the vertical
+# period leaves them out.  A band of 3 black rows on an 8-bit picture moves the
+# period by 30 % if kept; leaving out runs of 3 moves the period of a picture
+# drawn at 8 grays per unit (many equal neighbours) by 1 % and of the tiles
+# by less than 0.1 %.
+FLAT_RUN = 3
+# vertical_autocorrelation clips samples at this many times the median |sample|
+# (|a| of seismic is about exponential: 4.6x its median is its 99th percentile).
+_CLIP_RATIO = 6.0
 
 
 def gray_level_stats(images: np.ndarray) -> dict:
@@ -57,7 +69,11 @@ def gray_level_stats(images: np.ndarray) -> dict:
   deviation = np.abs(tiles - median)
   contrast = np.abs(np.diff(tiles, axis=1))
   spread = tiles.reshape(len(tiles), -1).std(axis=1)
-  periods = np.array([vertical_period(tile) for tile in tiles])
+  # The periods of at most _MAX_PERIOD_TILES tiles (about 2 ms each): their
+  # percentiles are as good, and training starts sooner.
+  periods = np.array(
+      [vertical_period(tile) for tile in tiles[:: -(-len(tiles) // _MAX_PERIOD_TILES)]]
+  )
   periods = periods[np.isfinite(periods)]
   return {
       "version": VERSION,
@@ -81,9 +97,14 @@ def gray_level_stats(images: np.ndarray) -> dict:
 def vertical_autocorrelation(section: np.ndarray, max_traces: int = 2000) -> np.ndarray:
   """Autocorrelation down the traces of a (samples, traces) array, summed over traces.
 
-  Each trace's mean is taken out first (a picture's middle gray, a DC
-  offset); at most `max_traces` evenly strided traces are used, a few hundred
-  at a time (memory stays bounded for long traces).  Returns the lags
+  Runs of FLAT_RUN or more identical samples down a trace (a muted zone, a
+  band of one gray drawn above or below a picture) are left out: such a
+  block's step to the data would otherwise add a long, slow lobe.  The rest
+  is clipped at _CLIP_RATIO x its median |sample| about each trace's median
+  (a spike or one very strong reflector would otherwise set the result
+  alone), and each trace's mean is taken out (a picture's middle gray, a DC
+  offset).  At most `max_traces` evenly strided traces are used, a few
+  hundred at a time (memory stays bounded for long traces).  Returns the lags
   0 .. samples - 1, unnormalised (lag 0 holds the total energy).
   """
   section = np.asarray(section)
@@ -92,10 +113,42 @@ def vertical_autocorrelation(section: np.ndarray, max_traces: int = 2000) -> np.
   total = np.zeros(n)
   for start in range(0, section.shape[1], step * _TRACES_AT_ONCE):
     traces = section[:, start : start + step * _TRACES_AT_ONCE : step].astype(np.float64)
-    traces -= traces.mean(axis=0, keepdims=True)
+    live = ~_in_flat_runs(traces)
+    if not live.any():
+      continue
+    # About each trace's median: a few samples far above the rest (a spike, one
+    # very strong reflector) would set the autocorrelation alone, so samples are
+    # clipped at _CLIP_RATIO x the median |sample| (all but the largest ~1 % of
+    # seismic amplitudes stay as they are); then each trace's mean is taken out.
+    with warnings.catch_warnings():  # a trace with no live sample has no median
+      warnings.simplefilter("ignore", RuntimeWarning)
+      center = np.nanmedian(np.where(live, traces, np.nan), axis=0, keepdims=True)
+    traces = np.nan_to_num(traces - center)  # such traces are zeroed below
+    limit = _CLIP_RATIO * np.median(np.abs(traces[live]))
+    if limit > 0:
+      np.clip(traces, -limit, limit, out=traces)
+    count = np.maximum(live.sum(axis=0, keepdims=True), 1)
+    mean = np.where(live, traces, 0.0).sum(axis=0, keepdims=True) / count
+    traces = np.where(live, traces - mean, 0.0)
     spectrum = np.fft.rfft(traces, 2 * n, axis=0)  # zero-padded: no wrap-around
     total += np.fft.irfft(np.abs(spectrum) ** 2, 2 * n, axis=0)[:n].sum(axis=1)
   return total
+
+
+def _in_flat_runs(traces: np.ndarray) -> np.ndarray:
+  """Whether each sample lies in a run of FLAT_RUN or more equal samples down its trace."""
+  n = traces.shape[0]
+  if n < FLAT_RUN:
+    return np.zeros(traces.shape, bool)
+  same = np.zeros((n + 1,) + traces.shape[1:], np.int32)
+  np.cumsum(traces[1:] == traces[:-1], axis=0, out=same[2:])
+  # Runs of FLAT_RUN - 1 equal neighbour pairs start at samples i = 0 .. n - FLAT_RUN.
+  starts = (same[FLAT_RUN:] - same[1 : n - FLAT_RUN + 2]) == FLAT_RUN - 1
+  # Mark the FLAT_RUN samples of every such run.
+  marks = np.zeros((n + 1,) + traces.shape[1:], np.int32)
+  marks[:-FLAT_RUN] += starts
+  marks[FLAT_RUN:] -= starts
+  return np.cumsum(marks, axis=0)[:n] > 0
 
 
 def first_zero(autocorrelation: np.ndarray) -> float:

@@ -344,6 +344,15 @@ def test_vertical_period_is_the_first_zero_of_the_wavelets_autocorrelation():
     # noise adds to lag 0 only).
     noisy = 1e3 * section + 7.0 + 0.5 * section.std() * rng.standard_normal(section.shape)
     assert gray_stats.vertical_period(noisy) == pytest.approx(want, rel=0.04), fp
+    # Flat runs are left out: a muted top (zeros under data with an offset) and a
+    # band of 3 rows of one value along the bottom edge.
+    muted = section + 5 * section.std()
+    muted[:40], muted[-3:] = 0.0, -1.0
+    assert gray_stats.vertical_period(muted) == pytest.approx(want, rel=0.04), fp
+    # A few samples 1000x the rest (spikes on 1 % of the traces) are clipped.
+    spiked = section.copy()
+    spiked[100, ::100] = 1000 * np.abs(section).max()
+    assert gray_stats.vertical_period(spiked) == pytest.approx(want, rel=0.04), fp
   # A cosine of period 12 down every trace: its autocorrelation is a cosine too,
   # with its first zero a quarter period down.
   phase = rng.uniform(0, 2 * np.pi, 200)
