@@ -350,9 +350,8 @@ def accuracy(args) -> dict:
         scale_traces=scale[1],
         stride=args.stride,
     )
-    scan = sections.scan_input(source, segment)
-    segment = sections.with_scale(segment, sections.choose_scale(scan, segment, stats)[0])
-    _, report = sections.choose_clip(source, scan, segment, stats)
+    scan = sections.scan_input(source)
+    segment, _, report, _ = sections.map_to_model(source, scan, segment, stats)
     gray = sections.model_gray(section, report)
     ((_, mask),) = sections.probabilities_and_masks([gray], ensemble, segment)
     factors = [segment.scale_samples, segment.scale_traces]

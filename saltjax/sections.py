@@ -641,13 +641,12 @@ class Scan:
   autocorrelation: np.ndarray | None = None
 
 
-def scan_input(source: SectionInput, segment=None) -> Scan:
+def scan_input(source: SectionInput) -> Scan:
   """Checks every section (finite samples, one shape) and samples its amplitudes.
 
   Everything is read once here, before anything is written, so bad input
-  fails without leaving outputs behind.  segment: config.segment; when its
-  scale factors are given (not -1), the section must hold a tile once
-  resampled by them (with -1, `check_size` once `choose_scale` has chosen).
+  fails without leaving outputs behind.  Whether the section holds a tile
+  depends on the scale factors: `map_to_model` checks that once they are chosen.
   """
   samples, values, below, shape = [], [], [], None
   rng = np.random.default_rng(0)
@@ -669,8 +668,6 @@ def scan_input(source: SectionInput, segment=None) -> Scan:
     values.append(pair[0])
     below.append(pair[1])
     autocorrelation = autocorrelation + gray_stats.vertical_autocorrelation(data, max_traces)
-  if segment is not None and segment.scale_samples > 0 and segment.scale_traces > 0:
-    check_size(source, shape, segment)
   samples = np.concatenate(samples)
   # Seismic amplitudes have both signs: values that are never negative are a
   # picture of them, whatever their type (a PNG read into floats in [0, 1]).
@@ -786,6 +783,7 @@ def choose_scale(
   )
   report = {"vertical_period": {"section": None if np.isnan(period) else round(period, 3)}}
   samples = float(segment.scale_samples)
+  estimated = False
   if samples == -1:
     tiles = (stats or {}).get("vertical_period")
     if not tiles:
@@ -812,7 +810,7 @@ def choose_scale(
       )
       logging.warning("segment.scale_samples=-1: %s", report["fallback"])
     else:
-      samples = round(estimate, 3)
+      samples, estimated = round(estimate, 3), True
       report["vertical_period"].update(
           training_percentiles_20_80=target,
           training_gray_levels=stats_note,
@@ -826,12 +824,12 @@ def choose_scale(
           f" {_SCALE_RANGE[period > target[1]]}"
       )
   traces = samples if segment.scale_traces == -1 else float(segment.scale_traces)
-  if "training_percentiles_20_80" in report["vertical_period"]:
+  if estimated:
     logging.info(
         "Vertical period %.2f pixels, the training tiles' %.2f-%.2f (percentiles 20-80):"
         " resampled by %g (samples) x %g (traces)",
         period,
-        *report["vertical_period"]["training_percentiles_20_80"],
+        *target,
         samples,
         traces,
     )
@@ -849,6 +847,21 @@ def with_scale(segment, factors: tuple[float, float]):
   segment = copy.deepcopy(segment)
   segment.scale_samples, segment.scale_traces = factors
   return segment
+
+
+def map_to_model(
+    source: SectionInput, scan: Scan, segment, stats: dict | None, stats_note: str = ""
+) -> tuple[object, float, dict, dict]:
+  """How `segment` gives a scanned input to the model: (config.segment with the
+  scale factors chosen, clip level, amplitude report, scale report).
+
+  Refuses a section that holds no tile once resampled (`check_size`).
+  """
+  factors, scale = choose_scale(scan, segment, stats, stats_note)
+  segment = with_scale(segment, factors)
+  check_size(source, scan.shape, segment)
+  clip, amplitude = choose_clip(source, scan, segment, stats, stats_note)
+  return segment, clip, amplitude, scale
 
 
 def model_gray(values: np.ndarray, amplitude: dict) -> np.ndarray:
@@ -1189,15 +1202,12 @@ def segment_input(config, workdir: pathlib.Path, ensemble: Ensemble | None = Non
       parse_line_numbers(s.crosslines, "crosslines"),
   )
   try:
-    scan = scan_input(source, s)
+    scan = scan_input(source)
     stats, note = (None, "")
     if s.amplitude == "match_training" or -1 in (s.scale_samples, s.scale_traces):
       stats, note = training_gray_levels(config, workdir)
-    factors, scale = choose_scale(scan, s, stats, note)
-    s = with_scale(s, factors)
-    check_size(source, scan.shape, s)
+    s, clip, amplitude, scale = map_to_model(source, scan, s, stats, note)
     truth = read_truth(s.truth, source, scan.shape) if s.truth else None
-    clip, amplitude = choose_clip(source, scan, s, stats, note)
     ensemble = ensemble or load_ensemble(config, workdir)
     return _segment_and_write(
         s, workdir, source, clip, amplitude, scale, scan.shape, ensemble, started, truth
@@ -1459,13 +1469,14 @@ def _figure_main(argv: Sequence[str] | None = None) -> None:
 
   scan = scan_input(in_memory_input(amplitude))
   resolved = with_scale(config.segment, choose_scale(scan, config.segment, stats)[0])
+  matched = match_training_clip(*scan.pairs, stats)[0]
 
   def segment(clip):
     gray = amplitude_to_gray(amplitude, clip)
     ((prob, mask),) = probabilities_and_masks([gray], ensemble, resolved)
     return gray, prob, mask, truth_scores(truth, mask)["iou"]
 
-  gray, prob, mask, iou = segment(matched_clip([amplitude], stats)[0])
+  gray, prob, mask, iou = segment(matched)
   percentile_iou = segment(clip_level(amplitude, DEFAULT_CLIP_PERCENTILE))[3]
   title = (
       f"synthetic {args.rows} x {args.cols} section (seed {args.seed}, salt-top reflection"
