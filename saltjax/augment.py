@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-import tensorflow as tf
-
+from saltjax.host_tensorflow import tf
 from saltjax import augment_spec
 
 AugmentOp = Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]

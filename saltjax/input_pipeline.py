@@ -16,8 +16,7 @@ import collections
 from typing import Iterator
 
 import numpy as np
-import tensorflow as tf
-
+from saltjax.host_tensorflow import tf
 from saltjax import augment
 from saltjax import geometry
 from saltjax.geometry import ORIGINAL_SIZE, pad_widths, to_original_size  # noqa: F401

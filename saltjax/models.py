@@ -584,8 +584,13 @@ def create_model(model_config: Any, dtype: Any = None) -> UNet:
   )
 
 
+# Jitted with the model as a static argument: modules are frozen dataclasses,
+# equal (and hashed) by their fields, so a process that sets up the same model
+# again (the pseudo-label round, prediction after training) reuses the traced
+# init instead of tracing it again.
+@functools.partial(jax.jit, static_argnames=("model", "image_size"))
 def initialized(key: jax.Array, model: nn.Module, image_size: int) -> dict:
   """{params, batch_stats} of `model` for (1, image_size, image_size, 1) input."""
   dummy = jnp.zeros((1, image_size, image_size, 1), jnp.float32)
-  variables = jax.jit(functools.partial(model.init, train=False))({"params": key}, dummy)
+  variables = model.init({"params": key}, dummy, train=False)
   return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}

@@ -104,11 +104,9 @@ def drop_unreadable_cache_entries(cache_dir: str) -> list[str]:
 def set_up_process() -> None:
   """Process-wide set-up, once, before any library does its work.
 
-  TensorFlow only feeds data: it must never take accelerator memory, and its
-  start-up banners (oneDNN, absl's pre-init warning) are noise to a user.
+  TensorFlow is not imported here: `saltjax.host_tensorflow` sets it up where
+  data is first read, so that a config error is reported in seconds.
   """
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   logging.getLogger().setLevel(logging.INFO)
   # Orbax and TFDS report every file operation at INFO through absl, and
   # asyncio repeats a failed background write once per pending task.
@@ -117,12 +115,6 @@ def set_up_process() -> None:
   logging.getLogger("absl").addFilter(_drop_orbax_background_errors)
   sys.unraisablehook = _quiet_closed_event_loops(sys.unraisablehook)
   warnings.filterwarnings("ignore", module="orbax")
-  if _tensorflow_installed():
-    import tensorflow as tf
-
-    tf.config.set_visible_devices([], "GPU")
-    if tf.config.list_physical_devices("TPU"):
-      tf.config.set_visible_devices([], "TPU")
 
 
 def _drop_orbax_background_errors(record: logging.LogRecord) -> bool:
@@ -408,6 +400,7 @@ def _metric_writer(workdir: pathlib.Path):
   if not _tensorflow_installed():
     logging.info("TensorFlow is not installed: metrics go to the log, not TensorBoard.")
     return _LoggingWriter()
+  from saltjax import host_tensorflow  # noqa: F401  (before clu's writers import it)
   from clu import metric_writers
 
   return metric_writers.create_default_writer(

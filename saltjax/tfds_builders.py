@@ -64,32 +64,13 @@ if importlib.util.find_spec("importlib_resources") is None:
   sys.modules["importlib_resources"] = importlib.resources
 
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
+from saltjax.host_tensorflow import tf  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from saltjax import errors  # pylint: disable=g-import-not-at-top,wrong-import-position
 from saltjax import layout  # pylint: disable=g-import-not-at-top,wrong-import-position
 from saltjax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from saltjax import metrics  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-
-def _hide_gpus_from_tensorflow() -> None:
-  """Keeps TensorFlow (only an input reader here) off every GPU.
-
-  JAX owns the accelerators; a TensorFlow that initialised CUDA would reserve
-  most of their memory for itself.
-  """
-  try:
-    tf.config.set_visible_devices([], "GPU")
-  except RuntimeError:
-    # Devices were initialised before this module was imported; whoever did
-    # that chose the visible devices already, and they cannot change now.
-    logging.warning(
-        "TensorFlow was initialised before saltjax.tfds_builders" " was imported; it may use a GPU."
-    )
-
-
-_hide_gpus_from_tensorflow()
 
 IMAGE_SHAPE = (layout.IMAGE_SIZE, layout.IMAGE_SIZE, 1)
 

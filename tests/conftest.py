@@ -1,6 +1,7 @@
 """Shared fixtures: tiny configs of the real recipe, and a session compile cache."""
 
 import dataclasses
+import gc
 import os
 import pathlib
 import subprocess
@@ -23,6 +24,12 @@ SUITE_XLA_FLAGS = (
     "--xla_cpu_use_fusion_emitters=false",
 )
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *SUITE_XLA_FLAGS]).strip()
+
+# The test processes collect garbage as main.py does (main.GC_THRESHOLDS):
+# tracing leaves hundreds of thousands of long-lived objects (the jit caches'
+# programs), and at Python's defaults each full collection over them took
+# ~0.6 s, 30 times in a worker's four minutes.
+gc.set_threshold(50_000, 20, 100)
 
 # Tiny sizes of the same code path: a one-block-per-stage encoder, 64x64 input.
 TINY_OVERRIDES = {

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import re
 import shutil
@@ -274,6 +275,32 @@ def test_config_checks_report_every_bad_option_at_once(data_cache, compile_cache
     config_checks.check(config)
   for _, _, words in BAD_CONFIG[:-1]:
     assert words[0] in str(raised.value)
+
+
+def test_a_config_error_is_reported_before_tensorflow_is_imported(tmp_path):
+  """TensorFlow (about 6 s of imports) is loaded where data is first read, not
+  before the config is checked: main.py names the bad option without it."""
+  site, imported = tmp_path / "site", tmp_path / "imported.txt"
+  site.mkdir()
+  (site / "sitecustomize.py").write_text(
+      "import atexit, sys\n"
+      f"atexit.register(lambda: open({str(imported)!r}, 'w').write("
+      "' '.join(m for m in ('tensorflow', 'tensorflow_datasets') if m in sys.modules)))\n"
+  )
+  pythonpath = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+  result = run_main(
+      [
+          "--config=configs/quick.py",
+          f"--workdir={tmp_path / 'workdir'}",
+          "--config.augment=hflip|shift(200)",
+      ],
+      env={"PYTHONPATH": pythonpath},
+  )
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert "config.augment='hflip|shift(200)'" in result.stderr
+  assert "Traceback" not in result.stderr
+  assert _empty(tmp_path / "workdir")
+  assert imported.read_text() == ""
 
 
 @pytest.mark.parametrize("source, name, overrides, words", CASES)
