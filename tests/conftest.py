@@ -25,11 +25,13 @@ SUITE_XLA_FLAGS = (
 )
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *SUITE_XLA_FLAGS]).strip()
 
-# The test processes collect garbage as main.py does (main.GC_THRESHOLDS):
-# tracing leaves hundreds of thousands of long-lived objects (the jit caches'
-# programs), and at Python's defaults each full collection over them took
-# ~0.6 s, 30 times in a worker's four minutes.
-gc.set_threshold(50_000, 20, 100)
+# The test processes collect garbage as main.py does: tracing leaves hundreds
+# of thousands of long-lived objects (the jit caches' programs), and at
+# Python's defaults each full collection over them took ~0.6 s, 30 times in a
+# worker's four minutes.
+from main import GC_THRESHOLDS  # noqa: E402  (main.py defines its flags, parses none)
+
+gc.set_threshold(*GC_THRESHOLDS)
 
 # Tiny sizes of the same code path: a one-block-per-stage encoder, 64x64 input.
 TINY_OVERRIDES = {
@@ -89,6 +91,16 @@ def flag_args(**overrides):
       value = "(" + ",".join(map(str, value)) + ",)"
     args.append(f"--config.{key}={value}")
   return args
+
+
+def with_sitecustomize(directory: pathlib.Path, code: str) -> dict:
+  """The environment of a Python subprocess that runs `code` first, at start-up
+  (a `sitecustomize` module in `directory`, put on its PYTHONPATH)."""
+  directory.mkdir()
+  (directory / "sitecustomize.py").write_text(code)
+  return {
+      "PYTHONPATH": os.pathsep.join(filter(None, [str(directory), os.environ.get("PYTHONPATH")]))
+  }
 
 
 def run_main(args, timeout=600, env=None):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, with_sitecustomize
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 
@@ -77,13 +77,10 @@ for name in ("tensorflow", "tensorflow_datasets"):
 
 
 def test_gpu_proof_runs_every_stage_in_tiny_mode_without_tensorflow(tmp_path):
-  site = tmp_path / "no_tensorflow"
-  site.mkdir()
-  (site / "sitecustomize.py").write_text(_NO_TENSORFLOW)
   env = {
       **os.environ,
       "JAX_PLATFORMS": "cpu",
-      "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
+      **with_sitecustomize(tmp_path / "no_tensorflow", _NO_TENSORFLOW),
       "RESULTS_DIR": str(tmp_path / "results"),
       "WORK": str(tmp_path / "work"),
       "RUN_ID": "tiny",

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
 import re
 import shutil
@@ -49,6 +48,7 @@ from tests.conftest import (
     _without_seconds,
     run_main,
     tiny_config,
+    with_sitecustomize,
 )
 
 _PAUSE_MID_EPOCH = """
@@ -280,21 +280,20 @@ def test_config_checks_report_every_bad_option_at_once(data_cache, compile_cache
 def test_a_config_error_is_reported_before_tensorflow_is_imported(tmp_path):
   """TensorFlow (about 6 s of imports) is loaded where data is first read, not
   before the config is checked: main.py names the bad option without it."""
-  site, imported = tmp_path / "site", tmp_path / "imported.txt"
-  site.mkdir()
-  (site / "sitecustomize.py").write_text(
+  imported = tmp_path / "imported.txt"
+  env = with_sitecustomize(
+      tmp_path / "site",
       "import atexit, sys\n"
       f"atexit.register(lambda: open({str(imported)!r}, 'w').write("
-      "' '.join(m for m in ('tensorflow', 'tensorflow_datasets') if m in sys.modules)))\n"
+      "' '.join(m for m in ('tensorflow', 'tensorflow_datasets') if m in sys.modules)))\n",
   )
-  pythonpath = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
   result = run_main(
       [
           "--config=configs/quick.py",
           f"--workdir={tmp_path / 'workdir'}",
           "--config.augment=hflip|shift(200)",
       ],
-      env={"PYTHONPATH": pythonpath},
+      env=env,
   )
   assert result.returncode == 1, result.stderr[-3000:]
   assert "config.augment='hflip|shift(200)'" in result.stderr
