@@ -37,6 +37,26 @@ def to_model_size(
   raise ConfigError(f"unknown config.resize_mode {mode!r}: use 'resize' or 'pad'")
 
 
+def _pipeline_options() -> tf.data.Options:
+  """tf.data's autotuning off: no model thread that a deleted iterator must join.
+
+  With autotuning on, every iterator runs an optimisation thread whose sleeps
+  grow to 60 s, and the iterator's destructor joins it. A run's pipeline,
+  garbage-collected later at whatever allocation came next, then held that
+  thread (the training loop's, in a later fold or run) for up to a minute:
+  54-104 s pauses with no CPU used, inside the iterator's destructor. Without
+  autotuning, the map's AUTOTUNE parallelism is tf.data's default (the cores,
+  at most 16) and prefetch(AUTOTUNE) sizes its buffer itself; on 2 cores an
+  epoch of 5 folds' batches took as long as with autotuning.
+  """
+  options = tf.data.Options()
+  options.autotune.enabled = False
+  return options
+
+
+_PIPELINE_OPTIONS = _pipeline_options()
+
+
 def _as_float(images: np.ndarray) -> tf.Tensor:
   return tf.cast(images, tf.float32)[..., None] / 255.0
 
@@ -137,7 +157,7 @@ class TrainPipeline:
     ds = epochs.flat_map(epoch_examples)
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(per_step, drop_remainder=True).map(to_step)
-    self._dataset = ds.prefetch(tf.data.AUTOTUNE)
+    self.dataset = ds.prefetch(tf.data.AUTOTUNE).with_options(_PIPELINE_OPTIONS)
     self._iterator = None
     self._position, self._stop = None, 0  # (epoch, step) of the next batch; its end epoch
 
@@ -146,7 +166,7 @@ class TrainPipeline:
     last = epoch + 1 if self.num_epochs is None else max(self.num_epochs, epoch + 1)
     self._first.assign(epoch)
     self._last.assign(last)
-    self._iterator = self._dataset.as_numpy_iterator()
+    self._iterator = self.dataset.as_numpy_iterator()
     self.iterators_started += 1
     self._position, self._stop = (epoch, 0), last
 

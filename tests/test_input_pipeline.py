@@ -192,6 +192,14 @@ def test_epochs_in_turn_read_on_from_one_iterator_and_trace_once():
   assert dict(pipeline.traces) == {"epoch": 1, "example": 1}
 
 
+def test_pipelines_run_no_autotuning_thread_that_deleting_them_would_wait_for():
+  # An autotuned iterator's destructor joins its optimisation thread, which
+  # sleeps up to 60 s at a time: the suite's workers stalled 54-104 s, no CPU
+  # used, in that destructor when a finished run's pipeline was collected.
+  pipeline = input_pipeline.TrainPipeline(fold_examples(), [1, 2, 3], num_epochs=2, **OPTIONS)
+  assert pipeline.dataset.options().autotune.enabled is False
+
+
 def test_hflip_flips_half_the_examples_and_masks_stay_binary():
   images, masks = dataset(40)  # salt on the left 30 of 101 columns: 16+ after shift and zoom
   examples = [(images, masks), (images[:36], masks[:36])]
