@@ -71,7 +71,6 @@ def enable_compilation_cache(config) -> None:
     cache = os.path.expanduser(cache)
     drop_unreadable_cache_entries(cache)
     jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def drop_unreadable_cache_entries(cache_dir: str) -> list[str]:

@@ -1,11 +1,14 @@
 """Shared fixtures: tiny configs of the real recipe, and a session compile cache."""
 
+import atexit
 import dataclasses
 import gc
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -24,6 +27,20 @@ SUITE_XLA_FLAGS = (
     "--xla_cpu_use_fusion_emitters=false",
 )
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *SUITE_XLA_FLAGS]).strip()
+
+# One home directory for the whole suite (the workers and every process they
+# start inherit it), made fresh for each run: the configs' default caches
+# (~/.cache/saltjax, its jax_cache) are then the suite's own, so no test reads
+# or writes the user's, and a working copy runs as cold as a clean clone in CI.
+# The suite's compilation cache is that home's jax_cache, so a program compiled
+# by one test or process is loaded by the next whichever config path it came
+# through. Every program is cached, not only those that took 1 s to compile.
+if "SALTJAX_SUITE_HOME" not in os.environ:
+  os.environ["SALTJAX_SUITE_HOME"] = tempfile.mkdtemp(prefix="saltjax-suite-home-")
+  atexit.register(shutil.rmtree, os.environ["SALTJAX_SUITE_HOME"], True)
+os.environ["HOME"] = os.environ["SALTJAX_SUITE_HOME"]
+SUITE_JAX_CACHE = pathlib.Path(os.environ["HOME"], ".cache", "saltjax", "jax_cache")
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 # The test processes collect garbage as main.py does: tracing leaves hundreds
 # of thousands of long-lived objects (the jit caches' programs), and at
@@ -59,8 +76,9 @@ TINY_OVERRIDES = {
 
 
 @pytest.fixture(scope="session")
-def compile_cache(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("jax_cache"))
+def compile_cache():
+  SUITE_JAX_CACHE.mkdir(parents=True, exist_ok=True)
+  return str(SUITE_JAX_CACHE)
 
 
 @pytest.fixture(scope="session")
