@@ -46,8 +46,9 @@ def _pipeline_options() -> tf.data.Options:
   thread (the training loop's, in a later fold or run) for up to a minute:
   54-104 s pauses with no CPU used, inside the iterator's destructor. Without
   autotuning, the map's AUTOTUNE parallelism is tf.data's default (the cores,
-  at most 16) and prefetch(AUTOTUNE) sizes its buffer itself; on 2 cores an
-  epoch of 5 folds' batches took as long as with autotuning.
+  at most 16) and prefetch(AUTOTUNE) sizes its buffer itself. On 2 cores the
+  feeder's top rate fell by up to a fifth, and the training loop's wait for
+  input stayed under 0.02 s an epoch (README, "Input on the host").
   """
   options = tf.data.Options()
   options.autotune.enabled = False
