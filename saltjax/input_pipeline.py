@@ -55,9 +55,6 @@ def _pipeline_options() -> tf.data.Options:
   return options
 
 
-_PIPELINE_OPTIONS = _pipeline_options()
-
-
 def _as_float(images: np.ndarray) -> tf.Tensor:
   return tf.cast(images, tf.float32)[..., None] / 255.0
 
@@ -158,7 +155,7 @@ class TrainPipeline:
     ds = epochs.flat_map(epoch_examples)
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(per_step, drop_remainder=True).map(to_step)
-    self.dataset = ds.prefetch(tf.data.AUTOTUNE).with_options(_PIPELINE_OPTIONS)
+    self.dataset = ds.prefetch(tf.data.AUTOTUNE).with_options(_pipeline_options())
     self._iterator = None
     self._position, self._stop = None, 0  # (epoch, step) of the next batch; its end epoch
 
