@@ -329,7 +329,6 @@ def main(argv=None) -> dict:
 
   if args.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.compilation_cache))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   import numpy as np
   from saltjax import models
   from saltjax import parallel
