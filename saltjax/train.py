@@ -144,12 +144,33 @@ def train_step(
   return new_state, step_metrics
 
 
+def over_folds(fn: Callable) -> Callable:
+  """`jax.vmap(fn)` over a leading fold axis; one fold runs as `fn` itself.
+
+  vmapping over a stack of weights makes every conv a grouped conv
+  (`feature_group_count=F`) and batches every primitive while tracing; with
+  F = 1 (one fold at a time, `parallel_folds=1`) both are pure overhead, so
+  the fold axis is dropped, `fn` runs unbatched and the axis is put back.
+  The choice is made at trace time, from the arguments' static shapes.
+  """
+  batched = jax.vmap(fn)
+
+  @functools.wraps(fn)
+  def call(*args):
+    if {x.shape[0] for x in jax.tree.leaves(args)} == {1}:
+      out = fn(*jax.tree.map(lambda x: x[0], args))
+      return jax.tree.map(lambda x: x[None], out)
+    return batched(*args)
+
+  return call
+
+
 def compile_train_steps(config, mesh) -> dict[str, Callable]:
   """One jitted step per loss in use (two for the two-stage recipe).
 
   Each takes a state and a batch with a leading fold axis, (F, ...) and
-  (F, B, ...): `jax.vmap` of the one-fold step, so F fold models train as
-  one program. The batch axis is sharded over the mesh; the state is
+  (F, B, ...): the one-fold step over the fold axis (`over_folds`: a vmap, or
+  the step itself for one fold), so F fold models train as one program. The batch axis is sharded over the mesh; the state is
   replicated, and BatchNorm statistics are over each fold's global batch.
   """
   names = {config.loss.name}
@@ -162,7 +183,7 @@ def compile_train_steps(config, mesh) -> dict[str, Callable]:
   repl, shard = parallel.replicated(mesh), parallel.data_sharding(mesh, fold_axis=True)
   return {
       name: jax.jit(
-          jax.vmap(
+          over_folds(
               functools.partial(
                   train_step,
                   loss_config=config.loss,
@@ -243,9 +264,9 @@ def make_epoch_end_fn(model, config) -> Callable:
   device-resident held-out batches `val` ((N, F, B, ...) images, masks,
   valid; one `lax.map` over N), then best-model selection (a fold's model
   replaces its best where its score, sum / count in float32, beats the
-  best's) and the weight average. Pure; vmapped over folds inside.
+  best's) and the weight average. Pure; over the folds inside (`over_folds`).
   """
-  validate = jax.vmap(_validation_sums_fn(model, config))
+  validate = over_folds(_validation_sums_fn(model, config))
   use_swa = config.swa_from_epoch >= 0
 
   def epoch_end(state, models: ModelsInMemory, val, val_counts, swa_count, swa_on):
@@ -276,7 +297,7 @@ def make_device_epoch_fn(job: "Job", loss_name: str) -> Callable:
 
   config, mesh = job.config, job.mesh
   batch_fn = device_input.make_train_batch_fn(config, config.batch_size)
-  step = jax.vmap(
+  step = over_folds(
       functools.partial(
           train_step,
           loss_config=config.loss,

@@ -415,6 +415,38 @@ def test_folds_trained_together_equal_folds_trained_apart(run):
   assert differ
 
 
+def test_one_fold_is_traced_without_vmap_and_equals_it():
+  """train.over_folds: F fold models through `jax.vmap`, one fold through the
+  function itself (no batched tracing, no grouped convs), with the same
+  result as vmap: a conv with per-fold weights, against each fold's conv."""
+  import jax
+  import jax.numpy as jnp
+  from saltjax import train
+
+  seen = []
+
+  def conv(weights, images):
+    seen.append(type(images).__name__)
+    out = jax.lax.conv_general_dilated(
+        images, weights, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    return {"out": out, "total": jnp.sum(out)}
+
+  rng = np.random.default_rng(0)
+  weights = rng.normal(size=(2, 3, 3, 2, 4)).astype(np.float32)
+  images = rng.normal(size=(2, 5, 8, 8, 2)).astype(np.float32)
+  fn = jax.jit(train.over_folds(conv))
+  together = fn(weights, images)
+  one = fn(weights[:1], images[:1])
+  assert "BatchTracer" in seen[0] and "BatchTracer" not in seen[1], seen
+  for f in range(2):
+    alone = jax.jit(conv)(weights[f], images[f])
+    for key in ("out", "total"):
+      np.testing.assert_allclose(together[key][f], alone[key], rtol=1e-5, atol=1e-5)
+  assert one["out"].shape == (1, 5, 8, 8, 4) and one["total"].shape == (1,)
+  np.testing.assert_array_equal(one["out"][0], jax.jit(conv)(weights[0], images[0])["out"])
+
+
 # ------------------------------------------------------------ configs/tpu ---
 
 
