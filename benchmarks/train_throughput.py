@@ -177,7 +177,7 @@ def is_oom(e: Exception) -> bool:
 
 
 def bench_train(job, batch_size: int, args, peak_tflops: float, folds: int = 1) -> dict:
-  """The real (vmapped) train step: `folds` models, `batch_size` images each."""
+  """The real train step (vmapped for folds > 1): `folds` models, `batch_size` images each."""
   import jax
   import numpy as np
   from saltjax import parallel, train

@@ -170,8 +170,9 @@ def compile_train_steps(config, mesh) -> dict[str, Callable]:
 
   Each takes a state and a batch with a leading fold axis, (F, ...) and
   (F, B, ...): the one-fold step over the fold axis (`over_folds`: a vmap, or
-  the step itself for one fold), so F fold models train as one program. The batch axis is sharded over the mesh; the state is
-  replicated, and BatchNorm statistics are over each fold's global batch.
+  the step itself for one fold), so F fold models train as one program. The
+  batch axis is sharded over the mesh; the state is replicated, and BatchNorm
+  statistics are over each fold's global batch.
   """
   names = {config.loss.name}
   if config.loss.second_from_epoch >= 0:
