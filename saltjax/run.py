@@ -73,21 +73,40 @@ def enable_compilation_cache(config) -> None:
     jax.config.update("jax_compilation_cache_dir", cache)
 
 
+# Cache entries already found readable, by name -> [size, mtime_ns]: JAX
+# never rewrites an entry, so one that kept its size and time needs no second
+# look. Without it every start decompressed the whole cache (seconds for a
+# cache of a few hundred programs, paid by every process of a job).
+VERIFIED_CACHE_ENTRIES = "saltjax-verified-entries.json"
+
+
 def drop_unreadable_cache_entries(cache_dir: str) -> list[str]:
   """Deletes compilation-cache entries that cannot be decompressed.
 
   JAX writes an entry in place: a full disk or a kill leaves it truncated, and
   JAX then warns about it on every later run without replacing it. Deleted,
-  it is compiled and written again.
+  it is compiled and written again. Entries found readable before (same size
+  and modification time, recorded in VERIFIED_CACHE_ENTRIES) are not read
+  again.
   """
   try:
     from jax._src import compilation_cache
   except ImportError:  # the layout of another JAX version: nothing checked
     return []
-  dropped = []
-  for path in pathlib.Path(cache_dir).glob("*-cache") if os.path.isdir(cache_dir) else []:
+  if not os.path.isdir(cache_dir):
+    return []
+  record = pathlib.Path(cache_dir, VERIFIED_CACHE_ENTRIES)
+  try:
+    verified = json.loads(record.read_text())
+  except (OSError, ValueError):
+    verified = {}
+  readable, dropped = {}, []
+  for path in pathlib.Path(cache_dir).glob("*-cache"):
     try:
-      compilation_cache.decompress_executable(path.read_bytes())
+      stat = path.stat()
+      signature = [stat.st_size, stat.st_mtime_ns]
+      if verified.get(path.name) != signature:
+        compilation_cache.decompress_executable(path.read_bytes())
     except OSError:
       continue
     except Exception:  # zlib/zstandard's errors for a truncated entry
@@ -95,6 +114,12 @@ def drop_unreadable_cache_entries(cache_dir: str) -> list[str]:
         with contextlib.suppress(OSError):
           stale.unlink()
       dropped.append(path.name)
+      continue
+    readable[path.name] = signature
+  if readable != verified:
+    # Best effort: a cache dir this process cannot write is still used.
+    with contextlib.suppress(errors.WorkdirError):
+      workdir_lib.write_text(json.dumps(readable, sort_keys=True), record)
   if dropped:
     logging.info("Deleted %d unreadable compilation-cache entries in %s", len(dropped), cache_dir)
   return dropped

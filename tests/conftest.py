@@ -220,8 +220,35 @@ def _without_seconds(record: dict) -> dict:
   return out
 
 
+# _checkpoints' results by fold dir, with the state of its files they were read
+# from: restoring every checkpoint of a fold takes orbax about half a second
+# each, and the reference run's are compared with many runs.
+_CHECKPOINTS_READ: dict = {}
+
+
+def _files_state(directory: pathlib.Path) -> tuple:
+  return tuple(
+      sorted(
+          (str(p.relative_to(directory)), p.stat().st_size, p.stat().st_mtime_ns)
+          for p in directory.rglob("*")
+          if p.is_file()
+      )
+  )
+
+
 def _checkpoints(fold_dir: pathlib.Path) -> dict:
-  """{'store/step': (leaf path -> (dtype, shape, bytes), meta)} of a fold dir."""
+  """{'store/step': (leaf path -> (dtype, shape, bytes), meta)} of a fold dir.
+
+  Read again only when a file of the dir changed since the last read."""
+  key, state = str(pathlib.Path(fold_dir).absolute()), _files_state(pathlib.Path(fold_dir))
+  if key in _CHECKPOINTS_READ and _CHECKPOINTS_READ[key][0] == state:
+    return dict(_CHECKPOINTS_READ[key][1])
+  out = _read_checkpoints(fold_dir)
+  _CHECKPOINTS_READ[key] = (state, out)
+  return dict(out)
+
+
+def _read_checkpoints(fold_dir: pathlib.Path) -> dict:
   import jax
   import orbax.checkpoint as ocp
 

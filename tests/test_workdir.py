@@ -247,9 +247,10 @@ def test_a_full_disk_during_training_ends_in_one_message(
   assert not [p for p in workdir.rglob("*") if ".tmp-" in p.name]
 
 
-def test_truncated_compilation_cache_entries_are_dropped(tmp_path):
+def test_truncated_compilation_cache_entries_are_dropped(tmp_path, monkeypatch):
   """A full disk leaves a truncated cache entry that JAX would warn about on every
-  run: it is deleted (and compiled again), the intact ones are kept."""
+  run: it is deleted (and compiled again), the intact ones are kept. An entry
+  found readable is not read again at the next start unless it changed."""
   from jax._src import compilation_cache
 
   from saltjax import run
@@ -259,7 +260,26 @@ def test_truncated_compilation_cache_entries_are_dropped(tmp_path):
   (tmp_path / "cut-cache").write_bytes(whole[: len(whole) // 2])
   (tmp_path / "cut-atime").write_bytes(b"1")
   assert run.drop_unreadable_cache_entries(str(tmp_path)) == ["cut-cache"]
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["good-cache"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+      ["good-cache", run.VERIFIED_CACHE_ENTRIES]
+  )
+
+  read = []
+  decompress = compilation_cache.decompress_executable
+  monkeypatch.setattr(
+      compilation_cache, "decompress_executable", lambda b: read.append(len(b)) or decompress(b)
+  )
+  (tmp_path / "new-cache").write_bytes(whole)
+  assert run.drop_unreadable_cache_entries(str(tmp_path)) == []
+  assert read == [len(whole)]  # the new entry only
+  # An entry that is not what was found readable is read again: here a
+  # good one cut short (its size changed).
+  (tmp_path / "good-cache").write_bytes(whole[:10])
+  assert run.drop_unreadable_cache_entries(str(tmp_path)) == ["good-cache"]
+  assert read == [len(whole), 10]
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+      ["new-cache", run.VERIFIED_CACHE_ENTRIES]
+  )
 
 
 def test_a_full_cache_dir_says_so(small_mount, tmp_path, compile_cache, capfd, monkeypatch):
