@@ -75,8 +75,9 @@ def enable_compilation_cache(config) -> None:
 
 # Cache entries already found readable, by name -> [size, mtime_ns]: JAX
 # never rewrites an entry, so one that kept its size and time needs no second
-# look. Without it every start decompressed the whole cache (seconds for a
-# cache of a few hundred programs, paid by every process of a job).
+# look. Without it every start decompressed the whole cache (0.12 CPU-s for
+# the test suite's 151 tiny programs, more for full-size models' programs,
+# paid by every process of a job).
 VERIFIED_CACHE_ENTRIES = "saltjax-verified-entries.json"
 
 

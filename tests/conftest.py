@@ -227,12 +227,9 @@ _CHECKPOINTS_READ: dict = {}
 
 
 def _files_state(directory: pathlib.Path) -> tuple:
+  files = [(p, p.stat()) for p in directory.rglob("*") if p.is_file()]
   return tuple(
-      sorted(
-          (str(p.relative_to(directory)), p.stat().st_size, p.stat().st_mtime_ns)
-          for p in directory.rglob("*")
-          if p.is_file()
-      )
+      sorted((str(p.relative_to(directory)), st.st_size, st.st_mtime_ns) for p, st in files)
   )
 
 
