@@ -29,7 +29,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   gc.set_threshold(*GC_THRESHOLDS)
-  from saltjax import run  # imported after flag parsing: keeps --help fast
+  from saltjax.app import run  # imported after flag parsing: keeps --help fast
 
   try:
     return run.main(FLAGS.config, FLAGS.workdir, config_flags.get_config_filename(FLAGS["config"]))

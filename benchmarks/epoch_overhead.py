@@ -3,7 +3,7 @@
 What decides whether a GPU stays busy can be measured without one: every
 second the host spends between programs (making or stacking batches,
 dispatching, bookkeeping, logging) is a second an accelerator waits. This
-runs the real training loop (`train.train_folds`, 5 folds together) with
+runs the real training loop (`trainer.train_folds`, 5 folds together) with
 configs/fold.py's ResNet50-scSE U-Net (36.4M parameters; 436 MB of state per
 fold) on data made tiny (32 px), for each input path ('device': an epoch is
 one program; 'tfdata': one program a step plus one for the epoch's end), at
@@ -75,8 +75,10 @@ def _config(args, pipeline: str, steps: int):
 
 def measure(args, pipeline: str, steps: int) -> dict:
   """One run of the real loop; each steady epoch's wall and host seconds."""
-  from saltjax import data as data_lib
-  from saltjax import parallel, run, train
+  from saltjax.data import dataset as data_lib
+  from saltjax import parallel
+  from saltjax.app import run
+  from saltjax.training import trainer
 
   config = _config(args, pipeline, steps)
   run.enable_compilation_cache(config)
@@ -87,9 +89,9 @@ def measure(args, pipeline: str, steps: int) -> dict:
     workdir = pathlib.Path(workdir)
     fold_of = data_lib.folds_for_run(config, data, workdir)
     started = time.perf_counter()
-    job = train.Job.create(config, mesh, fold_of, writer=None)
+    job = trainer.Job.create(config, mesh, fold_of, writer=None)
     create_s = time.perf_counter() - started
-    run_epoch, device_get = train._run_epoch, jax.device_get
+    run_epoch, device_get = trainer._run_epoch, jax.device_get
 
     def timed_epoch(*a):
       epoch_starts.append(time.perf_counter())
@@ -101,12 +103,12 @@ def measure(args, pipeline: str, steps: int) -> dict:
       waits.append((len(epoch_starts), time.perf_counter() - started))
       return out
 
-    train._run_epoch, jax.device_get = timed_epoch, timed_get
+    trainer._run_epoch, jax.device_get = timed_epoch, timed_get
     try:
-      train.train_folds(job, workdir, list(range(config.num_folds)), data, fold_of)
+      trainer.train_folds(job, workdir, list(range(config.num_folds)), data, fold_of)
       finished = time.perf_counter()
     finally:
-      train._run_epoch, jax.device_get = run_epoch, device_get
+      trainer._run_epoch, jax.device_get = run_epoch, device_get
   rows = []
   for e in range(1, config.num_epochs - 1):  # compiled, and not the last (checkpoints)
     wall = epoch_starts[e + 1] - epoch_starts[e]
@@ -156,7 +158,7 @@ def main():
   parser.add_argument("--workdir_parent", default=None)
   parser.add_argument("--output", default=None)
   args = parser.parse_args()
-  from saltjax import run
+  from saltjax.app import run
 
   run.set_up_process()
   s1, s2 = (int(s) for s in args.steps.split(","))

@@ -1,9 +1,9 @@
 """Throughput of the tf.data training pipeline alone, on this machine's CPUs.
 
-Feeds nothing to a model: it iterates `saltjax.input_pipeline.train_dataset`
-exactly as `saltjax.train.train_fold` does (one pipeline per fold, batches as
+Feeds nothing to a model: it iterates `saltjax.input_pipeline.tfdata.train_dataset`
+exactly as `saltjax.training.trainer.train_fold` does (one pipeline per fold, batches as
 numpy via `epoch_iterator`), over the embedded synthetic dataset that
-`saltjax.data.load` generates for the config. The first epoch fills the
+`saltjax.data.dataset.load` generates for the config. The first epoch fills the
 dataset's in-memory cache and warms tf.data's autotuner, so it is timed apart;
 images/s is then measured over the following epochs.
 
@@ -69,19 +69,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def time_epoch(for_epoch, epoch: int) -> tuple[float, int]:
-  from saltjax import input_pipeline
+  from saltjax.input_pipeline import tfdata
 
   started, images = time.perf_counter(), 0
-  for batch in input_pipeline.epoch_iterator(for_epoch, epoch):
+  for batch in tfdata.epoch_iterator(for_epoch, epoch):
     images += len(batch["image"])
   return time.perf_counter() - started, images
 
 
 def bench(config_name: str, spec: str, data, args) -> dict:
-  from saltjax import input_pipeline
+  from saltjax.input_pipeline import tfdata
 
   config = importlib.import_module(f"configs.{config_name}").get_config()
-  for_epoch = input_pipeline.train_dataset(
+  for_epoch = tfdata.train_dataset(
       data.train_images,
       data.train_masks,
       batch_size=config.batch_size,
@@ -118,7 +118,7 @@ def main(argv=None) -> dict:
   args = parse_args(argv)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   import tensorflow as tf
-  from saltjax import data as data_lib
+  from saltjax.data import dataset as data_lib
 
   tmp = None
   cache_dir = args.cache_dir

@@ -4,13 +4,13 @@ A train loop that trains F folds together (vmapped over a leading fold axis)
 needs, every step, one batch from each of F fold datasets: F x batch_size
 images. This script times that input alone, two ways:
 
-- tfdata: `train.TfDataFeeder`, as the train loop uses it (one
+- tfdata: `trainer.TfDataFeeder`, as the train loop uses it (one
   `input_pipeline.TrainPipeline` for the F folds, global (F, B, S, S, 1)
   arrays on the device); timed twice: taking batches as fast as they come
   (images/s), and with a simulated step (`--step_seconds` of sleep) between
   batches, where `host_wait_s` is the time spent waiting for the feeder per
   epoch: the host seconds per epoch outside the steps;
-- device: `device_input.make_train_batch_fn` jitted, the uint8 data on the
+- device: `on_device.make_train_batch_fn` jitted, the uint8 data on the
   device; each step's (F, B, S, S, 1) batch is produced there and waited for
   (`block_until_ready`), so its time is the device's, with no overlap.
 
@@ -94,7 +94,7 @@ def _steps(fold_sizes, batch_size, max_steps) -> int:
 
 
 def bench_tfdata(config, data, fold_of, spec, args) -> dict:
-  """`train.TfDataFeeder`, as the train loop uses it: global (F, B, ...) arrays.
+  """`trainer.TfDataFeeder`, as the train loop uses it: global (F, B, ...) arrays.
 
   Two timings per epoch: `epoch_s`, the wall time when batches are taken as
   fast as they come (throughput), and `host_wait_s`, the time the consumer
@@ -104,21 +104,22 @@ def bench_tfdata(config, data, fold_of, spec, args) -> dict:
   """
   import jax
   import numpy as np
-  from saltjax import parallel, train
+  from saltjax import parallel
+  from saltjax.training import trainer
 
   config = config.copy_and_resolve_references()
   config.augment = spec
   config.image_size = args.image_size
   config.batch_size = args.batch_size
   folds = list(range(args.folds))
-  examples = [train._training_examples(config, data, k, fold_of, None) for k in folds]
+  examples = [trainer._training_examples(config, data, k, fold_of, None) for k in folds]
   steps = _steps([len(x[0]) for x in examples], args.batch_size, args.max_steps)
   mesh = parallel.create_mesh()
   started = time.perf_counter()
   try:
-    feeder = train.TfDataFeeder(config, examples, folds, mesh, steps_per_epoch=steps)
+    feeder = trainer.TfDataFeeder(config, examples, folds, mesh, steps_per_epoch=steps)
   except TypeError:  # the feeder before issue 18 (F datasets per epoch) has no steps argument
-    feeder = train.TfDataFeeder(config, examples, folds, mesh)
+    feeder = trainer.TfDataFeeder(config, examples, folds, mesh)
   build_s = time.perf_counter() - started
 
   def epoch(e, step_s):
@@ -158,15 +159,15 @@ def bench_tfdata(config, data, fold_of, spec, args) -> dict:
 
 def bench_device(config, data, fold_of, spec, args) -> dict:
   import jax
-  from saltjax import device_input
+  from saltjax.input_pipeline import on_device
 
   config = config.copy_and_resolve_references()
   config.augment = spec
   config.image_size = args.image_size
-  on_device = device_input.put_on_device(data.train_images, data.train_masks)
-  folds = device_input.fold_indices(fold_of, list(range(args.folds)), seed=config.seed)
+  on_device = on_device.put_on_device(data.train_images, data.train_masks)
+  folds = on_device.fold_indices(fold_of, list(range(args.folds)), seed=config.seed)
   steps = _steps([int(s) for s in folds.sizes], args.batch_size, args.max_steps)
-  batch_fn = jax.jit(device_input.make_train_batch_fn(config, args.batch_size))
+  batch_fn = jax.jit(on_device.make_train_batch_fn(config, args.batch_size))
 
   started = time.perf_counter()
   compiled = batch_fn.lower(on_device, folds, 0, 0).compile()
@@ -200,7 +201,7 @@ def main(argv=None) -> dict:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   import jax
   import report
-  from saltjax import data as data_lib
+  from saltjax.data import dataset as data_lib
 
   try:
     import tensorflow as tf

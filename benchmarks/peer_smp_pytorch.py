@@ -4,7 +4,7 @@ The peer is what a Kaggle TGS solution would run today:
 `smp.Unet('resnet50', encoder_weights=None, in_channels=1, classes=1,
 decoder_attention_type='scse')`, trained with the same loss as saltjax's
 'bce_dice' (BCE + per-image soft Dice, smooth 1, in float32; written here in
-torch to match saltjax.losses.bce_dice) and Adam at the seed's 3e-4, with the
+torch to match saltjax.training.losses.bce_dice) and Adam at the seed's 3e-4, with the
 usual PyTorch speed settings: bf16 autocast, channels_last, torch.compile
 (static shapes, one compilation per batch size), fused Adam, cuDNN autotuning.
 
@@ -130,13 +130,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def bce_dice(logits, masks, smooth: float = 1.0):
-  """saltjax.losses.bce_dice in torch: mean BCE + mean per-image soft Dice."""
+  """saltjax.training.losses.bce_dice in torch: mean BCE + mean per-image soft Dice."""
   import torch
   import torch.nn.functional as F
 
   logits, masks = logits.float(), masks.float()
   # Every image has the same pixel count: the mean over all pixels equals the
-  # mean of per-image means, as in saltjax.losses.bce.
+  # mean of per-image means, as in saltjax.training.losses.bce.
   bce = F.binary_cross_entropy_with_logits(logits, masks)
   probs, labels = torch.sigmoid(logits).flatten(1), masks.flatten(1)
   intersection = (probs * labels).sum(1)
@@ -307,7 +307,7 @@ def bench_tta(
 
   def tta(x):
     # Identity + hflip, averaged on probabilities, then back to 101x101: what
-    # saltjax.inference.make_infer_fn(tta='hflip') computes.
+    # saltjax.model.tta.make_infer_fn(tta='hflip') computes.
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
       plain = torch.sigmoid(model(x).float())
       flipped = torch.sigmoid(model(torch.flip(x, dims=[3])).float())

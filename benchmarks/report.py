@@ -15,7 +15,7 @@ def versions(names) -> dict:
   import sys
 
   sys.path.insert(0, str(REPO))
-  from saltjax import run  # light: no TensorFlow, no model
+  from saltjax.app import run  # light: no TensorFlow, no model
 
   return run.package_versions(names)
 

@@ -1,8 +1,8 @@
 """Whole-section segmentation throughput: sections per second.
 
-Times saltjax.sections' per-section work on a synthetic section held in
+Times saltjax.sections.segment' per-section work on a synthetic section held in
 memory: amplitude -> gray (symmetric clipping), overlapping 101x101 tiles,
-the ensemble's TTA predictions (`sections.tile_predictor`, the function
+the ensemble's TTA predictions (`segment.tile_predictor`, the function
 `configs/segment.py` uses), windowed blending, thresholding and the
 minimum-area filter. Reading and writing files are not timed. The model has
 random weights: the speed does not depend on what it learned.
@@ -18,12 +18,12 @@ Writes benchmarks/results/segment_sections_cpu.json on a CPU
 (segment_sections_<device>.json otherwise, or --output) and prints a line.
 
 Accuracy of the amplitude rules (`--accuracy`): a trained workdir (with
-`--train`, the small model tests/test_sections.py trains, about 1-2 minutes
+`--train`, the small model tests/sections/test_sections.py trains, about 1-2 minutes
 of CPU) segments sections whose true salt is known, each rendered several
 ways: scaled x0.01 / x1 / x1000, with a strong salt-top reflection, with one
 very strong flat reflector, with amplitudes fading with depth, with extra
 noise, smoother, sections drawn by a renderer independent of
-saltjax.synthetic (flat layers, a dome and a detached lens), and 8-bit
+saltjax.data.synthetic (flat layers, a dome and a detached lens), and 8-bit
 pictures of the sections drawn darker, lighter and flatter than the training
 tiles (as PNGs are), and sections sampled twice as finely (in depth and
 along the line, in depth only, or along the line only) or 1.5 times as
@@ -115,9 +115,9 @@ def versions() -> dict:
 def main(argv=None) -> dict:
   args = parse_args(argv)
   import jax
-  from saltjax import sections
-  from saltjax import synthetic
-  from saltjax import train as train_lib
+  from saltjax.sections import segment
+  from saltjax.data import synthetic
+  from saltjax.training import trainer as train_lib
 
   config = __import__(f"configs.{args.model}", fromlist=["get_config"]).get_config()
   config.model.dtype = args.dtype
@@ -130,19 +130,19 @@ def main(argv=None) -> dict:
       for i in range(args.members)
   ]
   num_params = sum(x.size for x in jax.tree.leaves(members[0][0]["params"]))
-  predict_tiles = sections.tile_predictor(config, model, members)
+  predict_tiles = segment.tile_predictor(config, model, members)
 
   amplitude, _ = synthetic.generate_section(0, args.rows, args.cols)
-  clip = sections.clip_level(amplitude, 99.0)
-  window = sections.tile_window()
-  num_tiles = len(sections.tile_starts(args.rows, args.stride)) * len(
-      sections.tile_starts(args.cols, args.stride)
+  clip = segment.clip_level(amplitude, 99.0)
+  window = segment.tile_window()
+  num_tiles = len(segment.tile_starts(args.rows, args.stride)) * len(
+      segment.tile_starts(args.cols, args.stride)
   )
 
   def one_section():
-    gray = sections.amplitude_to_gray(amplitude, clip)
-    (prob,) = sections.segment_sections([gray], predict_tiles, args.stride, window)
-    return sections.remove_small_regions(prob > 0.5, 20)
+    gray = segment.amplitude_to_gray(amplitude, clip)
+    (prob,) = segment.segment_sections([gray], predict_tiles, args.stride, window)
+    return segment.remove_small_regions(prob > 0.5, 20)
 
   start = time.perf_counter()
   one_section()
@@ -207,7 +207,7 @@ def main(argv=None) -> dict:
 
 
 def independent_section(seed: int, rows: int = 256, cols: int = 480):
-  """A section drawn without saltjax.synthetic: layers, a salt dome and a detached lens.
+  """A section drawn without saltjax.data.synthetic: layers, a salt dome and a detached lens.
 
   Flat, gently dipping and folded layers of Gaussian impedance, a dome rising
   from the base and an elliptic lens above its flank, both of high, slightly
@@ -244,15 +244,15 @@ def accuracy_cases(seeds):
   """(name, amplitude, true mask) of every section and rendering measured."""
   import cv2
   import numpy as np
-  from saltjax import sections
-  from saltjax import synthetic
+  from saltjax.sections import segment
+  from saltjax.data import synthetic
 
   for seed in seeds:
     a, m = synthetic.generate_section(seed, 256, 480)
     yield f"synthetic {seed}", a, m
     for scale in (0.01, 1000.0):
       yield f"synthetic {seed} x{scale:g}", scale * a, m
-    yield f"synthetic {seed} salt top x8", sections.boost_salt_top(a, m, 8.0), m
+    yield f"synthetic {seed} salt top x8", segment.boost_salt_top(a, m, 8.0), m
     strong = a.copy()
     strong[60:65] = 30 * np.abs(a).max() * np.sign(a[60:65] + 1e-9)
     yield f"synthetic {seed} strong reflector (2% of samples)", strong, m
@@ -266,7 +266,7 @@ def accuracy_cases(seeds):
   # of |a|)), clipped to 0-255; contrast 127.5 fills the 8 bits.
   for seed in seeds:
     a, m = synthetic.generate_section(seed, 256, 480)
-    unit = sections.clip_level(a, 99.0)
+    unit = segment.clip_level(a, 99.0)
     for middle, contrast in ((128, 40.0), (70, 127.5), (70, 16.0), (190, 40.0)):
       picture = np.clip(np.rint(middle + contrast * a / unit), 0, 255).astype(np.uint8)
       yield f"synthetic {seed} 8-bit, middle gray {middle}, contrast {contrast:g}", picture, m
@@ -304,12 +304,12 @@ def true_scale(name: str) -> tuple[float, float] | None:
 
 
 def _train_tests_model(workdir):
-  """The small model tests/test_sections.py trains, and its tuned post-processing."""
+  """The small model tests/sections/test_sections.py trains, and its tuned post-processing."""
   import tempfile
   from configs import predict as predict_config
-  from saltjax import run
+  from saltjax.app import run
   from tests.conftest import tiny_config
-  from tests.test_sections import TRAIN
+  from tests.sections.test_sections import TRAIN
 
   cache = tempfile.mkdtemp(prefix="saltjax_bench_")
   config = tiny_config(cache, cache, **TRAIN)
@@ -324,8 +324,8 @@ def accuracy(args) -> dict:
 
   import numpy as np
   from configs import segment as segment_config
-  from saltjax import config_checks
-  from saltjax import sections
+  from saltjax.app import config_checks
+  from saltjax.sections import segment
 
   workdir = pathlib.Path(args.workdir or "runs/segment_accuracy")
   if args.train:
@@ -334,14 +334,14 @@ def accuracy(args) -> dict:
   config.predict.tta, config.predict.batch_size = "none", 32
   trained = config_checks.config_for_prediction(config, workdir)
   trained.segment = config.segment
-  ensemble = sections.load_ensemble(trained, workdir)
-  stats, stats_note = sections.training_gray_levels(trained, workdir)
+  ensemble = segment.load_ensemble(trained, workdir)
+  stats, stats_note = segment.training_gray_levels(trained, workdir)
 
   def iou_of(section, truth, rule, scale=(1.0, 1.0)):
     """(IoU, scale factors) of the mask `segment` makes when it maps the section by
     `rule` (clip choice included) and resamples it by `scale` (samples, traces;
     -1: chosen as `segment` chooses them)."""
-    source = sections.in_memory_input(section)
+    source = segment.in_memory_input(section)
     segment = types.SimpleNamespace(
         amplitude=rule,
         clip_percentile=99.0,
@@ -350,12 +350,12 @@ def accuracy(args) -> dict:
         scale_traces=scale[1],
         stride=args.stride,
     )
-    scan = sections.scan_input(source)
-    segment, _, report, _ = sections.map_to_model(source, scan, segment, stats)
-    gray = sections.model_gray(section, report)
-    ((_, mask),) = sections.probabilities_and_masks([gray], ensemble, segment)
+    scan = segment.scan_input(source)
+    segment, _, report, _ = segment.map_to_model(source, scan, segment, stats)
+    gray = segment.model_gray(section, report)
+    ((_, mask),) = segment.probabilities_and_masks([gray], ensemble, segment)
     factors = [segment.scale_samples, segment.scale_traces]
-    return round(sections.truth_scores(truth, mask)["iou"], 4), factors
+    return round(segment.truth_scores(truth, mask)["iou"], 4), factors
 
   rules = {"match_training": "match_training", "percentile_99": "percentile", "as_is": "as_is"}
   rows = []
@@ -403,7 +403,7 @@ def accuracy(args) -> dict:
       "benchmark": "amplitude rules' mask IoU (benchmarks/segment_sections.py --accuracy)",
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "git_commit": report.git_commit(),
-      "model": "tests/test_sections.py's small model (1 fold, width 8, 64x64 input, 8 epochs on"
+      "model": "tests/sections/test_sections.py's small model (1 fold, width 8, 64x64 input, 8 epochs on"
       " 96 synthetic tiles)"
       if args.train
       else str(workdir),

@@ -1,7 +1,7 @@
 """Training and TTA-inference throughput of saltjax's own train step.
 
-Times the real code path: `train.Job.create` (model, optimiser, initial
-variables) and the step from `train.compile_train_steps`, with configs/fold.py's
+Times the real code path: `trainer.Job.create` (model, optimiser, initial
+variables) and the step from `trainer.compile_train_steps`, with configs/fold.py's
 model (ResNet50 encoder + scSE U-Net, 128x128 input, bfloat16 compute), on
 whatever devices JAX has. The batch is put on the device(s) once: this
 measures the accelerator, not the input pipeline (see input_pipeline.py here
@@ -18,7 +18,7 @@ For each batch size:
   achieved TFLOP/s, reported against a bf16 matmul rate measured on the same
   device (an 8192^3 jnp.dot), which stands in for the attainable peak.
 TTA inference (identity + hflip, the validation/prediction function of
-saltjax.inference) is timed the same way.
+saltjax.model.tta) is timed the same way.
 
 Usage:
   python benchmarks/train_throughput.py                       # GPU/TPU run
@@ -180,7 +180,8 @@ def bench_train(job, batch_size: int, args, peak_tflops: float, folds: int = 1) 
   """The real train step (vmapped for folds > 1): `folds` models, `batch_size` images each."""
   import jax
   import numpy as np
-  from saltjax import parallel, train
+  from saltjax import parallel
+  from saltjax.training import trainer
 
   config, mesh = job.config, job.mesh
   step = job.train_steps[config.loss.name]
@@ -192,7 +193,7 @@ def bench_train(job, batch_size: int, args, peak_tflops: float, folds: int = 1) 
   }
   batch = parallel.global_from_local(host, mesh, fold_axis=True)
   state = jax.device_put(
-      train._stack([job.new_state() for _ in range(folds)]), parallel.replicated(mesh)
+      trainer._stack([job.new_state() for _ in range(folds)]), parallel.replicated(mesh)
   )
   jax.block_until_ready((state, batch))
 
@@ -238,14 +239,12 @@ def bench_train(job, batch_size: int, args, peak_tflops: float, folds: int = 1) 
 def bench_tta(job, batch_size: int, args, peak_tflops: float) -> dict:
   import jax
   import numpy as np
-  from saltjax import inference
+  from saltjax.model import tta
   from saltjax import parallel
 
   config, mesh = job.config, job.mesh
-  # As saltjax.train.Job and saltjax.predict build it.
-  infer = jax.jit(
-      inference.make_infer_fn(job.model, config.image_size, config.resize_mode, args.tta)
-  )
+  # As saltjax.training.trainer.Job and saltjax.inference.predict build it.
+  infer = jax.jit(tta.make_infer_fn(job.model, config.image_size, config.resize_mode, args.tta))
   variables = jax.device_put(job.initial_variables, parallel.replicated(mesh))
   rng = np.random.default_rng(1)
   size = config.image_size
@@ -330,9 +329,9 @@ def main(argv=None) -> dict:
   if args.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.compilation_cache))
   import numpy as np
-  from saltjax import models
+  from saltjax.model import unet
   from saltjax import parallel
-  from saltjax import train
+  from saltjax.training import trainer
 
   config = make_config(args)
   mesh = parallel.create_mesh()
@@ -355,7 +354,7 @@ def main(argv=None) -> dict:
   # only size its steps_per_epoch, so a made-up assignment serves.
   fold_of = np.arange(config.num_folds * config.batch_size) % config.num_folds
   t = time.perf_counter()
-  job = train.Job.create(config, mesh, fold_of, writer=None)
+  job = trainer.Job.create(config, mesh, fold_of, writer=None)
   init_s = time.perf_counter() - t
 
   result = {
@@ -387,7 +386,7 @@ def main(argv=None) -> dict:
           "tta": args.tta,
           "compilation_cache": args.compilation_cache,
       },
-      "model_params": models.count_params(job.initial_variables["params"]),
+      "model_params": unet.count_params(job.initial_variables["params"]),
       "init_s": init_s,
       "matmul": peak,
       "train": [],

@@ -31,7 +31,7 @@ def get_config():
       "hflip"  # ops joined by '|': hflip vflip shift(n) scale(s) brightness(d) contrast(d)
   )
   # Where batches are made: 'tfdata' (host CPUs) or 'device' (decoded data on
-  # the accelerator, augmented in JAX: saltjax/device_input.py; no TensorFlow).
+  # the accelerator, augmented in JAX: saltjax/input_pipeline/on_device.py; no TensorFlow).
   config.input_pipeline = "tfdata"
 
   config.model = ml_collections.ConfigDict(

@@ -275,7 +275,7 @@ def _read_checkpoints(fold_dir: pathlib.Path) -> dict:
 @pytest.fixture(scope="session")
 def prepared_data(data_cache):
   """The tiny synthetic set, generated once before processes race for it."""
-  from saltjax import data as data_lib
+  from saltjax.data import dataset as data_lib
 
   return data_lib.load(tiny_config(data_cache, ""))
 
@@ -325,9 +325,9 @@ def job_cache():
 @pytest.fixture
 def shared_job(job_cache, monkeypatch):
   """In-process runs share one Job (traced and compiled once), as one process's folds do."""
-  from saltjax import train
+  from saltjax.training import trainer
 
-  create = train.Job.create
+  create = trainer.Job.create
 
   def shared(config, mesh, fold_of, writer, num_extra=0):
     key = config.to_json_best_effort(sort_keys=True)
@@ -335,7 +335,7 @@ def shared_job(job_cache, monkeypatch):
       job_cache[key] = create(config, mesh, fold_of, writer=None, num_extra=num_extra)
     return dataclasses.replace(job_cache[key], writer=writer)
 
-  monkeypatch.setattr(train.Job, "create", shared)
+  monkeypatch.setattr(trainer.Job, "create", shared)
 
 
 # ------------------------------------- float32 parity: what reduction order moves ---
@@ -407,7 +407,7 @@ def step_mismatches(
   layer's running mean and variance, (1 - momentum^steps) * max(batch variance
   + batch mean^2), the size of the sums of x and x^2 they come from.
   """
-  from saltjax.models import BATCH_NORM_MOMENTUM
+  from saltjax.model.unet import BATCH_NORM_MOMENTUM
 
   params = [k for k in reference if k.startswith("['params']")]
   moved = max(float(np.max(np.abs(reference[k] - init[k]))) for k in params)

@@ -93,7 +93,7 @@ def _listing(root: pathlib.Path) -> list[pathlib.Path]:
 def test_main_refuses_a_corrupt_checkpoint(
     reference, shared_job, tmp_path, data_cache, compile_cache, capfd, monkeypatch
 ):
-  from saltjax import run
+  from saltjax.app import run
 
   monkeypatch.delenv("SALTJAX_DEBUG", raising=False)
   step_dir = _copy_for_resume(reference, tmp_path / "run")
@@ -114,7 +114,7 @@ def test_changed_model_config_is_refused_for_the_same_workdir(
     reference, tmp_path, data_cache, compile_cache, capfd, monkeypatch
 ):
   from saltjax import checkpoints as ckpt_lib
-  from saltjax import run
+  from saltjax.app import run
 
   monkeypatch.delenv("SALTJAX_DEBUG", raising=False)
   _copy_for_resume(reference, tmp_path / "run")

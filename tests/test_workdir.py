@@ -167,7 +167,7 @@ def test_any_config_takes_distributed_and_says_how_to_start_a_job(tmp_path):
 def test_main_refuses_a_workdir_in_use_before_writing_anything(
     tmp_path, data_cache, compile_cache, capfd, monkeypatch
 ):
-  from saltjax import run
+  from saltjax.app import run
 
   monkeypatch.delenv("SALTJAX_DEBUG", raising=False)
   holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
@@ -216,7 +216,7 @@ def small_mount(tmp_path):
 def test_a_read_only_workdir_is_found_before_training(
     small_mount, data_cache, compile_cache, capfd, monkeypatch
 ):
-  from saltjax import run
+  from saltjax.app import run
 
   monkeypatch.delenv("SALTJAX_DEBUG", raising=False)
   workdir = small_mount("ro", "ro,size=1m") / "run"
@@ -231,7 +231,7 @@ def test_a_full_disk_during_training_ends_in_one_message(
     small_mount, data_cache, compile_cache, capfd, monkeypatch
 ):
   """Room for the run's records but not its checkpoints: one message, exit 1."""
-  from saltjax import run
+  from saltjax.app import run
 
   monkeypatch.delenv("SALTJAX_DEBUG", raising=False)
   workdir = small_mount("full", "size=64k") / "run"
@@ -253,7 +253,7 @@ def test_truncated_compilation_cache_entries_are_dropped(tmp_path, monkeypatch):
   found readable is not read again at the next start unless it changed."""
   from jax._src import compilation_cache
 
-  from saltjax import run
+  from saltjax.app import run
 
   whole = compilation_cache.compress_executable(b"x" * 10_000)
   (tmp_path / "good-cache").write_bytes(whole)
@@ -285,7 +285,7 @@ def test_truncated_compilation_cache_entries_are_dropped(tmp_path, monkeypatch):
 def test_a_full_cache_dir_says_so(small_mount, tmp_path, compile_cache, capfd, monkeypatch):
   """The embedded dataset cannot be generated into a full cache_dir: one message
   naming it and the option, and no half-written dataset left behind."""
-  from saltjax import run
+  from saltjax.app import run
 
   monkeypatch.delenv("SALTJAX_DEBUG", raising=False)
   cache = small_mount("cache", "size=64k")
@@ -299,7 +299,7 @@ def test_a_full_cache_dir_says_so(small_mount, tmp_path, compile_cache, capfd, m
 
 
 def test_abandoned_tfds_preparations_and_stale_copies_are_removed(tmp_path):
-  from saltjax import tfds_builders
+  from saltjax.data import tfds_builders
 
   target = tmp_path / "tfds" / "data-new"
   old = target / "tgs_salt" / "incomplete.abc"

@@ -1,0 +1,1 @@
+"""The application: what main.py runs, process set-up, config checks."""

@@ -1,0 +1,298 @@
+"""Config values checked before anything runs or is written.
+
+All problems are reported at once, each naming its `config.` key.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import ml_collections
+
+from saltjax.input_pipeline import augment_spec
+from saltjax import errors
+from saltjax import geometry
+from saltjax.model import imagenet_weights
+from saltjax.model import tta
+from saltjax.training import losses
+from saltjax.training import optimizers
+from saltjax import workdir as workdir_lib
+
+ConfigError = errors.ConfigError
+
+
+# Keys that may change between runs sharing a workdir (they don't change
+# what a fold's training computes).
+_FREE_KEYS = (
+    "mode",
+    "fold",
+    "progress",
+    "log_every_steps",
+    "predict",
+    "compilation_cache",
+    "distributed",
+    "eval_batch_size",
+    "parallel_folds",
+    "checkpoint_every_seconds",
+    "segment",
+    "predict_data_dir",
+)
+
+
+def check(config) -> None:
+  problems = []
+
+  def need(ok, key, message):
+    if not ok:
+      problems.append(f"config.{key}={_get(config, key)!r}: {message}")
+
+  need(
+      config.mode in ("train", "predict", "segment"), "mode", "use 'train', 'predict' or 'segment'"
+  )
+  need(isinstance(config.num_folds, int) and config.num_folds >= 2, "num_folds", "must be >= 2")
+  need(
+      isinstance(config.fold, int) and -1 <= config.fold < max(config.num_folds, 0),
+      "fold",
+      f"must be -1 (all) or 0..{config.num_folds - 1}",
+  )
+  need(config.stratify_by in ("coverage", "depth"), "stratify_by", "use 'coverage' or 'depth'")
+  need(config.resize_mode in geometry.RESIZE_MODES, "resize_mode", "use 'resize' or 'pad'")
+  need(
+      config.get("input_pipeline", "tfdata") in ("tfdata", "device"),
+      "input_pipeline",
+      "use 'tfdata' (host) or 'device' (on the accelerator, no TensorFlow)",
+  )
+  need(
+      config.image_size >= 101 if config.resize_mode == "pad" else config.image_size >= 32,
+      "image_size",
+      "must be >= 101 with resize_mode='pad', >= 32 with 'resize'",
+  )
+  need(
+      config.image_size % 32 == 0,
+      "image_size",
+      "must be a multiple of 32 (the encoder's total stride)",
+  )
+  need(config.batch_size > 0, "batch_size", "must be positive")
+  need(config.eval_batch_size > 0, "eval_batch_size", "must be positive")
+  need(config.predict.batch_size > 0, "predict.batch_size", "must be positive")
+  need(config.num_epochs > 0, "num_epochs", "must be positive")
+  need(config.log_every_steps > 0, "log_every_steps", "must be positive")
+  need(
+      isinstance(config.get("parallel_folds", 1), int) and config.get("parallel_folds", 1) >= 0,
+      "parallel_folds",
+      "must be >= 0 (0: every fold at once)",
+  )
+  need(
+      config.get("checkpoint_every_seconds", 0) >= 0,
+      "checkpoint_every_seconds",
+      "must be >= 0 (0: every epoch)",
+  )
+  need(config.optimizer.learning_rate > 0, "optimizer.learning_rate", "must be positive")
+  need(
+      config.optimizer.name in optimizers.OPTIMIZERS,
+      "optimizer.name",
+      f"use one of {', '.join(optimizers.OPTIMIZERS)}",
+  )
+  need(config.optimizer.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
+  need(config.optimizer.grad_clip >= 0, "optimizer.grad_clip", "must be >= 0")
+  s = config.schedule
+  need(
+      s.name in optimizers.SCHEDULES,
+      "schedule.name",
+      f"use one of {', '.join(optimizers.SCHEDULES)}",
+  )
+  need(s.cycle_epochs > 0, "schedule.cycle_epochs", "must be positive")
+  need(s.cycle_mult >= 1, "schedule.cycle_mult", "must be >= 1")
+  need(
+      0 <= s.min_lr <= config.optimizer.learning_rate,
+      "schedule.min_lr",
+      "must be between 0 and optimizer.learning_rate",
+  )
+  need(s.warmup_epochs >= 0, "schedule.warmup_epochs", "must be >= 0")
+  need(s.step_epochs > 0, "schedule.step_epochs", "must be positive")
+  need(0 < s.step_factor <= 1, "schedule.step_factor", "must be in (0, 1]")
+  need(0 < s.plateau_factor <= 1, "schedule.plateau_factor", "must be in (0, 1]")
+  for key in ("loss.name", "loss.second_name"):
+    need(
+        _get(config, key) in losses.PER_IMAGE_LOSSES,
+        key,
+        f"unknown loss; use one of {', '.join(losses.PER_IMAGE_LOSSES)}",
+    )
+  need(config.nonfinite in ("stop", "skip"), "nonfinite", "use 'stop' or 'skip'")
+  need(
+      config.predict.tta in tta.TTA_CHOICES,
+      "predict.tta",
+      f"use one of {', '.join(tta.TTA_CHOICES)}",
+  )
+  need(
+      all(
+          p.strip() in workdir_lib.CHECKPOINT_STORES for p in config.predict.checkpoints.split("+")
+      ),
+      "predict.checkpoints",
+      f"use {', '.join(workdir_lib.CHECKPOINT_STORES)} or several joined by '+'",
+  )
+  need(
+      config.predict.threshold < 0 or 0 < config.predict.threshold < 1,
+      "predict.threshold",
+      "must be in (0, 1), or -1 to tune it",
+  )
+  pl = config.pseudo_label
+  need(
+      0 <= pl.low < pl.high <= 1,
+      "pseudo_label.low",
+      "pseudo_label.low and .high must satisfy 0 <= low < high <= 1",
+  )
+  need(
+      0 <= pl.max_uncertain_fraction <= 1,
+      "pseudo_label.max_uncertain_fraction",
+      "must be in [0, 1]",
+  )
+  need(
+      not pl.enabled or config.fold == -1,
+      "pseudo_label.enabled",
+      "pseudo-labelling needs every fold trained first (config.fold=-1)",
+  )
+  try:
+    augment_spec.parse(config.augment)
+  except ValueError as e:
+    problems.append(str(e))
+  m = config.model
+  need(
+      len(m.stage_sizes) == 4 and all(int(n) > 0 for n in m.stage_sizes),
+      "model.stage_sizes",
+      "must be four positive block counts, e.g. (3, 4, 6, 3)",
+  )
+  need(m.encoder_width > 0, "model.encoder_width", "must be positive")
+  need(
+      len(m.decoder_channels) == 5 and all(int(c) > 0 for c in m.decoder_channels),
+      "model.decoder_channels",
+      "must be five positive widths",
+  )
+  need(m.in_channels in (1, 3), "model.in_channels", "must be 1 or 3")
+  need(m.scse_reduction > 0, "model.scse_reduction", "must be positive")
+  need(m.upsample in ("nearest", "bilinear"), "model.upsample", "use 'nearest' or 'bilinear'")
+  need(m.dtype in ("auto", "float32", "bfloat16"), "model.dtype", "use auto, float32 or bfloat16")
+  hub = imagenet_weights.hub_repo(m.pretrained)
+  need(
+      not m.pretrained or hub or pathlib.Path(m.pretrained).expanduser().is_file(),
+      "model.pretrained",
+      "no such file, and not 'imagenet' or a timm/resnet50.<tag> name",
+  )
+  need(
+      not m.pretrained or (tuple(m.stage_sizes) == (3, 4, 6, 3) and m.encoder_width == 64),
+      "model.pretrained",
+      "ResNet50 weights need model.stage_sizes=(3,4,6,3) and"
+      " model.encoder_width=64 (or --config.model.pretrained='' to train from scratch)",
+  )
+  need(
+      config.data_dir == "" or pathlib.Path(config.data_dir).expanduser().is_dir(),
+      "data_dir",
+      "no such directory",
+  )
+  need(
+      config.synthetic.num_train >= 2 * config.num_folds,
+      "synthetic.num_train",
+      "too few images for the folds",
+  )
+  need(config.synthetic.num_test >= 0, "synthetic.num_test", "must be >= 0")
+  if problems:
+    raise ConfigError("bad config:\n  " + "\n  ".join(problems))
+
+
+def _get(config, dotted: str):
+  value = config
+  for part in dotted.split("."):
+    value = value[part]
+  return value
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def check_same_training_config(previous: dict, current: dict, path) -> None:
+  """A workdir's runs must share the training config (resume, other folds)."""
+  before = {k: v for k, v in _flatten(previous).items() if k.split(".")[0] not in _FREE_KEYS}
+  now = {
+      k: v
+      for k, v in _flatten(json.loads(json.dumps(current, default=list))).items()
+      if k.split(".")[0] not in _FREE_KEYS
+  }
+  before.setdefault("input_pipeline", "tfdata")  # workdirs from before the option
+  changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+  if changed:
+    details = "; ".join(
+        f"config.{k} was {before.get(k)!r}, now {now.get(k)!r}" for k in changed[:8]
+    )
+    raise ConfigError(
+        f"{path} holds a run with another training config ({details}); use a new"
+        " --workdir, or the same config to resume"
+    )
+
+
+# Keys a prediction takes from the command line; every other one comes from
+# the workdir's training config.
+_PREDICTION_KEYS = (
+    "predict",
+    "mode",
+    "progress",
+    "compilation_cache",
+    "distributed",
+    "data_dir",
+    "segment",
+)
+
+
+def config_for_prediction(
+    config, workdir: pathlib.Path, defaults=None
+) -> ml_collections.ConfigDict:
+  """The workdir's training config with this config's `predict` section.
+
+  `--config.data_dir` names another directory whose test images to predict
+  (the out-of-fold part still comes from the training data). Other values
+  given on the command line (those that differ from `defaults`, the config
+  file's own values) cannot change a trained model: each is named in a
+  warning, never silently dropped.
+  """
+  import logging
+
+  saved = pathlib.Path(workdir) / workdir_lib.CONFIG_JSON
+  if not saved.exists():
+    raise ConfigError(
+        f"{saved} not found: --workdir must be a directory that a training"
+        " run (configs/fold.py or configs/quick.py) wrote"
+    )
+  trained = ml_collections.ConfigDict(json.loads(saved.read_text()))
+  if defaults is not None:
+    given = _flatten(json.loads(config.to_json_best_effort()))
+    default = _flatten(json.loads(defaults.to_json_best_effort()))
+    ignored = sorted(
+        k for k in given if k.split(".")[0] not in _PREDICTION_KEYS and given[k] != default.get(k)
+    )
+    for key in ignored:
+      logging.warning(
+          "config.%s=%r is ignored: the model and data settings of a" " prediction come from %s",
+          key,
+          given[key],
+          saved,
+      )
+  with trained.unlocked():
+    trained.predict = config.predict
+    trained.mode = config.mode
+    trained.progress = config.progress
+    if "segment" in config:
+      trained.segment = config.segment
+    trained.predict_data_dir = ""
+    if config.data_dir and config.data_dir != trained.get("data_dir", ""):
+      trained.predict_data_dir = config.data_dir
+  for key in ("stage_sizes", "decoder_channels"):
+    trained.model[key] = tuple(trained.model[key])
+  check(trained)
+  return trained

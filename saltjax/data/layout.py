@@ -1,0 +1,793 @@
+"""Validates and reads a Kaggle TGS Salt data directory.
+
+The layout a data_dir holds::
+
+  train.csv                 id,rle_mask (column-major 1-indexed RLE or empty)
+  depths.csv                id,z
+  train/images/<id>.png     101x101, 8-bit gray (or 3 equal channels)
+  train/masks/<id>.png      101x101, 8- or 16-bit, nonzero is salt
+  test/images/<id>.png      101x101, 8-bit gray (or 3 equal channels)
+  sample_submission.csv     optional; when present its ids are the test ids
+
+Kaggle serves the PNGs zipped, and the zips can be read as they are: where
+train/ (or test/) is not unpacked, train.zip (test.zip) in data_dir is read
+instead, PNGs straight out of the archive.  Kaggle's train.zip holds images/
+and masks/ and its test.zip holds images/; archives that put those folders one
+level down (train/images/...) work too.  Unpacked folders win when both exist,
+and problems inside an archive name the member, as in
+``train.zip:images/<id>.png``.
+
+Every problem is collected before anything is returned, so that a user fixing
+a download sees the whole list at once instead of one error per run.  Each PNG
+is decoded exactly once: the arrays checked by validation are the arrays
+returned by `read_layout`.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import os
+import threading
+from typing import Iterable, Sequence
+import zipfile
+import zlib
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from saltjax import errors
+from saltjax import geometry
+from saltjax.data import rle
+
+IMAGE_SIZE = geometry.ORIGINAL_SIZE
+
+# How many lines of one kind of problem a DataError message shows before it
+# summarises the rest; a broken download can have thousands of the same kind.
+_MAX_LINES_PER_KIND = 10
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+_TRAIN_CSV_COLUMNS = ["id", "rle_mask"]
+_DEPTHS_CSV_COLUMNS = ["id", "z"]
+
+
+class DataError(errors.DataError):
+  """All problems found in a data directory, one per line."""
+
+  def __init__(self, message: str, problems: Sequence[str] = ()):
+    super().__init__(message)
+    # The full, unsummarised list, for callers that want to process it.
+    self.problems = list(problems)
+
+
+@dataclasses.dataclass
+class SaltData:
+  """The contents of a data directory, in train.csv / test-id order."""
+
+  train_ids: list[str]
+  train_images: np.ndarray  # (N, 101, 101) uint8
+  train_masks: np.ndarray  # (N, 101, 101) uint8 in {0, 1}
+  train_depths: np.ndarray  # (N,) int64 (from depths.csv)
+  test_ids: list[str]
+  test_images: np.ndarray  # (M, 101, 101) uint8
+  test_depths: np.ndarray  # (M,) int64
+
+
+class _Problems:
+  """Problems found so far, each tagged with a kind used for summarising."""
+
+  def __init__(self):
+    self.items: list[tuple[str, str]] = []  # (kind, line)
+
+  def add(self, kind: str, line: str) -> None:
+    self.items.append((kind, line))
+
+  def __bool__(self) -> bool:
+    return bool(self.items)
+
+  def lines(self) -> list[str]:
+    return [line for _, line in self.items]
+
+  def message(self, data_dir: str) -> str:
+    """One message, grouped by kind, with long groups cut to a few lines."""
+    by_kind: dict[str, list[str]] = {}  # Kinds in order of first appearance.
+    for kind, line in self.items:
+      by_kind.setdefault(kind, []).append(line)
+    out = [f"data_dir {data_dir} has {len(self.items)} problem(s):"]
+    for kind, lines in by_kind.items():
+      out.extend(f"  {line}" for line in lines[:_MAX_LINES_PER_KIND])
+      if len(lines) > _MAX_LINES_PER_KIND:
+        out.append(f"  ... and {len(lines) - _MAX_LINES_PER_KIND} more {kind}")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------
+# PNG decoding and per-file checks.
+
+
+def _decode_png(path: str) -> tuple[np.ndarray | None, str | None]:
+  """Decodes a file as-is (bit depth and channels kept); (array, error)."""
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except OSError as e:
+    return None, f"cannot be read ({e.strerror or e})"
+  return _decode_bytes(data)
+
+
+def _decode_bytes(data: bytes) -> tuple[np.ndarray | None, str | None]:
+  """Decodes PNG bytes as-is (bit depth and channels kept); (array, error)."""
+  if not data:
+    return None, "is empty (0 bytes)"
+  # libpng rejects most truncations itself, but a file cut right after its
+  # last pixel data could still decode on some builds; a PNG always ends in an
+  # IEND chunk, so its absence is a sure sign of truncation.
+  if data.startswith(_PNG_SIGNATURE) and data.rfind(b"IEND") == -1:
+    return None, "is truncated (no IEND chunk)"
+  try:
+    array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+  except cv2.error as e:  # pragma: no cover - depends on the OpenCV build
+    return None, f"cannot be decoded ({str(e).strip().splitlines()[-1]})"
+  if array is None:
+    return None, "is unreadable or truncated (not a decodable image)"
+  return array, None
+
+
+def _to_gray(array: np.ndarray) -> tuple[np.ndarray | None, list[str]]:
+  """Collapses equal channels to one; lists what is wrong with the shape."""
+  issues = []
+  if array.ndim == 3 and array.shape[2] == 1:
+    array = array[:, :, 0]
+  if array.ndim == 3:
+    channels = array.shape[2]
+    if channels == 4:
+      issues.append("has 4 channels (RGBA); expected gray or 3 equal channels")
+    elif channels == 3:
+      if not (
+          np.array_equal(array[:, :, 0], array[:, :, 1])
+          and np.array_equal(array[:, :, 0], array[:, :, 2])
+      ):
+        issues.append("has 3 channels that are not equal (a color image);" " expected gray")
+    else:
+      issues.append(f"has {channels} channels; expected gray")
+  elif array.ndim != 2:
+    issues.append(f"has unexpected array shape {array.shape}")
+  if array.ndim >= 2 and array.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE):
+    height, width = array.shape[:2]
+    issues.append(f"is {width}x{height} pixels; expected" f" {IMAGE_SIZE}x{IMAGE_SIZE}")
+  if issues:
+    return None, issues
+  return (array[:, :, 0] if array.ndim == 3 else array), []
+
+
+def _bits(array: np.ndarray) -> int:
+  return array.dtype.itemsize * 8
+
+
+def _check_image(array: np.ndarray) -> tuple[np.ndarray | None, list[str]]:
+  """An 8-bit (101, 101) gray image, or the reasons it is not one."""
+  gray, issues = _to_gray(array)
+  if array.dtype != np.uint8:
+    issues.append(f"is {_bits(array)}-bit ({array.dtype}); images must be 8-bit")
+  if issues:
+    return None, issues
+  return np.ascontiguousarray(gray), []
+
+
+def _check_mask(array: np.ndarray) -> tuple[np.ndarray | None, list[str]]:
+  """A {0, 1} uint8 (101, 101) mask, or the reasons it is not one."""
+  gray, issues = _to_gray(array)
+  if array.dtype == np.uint8:
+    allowed = ({0, 255}, {0, 1})
+  elif array.dtype == np.uint16:
+    allowed = ({0, 65535}, {0, 1})
+  else:
+    issues.append(f"is {array.dtype}; masks must be 8- or 16-bit")
+    allowed = None
+  if gray is not None and allowed is not None:
+    values = set(np.unique(gray).tolist())
+    # Only 0/max or 0/1 are unambiguous; anything else (antialiased edges,
+    # a label image, a photo saved as a mask) would silently change the truth.
+    if not any(values <= ok for ok in allowed):
+      shown = sorted(values)
+      text = ", ".join(map(str, shown[:8]))
+      text += ", ..." if len(shown) > 8 else ""
+      article = "an" if _bits(array) == 8 else "a"
+      issues.append(
+          f"has values {{{text}}}; {article} {_bits(array)}-bit mask must hold"
+          f" only 0 and {max(allowed[0])} or 0 and 1"
+      )
+  if issues:
+    return None, issues
+  return (gray != 0).astype(np.uint8), []
+
+
+def _load_checked(path: str, kind: str) -> tuple[np.ndarray | None, list[str]]:
+  array, error = _decode_png(path)
+  if error:
+    return None, [error]
+  return (_check_image if kind == "image" else _check_mask)(array)
+
+
+def _load_entry(
+    source: "_PngSource", sub: str, stem: str, kind: str
+) -> tuple[np.ndarray | None, list[str]]:
+  try:
+    data = source.read(sub, stem)
+  except OSError as e:
+    return None, [f"cannot be read ({e.strerror or e})"]
+  array, error = _decode_bytes(data)
+  if error:
+    return None, [error]
+  return (_check_image if kind == "image" else _check_mask)(array)
+
+
+def _load_many(
+    entries: Sequence[tuple["_PngSource", str, str, str]],
+) -> list[tuple[np.ndarray | None, list[str]]]:
+  """Reads and checks (source, sub, stem, kind) entries, in order."""
+  # cv2.imdecode and file reads release the GIL, so threads overlap both the
+  # disk and the decoding without the pickling cost of processes.
+  if not entries:
+    return []
+  with concurrent.futures.ThreadPoolExecutor() as pool:
+    return list(pool.map(lambda entry: _load_entry(*entry), entries))
+
+
+def read_image(path) -> np.ndarray:
+  """Reads one image as uint8 (101, 101); raises DataError naming the file."""
+  path = os.fspath(path)
+  image, issues = _load_checked(path, "image")
+  if issues:
+    lines = [f"{path} {issue}" for issue in issues]
+    raise DataError("\n".join(lines), lines)
+  return image
+
+
+def read_mask(path) -> np.ndarray:
+  """Reads one mask as uint8 {0, 1} (101, 101); raises DataError on problems."""
+  path = os.fspath(path)
+  mask, issues = _load_checked(path, "mask")
+  if issues:
+    lines = [f"{path} {issue}" for issue in issues]
+    raise DataError("\n".join(lines), lines)
+  return mask
+
+
+# ---------------------------------------------------------------------------
+# CSV files and directory listings.
+
+
+def _read_csv(
+    data_dir: str, name: str, columns: list[str] | None, problems: _Problems
+) -> pd.DataFrame | None:
+  """Reads a CSV as strings; None (with a problem) when unusable."""
+  path = os.path.join(data_dir, name)
+  try:
+    # Strings throughout: ids like "00e1" must not become numbers and an empty
+    # rle_mask must stay "" rather than NaN.
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+  except pd.errors.EmptyDataError:
+    problems.add("bad csv files", f"{name} is empty (expected a header line)")
+    return None
+  except Exception as e:  # pylint: disable=broad-except
+    text = str(e).strip()
+    detail = text.splitlines()[0] if text else type(e).__name__
+    problems.add("bad csv files", f"{name} cannot be parsed: {detail}")
+    return None
+  frame.columns = [str(c).strip() for c in frame.columns]
+  if columns is not None and list(frame.columns) != columns:
+    problems.add(
+        "bad csv files",
+        f"{name} has columns {list(frame.columns)}; expected"
+        f" {columns} (header line {','.join(columns)!r})",
+    )
+    return None
+  if columns is None and "id" not in frame.columns:
+    problems.add(
+        "bad csv files", f"{name} has columns {list(frame.columns)}; expected an 'id'" " column"
+    )
+    return None
+  frame["id"] = frame["id"].str.strip()
+  return frame
+
+
+def _check_ids(name: str, ids: Sequence[str], problems: _Problems) -> None:
+  """Reports empty and duplicated ids, naming their CSV line numbers."""
+  lines_by_id: dict[str, list[int]] = collections.defaultdict(list)
+  for row, id_ in enumerate(ids):
+    lines_by_id[id_].append(row + 2)  # Line 1 is the header.
+  for id_, lines in lines_by_id.items():
+    if not id_:
+      problems.add("empty ids", f"{name} has an empty id on line(s) {_short(lines)}")
+    elif len(lines) > 1:
+      problems.add(
+          "duplicated ids", f"{name} has id {id_!r} {len(lines)} times (lines" f" {_short(lines)})"
+      )
+
+
+def _short(items: Iterable, limit: int = 5) -> str:
+  items = list(items)
+  text = ", ".join(map(str, items[:limit]))
+  return text + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+
+
+def _png_stems(directory: str) -> set[str]:
+  with os.scandir(directory) as entries:
+    return {e.name[:-4] for e in entries if e.name.endswith(".png") and e.is_file()}
+
+
+# ---------------------------------------------------------------------------
+# Where the PNGs of one part (train or test) come from: an unpacked folder or
+# the zip Kaggle serves.
+
+
+class _PngSource:
+  """The PNGs of one part, by sub-folder ('images', 'masks') and id."""
+
+  def stems(self, sub: str) -> set[str]:
+    """The ids that have a PNG in `sub`."""
+    raise NotImplementedError
+
+  def name(self, sub: str, stem: str) -> str:
+    """How problems name the PNG of `stem` in `sub` (present or not)."""
+    raise NotImplementedError
+
+  def where(self, sub: str) -> str:
+    """How problems name the folder `sub` itself."""
+    raise NotImplementedError
+
+  def read(self, sub: str, stem: str) -> bytes:
+    """The PNG's bytes; raises OSError when they cannot be read."""
+    raise NotImplementedError
+
+  def close(self) -> None:
+    pass
+
+
+class _FolderSource(_PngSource):
+  """<data_dir>/<part>/<sub>/<id>.png, named relative to data_dir."""
+
+  def __init__(self, data_dir: str, part: str):
+    self._data_dir = data_dir
+    self._part = part
+
+  def stems(self, sub):
+    return _png_stems(os.path.join(self._data_dir, self._part, sub))
+
+  def name(self, sub, stem):
+    return f"{self._part}/{sub}/{stem}.png"
+
+  def where(self, sub):
+    return f"{self._part}/{sub}"
+
+  def read(self, sub, stem):
+    path = os.path.join(self._data_dir, self._part, sub, f"{stem}.png")
+    with open(path, "rb") as f:
+      return f.read()
+
+
+# Archivers add these beside the real members; they are never data.
+def _is_junk_member(name: str) -> bool:
+  return name.startswith("__MACOSX/") or os.path.basename(name).startswith("._")
+
+
+class _ZipSource(_PngSource):
+  """<part>.zip members <prefix><sub>/<id>.png, named '<part>.zip:<member>'."""
+
+  def __init__(
+      self, archive: zipfile.ZipFile, label: str, prefix: str, members: dict[str, dict[str, str]]
+  ):
+    self._archive = archive
+    self._label = label  # e.g. "train.zip"
+    self._prefix = prefix  # "" or e.g. "train/"
+    self._members = members  # sub -> stem -> member name
+    # One archive handle shared by the decoding threads: reads (seek, read,
+    # inflate) go one at a time, while the PNG decoding still overlaps.
+    self._lock = threading.Lock()
+
+  def stems(self, sub):
+    return set(self._members.get(sub, {}))
+
+  def name(self, sub, stem):
+    member = self._members.get(sub, {}).get(stem, f"{self._prefix}{sub}/{stem}.png")
+    return f"{self._label}:{member}"
+
+  def where(self, sub):
+    return f"{self._label}:{self._prefix}{sub}/"
+
+  def read(self, sub, stem):
+    member = self._members[sub][stem]
+    try:
+      with self._lock:
+        return self._archive.read(member)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as e:
+      # A corrupt member (bad CRC, cut-off data), an unsupported compression
+      # method or encryption: say why, naming the member like any bad PNG.
+      raise OSError(f"{type(e).__name__}: {e}") from e
+
+  def close(self):
+    self._archive.close()
+
+
+def _open_zip(
+    data_dir: str, part: str, subdirs: Sequence[str], problems: _Problems
+) -> _ZipSource | None:
+  """Opens <part>.zip and finds its sub-folders; None (with a problem) if bad."""
+  label = f"{part}.zip"
+  path = os.path.join(data_dir, label)
+  holds = " and ".join(f"{s}/" for s in subdirs)
+  unpack_hint = (
+      f"re-download it, or unzip a good copy (holding {holds}) into"
+      f" {os.path.join(data_dir, part)}"
+  )
+  try:
+    archive = zipfile.ZipFile(path)
+  except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError) as e:
+    detail = getattr(e, "strerror", None) or e
+    problems.add("bad zip files", f"{label} is not a readable zip file ({detail}); {unpack_hint}")
+    return None
+  # prefix -> sub -> stem -> member.  Kaggle's archives put the folders at the
+  # top, but re-zipped copies often nest them under '<part>/'; look anywhere.
+  found: dict[str, dict[str, dict[str, str]]] = {}
+  for info in archive.infolist():
+    name = info.filename
+    if info.is_dir() or not name.endswith(".png") or _is_junk_member(name):
+      continue
+    parts = name.split("/")
+    if len(parts) < 2 or parts[-2] not in subdirs:
+      continue
+    prefix = "".join(f"{p}/" for p in parts[:-2])
+    found.setdefault(prefix, {}).setdefault(parts[-2], {})[parts[-1][:-4]] = name
+  complete = sorted(p for p, subs in found.items() if all(s in subs for s in subdirs))
+  if len(complete) == 1:
+    prefix = complete[0]
+    return _ZipSource(archive, label, prefix, found[prefix])
+  archive.close()
+  if complete:
+    shown = ", ".join(repr(p or "(top)") for p in complete)
+    problems.add(
+        "bad zip files",
+        f"{label} holds {holds} in more than one folder ({shown});"
+        f" keep one copy, or unzip the one you mean into"
+        f" {os.path.join(data_dir, part)}",
+    )
+  else:
+    seen = sorted({f"{p}{s}/" for p, subs in found.items() for s in subs})
+    what = f"only {', '.join(seen)}" if seen else "no such folders of PNGs"
+    problems.add(
+        "bad zip files",
+        f"{label} should hold {holds} with <id>.png files but has" f" {what}; {unpack_hint}",
+    )
+  return None
+
+
+def _open_sources(
+    data_dir: str, check_test: bool, problems: _Problems
+) -> tuple[dict[str, bool], dict[str, _PngSource | None]]:
+  """Reports missing files and opens the PNG sources of each part.
+
+  Returns:
+    Which CSV files exist, and the source of each part ('train', and 'test'
+    when check_test) or None where it is missing (already reported).
+  """
+  present = {}
+  for name in ("train.csv", "depths.csv"):
+    present[name] = os.path.isfile(os.path.join(data_dir, name))
+    if not present[name]:
+      problems.add("missing files", f"{name} is missing from {data_dir}")
+  parts = [("train", ("images", "masks"))]
+  if check_test:
+    parts.append(("test", ("images",)))
+  sources: dict[str, _PngSource | None] = {}
+  for part, subdirs in parts:
+    have = {s: os.path.isdir(os.path.join(data_dir, part, s)) for s in subdirs}
+    if all(have.values()):
+      sources[part] = _FolderSource(data_dir, part)
+    elif os.path.isfile(os.path.join(data_dir, f"{part}.zip")):
+      sources[part] = _open_zip(data_dir, part, subdirs, problems)
+    else:
+      sources[part] = None
+      for sub in subdirs:
+        if not have[sub]:
+          problems.add(
+              "missing files",
+              f"directory {part}/{sub} is missing from {data_dir}"
+              f" (and there is no {part}.zip to read instead)",
+          )
+  return present, sources
+
+
+def _parse_depths(frame: pd.DataFrame, problems: _Problems) -> dict[str, int | None]:
+  """Depth per id; None where z is not an integer (reported once, here)."""
+  depths = {}
+  for id_, z in zip(frame["id"], frame["z"]):
+    try:
+      value = int(z)
+    except ValueError:
+      try:  # Tolerate "123.0", which some tools write for integers.
+        as_float = float(z)
+        value = int(as_float) if as_float.is_integer() else None
+      except ValueError:
+        value = None
+    if value is None:
+      problems.add("bad depths", f"depths.csv has non-integer z {z!r} for id" f" {id_!r}")
+    # Keep the id even when z is bad, so it is not also reported as missing.
+    depths.setdefault(id_, value)
+  return depths
+
+
+# ---------------------------------------------------------------------------
+# The whole directory.
+
+
+def _scan(data_dir, with_test: bool) -> tuple[_Problems, SaltData | None]:
+  """Checks everything, decoding each PNG once; data is None on problems."""
+  problems = _Problems()
+  data_dir = os.fspath(data_dir)
+  if not os.path.isdir(data_dir):
+    what = "is not a directory" if os.path.exists(data_dir) else "does not exist"
+    problems.add("missing files", f"data_dir {data_dir} {what}")
+    return problems, None
+  present, sources = _open_sources(data_dir, with_test, problems)
+  try:
+    data = _scan_sources(data_dir, present, sources, problems)
+  finally:
+    for source in sources.values():
+      if source is not None:
+        source.close()
+  return problems, data
+
+
+def _scan_sources(
+    data_dir: str,
+    present: dict[str, bool],
+    sources: dict[str, _PngSource | None],
+    problems: _Problems,
+) -> SaltData | None:
+  """The body of `_scan`, once the PNG sources are open."""
+  train_ids: list[str] | None = None
+  # Decoded RLE per train id (None where it is invalid), checked even for ids
+  # whose PNGs are missing so that one run reports both kinds of problem.
+  rle_masks: dict[str, np.ndarray | None] = {}
+  if present["train.csv"]:
+    frame = _read_csv(data_dir, "train.csv", _TRAIN_CSV_COLUMNS, problems)
+    if frame is not None:
+      train_ids = list(frame["id"])
+      _check_ids("train.csv", train_ids, problems)
+      if not train_ids:
+        problems.add("bad csv files", "train.csv has no rows")
+      for id_, text in zip(train_ids, frame["rle_mask"]):
+        if not id_ or id_ in rle_masks:
+          continue
+        try:
+          rle_masks[id_] = rle.decode(text, (IMAGE_SIZE, IMAGE_SIZE))
+        except rle.RLEError as e:
+          rle_masks[id_] = None
+          problems.add("bad RLE", f"train.csv rle_mask for id {id_!r} is invalid: {e}")
+
+  depths: dict[str, int | None] | None = None
+  if present["depths.csv"]:
+    frame = _read_csv(data_dir, "depths.csv", _DEPTHS_CSV_COLUMNS, problems)
+    if frame is not None:
+      _check_ids("depths.csv", list(frame["id"]), problems)
+      depths = _parse_depths(frame, problems)
+
+  # Train ids whose image and mask both exist, in train.csv order.
+  train_rows: list[int] = []
+  train_source = sources["train"]
+  if train_ids is not None and train_source is not None:
+    stems = {sub: train_source.stems(sub) for sub in ("images", "masks")}
+    known = set(train_ids)
+    seen = set()
+    for row, id_ in enumerate(train_ids):
+      if id_ in seen:
+        continue  # A duplicated row is reported once and decoded once.
+      seen.add(id_)
+      missing = [
+          train_source.name(sub, id_) for sub in ("images", "masks") if id_ not in stems[sub]
+      ]
+      if missing:
+        problems.add(
+            "missing images or masks", f"train.csv id {id_!r} has no {' and no '.join(missing)}"
+        )
+      elif id_:
+        train_rows.append(row)
+    for sub in ("images", "masks"):
+      for stem in sorted(stems[sub] - known):
+        problems.add(f"extra {sub}", f"{train_source.name(sub, stem)} has no row in train.csv")
+
+  test_ids: list[str] = []
+  test_present: list[str] = []
+  test_source = sources.get("test")
+  if test_source is not None:
+    test_stems = test_source.stems("images")
+    sample_path = os.path.join(data_dir, "sample_submission.csv")
+    source = test_source.where("images")
+    if os.path.isfile(sample_path):
+      source = "sample_submission.csv"
+      frame = _read_csv(data_dir, "sample_submission.csv", None, problems)
+      if frame is None:
+        source = None  # Already reported; an empty id list says nothing new.
+      else:
+        test_ids = list(frame["id"])
+        _check_ids("sample_submission.csv", test_ids, problems)
+        for id_ in test_ids:
+          if id_ and id_ not in test_stems:
+            problems.add(
+                "missing test images",
+                f"sample_submission.csv id {id_!r} has no" f" {test_source.name('images', id_)}",
+            )
+    else:
+      test_ids = sorted(test_stems)
+    if not test_ids and source is not None:
+      empty = "has no rows" if source == "sample_submission.csv" else "has no PNG files"
+      problems.add("missing files", f"{source} {empty}; there are no test ids")
+    test_present = [i for i in dict.fromkeys(test_ids) if i in test_stems]
+
+  both = sorted(set(train_ids or []) & set(test_ids) - {""})
+  if both:
+    problems.add(
+        "ids in both train and test",
+        f"{len(both)} test id(s) are also train ids (a test image must not be"
+        f" trained on): {_short(both)}",
+    )
+
+  if depths is not None:
+    for name, ids in (("train.csv", train_ids or []), ("test", test_ids)):
+      for id_ in dict.fromkeys(ids):
+        if id_ and id_ not in depths:
+          problems.add("ids missing from depths.csv", f"{name} id {id_!r} has no row in depths.csv")
+
+  # Decode every PNG once, in one pool, so train and test decoding overlap.
+  entries = []
+  for row in train_rows:
+    for sub, kind in (("images", "image"), ("masks", "mask")):
+      entries.append((train_source, sub, train_ids[row], kind))
+  for id_ in test_present:
+    entries.append((test_source, "images", id_, "image"))
+  loaded = _load_many(entries)
+  for (source, sub, stem, _), (_, issues) in zip(entries, loaded):
+    for issue in issues:
+      problems.add("bad PNG files", f"{source.name(sub, stem)} {issue}")
+
+  images: dict[str, np.ndarray] = {}
+  masks: dict[str, np.ndarray] = {}
+  for i, row in enumerate(train_rows):
+    id_ = train_ids[row]
+    image, mask = loaded[2 * i][0], loaded[2 * i + 1][0]
+    rle_mask = rle_masks[id_]
+    if mask is not None and rle_mask is not None:
+      differ = int(np.count_nonzero(rle_mask != mask))
+      if differ:
+        problems.add(
+            "RLE/mask disagreements",
+            f"train.csv rle_mask for id {id_!r} disagrees with"
+            f" {train_source.name('masks', id_)} in {differ}"
+            " pixel(s)",
+        )
+    if image is not None:
+      images[id_] = image
+    if mask is not None:
+      masks[id_] = mask
+  test_images = {id_: loaded[2 * len(train_rows) + i][0] for i, id_ in enumerate(test_present)}
+
+  if problems:
+    return None
+  return SaltData(
+      train_ids=list(train_ids),
+      train_images=_stack([images[i] for i in train_ids]),
+      train_masks=_stack([masks[i] for i in train_ids]),
+      train_depths=np.array([depths[i] for i in train_ids], np.int64),
+      test_ids=list(test_ids),
+      test_images=_stack([test_images[i] for i in test_ids]),
+      test_depths=np.array([depths[i] for i in test_ids], np.int64),
+  )
+
+
+def _stack(arrays: list[np.ndarray]) -> np.ndarray:
+  if not arrays:
+    return np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+  return np.stack(arrays).astype(np.uint8, copy=False)
+
+
+def validate_layout(data_dir, check_test: bool = True) -> list[str]:
+  """Every problem in data_dir, one human-readable line each; [] when fine.
+
+  Args:
+    data_dir: the directory holding train.csv, depths.csv, train/ and test/
+      (or train.zip and test.zip in their place).
+    check_test: also check test/images and sample_submission.csv.
+
+  Returns:
+    The full list of problems (not summarised), each naming files or ids.
+  """
+  problems, _ = _scan(data_dir, check_test)
+  return problems.lines()
+
+
+def read_layout(data_dir, load_test: bool = True) -> SaltData:
+  """Validates data_dir and reads it, decoding each PNG once.
+
+  Args:
+    data_dir: the directory holding train.csv, depths.csv, train/ and test/
+      (or train.zip and test.zip in their place).
+    load_test: also check and read the test images; when False, test_ids is
+      empty and the test arrays have length 0.
+
+  Returns:
+    SaltData with train data in train.csv order and test data in
+    sample_submission.csv order (sorted file names when it is absent).
+
+  Raises:
+    DataError: listing all problems found (long lists summarised; the full
+      list is in its `problems` attribute).
+  """
+  problems, data = _scan(data_dir, load_test)
+  if problems:
+    raise DataError(problems.message(os.fspath(data_dir)), problems.lines())
+  return data
+
+
+def read_test_images(data_dir) -> SaltData:
+  """The test images of a Kaggle-layout directory, alone (predicting new images).
+
+  Reads `test/images/*.png` (or `test.zip`), in `sample_submission.csv` order
+  when that file is there, else sorted by id; train files are not needed.
+  Every problem is reported at once, as `read_layout` does.
+  """
+  problems = _Problems()
+  data_dir = os.fspath(data_dir)
+  source = None
+  if os.path.isdir(os.path.join(data_dir, "test", "images")):
+    source = _FolderSource(data_dir, "test")
+  elif os.path.isfile(os.path.join(data_dir, "test.zip")):
+    source = _open_zip(data_dir, "test", ("images",), problems)
+  else:
+    problems.add(
+        "missing files",
+        f"directory test/images is missing from {data_dir}"
+        " (and there is no test.zip to read instead)",
+    )
+  test_ids: list[str] = []
+  loaded = []
+  try:
+    if source is not None:
+      stems = source.stems("images")
+      if os.path.isfile(os.path.join(data_dir, "sample_submission.csv")):
+        frame = _read_csv(data_dir, "sample_submission.csv", None, problems)
+        test_ids = list(frame["id"]) if frame is not None else []
+        _check_ids("sample_submission.csv", test_ids, problems)
+        for id_ in test_ids:
+          if id_ not in stems:
+            problems.add(
+                "missing test images",
+                f"sample_submission.csv id {id_!r} has" f" no {source.name('images', id_)}",
+            )
+      else:
+        test_ids = sorted(stems)
+      if not test_ids:
+        problems.add("missing files", f"{source.where('images')} has no test images")
+      entries = [(source, "images", i, "image") for i in test_ids if i in stems]
+      loaded = _load_many(entries)
+      for (src, sub, stem, _), (_, issues) in zip(entries, loaded):
+        for issue in issues:
+          problems.add("bad PNG files", f"{src.name(sub, stem)} {issue}")
+  finally:
+    if source is not None:
+      source.close()
+  if problems:
+    raise DataError(problems.message(data_dir), problems.lines())
+  empty = np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+  return SaltData(
+      train_ids=[],
+      train_images=empty,
+      train_masks=empty,
+      train_depths=np.zeros(0, np.int64),
+      test_ids=test_ids,
+      test_images=_stack([image for image, _ in loaded]),
+      test_depths=np.zeros(len(test_ids), np.int64),
+  )

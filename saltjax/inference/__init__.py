@@ -1,0 +1,1 @@
+"""Prediction: the fold and snapshot ensemble, post-processing, the submission."""

@@ -1,0 +1,1 @@
+"""Training batches: the augment spec, the tf.data pipeline, the on-device pipeline."""

@@ -1,0 +1,1 @@
+"""Whole-section segmentation: inputs, amplitude, scale, tiling, truth, SEG-Y."""

@@ -1,0 +1,1 @@
+"""Losses, optimisers and schedules, the train step and programs, the job, the loop."""
