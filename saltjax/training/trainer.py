@@ -551,7 +551,7 @@ class TfDataFeeder:
   ):
     from saltjax.input_pipeline import tfdata  # TensorFlow: only on this path
 
-    self._input_pipeline, self._mesh, self._prefetch = input_pipeline, mesh, device_prefetch
+    self._input_pipeline, self._mesh, self._prefetch = tfdata, mesh, device_prefetch
     self._examples, self._seeds = examples, [config.seed * 100 + fold for fold in folds]
     self._options = dict(
         batch_size=local_batch_size(config),

@@ -312,7 +312,7 @@ def test_unet_normalises_with_imagenet_statistics(in_channels):
   x = jax.random.uniform(jax.random.PRNGKey(4), (2, 5, 5, 1))
   model = unet.UNet(in_channels=in_channels, **TINY)
   # pylint: disable-next=protected-access
-  got = model.apply({}, x, method=models.UNet._normalize)
+  got = model.apply({}, x, method=unet.UNet._normalize)
   if in_channels == 1:
     expected = (np.asarray(x) - 0.449) / 0.226
   else:
