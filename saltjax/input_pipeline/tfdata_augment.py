@@ -88,12 +88,16 @@ def scale(max_scale: float = 0.1) -> AugmentOp:
   """Random zoom-in by up to `max_scale`, cropping back to the input size."""
 
   def op(image, mask, seed):
+    # Two streams split from the op's seed, as the device path's split keys:
+    # `seed + 1` would be a neighbouring example's seed (seeds are consecutive
+    # along the epoch), correlating one example's crop with the next's zoom.
+    size_seed, crop_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     h, w = tf.shape(image)[0], tf.shape(image)[1]
-    s = tf.random.stateless_uniform([], seed, 1.0, 1.0 + max_scale)
+    s = tf.random.stateless_uniform([], size_seed, 1.0, 1.0 + max_scale)
     size = tf.cast(tf.round(tf.cast(tf.stack([h, w]), tf.float32) * s), tf.int32)
     image = tf.image.resize(image, size, "bilinear")
     mask = tf.image.resize(mask, size, "nearest")
-    both = tf.image.stateless_random_crop(tf.concat([image, mask], -1), [h, w, 2], seed + 1)
+    both = tf.image.stateless_random_crop(tf.concat([image, mask], -1), [h, w, 2], crop_seed)
     return both[..., :1], both[..., 1:]
 
   return op
@@ -105,7 +109,12 @@ def parse(spec: str) -> list[AugmentOp]:
 
 
 def apply(ops: list[AugmentOp], image, mask, seed):
-  """Applies ops in turn, each with its own seed folded from `seed`."""
+  """Applies ops in turn, op i with fold_in(seed, i) (the device path's rule).
+
+  Folding hashes the seed, so op i of one example and op j of another never
+  share a stream: an offset such as seed + (0, 7919 i) would, wherever two
+  examples' seeds differ by that offset.
+  """
   for i, op in enumerate(ops):
-    image, mask = op(image, mask, seed + tf.constant([0, 7919], tf.int64) * (i + 1))
+    image, mask = op(image, mask, tf.random.experimental.stateless_fold_in(seed, i))
   return image, mask

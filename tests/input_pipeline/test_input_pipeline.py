@@ -289,3 +289,32 @@ def test_feeder_puts_two_batches_on_the_device_ahead_and_keeps_each_folds_data(m
   monkeypatch.setattr(tfdata, "epoch_iterator", failing)
   with pytest.raises(RuntimeError, match="disk gone"):
     list(feeder.epoch(0))
+
+
+def test_every_op_of_every_example_draws_from_its_own_stream(monkeypatch):
+  """Neighbouring examples' augmentations are independent: no two random draws
+  of a batch, across ops and examples, share a stateless seed (distinct Philox
+  keys give independent streams; equal keys give the same numbers)."""
+  seeds = []
+
+  def recording(fn, seed_arg):
+    def wrapped(*args, **kwargs):
+      seed = kwargs["seed"] if "seed" in kwargs else args[seed_arg]
+      seeds.append(tuple(np.asarray(seed).tolist()))
+      return fn(*args, **kwargs)
+
+    return wrapped
+
+  monkeypatch.setattr(tf.random, "stateless_uniform", recording(tf.random.stateless_uniform, 1))
+  for name in ("stateless_random_crop", "stateless_random_brightness"):
+    monkeypatch.setattr(tf.image, name, recording(getattr(tf.image, name), 2))
+  monkeypatch.setattr(
+      tf.image, "stateless_random_contrast", recording(tf.image.stateless_random_contrast, 3)
+  )
+  ops = tfdata_augment.parse("hflip|shift(4)|scale(0.1)|brightness(0.1)|contrast(0.1)")
+  image = tf.zeros([101, 101, 1])
+  for p in range(48):  # consecutive positions of one epoch, as TrainPipeline seeds them
+    tfdata_augment.apply(ops, image, image, tf.constant([3, 0], tf.int64) * 1_000_003 + p)
+  # hflip, shift's crop, scale's zoom and crop, brightness, contrast: 6 draws each.
+  assert len(seeds) == 48 * 6
+  assert len(set(seeds)) == len(seeds)
