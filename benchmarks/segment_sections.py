@@ -1,8 +1,8 @@
 """Whole-section segmentation throughput: sections per second.
 
-Times saltjax.sections.segment' per-section work on a synthetic section held in
+Times saltjax.sections' per-section work on a synthetic section held in
 memory: amplitude -> gray (symmetric clipping), overlapping 101x101 tiles,
-the ensemble's TTA predictions (`segment.tile_predictor`, the function
+the ensemble's TTA predictions (`saltjax.inference.ensemble.tile_predictor`, the function
 `configs/segment.py` uses), windowed blending, thresholding and the
 minimum-area filter. Reading and writing files are not timed. The model has
 random weights: the speed does not depend on what it learned.
@@ -115,8 +115,11 @@ def versions() -> dict:
 def main(argv=None) -> dict:
   args = parse_args(argv)
   import jax
-  from saltjax.sections import segment
   from saltjax.data import synthetic
+  from saltjax.inference import ensemble as ensemble_lib
+  from saltjax.sections import gray_mapping
+  from saltjax.sections import predictor
+  from saltjax.sections import tiling
   from saltjax.training import trainer as train_lib
 
   config = __import__(f"configs.{args.model}", fromlist=["get_config"]).get_config()
@@ -130,19 +133,19 @@ def main(argv=None) -> dict:
       for i in range(args.members)
   ]
   num_params = sum(x.size for x in jax.tree.leaves(members[0][0]["params"]))
-  predict_tiles = segment.tile_predictor(config, model, members)
+  predict_tiles = ensemble_lib.tile_predictor(config, model, members)
 
   amplitude, _ = synthetic.generate_section(0, args.rows, args.cols)
-  clip = segment.clip_level(amplitude, 99.0)
-  window = segment.tile_window()
-  num_tiles = len(segment.tile_starts(args.rows, args.stride)) * len(
-      segment.tile_starts(args.cols, args.stride)
+  clip = gray_mapping.clip_level(amplitude, 99.0)
+  window = tiling.tile_window()
+  num_tiles = len(tiling.tile_starts(args.rows, args.stride)) * len(
+      tiling.tile_starts(args.cols, args.stride)
   )
 
   def one_section():
-    gray = segment.amplitude_to_gray(amplitude, clip)
-    (prob,) = segment.segment_sections([gray], predict_tiles, args.stride, window)
-    return segment.remove_small_regions(prob > 0.5, 20)
+    gray = gray_mapping.amplitude_to_gray(amplitude, clip)
+    (prob,) = tiling.segment_sections([gray], predict_tiles, args.stride, window)
+    return predictor.remove_small_regions(prob > 0.5, 20)
 
   start = time.perf_counter()
   one_section()
@@ -244,15 +247,16 @@ def accuracy_cases(seeds):
   """(name, amplitude, true mask) of every section and rendering measured."""
   import cv2
   import numpy as np
-  from saltjax.sections import segment
   from saltjax.data import synthetic
+  from saltjax.sections import gray_mapping
+  from tools.section_figure import boost_salt_top  # the README's figure
 
   for seed in seeds:
     a, m = synthetic.generate_section(seed, 256, 480)
     yield f"synthetic {seed}", a, m
     for scale in (0.01, 1000.0):
       yield f"synthetic {seed} x{scale:g}", scale * a, m
-    yield f"synthetic {seed} salt top x8", segment.boost_salt_top(a, m, 8.0), m
+    yield f"synthetic {seed} salt top x8", boost_salt_top(a, m, 8.0), m
     strong = a.copy()
     strong[60:65] = 30 * np.abs(a).max() * np.sign(a[60:65] + 1e-9)
     yield f"synthetic {seed} strong reflector (2% of samples)", strong, m
@@ -266,7 +270,7 @@ def accuracy_cases(seeds):
   # of |a|)), clipped to 0-255; contrast 127.5 fills the 8 bits.
   for seed in seeds:
     a, m = synthetic.generate_section(seed, 256, 480)
-    unit = segment.clip_level(a, 99.0)
+    unit = gray_mapping.clip_level(a, 99.0)
     for middle, contrast in ((128, 40.0), (70, 127.5), (70, 16.0), (190, 40.0)):
       picture = np.clip(np.rint(middle + contrast * a / unit), 0, 255).astype(np.uint8)
       yield f"synthetic {seed} 8-bit, middle gray {middle}, contrast {contrast:g}", picture, m
@@ -325,24 +329,30 @@ def accuracy(args) -> dict:
   import numpy as np
   from configs import segment as segment_config
   from saltjax.app import config_checks
+  from saltjax.inference import trained_config
+  from saltjax.sections import gray_mapping
+  from saltjax.sections import inputs
+  from saltjax.sections import predictor
   from saltjax.sections import segment
+  from saltjax.sections import truth_masks
 
   workdir = pathlib.Path(args.workdir or "runs/segment_accuracy")
   if args.train:
     _train_tests_model(workdir)
   config = segment_config.get_config()
   config.predict.tta, config.predict.batch_size = "none", 32
-  trained = config_checks.config_for_prediction(config, workdir)
+  trained = trained_config.config_for_prediction(config, workdir)
+  config_checks.check(trained)
   trained.segment = config.segment
-  ensemble = segment.load_ensemble(trained, workdir)
-  stats, stats_note = segment.training_gray_levels(trained, workdir)
+  ensemble = predictor.load_ensemble(trained, workdir)
+  stats, stats_note = gray_mapping.training_gray_levels(trained, workdir)
 
   def iou_of(section, truth, rule, scale=(1.0, 1.0)):
     """(IoU, scale factors) of the mask `segment` makes when it maps the section by
     `rule` (clip choice included) and resamples it by `scale` (samples, traces;
     -1: chosen as `segment` chooses them)."""
-    source = segment.in_memory_input(section)
-    segment = types.SimpleNamespace(
+    source = inputs.in_memory_input(section)
+    options = types.SimpleNamespace(
         amplitude=rule,
         clip_percentile=99.0,
         clip_value=0.0,
@@ -350,12 +360,12 @@ def accuracy(args) -> dict:
         scale_traces=scale[1],
         stride=args.stride,
     )
-    scan = segment.scan_input(source)
-    segment, _, report, _ = segment.map_to_model(source, scan, segment, stats)
-    gray = segment.model_gray(section, report)
-    ((_, mask),) = segment.probabilities_and_masks([gray], ensemble, segment)
-    factors = [segment.scale_samples, segment.scale_traces]
-    return round(segment.truth_scores(truth, mask)["iou"], 4), factors
+    scan = inputs.scan_input(source)
+    options, _, report, _ = segment.map_to_model(source, scan, options, stats)
+    gray = gray_mapping.model_gray(section, report)
+    ((_, mask),) = predictor.probabilities_and_masks([gray], ensemble, options)
+    factors = [options.scale_samples, options.scale_traces]
+    return round(truth_masks.truth_scores(truth, mask)["iou"], 4), factors
 
   rules = {"match_training": "match_training", "percentile_99": "percentile", "as_is": "as_is"}
   rows = []

@@ -243,7 +243,7 @@ def bench_tta(job, batch_size: int, args, peak_tflops: float) -> dict:
   from saltjax import parallel
 
   config, mesh = job.config, job.mesh
-  # As saltjax.training.trainer.Job and saltjax.inference.predict build it.
+  # As saltjax.training.trainer.Job and saltjax.inference.ensemble build it.
   infer = jax.jit(tta.make_infer_fn(job.model, config.image_size, config.resize_mode, args.tta))
   variables = jax.device_put(job.initial_variables, parallel.replicated(mesh))
   rng = np.random.default_rng(1)

@@ -8,11 +8,10 @@ from __future__ import annotations
 import json
 import pathlib
 
-import ml_collections
-
 from saltjax.input_pipeline import augment_spec
 from saltjax import errors
 from saltjax import geometry
+from saltjax.inference import trained_config
 from saltjax.model import imagenet_weights
 from saltjax.model import tta
 from saltjax.training import losses
@@ -207,22 +206,14 @@ def _get(config, dotted: str):
   return value
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-  return out
-
-
 def check_same_training_config(previous: dict, current: dict, path) -> None:
   """A workdir's runs must share the training config (resume, other folds)."""
-  before = {k: v for k, v in _flatten(previous).items() if k.split(".")[0] not in _FREE_KEYS}
+  before = {
+      k: v for k, v in trained_config.flatten(previous).items() if k.split(".")[0] not in _FREE_KEYS
+  }
   now = {
       k: v
-      for k, v in _flatten(json.loads(json.dumps(current, default=list))).items()
+      for k, v in trained_config.flatten(json.loads(json.dumps(current, default=list))).items()
       if k.split(".")[0] not in _FREE_KEYS
   }
   before.setdefault("input_pipeline", "tfdata")  # workdirs from before the option
@@ -235,64 +226,3 @@ def check_same_training_config(previous: dict, current: dict, path) -> None:
         f"{path} holds a run with another training config ({details}); use a new"
         " --workdir, or the same config to resume"
     )
-
-
-# Keys a prediction takes from the command line; every other one comes from
-# the workdir's training config.
-_PREDICTION_KEYS = (
-    "predict",
-    "mode",
-    "progress",
-    "compilation_cache",
-    "distributed",
-    "data_dir",
-    "segment",
-)
-
-
-def config_for_prediction(
-    config, workdir: pathlib.Path, defaults=None
-) -> ml_collections.ConfigDict:
-  """The workdir's training config with this config's `predict` section.
-
-  `--config.data_dir` names another directory whose test images to predict
-  (the out-of-fold part still comes from the training data). Other values
-  given on the command line (those that differ from `defaults`, the config
-  file's own values) cannot change a trained model: each is named in a
-  warning, never silently dropped.
-  """
-  import logging
-
-  saved = pathlib.Path(workdir) / workdir_lib.CONFIG_JSON
-  if not saved.exists():
-    raise ConfigError(
-        f"{saved} not found: --workdir must be a directory that a training"
-        " run (configs/fold.py or configs/quick.py) wrote"
-    )
-  trained = ml_collections.ConfigDict(json.loads(saved.read_text()))
-  if defaults is not None:
-    given = _flatten(json.loads(config.to_json_best_effort()))
-    default = _flatten(json.loads(defaults.to_json_best_effort()))
-    ignored = sorted(
-        k for k in given if k.split(".")[0] not in _PREDICTION_KEYS and given[k] != default.get(k)
-    )
-    for key in ignored:
-      logging.warning(
-          "config.%s=%r is ignored: the model and data settings of a" " prediction come from %s",
-          key,
-          given[key],
-          saved,
-      )
-  with trained.unlocked():
-    trained.predict = config.predict
-    trained.mode = config.mode
-    trained.progress = config.progress
-    if "segment" in config:
-      trained.segment = config.segment
-    trained.predict_data_dir = ""
-    if config.data_dir and config.data_dir != trained.get("data_dir", ""):
-      trained.predict_data_dir = config.data_dir
-  for key in ("stage_sizes", "decoder_channels"):
-    trained.model[key] = tuple(trained.model[key])
-  check(trained)
-  return trained

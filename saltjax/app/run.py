@@ -198,7 +198,7 @@ def main(config, workdir: str | None, config_file: str | None = None) -> int:
           f"bad config:\n  config.mode={config.mode!r}: use 'train', 'predict' or 'segment'"
       )
     # A prediction's model and data come from the workdir's config.json: its
-    # config is checked once merged with them (config_for_prediction).
+    # config is checked once merged with them (trained_config.config_for_prediction).
     enable_compilation_cache(config)
     if config.mode == "predict":
       scores = _predict(config, workdir, _defaults(config_file))
@@ -298,8 +298,10 @@ def _defaults(config_file: str | None):
 
 def _predict(config, workdir: pathlib.Path, defaults=None) -> dict:
   from saltjax.inference import predict
+  from saltjax.inference import trained_config
 
-  config = config_checks.config_for_prediction(config, workdir, defaults)
+  config = trained_config.config_for_prediction(config, workdir, defaults)
+  config_checks.check(config)
   workdir_lib.check_writable(workdir)
   with job_lock(workdir):
     return predict.predict_and_submit(config, workdir).scores
@@ -307,10 +309,15 @@ def _predict(config, workdir: pathlib.Path, defaults=None) -> dict:
 
 def _segment(config, workdir: pathlib.Path) -> int:
   """Whole seismic sections through the workdir's ensemble (configs/segment.py)."""
+  from saltjax.inference import trained_config
+  from saltjax.sections import options
   from saltjax.sections import segment
 
   with job_lock(workdir) if workdir.is_dir() else _no_lock():
-    segment.run(config, workdir)
+    options.check_config(config)
+    trained = trained_config.config_for_prediction(config, workdir)
+    config_checks.check(trained)
+    segment.run(trained, workdir)
   return 0
 
 

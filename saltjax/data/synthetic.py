@@ -407,7 +407,7 @@ def generate_section(seed: int, rows: int = 300, cols: int = 400) -> tuple[np.nd
   Returns:
     amplitude: float32 (rows, cols), depth down the rows and traces along the
       columns, in arbitrary units of about unit spread (map it to gray with
-      `saltjax.sections.segment.amplitude_to_gray`, as for a real section).
+      `saltjax.sections.gray_mapping.amplitude_to_gray`, as for a real section).
     mask: uint8 (rows, cols) in {0, 1}, 1 where salt.
   """
   if rows < 1 or cols < 1:

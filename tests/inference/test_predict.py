@@ -78,11 +78,11 @@ def test_latest_predicts_what_the_final_weights_predict(trained, tmp_path, capfd
   """`latest` holds the whole train state; its model variables are the final weights."""
   import jax
   from saltjax import checkpoints as ckpt_lib
-  from saltjax.app import config_checks
+  from saltjax.inference import trained_config
   from saltjax.model import unet
   from configs import predict as predict_config
 
-  config = config_checks.config_for_prediction(predict_config.get_config(), trained)
+  config = trained_config.config_for_prediction(predict_config.get_config(), trained)
   model = unet.create_model(config.model)
   abstract = jax.eval_shape(lambda: unet.initialized(jax.random.key(0), model, config.image_size))
   variables = ckpt_lib.restore_variables(
@@ -98,11 +98,11 @@ def test_latest_predicts_what_the_final_weights_predict(trained, tmp_path, capfd
 def test_a_structure_mismatch_says_so_instead_of_corrupt(trained):
   import jax
   from saltjax import checkpoints as ckpt_lib
-  from saltjax.app import config_checks
+  from saltjax.inference import trained_config
   from saltjax.model import unet
   from configs import predict as predict_config
 
-  config = config_checks.config_for_prediction(predict_config.get_config(), trained)
+  config = trained_config.config_for_prediction(predict_config.get_config(), trained)
   model = unet.create_model(config.model)
   abstract = jax.eval_shape(lambda: unet.initialized(jax.random.key(0), model, config.image_size))
   # A program whose model has one more parameter than the checkpoint.

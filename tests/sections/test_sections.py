@@ -2,7 +2,9 @@
 
 A tiny model is trained once (module fixture) on the embedded synthetic tiles,
 then asked to find the salt body of synthetic sections several tiles wide,
-whose true masks the generator knows.
+whose true masks the generator knows.  The pieces that need no model are
+tested beside this file (test_tiling.py, test_gray_mapping.py,
+test_resampling.py, test_truth_masks.py, test_options.py, test_segy.py).
 """
 
 import json
@@ -13,8 +15,10 @@ import numpy as np
 import pytest
 import segyio
 
-from saltjax.sections import segment
+from saltjax.sections import gray_mapping
+from saltjax.sections import predictor
 from saltjax.sections import segy
+from saltjax.sections import tiling
 from saltjax.data import synthetic
 from tests.conftest import run_main, tiny_config
 
@@ -83,60 +87,7 @@ def _segy_line(path, seed):
   return amplitude, mask
 
 
-# ------------------------------------------------------------ pure pieces ---
-
-
-def test_amplitude_to_gray_is_symmetric_clipping():
-  # clip level 2: -2 and below -> 0, 0 -> 127.5 (rounds to 128), 1 -> 191.25, 2+ -> 255
-  gray = segment.amplitude_to_gray(np.array([-5.0, -2.0, -1.0, 0.0, 1.0, 2.0, 7.0]), 2.0)
-  np.testing.assert_array_equal(gray, [0, 0, 64, 128, 191, 255, 255])
-  assert gray.dtype == np.uint8
-  # the 99th percentile of |a| over 0..100 (linear interpolation) is 99
-  assert segment.clip_level(-np.arange(101.0), 99) == pytest.approx(99.0)
-
-
-def test_tiles_cover_the_section_and_blending_a_consistent_field_returns_it():
-  np.testing.assert_array_equal(segment.tile_starts(101, 50), [0])
-  np.testing.assert_array_equal(segment.tile_starts(300, 50), [0, 50, 100, 150, 199])
-  np.testing.assert_array_equal(segment.tile_starts(202, 101), [0, 101])
-  with pytest.raises(ValueError):
-    segment.tile_starts(100, 50)
-  window = segment.tile_window()
-  assert window.min() > 0 and window.max() <= 1
-  np.testing.assert_allclose(window, window.T)
-  np.testing.assert_allclose(window, window[::-1, ::-1])
-  # If every tile predicts exactly the crop of one field, the blend is that field.
-  rng = np.random.default_rng(0)
-  field = rng.random((230, 317))
-  tiles, origins = segment.cut_tiles(field, 37)
-  covered = np.zeros(field.shape, bool)
-  for r, c in origins:
-    covered[r : r + 101, c : c + 101] = True
-  assert covered.all()
-  blended = segment.blend_tiles(tiles, origins, field.shape, window)
-  np.testing.assert_allclose(blended, field, rtol=1e-6)
-
-
-def test_remove_small_regions_counts_8_connected_pixels():
-  mask = np.zeros((8, 8), bool)
-  mask[0, 0] = mask[1, 1] = True  # one diagonal region of 2
-  mask[5:8, 5:8] = True  # 9
-  assert segment.remove_small_regions(mask, 3).sum() == 9
-  assert segment.remove_small_regions(mask, 2).sum() == 11
-  assert segment.remove_small_regions(mask, 10).sum() == 0
-
-
-def test_segy_section_orientation_matches_segyio(tmp_path):
-  # value = 1000 * sample + trace: depth down the rows, traces along the columns
-  section = (1000.0 * np.arange(120)[:, None] + np.arange(130)[None, :]).astype(np.float32)
-  path = segy.write_section(tmp_path / "line.sgy", section)
-  with segyio.open(str(path), ignore_geometry=True) as f:
-    assert f.tracecount == 130 and len(f.samples) == 120
-    assert f.trace[7][11] == 11 * 1000 + 7  # trace 7, sample 11
-  with segy.SegyFile(path) as f:
-    assert not f.is_volume
-    (line,) = f.lines()
-    np.testing.assert_array_equal(f.read(line), section)
+# ------------------------------------------------------ synthetic sections ---
 
 
 def test_generate_section_draws_a_known_dome_with_the_tile_renderer():
@@ -159,291 +110,13 @@ def test_generate_section_draws_a_known_dome_with_the_tile_renderer():
   assert not np.array_equal(synthetic.generate_section(6, 220, 310)[1], mask)
   # The clipping rule puts the section in the gray range the model learned
   # from: its spread lies inside the middle 90% of the training tiles' spreads.
-  gray = segment.amplitude_to_gray(amplitude, segment.clip_level(amplitude, 99))
+  gray = gray_mapping.amplitude_to_gray(amplitude, gray_mapping.clip_level(amplitude, 99))
   tile_spreads = [
       synthetic.generate_example(np.random.default_rng([0, 0, i]))[0].std() for i in range(100)
   ]
   low, high = np.percentile(tile_spreads, [5, 95])
   assert low < gray.std() < high, (low, gray.std(), high)
   assert abs(gray.mean() - 127.5) < 10
-
-
-@pytest.mark.parametrize("fmt, kept", [(1, 1), (5, 5), (3, 5), (8, 5)])
-def test_probability_copy_keeps_float_formats_and_makes_integers_float(tmp_path, fmt, kept):
-  src_path = tmp_path / f"in{fmt}.sgy"
-  spec = segyio.spec()
-  spec.samples = list(range(110))
-  spec.tracecount = 6
-  spec.format = fmt
-  with segyio.create(str(src_path), spec) as f:
-    f.bin.update(hns=110, hdt=2000, format=fmt)
-    f.text[0] = segyio.tools.create_text_header({1: "SALT TEST", 2: f"FORMAT {fmt}"})
-    for i in range(6):
-      f.header[i] = {
-          segyio.TraceField.CDP: 500 + i,
-          segyio.TraceField.offset: 7 * i,
-          segyio.TraceField.SourceX: 1000 * i,
-      }
-      f.trace[i] = np.full(110, i + 1, f.dtype)
-  probs = np.linspace(0.0, 1.0, 6 * 110, dtype=np.float32).reshape(6, 110)
-  with segy.SegyFile(src_path) as source:
-    segy.write_probability_copy(source, tmp_path / "out.sgy", np.arange(6), lambda idx: probs[idx])
-  with segyio.open(str(src_path), ignore_geometry=True) as src, segyio.open(
-      str(tmp_path / "out.sgy"), ignore_geometry=True
-  ) as dst:
-    assert dst.bin[segyio.BinField.Format] == kept
-    assert dst.text[0] == src.text[0]
-    for i in range(6):
-      assert dict(dst.header[i]) == dict(src.header[i])
-    # IBM float keeps about 6 significant digits; IEEE is exact.
-    np.testing.assert_allclose(dst.trace.raw[:], probs, atol=1e-6)
-  assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
-
-
-def test_gray_level_stats_of_a_hand_made_tile():
-  from saltjax.data import gray_stats
-
-  # One 3 x 2 tile: median (20 + 30) / 2 = 25, so |gray - median| is 15, 5, 5,
-  # 5, 25, 25, and the vertical steps |20-10|, |20-30|, |50-20|, |50-20| are
-  # 10, 10, 30, 30.
-  tile = np.array([[10, 30], [20, 20], [50, 50]], np.uint8)
-  stats = gray_stats.gray_level_stats(tile[None])
-  at = dict(zip(stats["percentiles"], zip(stats["deviation"], stats["contrast"])))
-  assert at[50] == (10.0, 20.0)  # medians of {5,5,5,15,25,25} and {10,10,30,30}
-  assert at[20] == (5.0, 10.0)  # linear interpolation: rank 1.0 of 0..5, 0.6 of 0..3
-  assert stats["images"] == 1 and stats["mean_gray"] == pytest.approx(30.0)
-
-
-def _exponential_stats(scale):
-  """Training statistics whose |gray - middle| is exponential with this mean (in grays)."""
-  from saltjax.data import gray_stats
-
-  p = np.array(gray_stats.PERCENTILES, float) / 100
-  return {
-      "percentiles": list(gray_stats.PERCENTILES),
-      "deviation": list(-scale * np.log1p(-p)),
-      "contrast": list(-scale * np.log1p(-p)),
-  }
-
-
-def test_match_training_clip_maps_a_known_distribution_to_the_training_gray_levels():
-  # Laplace amplitudes of scale b have |a| exponential with mean b; training
-  # deviations exponential with mean 20 grays: the gain is 20 / b grays per
-  # unit of amplitude, i.e. the clip level 127.5 * b / 20, at any scale b.
-  rng = np.random.default_rng(0)
-  base = rng.laplace(0.0, 1.0, (300, 400)).astype(np.float32)
-  stats = _exponential_stats(20.0)
-  for b in (0.01, 1.0, 1000.0):
-    clip, report = segment.matched_clip([b * base], stats)
-    assert clip == pytest.approx(127.5 * b / 20.0, rel=0.03), b
-    got, want = report["deviation"]["section"], report["deviation"]["training"]
-    assert np.allclose(got, want, rtol=0.1, atol=1.0), (got, want)
-
-
-def test_default_mapping_is_the_same_at_any_scale_and_with_a_strong_reflector():
-  stats = _exponential_stats(12.0)
-  amplitude, mask = synthetic.generate_section(11, ROWS, COLS)
-  clip, _ = segment.matched_clip([amplitude], stats)
-  gray = segment.amplitude_to_gray(amplitude, clip)
-  for scale in (0.01, 1000.0):
-    scaled_clip, _ = segment.matched_clip([scale * amplitude], stats)
-    assert scaled_clip / scale == pytest.approx(clip, rel=1e-4)
-    other = segment.amplitude_to_gray(scale * amplitude, scaled_clip)
-    assert (other != gray).mean() < 1e-3
-  # A reflector 30x the sediments' peak, 2% of the samples: the 99th
-  # percentile becomes its amplitude, while the fitted clip moves by a few %
-  # (the reflector's samples, over 20x the median |a|, are not fitted).
-  strong = amplitude.copy()
-  strong[60:65] = 30 * np.abs(amplitude).max() * np.sign(amplitude[60:65] + 1e-9)
-  strong_clip, _ = segment.matched_clip([strong], stats)
-  assert strong_clip == pytest.approx(clip, rel=0.05)
-  assert segment.clip_level(strong, 99) > 10 * segment.clip_level(amplitude, 99)
-  outside = np.ones(amplitude.shape, bool)
-  outside[60:65] = False
-  changed = segment.amplitude_to_gray(strong, strong_clip)[outside].astype(int) - gray[outside]
-  assert np.abs(changed).mean() < 2.0  # gray levels
-
-
-def test_a_picture_is_mapped_as_the_amplitudes_it_shows():
-  # Laplace amplitudes (not the generator's) drawn as 8-bit pictures darker,
-  # lighter, flatter or harsher than the training tiles: gray = round(mid + k a).
-  # The picture's zero amplitude is its median gray, mid; its clip level in
-  # grays is k times the amplitudes' own; the grays given to the model are
-  # the amplitudes' but for the picture's rounding to whole grays.
-  import types
-
-  rng = np.random.default_rng(0)
-  amplitude = rng.laplace(0.0, 1.0, (300, 400)).astype(np.float32)
-  stats = _exponential_stats(20.0)
-  clip, _ = segment.matched_clip([amplitude], stats)
-  gray = segment.amplitude_to_gray(amplitude, clip)
-  segment = types.SimpleNamespace(amplitude="match_training", clip_percentile=99.0, clip_value=0.0)
-  for mid, k in ((128, 10.0), (70, 4.0), (190, 25.0), (100, 2.0)):
-    picture = np.clip(np.rint(mid + k * amplitude), 0, 255).astype(np.uint8)
-    source = segment.in_memory_input(picture, "picture.npy")
-    scan = segment.scan_input(source)
-    picture_clip, report = segment.choose_clip(source, scan, segment, stats)
-    assert report["zero"] == mid
-    # Rounding to whole grays moves the fitted percentiles by at most half a gray.
-    assert picture_clip == pytest.approx(k * clip, rel=0.05), (mid, k)
-    mapped = segment.amplitude_to_gray(picture, picture_clip, report["zero"])
-    # Away from the picture's own clipping, a sample moves by at most half a
-    # picture gray (127.5 / picture_clip model grays), one model gray of
-    # rounding and the few % the fitted gains differ by.
-    unclipped = (picture > 0) & (picture < 255)
-    moved = np.abs(mapped.astype(int) - gray)[unclipped]
-    assert moved.mean() < 1.0 + 0.5 * 127.5 / picture_clip, (mid, k, moved.mean())
-  # A 16-bit picture (min-max stretched, as 16-bit exports are): the same.
-  lo, hi = amplitude.min(), amplitude.max()
-  k = 65535 / (hi - lo)
-  deep = np.rint((amplitude - lo) * k).astype(np.uint16)
-  source = segment.in_memory_input(deep, "picture16.npy")
-  picture_clip, report = segment.choose_clip(source, segment.scan_input(source), segment, stats)
-  assert report["zero"] == pytest.approx((np.median(amplitude) - lo) * k, abs=1.0)
-  assert picture_clip == pytest.approx(k * clip, rel=0.01)
-  # Floats that are never negative (a picture read into [0, 1]): a picture too.
-  unit = ((amplitude - lo) / (hi - lo)).astype(np.float32)
-  source = segment.in_memory_input(unit, "picture01.npy")
-  picture_clip, report = segment.choose_clip(source, segment.scan_input(source), segment, stats)
-  assert report["zero"] == pytest.approx((np.median(amplitude) - lo) / (hi - lo), abs=1e-6)
-  assert picture_clip == pytest.approx(clip / (hi - lo), rel=0.01)
-  # 'as_is' is for 8-bit pictures only.
-  segment.amplitude = "as_is"
-  for name, values in (("amplitudes.npy", amplitude), ("picture16.npy", deep)):
-    source = segment.in_memory_input(values, name)
-    with pytest.raises(segment.DataError, match=rf"{name}: .*amplitude='as_is'"):
-      segment.choose_clip(source, segment.scan_input(source), segment, stats)
-
-
-def _ricker_section(rng, frequency, samples=256, traces=300):
-  """Sparse Laplace reflectivity (white) convolved down the traces with a Ricker
-  wavelet of peak `frequency` cycles/sample: drawn here, not by saltjax.data.synthetic."""
-  spikes = rng.laplace(size=(samples, traces)) * (rng.random((samples, traces)) < 0.3)
-  t = np.arange(-60, 61)
-  a = (np.pi * frequency * t) ** 2
-  wavelet = ((1 - 2 * a) * np.exp(-a)).astype(np.float32)
-  return cv2.filter2D(spikes.astype(np.float32), -1, wavelet[:, None])
-
-
-def test_vertical_period_is_the_first_zero_of_the_wavelets_autocorrelation():
-  from saltjax.data import gray_stats
-
-  # White reflectivity: the traces' autocorrelation is the wavelet's.  A
-  # Ricker wavelet's power spectrum is f^4 exp(-2 f^2 / fp^2), whose Fourier
-  # transform is He4(x) exp(-x^2 / 2) with x = pi fp tau: its first zero is at
-  # x^2 = 3 - sqrt(6), tau = sqrt(3 - sqrt(6)) / (pi fp) = 0.2362 / fp samples.
-  # (Above 0.1 cycles/sample the zero falls between lags 1 and 2, and linear
-  # interpolation between them is off by a few %: the tiles' periods are
-  # measured the same way, so the comparison stays fair.)
-  rng = np.random.default_rng(0)
-  for fp in (0.025, 0.05, 0.1):
-    section = _ricker_section(rng, fp)
-    want = np.sqrt(3 - np.sqrt(6)) / (np.pi * fp)
-    assert gray_stats.vertical_period(section) == pytest.approx(want, rel=0.04), fp
-    # Neither the amplitude scale, an offset nor white noise moves it (the
-    # noise adds to lag 0 only).
-    noisy = 1e3 * section + 7.0 + 0.5 * section.std() * rng.standard_normal(section.shape)
-    assert gray_stats.vertical_period(noisy) == pytest.approx(want, rel=0.04), fp
-    # Flat runs are left out: a muted top (zeros under data with an offset) and a
-    # band of 3 rows of one value along the bottom edge.
-    muted = section + 5 * section.std()
-    muted[:40], muted[-3:] = 0.0, -1.0
-    assert gray_stats.vertical_period(muted) == pytest.approx(want, rel=0.04), fp
-    # A few samples 1000x the rest (spikes on 1 % of the traces) are clipped.
-    spiked = section.copy()
-    spiked[100, ::100] = 1000 * np.abs(section).max()
-    assert gray_stats.vertical_period(spiked) == pytest.approx(want, rel=0.04), fp
-  # A cosine of period 12 down every trace: its autocorrelation is a cosine too,
-  # with its first zero a quarter period down.
-  phase = rng.uniform(0, 2 * np.pi, 200)
-  cosine = np.cos(2 * np.pi * np.arange(400)[:, None] / 12 + phase)
-  assert gray_stats.vertical_period(cosine) == pytest.approx(3.0, abs=0.05)
-  assert np.isnan(gray_stats.vertical_period(np.full((50, 20), 3.0)))  # no energy
-
-
-def _period_stats():
-  """Training statistics whose tiles' vertical periods have percentiles 20 and 80
-  at 2.2 and 2.8 pixels."""
-  from saltjax.data import gray_stats
-
-  periods = dict(zip((5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 99), np.linspace(1.8, 3.3, 12)))
-  periods.update({10: 2.0, 20: 2.2, 80: 2.8, 90: 3.0})
-  return {"vertical_period": [periods[q] for q in gray_stats.PERCENTILES]}
-
-
-def test_choose_scale_brings_a_finer_or_coarser_section_into_the_tiles_range():
-  import types
-
-  stats = _period_stats()
-  auto = types.SimpleNamespace(scale_samples=-1, scale_traces=-1)
-  rng = np.random.default_rng(1)
-
-  def choose(section, segment=auto, stats=stats):
-    scan = segment.scan_input(segment.in_memory_input(section))
-    return segment.choose_scale(scan, segment, stats, "test stats")
-
-  # Period 0.2362 / 0.1 = 2.36 pixels: within percentiles 20-80, left alone.
-  usual = _ricker_section(rng, 0.1)
-  (samples, traces), report = choose(usual)
-  assert (samples, traces) == (1.0, 1.0)
-  assert report["vertical_period"]["section"] == pytest.approx(2.362, rel=0.04)
-  # Twice as finely sampled (period 4.72): brought to percentile 80, 2.8 pixels;
-  # the traces follow.  1.5 times as coarsely (1.57): up to percentile 20, 2.2.
-  for fp, edge in ((0.05, 2.8), (0.15, 2.2)):
-    section = _ricker_section(rng, fp)
-    (samples, traces), report = choose(section)
-    period = report["vertical_period"]["section"]
-    assert samples == traces == pytest.approx(edge / period, abs=1e-3), fp
-    assert samples == pytest.approx(edge * fp / 0.2362, rel=0.05), fp
-  # Continuous at the range's edge: periods 2.19 and 2.21 (autocorrelations
-  # falling linearly to 0 there) are resampled by 2.2 / 2.19 and left alone.
-  for period, want in ((2.19, 2.2 / 2.19), (2.21, 1.0)):
-    falling = 1.0 - np.arange(50) / period
-    scan = segment.Scan((50, 50), np.ones(1), (np.ones(1), np.ones(1)), autocorrelation=falling)
-    assert segment.choose_scale(scan, auto, stats)[0][0] == pytest.approx(want, abs=1e-3)
-  # Given factors are kept; scale_traces may follow a given scale_samples.
-  given = types.SimpleNamespace(scale_samples=0.5, scale_traces=-1)
-  assert choose(section, given)[0] == (0.5, 0.5)
-  given = types.SimpleNamespace(scale_samples=-1, scale_traces=1.0)
-  assert choose(usual, given)[0] == (1.0, 1.0)
-  # Without the tiles' periods, or a period of the section's: 1, saying why.
-  (samples, traces), report = choose(section, stats=None)
-  assert (samples, traces) == (1.0, 1.0) and "test stats" in report["fallback"]
-  (samples, _), report = choose(np.ones((150, 120), np.float32))
-  assert samples == 1.0 and "has no zero" in report["fallback"]
-  # A trend, not a section sampled otherwise: a period of ~45 pixels would
-  # mean resampling by 1/20.
-  (samples, _), report = choose(np.tile(np.linspace(-1, 1, 150)[:, None], (1, 120)))
-  assert samples == 1.0 and "too far from the training tiles'" in report["fallback"]
-
-
-def test_truth_scores_agree_with_a_hand_computation():
-  # A 101 x 202 section is two tiles side by side.  Left: true salt in rows
-  # 0-49 (5050 px), predicted in rows 0-39 (4040 px): IoU 0.8, which passes
-  # the thresholds 0.50 ... 0.75 (6 of 10): tile score 0.6.  Right: no salt,
-  # one false pixel: tile score 0.  Pixels: tp 4040, fp 1, fn 1010.
-  truth = np.zeros((101, 202), np.uint8)
-  truth[:50, :101] = 1
-  pred = np.zeros_like(truth)
-  pred[:40, :101] = 1
-  pred[7, 150] = 1
-  scores = segment.truth_scores(truth, pred)
-  assert scores["tiles"] == 2
-  assert scores["competition_score"] == pytest.approx(0.3)
-  assert scores["iou"] == pytest.approx(4040 / 5051)
-  assert scores["precision"] == pytest.approx(4040 / 4041)
-  assert scores["recall"] == pytest.approx(0.8)
-  # Nothing predicted and nothing true: IoU 1, every tile scores 1, no precision/recall.
-  empty = segment.truth_scores(np.zeros((150, 150)), np.zeros((150, 150)))
-  assert empty["iou"] == 1.0 and empty["competition_score"] == 1.0 and empty["tiles"] == 4
-  assert empty["precision"] is None and empty["recall"] is None
-
-
-def test_line_numbers_parse():
-  assert segment.parse_line_numbers("", "inlines") is None
-  assert segment.parse_line_numbers("3, 5-7,3", "inlines") == [3, 5, 6, 7]
-  with pytest.raises(Exception, match="config.segment.inlines='5-x'"):
-    segment.parse_line_numbers("5-x", "inlines")
 
 
 # --------------------------------------------------- with a trained model ---
@@ -514,14 +187,14 @@ def test_default_rule_gives_the_same_mask_at_any_scale_and_scores_it(
   strong = amplitude.copy()
   band = slice(40, 45)
   strong[band] = 30 * np.abs(amplitude).max() * np.sign(amplitude[band] + 1e-9)
-  inputs = {
+  renderings = {
       "x0.01": 0.01 * amplitude,
       "x1": amplitude,
       "x1000": 1000.0 * amplitude,
       "strong": strong,
   }
   masks, summaries = {}, {}
-  for name, values in inputs.items():
+  for name, values in renderings.items():
     path = tmp_path / f"scaled_{name.replace('.', '_')}.npy"
     np.save(path, values.astype(np.float32))
     truth_file = tmp_path / ("truth.png" if name == "strong" else "truth.npy")
@@ -604,7 +277,7 @@ def test_older_workdir_gets_gray_levels_from_its_training_data_or_falls_back(
   summary = json.loads((workdir / "sections" / "old_segment.json").read_text())
   assert summary["amplitude_rule"] == "percentile"
   assert "gray_levels.json is missing" in summary["amplitude"]["fallback"]
-  assert summary["clip_level"] == pytest.approx(segment.clip_level(amplitude, 99), rel=1e-6)
+  assert summary["clip_level"] == pytest.approx(gray_mapping.clip_level(amplitude, 99), rel=1e-6)
   assert any("99th percentile" in r.getMessage() for r in caplog.records)
   assert summary["scale"]["samples"] == summary["scale"]["traces"] == 1.0
   assert "gray_levels.json is missing" in summary["scale"]["fallback"]
@@ -635,26 +308,26 @@ def _seam_ratio(prob, starts_rows, starts_cols):
 
 
 def test_blended_tiles_leave_no_seams_where_plain_tiling_does(trained, tmp_path, compile_cache):
-  from saltjax.app import config_checks
+  from saltjax.inference import trained_config
 
   amplitude, _ = synthetic.generate_section(12, ROWS, COLS)
-  config = config_checks.config_for_prediction(
+  config = trained_config.config_for_prediction(
       _segment_config(compile_cache, tmp_path / "unused"), trained
   )
   config.segment = _segment_config(compile_cache, tmp_path / "unused").segment
-  ensemble = segment.load_ensemble(config, trained)
-  gray = segment.amplitude_to_gray(amplitude, segment.clip_level(amplitude, 99))
+  ensemble = predictor.load_ensemble(config, trained)
+  gray = gray_mapping.amplitude_to_gray(amplitude, gray_mapping.clip_level(amplitude, 99))
 
-  (blended,) = segment.segment_sections([gray], ensemble.predict_tiles, stride=50)
-  ratio = _seam_ratio(blended, segment.tile_starts(ROWS, 50), segment.tile_starts(COLS, 50))
+  (blended,) = tiling.segment_sections([gray], ensemble.predict_tiles, stride=50)
+  ratio = _seam_ratio(blended, tiling.tile_starts(ROWS, 50), tiling.tile_starts(COLS, 50))
   assert ratio < 1.5, ratio
 
   # Side by side, non-overlapping tiles (the last one flush with the edge),
   # averaged without a window: each tile's edge shows.
-  (plain,) = segment.segment_sections(
+  (plain,) = tiling.segment_sections(
       [gray], ensemble.predict_tiles, stride=101, window=np.ones((101, 101))
   )
-  plain_ratio = _seam_ratio(plain, segment.tile_starts(ROWS, 101), segment.tile_starts(COLS, 101))
+  plain_ratio = _seam_ratio(plain, tiling.tile_starts(ROWS, 101), tiling.tile_starts(COLS, 101))
   assert plain_ratio > 2.0, plain_ratio
 
 
@@ -736,7 +409,7 @@ def test_npy_and_png_inputs_of_any_size(trained, tmp_path, compile_cache):
   assert (np.load(trained / "sections" / "deep_mask.npy") != mask).mean() < 0.01
   # 'as_is' gives the model the PNG's gray levels unchanged: those of the
   # amplitudes' own mapping, resampled by the same factors, give their mask exactly.
-  cv2.imwrite(str(tmp_path / "pic.png"), segment.amplitude_to_gray(amplitude, clip))
+  cv2.imwrite(str(tmp_path / "pic.png"), gray_mapping.amplitude_to_gray(amplitude, clip))
   scale = json.loads((trained / "sections" / "arr_segment.json").read_text())["scale"]
   config = _segment_config(
       compile_cache,
@@ -887,7 +560,7 @@ def test_main_py_segments_a_png_from_the_command_line(trained, tmp_path, compile
   amplitude, _ = synthetic.generate_section(41, 120, 150)
   cv2.imwrite(
       str(tmp_path / "cli.png"),
-      segment.amplitude_to_gray(amplitude, segment.clip_level(amplitude, 99)),
+      gray_mapping.amplitude_to_gray(amplitude, gray_mapping.clip_level(amplitude, 99)),
   )
   result = run_main(
       [

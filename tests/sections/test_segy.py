@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import segyio
 
 from saltjax.sections import segy
@@ -37,3 +38,48 @@ def test_probability_copy_of_an_ieee_double_file_stays_ieee_double(tmp_path):
     for i in range(n_traces):
       assert dict(dst.header[i]) == dict(src.header[i])
     np.testing.assert_array_equal(dst.trace.raw[:], probs.astype(np.float64))
+
+
+def test_segy_section_orientation_matches_segyio(tmp_path):
+  # value = 1000 * sample + trace: depth down the rows, traces along the columns
+  section = (1000.0 * np.arange(120)[:, None] + np.arange(130)[None, :]).astype(np.float32)
+  path = segy.write_section(tmp_path / "line.sgy", section)
+  with segyio.open(str(path), ignore_geometry=True) as f:
+    assert f.tracecount == 130 and len(f.samples) == 120
+    assert f.trace[7][11] == 11 * 1000 + 7  # trace 7, sample 11
+  with segy.SegyFile(path) as f:
+    assert not f.is_volume
+    (line,) = f.lines()
+    np.testing.assert_array_equal(f.read(line), section)
+
+
+@pytest.mark.parametrize("fmt, kept", [(1, 1), (5, 5), (3, 5), (8, 5)])
+def test_probability_copy_keeps_float_formats_and_makes_integers_float(tmp_path, fmt, kept):
+  src_path = tmp_path / f"in{fmt}.sgy"
+  spec = segyio.spec()
+  spec.samples = list(range(110))
+  spec.tracecount = 6
+  spec.format = fmt
+  with segyio.create(str(src_path), spec) as f:
+    f.bin.update(hns=110, hdt=2000, format=fmt)
+    f.text[0] = segyio.tools.create_text_header({1: "SALT TEST", 2: f"FORMAT {fmt}"})
+    for i in range(6):
+      f.header[i] = {
+          segyio.TraceField.CDP: 500 + i,
+          segyio.TraceField.offset: 7 * i,
+          segyio.TraceField.SourceX: 1000 * i,
+      }
+      f.trace[i] = np.full(110, i + 1, f.dtype)
+  probs = np.linspace(0.0, 1.0, 6 * 110, dtype=np.float32).reshape(6, 110)
+  with segy.SegyFile(src_path) as source:
+    segy.write_probability_copy(source, tmp_path / "out.sgy", np.arange(6), lambda idx: probs[idx])
+  with segyio.open(str(src_path), ignore_geometry=True) as src, segyio.open(
+      str(tmp_path / "out.sgy"), ignore_geometry=True
+  ) as dst:
+    assert dst.bin[segyio.BinField.Format] == kept
+    assert dst.text[0] == src.text[0]
+    for i in range(6):
+      assert dict(dst.header[i]) == dict(src.header[i])
+    # IBM float keeps about 6 significant digits; IEEE is exact.
+    np.testing.assert_allclose(dst.trace.raw[:], probs, atol=1e-6)
+  assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []

@@ -12,7 +12,7 @@ from configs import fold
 from saltjax.input_pipeline import tfdata
 from saltjax.model import unet
 from saltjax import parallel
-from saltjax.inference import predict
+from saltjax.inference import postprocess
 from saltjax.training import trainer
 
 
@@ -137,9 +137,9 @@ def test_min_area_and_gate():
   probs[0, :5, :5] = 0.9  # 25 pixels
   probs[1, :20, :20] = 0.9  # 400 pixels
   probs[2, :20, :20] = 0.9
-  masks = predict.apply_postprocessing(probs, 0.5, min_area=100)
+  masks = postprocess.apply_postprocessing(probs, 0.5, min_area=100)
   assert [int(m.sum()) for m in masks] == [0, 400, 400]
-  masks = predict.apply_postprocessing(
+  masks = postprocess.apply_postprocessing(
       probs, 0.5, 0, class_probs=np.array([0.9, 0.9, 0.1]), gate=0.5
   )
   assert [int(m.sum()) for m in masks] == [25, 400, 0]
@@ -152,7 +152,7 @@ def test_tuned_threshold_maximises_the_oof_metric():
   probs[0, :50] = 0.7  # salt predicted at 0.7 ...
   probs[1, :50] = 0.45  # ... an empty image with a 0.45 blob
   config = fold.get_config()
-  choice = predict.tune(truth, probs, None, config)
+  choice = postprocess.tune(truth, probs, None, config)
   assert 0.45 <= choice["threshold"] < 0.7  # both images right only in between
   best = max(s for _, s in choice["threshold_sweep"])
   assert best == 1.0
