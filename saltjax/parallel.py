@@ -62,3 +62,23 @@ def to_host(x) -> np.ndarray:
   if jax.process_count() == 1:
     return np.asarray(jax.device_get(x))
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def process_0_decides(decide):
+  """`decide()` computed on process 0 alone, and its (JSON) result on every process.
+
+  A choice read from files (which checkpoints a fold predicts with, from its
+  done.json) can differ between hosts that see a shared disk at different
+  moments (a file written a moment ago, NFS attribute caching); placing
+  different weights as one replicated array is silently wrong. Deciding once
+  and sharing the decision makes every host use the same models.
+  """
+  if jax.process_count() == 1:
+    return decide()
+  import json
+
+  text = json.dumps(decide()).encode() if jax.process_index() == 0 else b""
+  size = int(multihost_utils.broadcast_one_to_all(np.int32(len(text))))
+  buffer = np.zeros(size, np.uint8)
+  buffer[: len(text)] = np.frombuffer(text, np.uint8)
+  return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(buffer)).tobytes())

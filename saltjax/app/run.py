@@ -304,7 +304,7 @@ def _predict(config, workdir: pathlib.Path, defaults=None) -> dict:
   config_checks.check(config)
   workdir_lib.check_writable(workdir)
   with job_lock(workdir):
-    return predict.predict_and_submit(config, workdir).scores
+    return predict.predict_workdir(config, workdir).scores
 
 
 def _segment(config, workdir: pathlib.Path) -> int:
@@ -489,9 +489,7 @@ def pseudo_label_round(config, workdir: pathlib.Path, data, fold_of, mesh, first
   if jax.process_index() == 0:
     for name in (workdir_lib.SUBMISSION_CSV, workdir_lib.OOF_CSV, workdir_lib.SCORES_JSON):
       workdir_lib.write_text((workdir / name).read_text(), workdir / f"round1_{name}")
-    for name in (workdir_lib.SUBMISSION_CSV, workdir_lib.OOF_CSV):
-      workdir_lib.write_text((round_dir / name).read_text(), workdir / name)
-    workdir_lib.write_json(scores, workdir / workdir_lib.SCORES_JSON)
+  predict.publish_round(workdir, round_dir, scores)
   return scores
 
 

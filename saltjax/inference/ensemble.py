@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import pathlib
 from typing import Callable, Sequence
@@ -33,22 +34,51 @@ def usable_folds(
 
   A usable fold whose training never finished (no done.json: killed, or
   still running) takes part with what its run recorded, and a warning names
-  it with the last epoch its resume point holds.
+  it with the last epoch its resume point holds. On several hosts the choice
+  is process 0's, shared with the others (`parallel.process_0_decides`): a
+  host that reads the shared disk a moment earlier must not take other steps.
   """
-  usable, left_out = {}, {}
-  for k in range(num_folds):
-    fold_dir = workdir_lib.fold_dir(workdir, k)
-    if not fold_dir.is_dir():
-      left_out[k] = "not trained"
-      continue
-    chosen = ckpt_lib.model_checkpoints(fold_dir, which)
-    if chosen:
-      usable[k] = chosen
-      if workdir_lib.read_done(workdir, k) is None:
-        logging.warning("%s", unfinished_warning(workdir, k, chosen))
-    else:
-      left_out[k] = f"holds no {which!r} checkpoint (config.predict.checkpoints)"
+
+  def decide() -> dict:
+    usable, left_out = {}, {}
+    for k in range(num_folds):
+      fold_dir = workdir_lib.fold_dir(workdir, k)
+      if not fold_dir.is_dir():
+        left_out[k] = "not trained"
+        continue
+      chosen = ckpt_lib.model_checkpoints(fold_dir, which)
+      if chosen:
+        usable[k] = chosen
+        if workdir_lib.read_done(workdir, k) is None:
+          logging.warning("%s", unfinished_warning(workdir, k, chosen))
+      else:
+        left_out[k] = f"holds no {which!r} checkpoint (config.predict.checkpoints)"
+    return {"usable": usable, "left_out": left_out}
+
+  # JSON on the way between hosts: keys come back as strings, pairs as lists.
+  decision = parallel.process_0_decides(decide)
+  usable = {
+      int(k): [(store, int(step)) for store, step in v] for k, v in decision["usable"].items()
+  }
+  left_out = {int(k): reason for k, reason in decision["left_out"].items()}
   return usable, left_out
+
+
+def models_dir(workdir: pathlib.Path) -> pathlib.Path:
+  """The directory whose fold_<k>/ hold the models behind the workdir's results.
+
+  After a pseudo-label round the workdir's submission, oof and scores are the
+  second round's (scores.json says so: `pseudo_label`), and its models are in
+  workdir/pseudo_round; otherwise the workdir's own folds. Predicting or
+  segmenting with the other round's models while applying these results'
+  threshold would mix two rounds silently.
+  """
+  scores_path = workdir / workdir_lib.SCORES_JSON
+  round_dir = workdir / workdir_lib.PSEUDO_ROUND
+  if scores_path.is_file() and round_dir.is_dir():
+    if "pseudo_label" in json.loads(scores_path.read_text()):
+      return round_dir
+  return workdir
 
 
 def warn_left_out(left_out: dict[int, str]) -> None:

@@ -15,6 +15,7 @@ from `saltjax.inference.ensemble`), `score_out_of_fold` (the tuning, from
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import pathlib
 
@@ -104,6 +105,38 @@ def predict_and_submit(config, workdir, data=None, mesh=None) -> Prediction:
         workdir, data, predicted, probs.oof[predicted], oof_masks, test_data, test_masks, scores
     )
   return Prediction(scores=scores, test_probs=test, fold_test_probs=probs.fold_test)
+
+
+def predict_workdir(config, workdir, data=None, mesh=None) -> Prediction:
+  """What configs/predict.py runs: the ensemble of the models the workdir's results came from.
+
+  After a pseudo-label round those are the round's (`ensemble.models_dir`):
+  it predicts again there and publishes the results in the workdir, as the
+  round itself did, keeping scores.json's account of how the labels were made.
+  """
+  workdir = pathlib.Path(workdir)
+  source = ensemble.models_dir(workdir)
+  if source == workdir:
+    return predict_and_submit(config, workdir, data, mesh)
+  logging.info(
+      "%s holds a pseudo-label round's results: predicting with that round's models (%s)",
+      workdir,
+      source,
+  )
+  pseudo_label = json.loads((workdir / workdir_lib.SCORES_JSON).read_text())["pseudo_label"]
+  prediction = predict_and_submit(config, source, data, mesh)
+  scores = {**prediction.scores, "pseudo_label": pseudo_label}
+  publish_round(workdir, source, scores)
+  return dataclasses.replace(prediction, scores=scores)
+
+
+def publish_round(workdir: pathlib.Path, round_dir: pathlib.Path, scores: dict) -> None:
+  """A pseudo-label round's submission, oof and scores as the workdir's own (process 0)."""
+  if jax.process_index() != 0:
+    return
+  for name in (workdir_lib.SUBMISSION_CSV, workdir_lib.OOF_CSV):
+    workdir_lib.write_text((round_dir / name).read_text(), workdir / name)
+  workdir_lib.write_json(scores, workdir / workdir_lib.SCORES_JSON)
 
 
 def collect_probabilities(

@@ -41,8 +41,11 @@ def load_ensemble(config, workdir: pathlib.Path) -> Ensemble:
   Probabilities are averaged over a fold's checkpoints, then over folds, as
   in `saltjax.inference.predict.predict_and_submit`.
   """
+  # The models behind the workdir's results (a pseudo-label round's, after
+  # one), whose threshold and minimum area scores.json holds.
+  models_dir = ensemble_lib.models_dir(workdir)
   usable, left_out = ensemble_lib.usable_folds(
-      workdir, config.num_folds, config.predict.checkpoints
+      models_dir, config.num_folds, config.predict.checkpoints
   )
   if not usable:
     raise CheckpointError(
@@ -56,7 +59,7 @@ def load_ensemble(config, workdir: pathlib.Path) -> Ensemble:
   model = unet.create_model(config.model)
   members, names = [], []
   for fold in folds:
-    fold_dir = workdir_lib.fold_dir(workdir, fold)
+    fold_dir = workdir_lib.fold_dir(models_dir, fold)
     chosen = usable[fold]
     for store, step in chosen:
       members.append(
@@ -65,7 +68,7 @@ def load_ensemble(config, workdir: pathlib.Path) -> Ensemble:
               1.0 / (len(chosen) * len(folds)),
           )
       )
-      names.append(f"fold_{fold}/{store}/{step}")
+      names.append(str(fold_dir.relative_to(workdir) / store / str(step)))
   return Ensemble(
       ensemble_lib.tile_predictor(config, model, members),
       names,

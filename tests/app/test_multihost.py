@@ -192,6 +192,18 @@ def _worker(out_dir: str, process_id: int, port: int) -> None:
 
   timings["device_input"] = round(time.time() - started, 1)
   facts["timings"] = timings
+
+  # Which models a fold predicts with, when the hosts read different records:
+  # process 1 sees a stale done.json (NFS attribute caching, a write a moment
+  # ago) naming another best epoch. Every host must take process 0's choice.
+  from saltjax.inference import ensemble
+
+  view = pathlib.Path(out_dir, f"view_{process_id}")
+  for epoch in (2, 3):
+    (view / "fold_0" / "best" / str(epoch)).mkdir(parents=True, exist_ok=True)
+  best_epoch = 3 if process_id == 1 else 2
+  (view / "fold_0" / "done.json").write_text(json.dumps({"best_epoch": best_epoch}))
+  facts["usable_folds"] = ensemble.usable_folds(view, 1, "best")[0]
   name = "single" if process_id < 0 else f"process_{process_id}"
   np.savez(os.path.join(out_dir, f"{name}.npz"), **results)
   pathlib.Path(out_dir, f"{name}.json").write_text(json.dumps(facts))
@@ -320,6 +332,13 @@ def test_the_step_comparison_catches_a_shard_counted_twice(runs):
     # sized for, is among the leaves caught, as are BatchNorm statistics.
     assert any(b.startswith("['params']['encoder']['conv1']['kernel']") for b in bad), bad
     assert any(b.startswith("['batch_stats']") for b in bad), bad
+
+
+def test_every_host_predicts_with_process_0s_choice_of_models(runs):
+  """Process 1's stale done.json names best epoch 3, process 0's epoch 2: both
+  restore best/2, the step process 0 chose (and one process alone its own)."""
+  for name in ("process_0", "process_1", "single"):
+    assert runs[name]["facts"]["usable_folds"] == {"0": [["best", 2]]}, name
 
 
 def test_device_pipeline_batch_equals_one_process(runs):

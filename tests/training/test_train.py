@@ -28,7 +28,6 @@ def test_training_lowers_the_loss(tmp_path, data_cache, compile_cache):
 def test_every_recipe_option_together(tmp_path, data_cache, compile_cache):
   """Deep supervision, the empty-mask head, hypercolumn, Lovász second stage,
   SWA, plateau schedule, SGD, heavier augmentation, TTA and a pseudo-label round."""
-  from saltjax.app import run
 
   config = tiny_config(
       data_cache,
@@ -56,8 +55,9 @@ def test_every_recipe_option_together(tmp_path, data_cache, compile_cache):
           "num_folds": 2,
       },
   )
-  run.enable_compilation_cache(config)
-  scores = run_lib.train_and_evaluate(config, str(tmp_path))
+  # As a user runs it (main.py), so that the workdir is a complete one for predict.
+  assert run_lib.main(config, str(tmp_path)) == 0
+  scores = json.loads((tmp_path / "scores.json").read_text())
   history = json.loads((tmp_path / "fold_0" / "done.json").read_text())["history"]
   assert [h["loss_name"] for h in history] == [
       "bce_dice",
@@ -78,3 +78,36 @@ def test_every_recipe_option_together(tmp_path, data_cache, compile_cache):
   assert (tmp_path / "submission.csv").read_text() == (
       tmp_path / "pseudo_round" / "submission.csv"
   ).read_text()
+
+  # configs/predict.py on that workdir (here to change the TTA) predicts with the
+  # models its results came from, the round's, and publishes the results in the
+  # workdir as the round did; the first round's files stay as they were.
+  round1 = {p.name: p.read_text() for p in tmp_path.glob("round1_*")}
+  rc = run_lib.main(_config("predict", tta="none"), str(tmp_path), "configs/predict.py")
+  assert rc == 0
+  published = json.loads((tmp_path / "scores.json").read_text())
+  assert published["tta"] == "none"
+  assert json.loads((tmp_path / "pseudo_round" / "scores.json").read_text())["tta"] == "none"
+  assert published["pseudo_label"] == scores["pseudo_label"]
+  assert (tmp_path / "submission.csv").read_text() == (
+      tmp_path / "pseudo_round" / "submission.csv"
+  ).read_text()
+  assert {p.name: p.read_text() for p in tmp_path.glob("round1_*")} == round1
+  # Sections are segmented by the same models, with that scores.json's threshold.
+  from saltjax.inference import trained_config
+  from saltjax.sections import predictor
+
+  trained = trained_config.config_for_prediction(_config("segment", tta="none"), tmp_path)
+  ensemble = predictor.load_ensemble(trained, tmp_path)
+  assert ensemble.models and all(m.startswith("pseudo_round/fold_") for m in ensemble.models)
+  assert ensemble.threshold == published["threshold"]
+
+
+def _config(name: str, **predict):
+  """configs/<name>.py as a user runs it, with `predict` overrides."""
+  import importlib
+
+  config = importlib.import_module(f"configs.{name}").get_config()
+  config.progress = False
+  config.predict.update(predict)
+  return config
