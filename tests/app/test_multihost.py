@@ -5,7 +5,8 @@ Two CPU processes call `jax.distributed.initialize` with a coordinator on
 step of the real train step (`trainer.Job.create`, `trainer.compile_train_steps`)
 over a mesh spanning both processes' devices. Each process holds only its
 own half of a fixed global batch (its shard) and builds the global batch with
-`parallel.global_from_local`, as `trainer.train_fold` does. A third process
+`parallel.global_from_local`, as the training's tf.data feeder does with each
+host's batches (`saltjax.training`). A third process
 runs the same step on the full batch alone. Loss, updated parameters and
 BatchNorm statistics must agree at float32 tolerance: the cross-process
 reductions (gradients, global-batch BatchNorm) are really computed.
