@@ -77,11 +77,11 @@ def measure(args, pipeline: str, steps: int) -> dict:
   """One run of the real loop; each steady epoch's wall and host seconds."""
   from saltjax.data import dataset as data_lib
   from saltjax import parallel
-  from saltjax.app import run
+  from saltjax.app import process
   from saltjax.training import trainer
 
   config = _config(args, pipeline, steps)
-  run.enable_compilation_cache(config)
+  process.enable_compilation_cache(config)
   data = data_lib.load(config)
   mesh = parallel.create_mesh()
   epoch_starts, waits = [], []
@@ -158,9 +158,9 @@ def main():
   parser.add_argument("--workdir_parent", default=None)
   parser.add_argument("--output", default=None)
   args = parser.parse_args()
-  from saltjax.app import run
+  from saltjax.app import process
 
-  run.set_up_process()
+  process.set_up_process()
   s1, s2 = (int(s) for s in args.steps.split(","))
   runs, splits = [], []
   for pipeline in args.pipelines.split(","):

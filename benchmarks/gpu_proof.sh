@@ -20,7 +20,8 @@
 # installed from .whl/ when it exists: make it with benchmarks/fetch_wheels.sh
 # where pip works, and carry it along (.whl/ is git-ignored).
 # Stages: STAGES="ours peer job" (default all); each is bounded by a timeout
-# so that a slow one cannot eat the others' time.
+# so that a slow one cannot eat the others' time. PYTHON names the interpreter
+# (default: python3 on PATH).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

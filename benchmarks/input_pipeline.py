@@ -1,9 +1,11 @@
 """Throughput of the tf.data training pipeline alone, on this machine's CPUs.
 
-Feeds nothing to a model: it iterates `saltjax.input_pipeline.tfdata.train_dataset`
-exactly as `saltjax.training.trainer.train_fold` does (one pipeline per fold, batches as
-numpy via `epoch_iterator`), over the embedded synthetic dataset that
-`saltjax.data.dataset.load` generates for the config. The first epoch fills the
+Feeds nothing to a model: it iterates one fold's pipeline,
+`saltjax.input_pipeline.tfdata.train_dataset` (batches as numpy via `epoch_iterator`),
+the host side of the training's tf.data input (`config.input_pipeline='tfdata'`):
+there one `tfdata.TrainPipeline` makes the batches of the folds trained together,
+a single fold's with `parallel_folds=1`. It reads the embedded synthetic dataset
+that `saltjax.data.dataset.load` generates for the config. The first epoch fills the
 dataset's in-memory cache and warms tf.data's autotuner, so it is timed apart;
 images/s is then measured over the following epochs.
 

@@ -15,9 +15,9 @@ def versions(names) -> dict:
   import sys
 
   sys.path.insert(0, str(REPO))
-  from saltjax.app import run  # light: no TensorFlow, no model
+  from saltjax.app import process  # light: no TensorFlow, no model
 
-  return run.package_versions(names)
+  return process.package_versions(names)
 
 
 def git_commit() -> str:

@@ -9,9 +9,32 @@ import ml_collections
 
 def get_config():
   config = ml_collections.ConfigDict()
-  config.mode = "train"  # 'train' (then predict when every fold is done) or 'predict'
+  # 'train' (then predict when every fold is done); configs/predict.py and
+  # configs/segment.py set 'predict' and 'segment'.
+  config.mode = "train"
   config.seed = 0
 
+  _data(config)
+  _input(config)
+  config.model = _model()
+  _training(config)
+  config.optimizer = _optimizer()
+  config.schedule = _schedule()
+  # Epochs count from 1, as in the logs.
+  config.swa_from_epoch = -1  # stochastic weight averaging from this epoch on (-1: off)
+
+  config.loss = _loss()
+  config.nonfinite = "stop"  # on a non-finite loss/gradient: 'stop' or 'skip' the step
+
+  config.predict = _predict()
+  _process(config)
+  config.pseudo_label = _pseudo_label()
+  _logging(config)
+  return config
+
+
+def _data(config: ml_collections.ConfigDict) -> None:
+  """Which data, and its folds."""
   # Data: a directory in the Kaggle TGS layout, or '' for the embedded
   # synthetic dataset (generated once into cache_dir).
   config.data_dir = ""
@@ -19,11 +42,15 @@ def get_config():
   config.synthetic = ml_collections.ConfigDict(dict(num_train=1000, num_test=500, seed=0))
   config.use_tfds = True  # read through the tensorflow-datasets builders
 
-  # Folds: stratified K-fold; fold=-1 trains every fold in turn.
+  # Folds: stratified K-fold; fold=-1 trains every fold (together by default:
+  # parallel_folds=0, below), then predicts.
   config.num_folds = 5
   config.fold = -1
   config.stratify_by = "coverage"  # or 'depth'
 
+
+def _input(config: ml_collections.ConfigDict) -> None:
+  """The model's input: size, augmentation, where batches are made."""
   # Input: 101 -> image_size by 'resize' (bilinear) or 'pad' (reflect).
   config.image_size = 128
   config.resize_mode = "resize"
@@ -34,7 +61,10 @@ def get_config():
   # the accelerator, augmented in JAX: saltjax/input_pipeline/on_device.py; no TensorFlow).
   config.input_pipeline = "tfdata"
 
-  config.model = ml_collections.ConfigDict(
+
+def _model() -> ml_collections.ConfigDict:
+  """The U-Net: ResNet encoder, scSE, decoder, heads, weights."""
+  return ml_collections.ConfigDict(
       dict(
           stage_sizes=(3, 4, 6, 3),  # ResNet50
           encoder_width=64,
@@ -55,6 +85,9 @@ def get_config():
       )
   )
 
+
+def _training(config: ml_collections.ConfigDict) -> None:
+  """Epochs, batches, folds trained together, checkpoint cadence."""
   config.num_epochs = 150
   config.batch_size = 32  # per fold: the global batch of each fold model, split over every device
   # Folds trained together by one jitted step over a leading fold axis (each
@@ -66,7 +99,10 @@ def get_config():
   config.checkpoint_every_seconds = 300
   config.eval_batch_size = 64
 
-  config.optimizer = ml_collections.ConfigDict(
+
+def _optimizer() -> ml_collections.ConfigDict:
+  """The optimiser."""
+  return ml_collections.ConfigDict(
       dict(
           name="adam",  # adam, adamw, sgd, rmsprop
           learning_rate=3e-4,
@@ -76,7 +112,11 @@ def get_config():
           grad_clip=0.0,  # global-norm clipping when > 0
       )
   )
-  config.schedule = ml_collections.ConfigDict(
+
+
+def _schedule() -> ml_collections.ConfigDict:
+  """The learning-rate schedule."""
+  return ml_collections.ConfigDict(
       dict(
           name="cosine_restarts",  # cosine_restarts, constant, step, plateau
           cycle_epochs=50,  # SGDR cycle length; a snapshot is kept at each cycle end
@@ -89,10 +129,11 @@ def get_config():
           plateau_factor=0.5,
       )
   )
-  # Epochs count from 1, as in the logs.
-  config.swa_from_epoch = -1  # stochastic weight averaging from this epoch on (-1: off)
 
-  config.loss = ml_collections.ConfigDict(
+
+def _loss() -> ml_collections.ConfigDict:
+  """The training loss (one stage or two) and its heads' weights."""
+  return ml_collections.ConfigDict(
       dict(
           name="bce_dice",  # bce, dice, bce_dice, lovasz, lovasz_elu, lovasz_symmetric(_elu)
           bce_weight=1.0,
@@ -103,12 +144,16 @@ def get_config():
           classifier_weight=0.05,
       )
   )
-  config.nonfinite = "stop"  # on a non-finite loss/gradient: 'stop' or 'skip' the step
 
-  config.predict = ml_collections.ConfigDict(
+
+def _predict() -> ml_collections.ConfigDict:
+  """Prediction: TTA, checkpoints, threshold, minimum area."""
+  return ml_collections.ConfigDict(
       dict(
-          tta="hflip",  # none, hflip, hflip+vflip, hflip+shift
-          checkpoints="snapshots",  # best, latest, snapshots, best+snapshots
+          tta="hflip",  # none, hflip, vflip, hflip+vflip, shift, hflip+shift
+          # latest, best, snapshots (cycle ends), swa, or several joined by '+'
+          # (e.g. best+snapshots): each fold's models in the ensemble.
+          checkpoints="snapshots",
           threshold=-1.0,  # -1: tuned on the out-of-fold predictions
           min_area=-1,  # -1: tuned on the out-of-fold predictions; 0: off
           classifier_gate=True,  # use the empty-mask head when the model has one
@@ -116,22 +161,31 @@ def get_config():
       )
   )
 
+
+def _process(config: ml_collections.ConfigDict) -> None:
+  """A multi-host job, and the compilation cache."""
   # A multi-host job (TPU pod slice, SLURM cluster): every process calls
   # jax.distributed.initialize() and the mesh spans every host's devices.
   config.distributed = False
   # JAX's persistent compilation cache: later folds and runs skip compiling.
   config.compilation_cache = "~/.cache/saltjax/jax_cache"
+
+
+def _pseudo_label() -> ml_collections.ConfigDict:
+  """The pseudo-label round (off by default)."""
   # Pseudo-labelling: after every fold is trained and predicted, confident test
   # images (at most max_uncertain_fraction of their pixels inside [low, high])
   # join each fold's training set for a second round, whose ensemble then
   # makes the submission.
-  config.pseudo_label = ml_collections.ConfigDict(
+  return ml_collections.ConfigDict(
       dict(enabled=False, low=0.2, high=0.8, max_uncertain_fraction=0.005)
   )
 
+
+def _logging(config: ml_collections.ConfigDict) -> None:
+  """Logs, a profile, progress bars."""
   config.log_every_steps = 50
   # A jax.profiler trace of this epoch (counted from 1) into the workdir's
   # TensorBoard directory, to read where a slow epoch's time goes; 0 = off.
   config.profile_epoch = 0
-  config.progress = True  # progress bars (off when stdout is not a terminal)
-  return config
+  config.progress = True  # progress bars: process 0's alone, when stderr is a terminal

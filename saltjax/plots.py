@@ -107,7 +107,7 @@ def write_training_curves(
   folds = sorted((f for f, h in history_by_fold.items() if h), key=_sort_key)
   colors = _fold_colors(folds)
   fig = mfigure.Figure(figsize=(10, 9), layout="constrained")
-  ax_loss, ax_val, ax_lr = fig.subplots(
+  ax_loss, ax_val, ax_lr = axes = fig.subplots(
       3, 1, sharex=True, gridspec_kw={"height_ratios": [1, 1.25, 0.8]}
   )
   fig.suptitle("Training curves", fontsize=14, fontweight="bold")
@@ -126,65 +126,93 @@ def write_training_curves(
 
   lr_positive, fold_handles = True, []
   for fold in folds:
-    history = sorted(history_by_fold[fold], key=lambda r: r["epoch"])
-    epochs = np.array([r["epoch"] for r in history])
-    color = colors[fold]
-    ax_loss.plot(epochs, [r["train_loss"] for r in history], color=color, lw=1.6)
-    score = np.array([r["val_score"] for r in history], float)
-    ax_val.plot(epochs, score, color=color, lw=1.8)
-    ax_val.plot(epochs, [r["val_iou"] for r in history], color=color, lw=1.4, ls=":", alpha=0.85)
-    label = f"fold {fold}"
-    # The first best, as training keeps the first epoch reaching the maximum.
-    if np.isfinite(score).any():
-      best = int(np.nanargmax(score))
-      ax_val.plot(
-          epochs[best],
-          score[best],
-          marker="*",
-          ms=15,
-          color=color,
-          mec="black",
-          mew=0.8,
-          zorder=5,
-          ls="none",
-      )
-      # The value goes in the legend: numbers next to the stars would collide
-      # when folds peak at the same epoch.
-      label += f"  (best {score[best]:.3f} @ epoch {epochs[best]})"
-    fold_handles.append(mlines.Line2D([], [], color=color, lw=2.2, label=label))
-    lr = np.array([r["learning_rate"] for r in history], float)
-    lr_positive &= bool((lr > 0).all())
-    ax_lr.plot(epochs, lr, color=color, lw=1.4)
+    handle, positive = _plot_fold_history(axes, fold, history_by_fold[fold], colors[fold])
+    fold_handles.append(handle)
+    lr_positive &= positive
 
   # Cycle ends and loss stages are the same for every fold of a run; they are
   # drawn once, from the configuration (cycles) or the longest history (loss).
-  for ax in (ax_loss, ax_val, ax_lr):
+  for ax in axes:
     for end in cycle_ends:
       ax.axvline(end, color="0.6", ls="--", lw=1.0, zorder=0)
   longest = max((history_by_fold[f] for f in folds), key=len, default=[])
   stages = loss_stages(longest)
   if len(stages) > 1:
-    for i, (name, first, last) in enumerate(stages):
-      shade = _STAGE_SHADES[i % len(_STAGE_SHADES)]
-      for ax in (ax_loss, ax_val, ax_lr):
-        if shade != "none":
-          # Epoch e covers (e - 1, e]: a record is taken at the epoch's end.
-          ax.axvspan(first - 1, last, color=shade, zorder=-1, lw=0)
-      ax_loss.text(
-          (first - 1 + last) / 2,
-          0.97,
-          f"loss: {name}",
-          transform=ax_loss.get_xaxis_transform(),
-          ha="center",
-          va="top",
-          fontsize=9,
-          color="0.25",
-          style="italic",
-      )
-    for _, first, _ in stages[1:]:
-      for ax in (ax_loss, ax_val, ax_lr):
-        ax.axvline(first - 1, color="#d08000", lw=1.3, zorder=0)
+    _mark_loss_stages(axes, stages)
 
+  _label_curve_axes(axes, log_lr=bool(folds) and lr_positive)
+
+  # One legend for folds, one for what the line styles and markers mean.
+  if folds:
+    _curve_legends(fig, ax_val, fold_handles, cycle_ends, loss_switch=len(stages) > 1)
+    last_epoch = max(r["epoch"] for f in folds for r in history_by_fold[f])
+    ax_lr.set_xlim(0, last_epoch + 0.5)
+  return _save_atomic(fig, pathlib.Path(workdir) / TRAINING_CURVES)
+
+
+def _plot_fold_history(axes, fold, history: Sequence[Mapping], color) -> tuple[Any, bool]:
+  """One fold's loss, validation scores (its best starred) and learning rate.
+
+  Returns its legend handle and whether its learning rates are all positive.
+  """
+  ax_loss, ax_val, ax_lr = axes
+  history = sorted(history, key=lambda r: r["epoch"])
+  epochs = np.array([r["epoch"] for r in history])
+  ax_loss.plot(epochs, [r["train_loss"] for r in history], color=color, lw=1.6)
+  score = np.array([r["val_score"] for r in history], float)
+  ax_val.plot(epochs, score, color=color, lw=1.8)
+  ax_val.plot(epochs, [r["val_iou"] for r in history], color=color, lw=1.4, ls=":", alpha=0.85)
+  label = f"fold {fold}"
+  # The first best, as training keeps the first epoch reaching the maximum.
+  if np.isfinite(score).any():
+    best = int(np.nanargmax(score))
+    ax_val.plot(
+        epochs[best],
+        score[best],
+        marker="*",
+        ms=15,
+        color=color,
+        mec="black",
+        mew=0.8,
+        zorder=5,
+        ls="none",
+    )
+    # The value goes in the legend: numbers next to the stars would collide
+    # when folds peak at the same epoch.
+    label += f"  (best {score[best]:.3f} @ epoch {epochs[best]})"
+  handle = mlines.Line2D([], [], color=color, lw=2.2, label=label)
+  lr = np.array([r["learning_rate"] for r in history], float)
+  ax_lr.plot(epochs, lr, color=color, lw=1.4)
+  return handle, bool((lr > 0).all())
+
+
+def _mark_loss_stages(axes, stages: list[tuple[str, int, int]]) -> None:
+  """Shades and names each training-loss stage; a line where the loss switches."""
+  ax_loss = axes[0]
+  for i, (name, first, last) in enumerate(stages):
+    shade = _STAGE_SHADES[i % len(_STAGE_SHADES)]
+    for ax in axes:
+      if shade != "none":
+        # Epoch e covers (e - 1, e]: a record is taken at the epoch's end.
+        ax.axvspan(first - 1, last, color=shade, zorder=-1, lw=0)
+    ax_loss.text(
+        (first - 1 + last) / 2,
+        0.97,
+        f"loss: {name}",
+        transform=ax_loss.get_xaxis_transform(),
+        ha="center",
+        va="top",
+        fontsize=9,
+        color="0.25",
+        style="italic",
+    )
+  for _, first, _ in stages[1:]:
+    for ax in axes:
+      ax.axvline(first - 1, color="#d08000", lw=1.3, zorder=0)
+
+
+def _label_curve_axes(axes, log_lr: bool) -> None:
+  ax_loss, ax_val, ax_lr = axes
   ax_loss.set_ylabel("training loss")
   ax_loss.set_title("Training loss (epoch mean)", loc="left", fontsize=11)
   ax_val.set_ylabel("validation")
@@ -195,38 +223,36 @@ def write_training_curves(
   )
   ax_lr.set_ylabel("learning rate")
   ax_lr.set_title("Learning rate (at each epoch's last step)", loc="left", fontsize=11)
-  if folds and lr_positive:
+  if log_lr:
     ax_lr.set_yscale("log")
   ax_lr.set_xlabel("epoch")
   ax_lr.xaxis.set_major_locator(mticker.MaxNLocator(integer=True))
-  for ax in (ax_loss, ax_val, ax_lr):
+  for ax in axes:
     ax.grid(True, alpha=0.3)
 
-  # One legend for folds, one for what the line styles and markers mean.
-  if folds:
-    # Below the panels, where it hides no curve and no loss-stage label.
-    fig.legend(
-        handles=fold_handles,
-        loc="outside lower center",
-        fontsize=9.5,
-        ncol=min(len(folds), 3),
-        frameon=False,
-    )
-    keys = [
-        mlines.Line2D([], [], color="0.2", lw=1.8, label="competition score"),
-        mlines.Line2D([], [], color="0.2", lw=1.4, ls=":", label="IoU"),
-        mlines.Line2D(
-            [], [], color="0.6", marker="*", ms=12, mec="black", ls="none", label="best epoch"
-        ),
-    ]
-    if cycle_ends:
-      keys.append(mlines.Line2D([], [], color="0.6", ls="--", lw=1.0, label="cycle end (snapshot)"))
-    if len(stages) > 1:
-      keys.append(mlines.Line2D([], [], color="#d08000", lw=1.3, label="loss switch"))
-    ax_val.legend(handles=keys, loc="lower right", fontsize=9, framealpha=0.9)
-    last_epoch = max(r["epoch"] for f in folds for r in history_by_fold[f])
-    ax_lr.set_xlim(0, last_epoch + 0.5)
-  return _save_atomic(fig, pathlib.Path(workdir) / TRAINING_CURVES)
+
+def _curve_legends(fig, ax_val, fold_handles, cycle_ends, loss_switch: bool) -> None:
+  """The folds' legend below the panels; the line styles' and markers' on the scores."""
+  # Below the panels, where it hides no curve and no loss-stage label.
+  fig.legend(
+      handles=fold_handles,
+      loc="outside lower center",
+      fontsize=9.5,
+      ncol=min(len(fold_handles), 3),
+      frameon=False,
+  )
+  keys = [
+      mlines.Line2D([], [], color="0.2", lw=1.8, label="competition score"),
+      mlines.Line2D([], [], color="0.2", lw=1.4, ls=":", label="IoU"),
+      mlines.Line2D(
+          [], [], color="0.6", marker="*", ms=12, mec="black", ls="none", label="best epoch"
+      ),
+  ]
+  if cycle_ends:
+    keys.append(mlines.Line2D([], [], color="0.6", ls="--", lw=1.0, label="cycle end (snapshot)"))
+  if loss_switch:
+    keys.append(mlines.Line2D([], [], color="#d08000", lw=1.3, label="loss switch"))
+  ax_val.legend(handles=keys, loc="lower right", fontsize=9, framealpha=0.9)
 
 
 # ------------------------------------------------------- validation grid ---
@@ -448,6 +474,32 @@ def write_threshold_sweep(
   ax.set_title(
       "Out-of-fold competition score vs binarisation threshold", fontsize=12, fontweight="bold"
   )
+  chosen_score = _plot_sweep(ax, t, s, chosen_threshold)
+  _mark_chosen(ax, chosen_threshold, chosen_score)
+  note = f"min area: {min_area} px (smaller masks emptied)"
+  if final_score is not None:
+    note += f"\nscore with min area: {final_score:.4f}"
+  ax.text(
+      0.02,
+      0.97,
+      note,
+      transform=ax.transAxes,
+      ha="left",
+      va="top",
+      fontsize=10,
+      bbox={"boxstyle": "round,pad=0.4", "fc": "white", "ec": "0.7"},
+  )
+  ax.set_xlabel("threshold on the predicted salt probability")
+  ax.set_ylabel("OOF competition score")
+  ax.grid(True, alpha=0.3)
+  if len(t):
+    ax.legend(loc="best", fontsize=9.5, framealpha=0.9)
+  return _save_atomic(fig, pathlib.Path(workdir) / THRESHOLD_SWEEP)
+
+
+def _plot_sweep(ax, t: np.ndarray, s: np.ndarray, chosen_threshold: float) -> float:
+  """The sweep's scores (its best marked when not the chosen one), and the chosen
+  threshold's score on that curve: NaN without a sweep."""
   if len(t):
     ax.plot(t, s, "-o", color="C0", ms=4, lw=1.8, label="OOF score (no min-area filter)")
     best = int(np.argmax(s))
@@ -482,6 +534,11 @@ def write_threshold_sweep(
         color="gray",
         fontsize=12,
     )
+  return chosen_score
+
+
+def _mark_chosen(ax, chosen_threshold: float, chosen_score: float) -> None:
+  """A dashed line at the chosen threshold; its score marked and named on the curve."""
   ax.axvline(chosen_threshold, color="C3", ls="--", lw=1.3)
   if np.isfinite(chosen_score):
     ax.plot(
@@ -505,25 +562,6 @@ def write_threshold_sweep(
         fontweight="bold",
         arrowprops={"arrowstyle": "-", "color": "C3", "lw": 0.8},
     )
-  note = f"min area: {min_area} px (smaller masks emptied)"
-  if final_score is not None:
-    note += f"\nscore with min area: {final_score:.4f}"
-  ax.text(
-      0.02,
-      0.97,
-      note,
-      transform=ax.transAxes,
-      ha="left",
-      va="top",
-      fontsize=10,
-      bbox={"boxstyle": "round,pad=0.4", "fc": "white", "ec": "0.7"},
-  )
-  ax.set_xlabel("threshold on the predicted salt probability")
-  ax.set_ylabel("OOF competition score")
-  ax.grid(True, alpha=0.3)
-  if len(t):
-    ax.legend(loc="best", fontsize=9.5, framealpha=0.9)
-  return _save_atomic(fig, pathlib.Path(workdir) / THRESHOLD_SWEEP)
 
 
 # ------------------------------------------------------ prediction plots ---

@@ -407,7 +407,7 @@ def step_mismatches(
   layer's running mean and variance, (1 - momentum^steps) * max(batch variance
   + batch mean^2), the size of the sums of x and x^2 they come from.
   """
-  from saltjax.model.unet import BATCH_NORM_MOMENTUM
+  from saltjax.model.layers import BATCH_NORM_MOMENTUM
 
   params = [k for k in reference if k.startswith("['params']")]
   moved = max(float(np.max(np.abs(reference[k] - init[k]))) for k in params)

@@ -80,6 +80,9 @@ def test_gpu_proof_runs_every_stage_in_tiny_mode_without_tensorflow(tmp_path):
   env = {
       **os.environ,
       "JAX_PLATFORMS": "cpu",
+      # This interpreter, not whichever python3 comes first on PATH (another
+      # one, without jax, when the venv is not activated).
+      "PYTHON": sys.executable,
       **with_sitecustomize(tmp_path / "no_tensorflow", _NO_TENSORFLOW),
       "RESULTS_DIR": str(tmp_path / "results"),
       "WORK": str(tmp_path / "work"),

@@ -231,12 +231,13 @@ def test_a_full_disk_during_training_ends_in_one_message(
     small_mount, data_cache, compile_cache, capfd, monkeypatch
 ):
   """Room for the run's records but not its checkpoints: one message, exit 1."""
+  from saltjax.app import process
   from saltjax.app import run
 
   monkeypatch.delenv("SALTJAX_DEBUG", raising=False)
   workdir = small_mount("full", "size=64k") / "run"
   config = tiny_config(data_cache, compile_cache, fold=0)
-  run.enable_compilation_cache(config)
+  process.enable_compilation_cache(config)
   assert run.main(config, str(workdir)) == 1
   err = capfd.readouterr().err
   assert "error: " in err
@@ -253,15 +254,15 @@ def test_truncated_compilation_cache_entries_are_dropped(tmp_path, monkeypatch):
   found readable is not read again at the next start unless it changed."""
   from jax._src import compilation_cache
 
-  from saltjax.app import run
+  from saltjax.app import process
 
   whole = compilation_cache.compress_executable(b"x" * 10_000)
   (tmp_path / "good-cache").write_bytes(whole)
   (tmp_path / "cut-cache").write_bytes(whole[: len(whole) // 2])
   (tmp_path / "cut-atime").write_bytes(b"1")
-  assert run.drop_unreadable_cache_entries(str(tmp_path)) == ["cut-cache"]
+  assert process.drop_unreadable_cache_entries(str(tmp_path)) == ["cut-cache"]
   assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-      ["good-cache", run.VERIFIED_CACHE_ENTRIES]
+      ["good-cache", process.VERIFIED_CACHE_ENTRIES]
   )
 
   read = []
@@ -270,15 +271,15 @@ def test_truncated_compilation_cache_entries_are_dropped(tmp_path, monkeypatch):
       compilation_cache, "decompress_executable", lambda b: read.append(len(b)) or decompress(b)
   )
   (tmp_path / "new-cache").write_bytes(whole)
-  assert run.drop_unreadable_cache_entries(str(tmp_path)) == []
+  assert process.drop_unreadable_cache_entries(str(tmp_path)) == []
   assert read == [len(whole)]  # the new entry only
   # An entry that is not what was found readable is read again: here a
   # good one cut short (its size changed).
   (tmp_path / "good-cache").write_bytes(whole[:10])
-  assert run.drop_unreadable_cache_entries(str(tmp_path)) == ["good-cache"]
+  assert process.drop_unreadable_cache_entries(str(tmp_path)) == ["good-cache"]
   assert read == [len(whole), 10]
   assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-      ["new-cache", run.VERIFIED_CACHE_ENTRIES]
+      ["new-cache", process.VERIFIED_CACHE_ENTRIES]
   )
 
 

@@ -40,12 +40,31 @@ _FREE_KEYS = (
 
 
 def check(config) -> None:
+  """Raises one `ConfigError` listing every bad value, each naming its `config.` key."""
   problems = []
 
   def need(ok, key, message):
     if not ok:
       problems.append(f"config.{key}={_get(config, key)!r}: {message}")
 
+  _check_run(config, need)
+  _check_input(config, need)
+  _check_training(config, need)
+  _check_schedule(config, need)
+  _check_loss(config, need)
+  _check_prediction(config, need)
+  try:
+    augment_spec.parse(config.augment)
+  except ValueError as e:
+    problems.append(str(e))
+  _check_model(config, need)
+  _check_data(config, need)
+  if problems:
+    raise ConfigError("bad config:\n  " + "\n  ".join(problems))
+
+
+def _check_run(config, need) -> None:
+  """The mode and the folds."""
   need(
       config.mode in ("train", "predict", "segment"), "mode", "use 'train', 'predict' or 'segment'"
   )
@@ -56,6 +75,10 @@ def check(config) -> None:
       f"must be -1 (all) or 0..{config.num_folds - 1}",
   )
   need(config.stratify_by in ("coverage", "depth"), "stratify_by", "use 'coverage' or 'depth'")
+
+
+def _check_input(config, need) -> None:
+  """Image sizes and batch sizes, and where the batches are made."""
   need(config.resize_mode in geometry.RESIZE_MODES, "resize_mode", "use 'resize' or 'pad'")
   need(
       config.get("input_pipeline", "tfdata") in ("tfdata", "device"),
@@ -75,6 +98,10 @@ def check(config) -> None:
   need(config.batch_size > 0, "batch_size", "must be positive")
   need(config.eval_batch_size > 0, "eval_batch_size", "must be positive")
   need(config.predict.batch_size > 0, "predict.batch_size", "must be positive")
+
+
+def _check_training(config, need) -> None:
+  """The epochs, the folds' grouping, checkpoints' cadence and the optimiser."""
   need(config.num_epochs > 0, "num_epochs", "must be positive")
   need(config.log_every_steps > 0, "log_every_steps", "must be positive")
   need(
@@ -95,6 +122,10 @@ def check(config) -> None:
   )
   need(config.optimizer.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
   need(config.optimizer.grad_clip >= 0, "optimizer.grad_clip", "must be >= 0")
+
+
+def _check_schedule(config, need) -> None:
+  """The learning-rate schedule."""
   s = config.schedule
   need(
       s.name in optimizers.SCHEDULES,
@@ -112,6 +143,10 @@ def check(config) -> None:
   need(s.step_epochs > 0, "schedule.step_epochs", "must be positive")
   need(0 < s.step_factor <= 1, "schedule.step_factor", "must be in (0, 1]")
   need(0 < s.plateau_factor <= 1, "schedule.plateau_factor", "must be in (0, 1]")
+
+
+def _check_loss(config, need) -> None:
+  """The losses, and what a non-finite step does."""
   for key in ("loss.name", "loss.second_name"):
     need(
         _get(config, key) in losses.PER_IMAGE_LOSSES,
@@ -119,6 +154,10 @@ def check(config) -> None:
         f"unknown loss; use one of {', '.join(losses.PER_IMAGE_LOSSES)}",
     )
   need(config.nonfinite in ("stop", "skip"), "nonfinite", "use 'stop' or 'skip'")
+
+
+def _check_prediction(config, need) -> None:
+  """Prediction (TTA, checkpoints, threshold) and the pseudo-label round."""
   need(
       config.predict.tta in tta.TTA_CHOICES,
       "predict.tta",
@@ -152,10 +191,10 @@ def check(config) -> None:
       "pseudo_label.enabled",
       "pseudo-labelling needs every fold trained first (config.fold=-1)",
   )
-  try:
-    augment_spec.parse(config.augment)
-  except ValueError as e:
-    problems.append(str(e))
+
+
+def _check_model(config, need) -> None:
+  """The model's shape, dtype and pretrained weights."""
   m = config.model
   need(
       len(m.stage_sizes) == 4 and all(int(n) > 0 for n in m.stage_sizes),
@@ -184,6 +223,10 @@ def check(config) -> None:
       "ResNet50 weights need model.stage_sizes=(3,4,6,3) and"
       " model.encoder_width=64 (or --config.model.pretrained='' to train from scratch)",
   )
+
+
+def _check_data(config, need) -> None:
+  """The data: a Kaggle-layout directory, or the synthetic set's sizes."""
   need(
       config.data_dir == "" or pathlib.Path(config.data_dir).expanduser().is_dir(),
       "data_dir",
@@ -195,8 +238,6 @@ def check(config) -> None:
       "too few images for the folds",
   )
   need(config.synthetic.num_test >= 0, "synthetic.num_test", "must be >= 0")
-  if problems:
-    raise ConfigError("bad config:\n  " + "\n  ".join(problems))
 
 
 def _get(config, dotted: str):

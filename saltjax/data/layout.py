@@ -554,20 +554,7 @@ def _scan_sources(
   # whose PNGs are missing so that one run reports both kinds of problem.
   rle_masks: dict[str, np.ndarray | None] = {}
   if present["train.csv"]:
-    frame = _read_csv(data_dir, "train.csv", _TRAIN_CSV_COLUMNS, problems)
-    if frame is not None:
-      train_ids = list(frame["id"])
-      _check_ids("train.csv", train_ids, problems)
-      if not train_ids:
-        problems.add("bad csv files", "train.csv has no rows")
-      for id_, text in zip(train_ids, frame["rle_mask"]):
-        if not id_ or id_ in rle_masks:
-          continue
-        try:
-          rle_masks[id_] = rle.decode(text, (IMAGE_SIZE, IMAGE_SIZE))
-        except rle.RLEError as e:
-          rle_masks[id_] = None
-          problems.add("bad RLE", f"train.csv rle_mask for id {id_!r} is invalid: {e}")
+    train_ids, rle_masks = _read_train_csv(data_dir, problems)
 
   depths: dict[str, int | None] | None = None
   if present["depths.csv"]:
@@ -576,71 +563,18 @@ def _scan_sources(
       _check_ids("depths.csv", list(frame["id"]), problems)
       depths = _parse_depths(frame, problems)
 
-  # Train ids whose image and mask both exist, in train.csv order.
   train_rows: list[int] = []
   train_source = sources["train"]
   if train_ids is not None and train_source is not None:
-    stems = {sub: train_source.stems(sub) for sub in ("images", "masks")}
-    known = set(train_ids)
-    seen = set()
-    for row, id_ in enumerate(train_ids):
-      if id_ in seen:
-        continue  # A duplicated row is reported once and decoded once.
-      seen.add(id_)
-      missing = [
-          train_source.name(sub, id_) for sub in ("images", "masks") if id_ not in stems[sub]
-      ]
-      if missing:
-        problems.add(
-            "missing images or masks", f"train.csv id {id_!r} has no {' and no '.join(missing)}"
-        )
-      elif id_:
-        train_rows.append(row)
-    for sub in ("images", "masks"):
-      for stem in sorted(stems[sub] - known):
-        problems.add(f"extra {sub}", f"{train_source.name(sub, stem)} has no row in train.csv")
+    train_rows = _train_rows(train_ids, train_source, problems)
 
   test_ids: list[str] = []
   test_present: list[str] = []
   test_source = sources.get("test")
   if test_source is not None:
-    test_stems = test_source.stems("images")
-    sample_path = os.path.join(data_dir, "sample_submission.csv")
-    source = test_source.where("images")
-    if os.path.isfile(sample_path):
-      source = "sample_submission.csv"
-      frame = _read_csv(data_dir, "sample_submission.csv", None, problems)
-      if frame is None:
-        source = None  # Already reported; an empty id list says nothing new.
-      else:
-        test_ids = list(frame["id"])
-        _check_ids("sample_submission.csv", test_ids, problems)
-        for id_ in test_ids:
-          if id_ and id_ not in test_stems:
-            problems.add(
-                "missing test images",
-                f"sample_submission.csv id {id_!r} has no" f" {test_source.name('images', id_)}",
-            )
-    else:
-      test_ids = sorted(test_stems)
-    if not test_ids and source is not None:
-      empty = "has no rows" if source == "sample_submission.csv" else "has no PNG files"
-      problems.add("missing files", f"{source} {empty}; there are no test ids")
-    test_present = [i for i in dict.fromkeys(test_ids) if i in test_stems]
+    test_ids, test_present = _test_ids(data_dir, test_source, problems)
 
-  both = sorted(set(train_ids or []) & set(test_ids) - {""})
-  if both:
-    problems.add(
-        "ids in both train and test",
-        f"{len(both)} test id(s) are also train ids (a test image must not be"
-        f" trained on): {_short(both)}",
-    )
-
-  if depths is not None:
-    for name, ids in (("train.csv", train_ids or []), ("test", test_ids)):
-      for id_ in dict.fromkeys(ids):
-        if id_ and id_ not in depths:
-          problems.add("ids missing from depths.csv", f"{name} id {id_!r} has no row in depths.csv")
+  _check_shared_ids(train_ids or [], test_ids, depths, problems)
 
   # Decode every PNG once, in one pool, so train and test decoding overlap.
   entries = []
@@ -654,10 +588,138 @@ def _scan_sources(
     for issue in issues:
       problems.add("bad PNG files", f"{source.name(sub, stem)} {issue}")
 
+  images, masks = _train_arrays(
+      [train_ids[row] for row in train_rows], loaded, rle_masks, train_source, problems
+  )
+  test_images = {id_: loaded[2 * len(train_rows) + i][0] for i, id_ in enumerate(test_present)}
+
+  if problems:
+    return None
+  return SaltData(
+      train_ids=list(train_ids),
+      train_images=_stack([images[i] for i in train_ids]),
+      train_masks=_stack([masks[i] for i in train_ids]),
+      train_depths=np.array([depths[i] for i in train_ids], np.int64),
+      test_ids=list(test_ids),
+      test_images=_stack([test_images[i] for i in test_ids]),
+      test_depths=np.array([depths[i] for i in test_ids], np.int64),
+  )
+
+
+def _read_train_csv(
+    data_dir: str, problems: _Problems
+) -> tuple[list[str] | None, dict[str, np.ndarray | None]]:
+  """train.csv's ids (None when it cannot be read) and each id's decoded RLE."""
+  train_ids: list[str] | None = None
+  rle_masks: dict[str, np.ndarray | None] = {}
+  frame = _read_csv(data_dir, "train.csv", _TRAIN_CSV_COLUMNS, problems)
+  if frame is not None:
+    train_ids = list(frame["id"])
+    _check_ids("train.csv", train_ids, problems)
+    if not train_ids:
+      problems.add("bad csv files", "train.csv has no rows")
+    for id_, text in zip(train_ids, frame["rle_mask"]):
+      if not id_ or id_ in rle_masks:
+        continue
+      try:
+        rle_masks[id_] = rle.decode(text, (IMAGE_SIZE, IMAGE_SIZE))
+      except rle.RLEError as e:
+        rle_masks[id_] = None
+        problems.add("bad RLE", f"train.csv rle_mask for id {id_!r} is invalid: {e}")
+  return train_ids, rle_masks
+
+
+def _train_rows(train_ids: list[str], train_source: _PngSource, problems: _Problems) -> list[int]:
+  """Rows of train ids whose image and mask both exist, in train.csv order.
+
+  Ids without both, and PNGs without a row, are reported.
+  """
+  train_rows: list[int] = []
+  stems = {sub: train_source.stems(sub) for sub in ("images", "masks")}
+  known = set(train_ids)
+  seen = set()
+  for row, id_ in enumerate(train_ids):
+    if id_ in seen:
+      continue  # A duplicated row is reported once and decoded once.
+    seen.add(id_)
+    missing = [train_source.name(sub, id_) for sub in ("images", "masks") if id_ not in stems[sub]]
+    if missing:
+      problems.add(
+          "missing images or masks", f"train.csv id {id_!r} has no {' and no '.join(missing)}"
+      )
+    elif id_:
+      train_rows.append(row)
+  for sub in ("images", "masks"):
+    for stem in sorted(stems[sub] - known):
+      problems.add(f"extra {sub}", f"{train_source.name(sub, stem)} has no row in train.csv")
+  return train_rows
+
+
+def _test_ids(
+    data_dir: str, test_source: _PngSource, problems: _Problems
+) -> tuple[list[str], list[str]]:
+  """The test ids (sample_submission.csv's, else the test PNGs'), and those with a PNG."""
+  test_ids: list[str] = []
+  test_stems = test_source.stems("images")
+  sample_path = os.path.join(data_dir, "sample_submission.csv")
+  source = test_source.where("images")
+  if os.path.isfile(sample_path):
+    source = "sample_submission.csv"
+    frame = _read_csv(data_dir, "sample_submission.csv", None, problems)
+    if frame is None:
+      source = None  # Already reported; an empty id list says nothing new.
+    else:
+      test_ids = list(frame["id"])
+      _check_ids("sample_submission.csv", test_ids, problems)
+      for id_ in test_ids:
+        if id_ and id_ not in test_stems:
+          problems.add(
+              "missing test images",
+              f"sample_submission.csv id {id_!r} has no" f" {test_source.name('images', id_)}",
+          )
+  else:
+    test_ids = sorted(test_stems)
+  if not test_ids and source is not None:
+    empty = "has no rows" if source == "sample_submission.csv" else "has no PNG files"
+    problems.add("missing files", f"{source} {empty}; there are no test ids")
+  test_present = [i for i in dict.fromkeys(test_ids) if i in test_stems]
+  return test_ids, test_present
+
+
+def _check_shared_ids(
+    train_ids: list[str],
+    test_ids: list[str],
+    depths: dict[str, int | None] | None,
+    problems: _Problems,
+) -> None:
+  """No id both train and test; every id has a depth (when depths.csv was read)."""
+  both = sorted(set(train_ids) & set(test_ids) - {""})
+  if both:
+    problems.add(
+        "ids in both train and test",
+        f"{len(both)} test id(s) are also train ids (a test image must not be"
+        f" trained on): {_short(both)}",
+    )
+
+  if depths is not None:
+    for name, ids in (("train.csv", train_ids), ("test", test_ids)):
+      for id_ in dict.fromkeys(ids):
+        if id_ and id_ not in depths:
+          problems.add("ids missing from depths.csv", f"{name} id {id_!r} has no row in depths.csv")
+
+
+def _train_arrays(
+    ids: list[str],
+    loaded: list,
+    rle_masks: dict[str, np.ndarray | None],
+    train_source: _PngSource,
+    problems: _Problems,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """The decoded train images and masks by id (`loaded` holds an image, then its
+  mask, for each id); each mask is checked against its RLE."""
   images: dict[str, np.ndarray] = {}
   masks: dict[str, np.ndarray] = {}
-  for i, row in enumerate(train_rows):
-    id_ = train_ids[row]
+  for i, id_ in enumerate(ids):
     image, mask = loaded[2 * i][0], loaded[2 * i + 1][0]
     rle_mask = rle_masks[id_]
     if mask is not None and rle_mask is not None:
@@ -673,19 +735,7 @@ def _scan_sources(
       images[id_] = image
     if mask is not None:
       masks[id_] = mask
-  test_images = {id_: loaded[2 * len(train_rows) + i][0] for i, id_ in enumerate(test_present)}
-
-  if problems:
-    return None
-  return SaltData(
-      train_ids=list(train_ids),
-      train_images=_stack([images[i] for i in train_ids]),
-      train_masks=_stack([masks[i] for i in train_ids]),
-      train_depths=np.array([depths[i] for i in train_ids], np.int64),
-      test_ids=list(test_ids),
-      test_images=_stack([test_images[i] for i in test_ids]),
-      test_depths=np.array([depths[i] for i in test_ids], np.int64),
-  )
+  return images, masks
 
 
 def _stack(arrays: list[np.ndarray]) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 The weights are read from a torch-named state dict stored as `.safetensors`
 or `.npz` (torch itself is not needed), or `.pth`/`.pt` when torch happens to
-be installed. Names map 1:1 onto `saltjax.model.unet.ResNetEncoder`:
+be installed. Names map 1:1 onto `saltjax.model.resnet.ResNetEncoder`:
 
   conv1.weight                     -> params/conv1/kernel (OIHW -> HWIO)
   bn1.weight / bn1.bias            -> params/bn1/scale / bias

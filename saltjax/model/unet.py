@@ -1,10 +1,12 @@
 """U-Net with a ResNet50 encoder and scSE attention, in flax.linen.
 
-The encoder reproduces torchvision's ResNet50 (v1.5) layer for layer, with
-explicit symmetric padding, so that torchvision or timm ImageNet weights
-(loaded by `saltjax.model.pretrained`) produce torchvision's activations. The decoder
-follows segmentation_models_pytorch's
-`Unet('resnet50', decoder_attention_type='scse')`.
+The encoder (`saltjax.model.resnet`) reproduces torchvision's ResNet50 (v1.5)
+layer for layer, so that torchvision or timm ImageNet weights (loaded by
+`saltjax.model.pretrained`) produce torchvision's activations; its blocks and
+scSE are in `saltjax.model.layers`. The decoder follows
+segmentation_models_pytorch's `Unet('resnet50', decoder_attention_type='scse')`.
+This module also builds the model from a config (`create_model`) and its
+initial variables (`initialized`).
 
 All modules take NHWC inputs. `dtype` is the computation dtype; parameters are
 always float32 and the model outputs are always float32.
@@ -13,12 +15,15 @@ always float32 and the model outputs are always float32.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from saltjax.model import layers
+from saltjax.model import resnet
 
 Array = Any
 Dtype = Any
@@ -35,244 +40,10 @@ IMAGENET_STD_GRAY = 0.226
 
 UPSAMPLE_METHODS = ("nearest", "bilinear")
 
-# flax's momentum 0.9 is torch's momentum 0.1: running = 0.9 * running + 0.1 *
-# batch. Every BatchNorm of the model uses it (train.recompute_batch_stats
-# relies on that to read a batch's statistics off one update).
-BATCH_NORM_MOMENTUM = 0.9
-
-# torchvision initialises ResNet convs with kaiming_normal(fan_out, relu);
-# smp initialises decoder convs with kaiming_uniform(fan_in, relu) and the
-# head with xavier_uniform.
-_encoder_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-_decoder_conv_init = nn.initializers.variance_scaling(2.0, "fan_in", "uniform")
-_head_init = nn.initializers.xavier_uniform()
-
-
-def _pad(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
-  """Torch-style symmetric padding for an odd kernel.
-
-  flax's 'SAME' pads stride-2 convs asymmetrically (more at the end), which
-  shifts the sampling grid by one pixel against torch's padding=k//2, and
-  pretrained torch weights would then see different windows.
-  """
-  p = kernel_size // 2
-  return ((p, p), (p, p))
-
-
-def _resize(x: Array, height: int, width: int, method: str) -> Array:
-  """Resizes NHWC `x` to (height, width) with 'nearest' or 'bilinear'."""
-  in_h, in_w = x.shape[1], x.shape[2]
-  if (in_h, in_w) == (height, width):
-    return x
-  if method == "nearest" and height % in_h == 0 and width % in_w == 0:
-    # An exact integer nearest upsample is a repeat; it avoids a gather whose
-    # gradient is a slow scatter-add on accelerators.
-    x = jnp.repeat(x, height // in_h, axis=1)
-    return jnp.repeat(x, width // in_w, axis=2)
-  # antialias=False matches torch's F.interpolate(align_corners=False).
-  return jax.image.resize(
-      x, (x.shape[0], height, width, x.shape[3]), method=method, antialias=False
-  )
-
 
 def count_params(params: Any) -> int:
   """Number of scalars in a pytree of arrays (or jax.ShapeDtypeStructs)."""
   return int(sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(params)))
-
-
-class ScSE(nn.Module):
-  """Concurrent spatial and channel squeeze & excitation (Roy et al. 2018).
-
-  Same as segmentation_models_pytorch's SCSEModule:
-  out = x * cSE(x) + x * sSE(x), where cSE is global-average-pool -> 1x1 conv
-  (C -> C // reduction) -> ReLU -> 1x1 conv (-> C) -> sigmoid, and sSE is a 1x1
-  conv (C -> 1) -> sigmoid. All convs have biases.
-
-  With `identity_init` the last conv of each gate (`cse_expand`, `sse`)
-  starts at zero, so both gates start at sigmoid(0) = 0.5 and the module
-  starts as the identity: x * 0.5 + x * 0.5 = x. The gates still get
-  gradients at once (they are the outputs of those convs), so attention is
-  learnt from there, as zero-initialised residual branches are.
-
-  Attributes:
-    reduction: channel reduction of the cSE bottleneck.
-    dtype: computation dtype.
-    kernel_init: initialiser of the convs (of `cse_reduce` only when
-      `identity_init`).
-    identity_init: start as the identity (zero-initialised gate convs).
-  """
-
-  reduction: int = 16
-  dtype: Dtype = jnp.float32
-  kernel_init: Callable[..., Array] = _decoder_conv_init
-  identity_init: bool = False
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    channels = x.shape[-1]
-    # A reduction larger than the width would leave no bottleneck channel.
-    hidden = max(channels // self.reduction, 1)
-    dense = functools.partial(
-        nn.Conv,
-        kernel_size=(1, 1),
-        use_bias=True,
-        dtype=self.dtype,
-        param_dtype=jnp.float32,
-        kernel_init=self.kernel_init,
-        bias_init=nn.initializers.zeros_init(),
-    )
-    # Average in float32: a bf16 sum over a large map loses precision.
-    pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True)
-    gate_init = nn.initializers.zeros_init() if self.identity_init else self.kernel_init
-    c = dense(hidden, name="cse_reduce")(pooled)
-    c = nn.relu(c)
-    c = dense(channels, kernel_init=gate_init, name="cse_expand")(c)
-    c = nn.sigmoid(c)
-    s = nn.sigmoid(dense(1, kernel_init=gate_init, name="sse")(x))
-    return (x * c + x * s).astype(self.dtype)
-
-
-class BottleneckBlock(nn.Module):
-  """torchvision's Bottleneck (ResNet v1.5: the stride sits on the 3x3 conv).
-
-  Attributes:
-    filters: width of the 1x1 and 3x3 convs; the block outputs 4 * filters.
-    strides: stride of the 3x3 conv and of the projection shortcut.
-    downsample: whether to use a projection shortcut (1x1 conv + BN).
-    scse: whether to apply scSE to the residual branch before the addition.
-    scse_reduction: scSE channel reduction.
-    dtype: computation dtype.
-  """
-
-  filters: int
-  strides: int = 1
-  downsample: bool = False
-  scse: bool = False
-  scse_reduction: int = 16
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
-    conv = functools.partial(
-        nn.Conv,
-        use_bias=False,
-        dtype=self.dtype,
-        param_dtype=jnp.float32,
-        kernel_init=_encoder_conv_init,
-    )
-    # Statistics are kept in float32.
-    norm = functools.partial(
-        nn.BatchNorm,
-        use_running_average=not train,
-        momentum=BATCH_NORM_MOMENTUM,
-        epsilon=1e-5,
-        dtype=self.dtype,
-        param_dtype=jnp.float32,
-    )
-
-    residual = x
-    y = conv(self.filters, (1, 1), padding=_pad(1), name="conv1")(x)
-    y = nn.relu(norm(name="bn1")(y))
-    y = conv(
-        self.filters, (3, 3), strides=(self.strides, self.strides), padding=_pad(3), name="conv2"
-    )(y)
-    y = nn.relu(norm(name="bn2")(y))
-    y = conv(4 * self.filters, (1, 1), padding=_pad(1), name="conv3")(y)
-    y = norm(name="bn3")(y)
-    if self.scse:
-      # Inserted into a (pretrained) ResNet, the block must start as the block
-      # without it: with torchvision's fan-out init the C -> 1 spatial conv
-      # has weights of std sqrt(2), its logits an std of ~sqrt(2C) (~23 at
-      # C=256), so most gates would sit at 0 or 1, masking the pretrained
-      # residual branch at random with near-zero gradients. Hence an identity
-      # start (zero gate convs); the cSE bottleneck keeps the encoder's init.
-      y = ScSE(
-          reduction=self.scse_reduction,
-          dtype=self.dtype,
-          kernel_init=_encoder_conv_init,
-          identity_init=True,
-          name="scse",
-      )(y)
-    if self.downsample:
-      residual = conv(
-          4 * self.filters,
-          (1, 1),
-          strides=(self.strides, self.strides),
-          padding=_pad(1),
-          name="downsample_conv",
-      )(x)
-      residual = norm(name="downsample_bn")(residual)
-    return nn.relu(y + residual)
-
-
-class ResNetEncoder(nn.Module):
-  """Bottleneck ResNet in torchvision's layout, returning multi-scale features.
-
-  Submodules are named after torchvision's state-dict keys: `conv1`, `bn1`,
-  `layer{i}_{j}` (torchvision `layer{i}.{j}`), and within a block `conv1..3`,
-  `bn1..3`, `downsample_conv` / `downsample_bn` (torchvision `downsample.0/.1`).
-
-  Attributes:
-    stage_sizes: number of bottleneck blocks per stage ((3, 4, 6, 3) for
-      ResNet50).
-    num_filters: stem width; stage i has bottleneck width num_filters * 2**i.
-    scse: whether to put scSE on the residual branch of every block.
-    scse_reduction: scSE channel reduction.
-    dtype: computation dtype.
-  """
-
-  stage_sizes: Sequence[int]
-  num_filters: int = 64
-  scse: bool = False
-  scse_reduction: int = 16
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> list[Array]:
-    """Returns [stem, layer1, ..., layerN] at strides 2, 4, 8, 16, 32, ...."""
-    x = jnp.asarray(x, self.dtype)
-    x = nn.Conv(
-        self.num_filters,
-        (7, 7),
-        strides=(2, 2),
-        padding=_pad(7),
-        use_bias=False,
-        dtype=self.dtype,
-        param_dtype=jnp.float32,
-        kernel_init=_encoder_conv_init,
-        name="conv1",
-    )(x)
-    x = nn.BatchNorm(
-        use_running_average=not train,
-        momentum=BATCH_NORM_MOMENTUM,
-        epsilon=1e-5,
-        dtype=self.dtype,
-        param_dtype=jnp.float32,
-        name="bn1",
-    )(x)
-    x = nn.relu(x)
-    features = [x]
-    # flax pads max_pool with -inf, like torch.
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))
-    for i, num_blocks in enumerate(self.stage_sizes):
-      for j in range(num_blocks):
-        # torchvision: layer1 keeps the resolution (after the max pool), every
-        # later stage halves it in its first block.
-        strides = 2 if i > 0 and j == 0 else 1
-        x = BottleneckBlock(
-            filters=self.num_filters * 2**i,
-            strides=strides,
-            downsample=(j == 0),
-            scse=self.scse,
-            scse_reduction=self.scse_reduction,
-            dtype=self.dtype,
-            name=f"layer{i + 1}_{j}",
-        )(x, train=train)
-      features.append(x)
-    return features
-
-
-ResNet50Encoder = functools.partial(ResNetEncoder, stage_sizes=(3, 4, 6, 3))
 
 
 class DecoderBlock(nn.Module):
@@ -295,7 +66,7 @@ class DecoderBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array, skip: Optional[Array], train: bool = False) -> Array:
     if skip is not None:
-      x = _resize(x, skip.shape[1], skip.shape[2], self.upsample)
+      x = layers.resize(x, skip.shape[1], skip.shape[2], self.upsample)
       x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
       # As in smp, the input scSE only runs where there is a skip; smp's last
       # block builds it but never calls it, so it has no parameters here.
@@ -303,23 +74,23 @@ class DecoderBlock(nn.Module):
       # scratch, there are no pretrained features to preserve, and the
       # fan-in init gives gate logits of std ~sqrt(2) * rms(x), unsaturated.
       if self.scse:
-        x = ScSE(self.scse_reduction, dtype=self.dtype, name="scse_in")(x)
+        x = layers.ScSE(self.scse_reduction, dtype=self.dtype, name="scse_in")(x)
     else:
-      x = _resize(x, 2 * x.shape[1], 2 * x.shape[2], self.upsample)
+      x = layers.resize(x, 2 * x.shape[1], 2 * x.shape[2], self.upsample)
     for k in (1, 2):
       x = nn.Conv(
           self.features,
           (3, 3),
-          padding=_pad(3),
+          padding=layers.torch_padding(3),
           use_bias=False,
           dtype=self.dtype,
           param_dtype=jnp.float32,
-          kernel_init=_decoder_conv_init,
+          kernel_init=layers.decoder_conv_init,
           name=f"conv{k}",
       )(x)
       x = nn.BatchNorm(
           use_running_average=not train,
-          momentum=BATCH_NORM_MOMENTUM,
+          momentum=layers.BATCH_NORM_MOMENTUM,
           epsilon=1e-5,
           dtype=self.dtype,
           param_dtype=jnp.float32,
@@ -327,7 +98,7 @@ class DecoderBlock(nn.Module):
       )(x)
       x = nn.relu(x)
     if self.scse:
-      x = ScSE(self.scse_reduction, dtype=self.dtype, name="scse_out")(x)
+      x = layers.ScSE(self.scse_reduction, dtype=self.dtype, name="scse_out")(x)
     return x
 
 
@@ -405,7 +176,7 @@ class UNet(nn.Module):
 
     x = self._normalize(x).astype(self.dtype)
     # Named 'encoder' so that pretrained.merge_encoder finds it.
-    features = ResNetEncoder(
+    features = resnet.ResNetEncoder(
         stage_sizes=tuple(self.stage_sizes),
         num_filters=self.encoder_width,
         scse=self.scse_encoder,
@@ -433,16 +204,16 @@ class UNet(nn.Module):
     if self.hypercolumn:
       out_h, out_w = y.shape[1], y.shape[2]
       head_in = jnp.concatenate(
-          [_resize(b, out_h, out_w, self.upsample) for b in block_outputs], axis=-1
+          [layers.resize(b, out_h, out_w, self.upsample) for b in block_outputs], axis=-1
       )
     logits = nn.Conv(
         1,
         (3, 3),
-        padding=_pad(3),
+        padding=layers.torch_padding(3),
         use_bias=True,
         dtype=self.dtype,
         param_dtype=jnp.float32,
-        kernel_init=_head_init,
+        kernel_init=layers.head_init,
         name="head",
     )(head_in)
 
@@ -450,7 +221,7 @@ class UNet(nn.Module):
       # The decoder ends at 2x the stem's resolution, which differs from the
       # input size when it is not a multiple of 32 (e.g. 101 -> 102). Logits
       # are smooth maps, so bilinear is the natural resampling here.
-      z = _resize(z.astype(jnp.float32), height, width, "bilinear")
+      z = layers.resize(z.astype(jnp.float32), height, width, "bilinear")
       return z[..., 0]
 
     outputs = {"logits": to_input_size(logits)}
@@ -463,7 +234,7 @@ class UNet(nn.Module):
                   use_bias=True,
                   dtype=self.dtype,
                   param_dtype=jnp.float32,
-                  kernel_init=_head_init,
+                  kernel_init=layers.head_init,
                   name=f"side_head_{i}",
               )(b)
           )

@@ -31,6 +31,7 @@ import optax
 import tqdm
 
 from saltjax import checkpoints as ckpt_lib
+from saltjax.model import layers
 from saltjax.model import tta
 from saltjax.training import losses
 from saltjax import metrics
@@ -1186,7 +1187,7 @@ def recompute_batch_stats(
   the deepest map of the quick config): a negligible difference, and keeping
   flax's convention keeps the SWA statistics comparable with the others.
   """
-  keep = unet.BATCH_NORM_MOMENTUM
+  keep = layers.BATCH_NORM_MOMENTUM
 
   @jax.jit
   def update(variables, mean_so_far, images, count):

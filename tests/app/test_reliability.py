@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from saltjax.app import run as run_lib
+from saltjax.app import job as job_lib
 
 from tests.conftest import (
     EPOCHS,
@@ -380,7 +380,7 @@ def test_a_finished_fold_is_not_trained_again(
   shutil.copytree(reference, tmp_path / "run")
   monkeypatch.setattr(trainer.Job, "create", no_job)
   config = tiny_config(data_cache, compile_cache, fold=FOLD)
-  summary = run_lib.train_and_evaluate(config, str(tmp_path / "run"))
+  summary = job_lib.train_and_evaluate(config, str(tmp_path / "run"))
   done = json.loads((tmp_path / "run" / f"fold_{FOLD}" / "done.json").read_text())
   assert summary["folds"] == [done]
 
@@ -462,10 +462,10 @@ def test_crash_between_checkpoint_saves_of_an_epoch_resumes(
 ):
   """Killed after epoch 2's snapshot/best saves, before its `latest`: epoch 2 is redone."""
   from saltjax import checkpoints as ckpt_lib
-  from saltjax.app import run
+  from saltjax.app import process
 
   config = tiny_config(data_cache, compile_cache, fold=FOLD)
-  run.enable_compilation_cache(config)
+  process.enable_compilation_cache(config)
   save_latest = ckpt_lib.FoldCheckpoints.save_latest
 
   def crashing(self, epoch, state, meta):
@@ -475,13 +475,13 @@ def test_crash_between_checkpoint_saves_of_an_epoch_resumes(
 
   monkeypatch.setattr(ckpt_lib.FoldCheckpoints, "save_latest", crashing)
   with pytest.raises(_Crash):
-    run_lib.train_and_evaluate(config, str(tmp_path))
+    job_lib.train_and_evaluate(config, str(tmp_path))
   fold_dir = tmp_path / f"fold_{FOLD}"
   assert _steps(fold_dir / "latest") == [1]
   assert _steps(fold_dir / "snapshots") == [2]  # the cosine cycle's end: saved before latest
 
   monkeypatch.setattr(ckpt_lib.FoldCheckpoints, "save_latest", save_latest)
-  run_lib.train_and_evaluate(config, str(tmp_path))
+  job_lib.train_and_evaluate(config, str(tmp_path))
   # Same as the uninterrupted main.py run (which is also in-process == subprocess).
   _assert_same_training(reference / f"fold_{FOLD}", fold_dir)
 
@@ -497,10 +497,10 @@ def test_a_kill_while_latest_is_still_written_leaves_a_fold_that_resumes(
   import json
 
   from saltjax import checkpoints as ckpt_lib
-  from saltjax.app import run
+  from saltjax.app import process
 
   config = tiny_config(data_cache, compile_cache, fold=FOLD, swa_from_epoch=1)
-  run.enable_compilation_cache(config)
+  process.enable_compilation_cache(config)
   save_latest = ckpt_lib.FoldCheckpoints.save_latest
   workdir, killed = tmp_path / "run", tmp_path / "killed"
 
@@ -514,7 +514,7 @@ def test_a_kill_while_latest_is_still_written_leaves_a_fold_that_resumes(
     save_latest(self, epoch, state, meta)
 
   monkeypatch.setattr(ckpt_lib.FoldCheckpoints, "save_latest", slow)
-  run_lib.train_and_evaluate(config, str(workdir))  # this one goes on, as if not killed
+  job_lib.train_and_evaluate(config, str(workdir))  # this one goes on, as if not killed
   monkeypatch.setattr(ckpt_lib.FoldCheckpoints, "save_latest", save_latest)
 
   fold_dir = killed / f"fold_{FOLD}"
@@ -526,9 +526,9 @@ def test_a_kill_while_latest_is_still_written_leaves_a_fold_that_resumes(
   shutil.copytree(killed, tmp_path / "damaged")
   shutil.rmtree(tmp_path / "damaged" / f"fold_{FOLD}" / "swa" / "1")
   with pytest.raises(ckpt_lib.CheckpointError, match="swa/1 is missing"):
-    run_lib.train_and_evaluate(config, str(tmp_path / "damaged"))
+    job_lib.train_and_evaluate(config, str(tmp_path / "damaged"))
 
-  run_lib.train_and_evaluate(config, str(killed))
+  job_lib.train_and_evaluate(config, str(killed))
   _assert_same_result(workdir / f"fold_{FOLD}", fold_dir)
   final_swa = f"swa/{EPOCHS + 1}"
   assert _checkpoints(fold_dir)[final_swa] == _checkpoints(workdir / f"fold_{FOLD}")[final_swa]
@@ -568,17 +568,18 @@ def _steps_per_epoch(config, data) -> int:
 def test_nonfinite_loss_stops_naming_step_and_fold_and_keeps_last_good_checkpoint(
     reference, shared_job, tmp_path, monkeypatch, prepared_data, data_cache, compile_cache, capfd
 ):
+  from saltjax.app import process
   from saltjax.app import run
   from saltjax.training import trainer
 
   config = tiny_config(data_cache, compile_cache, fold=FOLD)
-  run.enable_compilation_cache(config)
+  process.enable_compilation_cache(config)
   _inject_nan(monkeypatch, epoch=1, batch=1)
   step = _steps_per_epoch(config, prepared_data) + 2
   expected = f"non-finite loss or gradient at step {step} (fold {FOLD}, epoch 2)"
 
   with pytest.raises(trainer.NonFiniteError, match=re.escape(expected)):
-    run_lib.train_and_evaluate(config, str(tmp_path))
+    job_lib.train_and_evaluate(config, str(tmp_path))
   latest = tmp_path / f"fold_{FOLD}" / "latest"
   assert _steps(latest) == [1]
 
@@ -606,11 +607,11 @@ def test_nonfinite_skip_leaves_the_model_unchanged_advances_the_schedule_and_goe
   so the schedule stays on the step number the epochs give it."""
   import jax
   import optax
-  from saltjax.app import run
+  from saltjax.app import process
   from saltjax.training import trainer
 
   config = tiny_config(data_cache, compile_cache, fold=FOLD, nonfinite="skip")
-  run.enable_compilation_cache(config)
+  process.enable_compilation_cache(config)
   _inject_nan(monkeypatch, epoch=1, batch=1)
   step = _steps_per_epoch(config, prepared_data) + 2
   seen = []
@@ -634,7 +635,7 @@ def test_nonfinite_skip_leaves_the_model_unchanged_advances_the_schedule_and_goe
 
   monkeypatch.setattr(trainer.Job, "create", recording)
   caplog.set_level("WARNING")
-  summary = run_lib.train_and_evaluate(config, str(tmp_path))
+  summary = job_lib.train_and_evaluate(config, str(tmp_path))
 
   assert len(seen) == 1
   before, after, metrics = seen[0]

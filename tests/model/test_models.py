@@ -1,4 +1,4 @@
-"""Tests for saltjax.model.unet.
+"""Tests for saltjax.model.{layers,resnet,unet}: the U-Net and its parts.
 
 Expected numbers come from outside the code under test: published parameter
 counts (torchvision / segmentation_models_pytorch), output sizes worked out by
@@ -18,6 +18,8 @@ import ml_collections
 import numpy as np
 import pytest
 
+from saltjax.model import layers
+from saltjax.model import resnet
 from saltjax.model import unet
 
 # Tiny but structurally complete (4 stages, 5 decoder blocks, scSE everywhere).
@@ -80,7 +82,7 @@ def _conv_torch_style(x, kernel, stride, pad_lo, pad_hi=None):
 
 def test_resnet50_encoder_param_count():
   # torchvision resnet50 without its fc layer: 25,557,032 - 2,049,000.
-  _, variables = _init_shapes(unet.ResNet50Encoder(), (1, 64, 64, 3))
+  _, variables = _init_shapes(resnet.ResNet50Encoder(), (1, 64, 64, 3))
   assert unet.count_params(variables["params"]) == 23_508_032
 
 
@@ -122,7 +124,7 @@ def test_count_params():
     ],
 )
 def test_resnet50_feature_shapes(size, spatial):
-  features, _ = _init_shapes(unet.ResNet50Encoder(), (2, size, size, 3))
+  features, _ = _init_shapes(resnet.ResNet50Encoder(), (2, size, size, 3))
   channels = (64, 256, 512, 1024, 2048)
   assert [f.shape for f in features] == [(2, s, s, c) for s, c in zip(spatial, channels)]
 
@@ -185,7 +187,7 @@ def test_bfloat16_compute_keeps_float32_params_and_outputs():
 
 def test_scse_matches_numpy():
   x = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (2, 5, 6, 8)), np.float64)
-  module = unet.ScSE(reduction=4)
+  module = layers.ScSE(reduction=4)
   params = module.init(jax.random.PRNGKey(0), jnp.asarray(x, jnp.float32))
   p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params["params"])
   got = module.apply(params, jnp.asarray(x, jnp.float32))
@@ -203,14 +205,14 @@ def test_scse_matches_numpy():
 
 
 def test_scse_reduction_larger_than_channels_keeps_one_channel():
-  module = unet.ScSE(reduction=16)
+  module = layers.ScSE(reduction=16)
   params = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.ones((1, 2, 2, 8)))
   assert params["params"]["cse_reduce"]["kernel"].shape == (1, 1, 8, 1)
 
 
 def test_identity_init_scse_is_the_identity_and_learns():
   x = jax.random.normal(jax.random.PRNGKey(5), (2, 6, 6, 32))
-  module = unet.ScSE(reduction=4, identity_init=True)
+  module = layers.ScSE(reduction=4, identity_init=True)
   params = module.init(jax.random.PRNGKey(0), x)
   # Both gates start at sigmoid(0) = 0.5: x * 0.5 + x * 0.5 = x.
   np.testing.assert_array_equal(module.apply(params, x), x)
@@ -229,8 +231,8 @@ def test_encoder_scse_starts_as_the_pretrained_encoder(train):
   # Width 16 puts scSE on 64 to 512 channels, where a fan-out-initialised
   # spatial gate would have logits of std ~ sqrt(2 C) = 11 to 32.
   x = jax.random.normal(jax.random.PRNGKey(7), (2, 64, 64, 3))
-  plain = unet.ResNetEncoder(stage_sizes=(1, 1, 1, 1), num_filters=16)
-  with_scse = unet.ResNetEncoder(stage_sizes=(1, 1, 1, 1), num_filters=16, scse=True)
+  plain = resnet.ResNetEncoder(stage_sizes=(1, 1, 1, 1), num_filters=16)
+  with_scse = resnet.ResNetEncoder(stage_sizes=(1, 1, 1, 1), num_filters=16, scse=True)
   pretrained = _fake_init(plain, x, seed=1)
   variables = flax.core.unfreeze(jax.jit(with_scse.init)(jax.random.PRNGKey(0), x))
   copied = 0
@@ -262,7 +264,7 @@ def test_encoder_scse_starts_as_the_pretrained_encoder(train):
 def test_stride2_bottleneck_matches_torch_style_numpy():
   # An even input is where flax's 'SAME' (pad 0 before, 1 after) and torch's
   # padding=1 (1 before, 1 after) disagree for a stride-2 3x3 conv.
-  model = unet.ResNetEncoder(stage_sizes=(1, 1), num_filters=4)
+  model = resnet.ResNetEncoder(stage_sizes=(1, 1), num_filters=4)
   x = jax.random.normal(jax.random.PRNGKey(2), (1, 32, 32, 3))
   variables = _fake_init(model, x)
   _, state = model.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from saltjax.model import resnet
 from saltjax.model import unet
 from saltjax.model import pretrained
 
@@ -144,7 +145,7 @@ def test_every_leaf_lands_in_place(fmt, state_dict, weight_files):
 
 def test_loaded_tree_matches_encoder_structure(loaded):
   shapes = jax.eval_shape(
-      unet.ResNet50Encoder(scse=False).init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))
+      resnet.ResNet50Encoder(scse=False).init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))
   )
   want = jax.tree_util.tree_map(lambda s: s.shape, shapes)
   got = jax.tree_util.tree_map(np.shape, loaded)
@@ -169,7 +170,7 @@ def test_stem_output_matches_numpy(loaded, state_dict):
       0.0,
   )
 
-  model = unet.ResNetEncoder(stage_sizes=(3, 4, 6, 3))
+  model = resnet.ResNetEncoder(stage_sizes=(3, 4, 6, 3))
   stem = jax.jit(lambda v, x: model.apply(v, x)[0])(loaded, jnp.asarray(x, jnp.float32))
   assert stem.shape == (1, 5, 5, 64)
   np.testing.assert_allclose(stem, expected, rtol=1e-4, atol=1e-3)
@@ -231,7 +232,7 @@ def test_gray_stem_sees_what_the_rgb_stem_sees(weight_files, state_dict, loaded)
   _, state = model.apply(
       variables,
       jnp.asarray(g[None], jnp.float32),
-      capture_intermediates=lambda mdl, _: isinstance(mdl, unet.ResNetEncoder),
+      capture_intermediates=lambda mdl, _: isinstance(mdl, resnet.ResNetEncoder),
       mutable=["intermediates"],
   )
   gray_stem = np.asarray(state["intermediates"]["encoder"]["__call__"][0][0][0])

@@ -23,7 +23,7 @@ def setting(tmp_path_factory):
 
   from saltjax.data import dataset as data_lib
   from saltjax import parallel
-  from saltjax.app import run
+  from saltjax.app import process
   from saltjax.training import trainer
 
   cache = str(tmp_path_factory.mktemp("epoch_program_cache"))
@@ -41,7 +41,7 @@ def setting(tmp_path_factory):
           "model.dtype": "float32",
       },
   )
-  run.enable_compilation_cache(config)
+  process.enable_compilation_cache(config)
   data = data_lib.load(config)
   fold_of = data_lib.fold_assignment(config, data)["fold"].to_numpy()
   mesh = parallel.create_mesh()

@@ -28,7 +28,7 @@ def test_each_folds_pseudo_labels_come_from_its_own_models(tmp_path, monkeypatch
 
   from configs import quick
   from saltjax.inference import predict
-  from saltjax.app import run
+  from saltjax.app import job
 
   n_test = 4
   test_images = np.arange(n_test * 101 * 101, dtype=np.uint8).reshape(n_test, 101, 101)
@@ -52,7 +52,7 @@ def test_each_folds_pseudo_labels_come_from_its_own_models(tmp_path, monkeypatch
       (workdir / name).write_text(name)
     return predict.Prediction({"oof_score": 0.6}, None, {})
 
-  monkeypatch.setattr(run, "train_folds", train_folds)
+  monkeypatch.setattr(job, "train_folds", train_folds)
   monkeypatch.setattr(predict, "predict_and_submit", predict_and_submit)
   for name in ("submission.csv", "oof.csv", "scores.json"):
     (tmp_path / name).write_text("round 1")
@@ -60,7 +60,7 @@ def test_each_folds_pseudo_labels_come_from_its_own_models(tmp_path, monkeypatch
   config = quick.get_config()
   config.num_folds = 2
   config.pseudo_label.enabled = True
-  scores = run.pseudo_label_round(config, tmp_path, data, np.array([0, 1]), None, first)
+  scores = job.pseudo_label_round(config, tmp_path, data, np.array([0, 1]), None, first)
 
   images0, masks0 = seen[0]
   np.testing.assert_array_equal(images0, test_images)
@@ -83,7 +83,7 @@ def test_the_round_uses_the_parents_fold_split(tmp_path, monkeypatch):
   from saltjax.data import dataset as data_lib
   from saltjax.data import folds as folds_lib
   from saltjax.inference import predict
-  from saltjax.app import run
+  from saltjax.app import job
   from saltjax.errors import WorkdirError
 
   config = quick.get_config()
@@ -114,11 +114,11 @@ def test_the_round_uses_the_parents_fold_split(tmp_path, monkeypatch):
       (workdir / name).write_text(name)
     return predict.Prediction({"oof_score": 0.6}, None, {})
 
-  monkeypatch.setattr(run, "train_folds", train_folds)
+  monkeypatch.setattr(job, "train_folds", train_folds)
   monkeypatch.setattr(predict, "predict_and_submit", predict_and_submit)
   unsure = np.full((2, 101, 101), 0.5, np.float32)
   first = predict.Prediction({"oof_score": 0.5}, unsure, {0: unsure, 1: unsure})
-  run.pseudo_label_round(config, tmp_path, data, parent, None, first)
+  job.pseudo_label_round(config, tmp_path, data, parent, None, first)
 
   round_dir = tmp_path / "pseudo_round"
   assert (round_dir / "folds.csv").read_bytes() == (tmp_path / "folds.csv").read_bytes()
@@ -128,7 +128,7 @@ def test_the_round_uses_the_parents_fold_split(tmp_path, monkeypatch):
   # A round workdir holding another split is refused, naming both files.
   pd.DataFrame({"id": data.train_ids, "fold": fresh}).to_csv(round_dir / "folds.csv", index=False)
   with pytest.raises(WorkdirError, match="differs from") as raised:
-    run.pseudo_label_round(config, tmp_path, data, parent, None, first)
+    job.pseudo_label_round(config, tmp_path, data, parent, None, first)
   assert str(round_dir / "folds.csv") in str(raised.value)
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from configs import fold
 from saltjax.input_pipeline import tfdata
-from saltjax.model import unet
+from saltjax.model import layers
 from saltjax import parallel
 from saltjax.inference import postprocess
 from saltjax.training import trainer
@@ -164,7 +164,7 @@ class _TwoNorms(nn.Module):
   @nn.compact
   def __call__(self, x, train=False):
     norm = lambda name: nn.BatchNorm(
-        use_running_average=not train, momentum=unet.BATCH_NORM_MOMENTUM, epsilon=1e-5, name=name
+        use_running_average=not train, momentum=layers.BATCH_NORM_MOMENTUM, epsilon=1e-5, name=name
     )
     x = norm("bn1")(x)
     x = nn.Conv(2, (1, 1), use_bias=False, name="conv")(x)

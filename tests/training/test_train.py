@@ -3,18 +3,19 @@ option runs through it together (folds, prediction, a pseudo-label round)."""
 
 import json
 
+from saltjax.app import job as job_lib
 from saltjax.app import run as run_lib
 from tests.conftest import tiny_config
 
 
 def test_training_lowers_the_loss(tmp_path, data_cache, compile_cache):
-  from saltjax.app import run
+  from saltjax.app import process
 
   config = tiny_config(
       data_cache, compile_cache, fold=0, num_epochs=8, **{"schedule.name": "constant"}
   )
-  run.enable_compilation_cache(config)
-  run_lib.train_and_evaluate(config, str(tmp_path))
+  process.enable_compilation_cache(config)
+  job_lib.train_and_evaluate(config, str(tmp_path))
   history = json.loads((tmp_path / "fold_0" / "done.json").read_text())["history"]
   losses = [h["train_loss"] for h in history]
   assert len(losses) == 8
