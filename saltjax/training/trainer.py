@@ -551,7 +551,7 @@ class TfDataFeeder:
   ):
     from saltjax.input_pipeline import tfdata  # TensorFlow: only on this path
 
-    self._input_pipeline, self._mesh, self._prefetch = input_pipeline, mesh, device_prefetch
+    self._tfdata, self._mesh, self._prefetch = tfdata, mesh, device_prefetch
     self._examples, self._seeds = examples, [config.seed * 100 + fold for fold in folds]
     self._options = dict(
         batch_size=local_batch_size(config),
@@ -611,7 +611,7 @@ class TfDataFeeder:
 
   def epoch(self, epoch: int) -> Iterator[dict]:
     """Global (F, B, ...) batches of `epoch`."""
-    return self._on_device(self._input_pipeline.epoch_iterator(self.pipeline, epoch), True)
+    return self._on_device(self._tfdata.epoch_iterator(self.pipeline, epoch), True)
 
   def fold_epoch(self, i: int, epoch: int) -> Iterator[jax.Array]:
     """Global (B, S, S, 1) images of the i-th fold's `epoch` (for BatchNorm passes).
@@ -620,10 +620,10 @@ class TfDataFeeder:
     then those past the smallest fold's count).
     """
     if i not in self._fold_pipelines:
-      self._fold_pipelines[i] = self._input_pipeline.TrainPipeline(
+      self._fold_pipelines[i] = self._tfdata.TrainPipeline(
           [self._examples[i]], [self._seeds[i]], fold_axis=False, **self._options
       )
-    host = self._input_pipeline.epoch_iterator(self._fold_pipelines[i], epoch)
+    host = self._tfdata.epoch_iterator(self._fold_pipelines[i], epoch)
     images = ({"image": b["image"]} for b in host)
     return (b["image"] for b in self._on_device(images, False))
 
