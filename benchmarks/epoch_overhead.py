@@ -78,7 +78,7 @@ def measure(args, pipeline: str, steps: int) -> dict:
   from saltjax.data import dataset as data_lib
   from saltjax import parallel
   from saltjax.app import run
-  from saltjax.training import trainer
+  from saltjax.training import loop
 
   config = _config(args, pipeline, steps)
   run.enable_compilation_cache(config)
@@ -89,9 +89,9 @@ def measure(args, pipeline: str, steps: int) -> dict:
     workdir = pathlib.Path(workdir)
     fold_of = data_lib.folds_for_run(config, data, workdir)
     started = time.perf_counter()
-    job = trainer.Job.create(config, mesh, fold_of, writer=None)
+    job = loop.Job.create(config, mesh, fold_of, writer=None)
     create_s = time.perf_counter() - started
-    run_epoch, device_get = trainer._run_epoch, jax.device_get
+    run_epoch, device_get = loop._run_epoch, jax.device_get
 
     def timed_epoch(*a):
       epoch_starts.append(time.perf_counter())
@@ -103,12 +103,12 @@ def measure(args, pipeline: str, steps: int) -> dict:
       waits.append((len(epoch_starts), time.perf_counter() - started))
       return out
 
-    trainer._run_epoch, jax.device_get = timed_epoch, timed_get
+    loop._run_epoch, jax.device_get = timed_epoch, timed_get
     try:
-      trainer.train_folds(job, workdir, list(range(config.num_folds)), data, fold_of)
+      loop.train_folds(job, workdir, list(range(config.num_folds)), data, fold_of)
       finished = time.perf_counter()
     finally:
-      trainer._run_epoch, jax.device_get = run_epoch, device_get
+      loop._run_epoch, jax.device_get = run_epoch, device_get
   rows = []
   for e in range(1, config.num_epochs - 1):  # compiled, and not the last (checkpoints)
     wall = epoch_starts[e + 1] - epoch_starts[e]

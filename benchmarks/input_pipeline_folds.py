@@ -105,21 +105,21 @@ def bench_tfdata(config, data, fold_of, spec, args) -> dict:
   import jax
   import numpy as np
   from saltjax import parallel
-  from saltjax.training import trainer
+  from saltjax.training import loop
 
   config = config.copy_and_resolve_references()
   config.augment = spec
   config.image_size = args.image_size
   config.batch_size = args.batch_size
   folds = list(range(args.folds))
-  examples = [trainer._training_examples(config, data, k, fold_of, None) for k in folds]
+  examples = [loop._training_examples(config, data, k, fold_of, None) for k in folds]
   steps = _steps([len(x[0]) for x in examples], args.batch_size, args.max_steps)
   mesh = parallel.create_mesh()
   started = time.perf_counter()
   try:
-    feeder = trainer.TfDataFeeder(config, examples, folds, mesh, steps_per_epoch=steps)
+    feeder = loop.TfDataFeeder(config, examples, folds, mesh, steps_per_epoch=steps)
   except TypeError:  # the feeder before issue 18 (F datasets per epoch) has no steps argument
-    feeder = trainer.TfDataFeeder(config, examples, folds, mesh)
+    feeder = loop.TfDataFeeder(config, examples, folds, mesh)
   build_s = time.perf_counter() - started
 
   def epoch(e, step_s):

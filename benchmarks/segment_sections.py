@@ -117,7 +117,7 @@ def main(argv=None) -> dict:
   import jax
   from saltjax.sections import segment
   from saltjax.data import synthetic
-  from saltjax.training import trainer as train_lib
+  from saltjax.training import loop as train_lib
 
   config = __import__(f"configs.{args.model}", fromlist=["get_config"]).get_config()
   config.model.dtype = args.dtype

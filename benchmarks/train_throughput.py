@@ -181,7 +181,7 @@ def bench_train(job, batch_size: int, args, peak_tflops: float, folds: int = 1) 
   import jax
   import numpy as np
   from saltjax import parallel
-  from saltjax.training import trainer
+  from saltjax.training import loop
 
   config, mesh = job.config, job.mesh
   step = job.train_steps[config.loss.name]
@@ -193,7 +193,7 @@ def bench_train(job, batch_size: int, args, peak_tflops: float, folds: int = 1) 
   }
   batch = parallel.global_from_local(host, mesh, fold_axis=True)
   state = jax.device_put(
-      trainer._stack([job.new_state() for _ in range(folds)]), parallel.replicated(mesh)
+      loop._stack([job.new_state() for _ in range(folds)]), parallel.replicated(mesh)
   )
   jax.block_until_ready((state, batch))
 
@@ -331,7 +331,7 @@ def main(argv=None) -> dict:
   import numpy as np
   from saltjax.model import unet
   from saltjax import parallel
-  from saltjax.training import trainer
+  from saltjax.training import loop
 
   config = make_config(args)
   mesh = parallel.create_mesh()
@@ -354,7 +354,7 @@ def main(argv=None) -> dict:
   # only size its steps_per_epoch, so a made-up assignment serves.
   fold_of = np.arange(config.num_folds * config.batch_size) % config.num_folds
   t = time.perf_counter()
-  job = trainer.Job.create(config, mesh, fold_of, writer=None)
+  job = loop.Job.create(config, mesh, fold_of, writer=None)
   init_s = time.perf_counter() - t
 
   result = {

@@ -105,7 +105,7 @@ def _worker(out_dir: str, process_id: int, port: int) -> None:
   imports = time.time()
   from saltjax.input_pipeline import on_device
   from saltjax import parallel
-  from saltjax.training import trainer
+  from saltjax.training import loop
 
   print(f"imports {time.time() - imports:.1f}s", flush=True)
 
@@ -120,11 +120,11 @@ def _worker(out_dir: str, process_id: int, port: int) -> None:
   }
 
   fold_of = np.arange(3 * GLOBAL_BATCH) % config.num_folds
-  job = trainer.Job.create(config, mesh, fold_of, writer=None)
+  job = loop.Job.create(config, mesh, fold_of, writer=None)
   timings["job"] = round(time.time() - started, 1)
   step = job.train_steps[config.loss.name]
   # One fold model (the step takes a leading fold axis).
-  state = jax.device_put(trainer._stack([job.new_state()]), parallel.replicated(mesh))
+  state = jax.device_put(loop._stack([job.new_state()]), parallel.replicated(mesh))
 
   # This process reads its own shard of the global batch, and only that.
   batch = _global_batch()
@@ -152,7 +152,7 @@ def _worker(out_dir: str, process_id: int, port: int) -> None:
   # (process 0's shard counted twice, process 1's dropped).
   if process_id >= 0:
     doubled = {k: v[None, :rows] for k, v in batch.items()}
-    state = jax.device_put(trainer._stack([job.new_state()]), parallel.replicated(mesh))
+    state = jax.device_put(loop._stack([job.new_state()]), parallel.replicated(mesh))
     wrong_state, wrong_metrics = step(
         state, parallel.global_from_local(doubled, mesh, fold_axis=True)
     )
