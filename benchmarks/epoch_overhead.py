@@ -3,7 +3,7 @@
 What decides whether a GPU stays busy can be measured without one: every
 second the host spends between programs (making or stacking batches,
 dispatching, bookkeeping, logging) is a second an accelerator waits. This
-runs the real training loop (`trainer.train_folds`, 5 folds together) with
+runs the real training loop (`loop.train_folds`, 5 folds together) with
 configs/fold.py's ResNet50-scSE U-Net (36.4M parameters; 436 MB of state per
 fold) on data made tiny (32 px), for each input path ('device': an epoch is
 one program; 'tfdata': one program a step plus one for the epoch's end), at
@@ -79,6 +79,7 @@ def measure(args, pipeline: str, steps: int) -> dict:
   from saltjax import parallel
   from saltjax.app import run
   from saltjax.training import loop
+  from saltjax.training.job import Job
 
   config = _config(args, pipeline, steps)
   run.enable_compilation_cache(config)
@@ -89,7 +90,7 @@ def measure(args, pipeline: str, steps: int) -> dict:
     workdir = pathlib.Path(workdir)
     fold_of = data_lib.folds_for_run(config, data, workdir)
     started = time.perf_counter()
-    job = loop.Job.create(config, mesh, fold_of, writer=None)
+    job = Job.create(config, mesh, fold_of, writer=None)
     create_s = time.perf_counter() - started
     run_epoch, device_get = loop._run_epoch, jax.device_get
 

@@ -1,8 +1,9 @@
 """Throughput of the tf.data training pipeline alone, on this machine's CPUs.
 
 Feeds nothing to a model: it iterates `saltjax.input_pipeline.tfdata.train_dataset`
-exactly as `saltjax.training.trainer.train_fold` does (one pipeline per fold, batches as
-numpy via `epoch_iterator`), over the embedded synthetic dataset that
+as the train loop did before its feeder (`saltjax.training.feeders.TfDataFeeder`) made
+one pipeline for the F folds (one pipeline per fold, batches as numpy via
+`epoch_iterator`), over the embedded synthetic dataset that
 `saltjax.data.dataset.load` generates for the config. The first epoch fills the
 dataset's in-memory cache and warms tf.data's autotuner, so it is timed apart;
 images/s is then measured over the following epochs.

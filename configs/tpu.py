@@ -5,7 +5,7 @@ Every host of the slice runs the same command; `jax.distributed.initialize()`
 on a Cloud TPU VM. The mesh then spans every chip of the slice: the global
 batch is split over all of them, BatchNorm statistics and gradients are
 reduced over the whole slice, and each host reads only its own shard of each
-fold's training images (saltjax.training.trainer.train_fold slices the ids by
+fold's training images (saltjax.training.feeders._training_examples slices the ids by
 jax.process_index()).
 
 Set up once (ZONE, NAME, ACCELERATOR e.g. v4-32 or v5litepod-32):

@@ -259,10 +259,10 @@ def _allgather_ints(value: int) -> list[int]:
 
 
 def _on_sigterm(signum, frame) -> None:
-  from saltjax.training import loop
+  from saltjax.training import preemption
 
   logging.warning("SIGTERM: saving the resume point after this epoch, then stopping.")
-  loop.request_stop()
+  preemption.request_stop()
 
 
 def _train(config, workdir: pathlib.Path) -> dict:
@@ -270,12 +270,12 @@ def _train(config, workdir: pathlib.Path) -> dict:
   from saltjax.data import dataset as data_lib
   from saltjax.model import imagenet_weights
   from saltjax import parallel
-  from saltjax.training import loop
+  from saltjax.training.job import steps_per_epoch_for
   # The ImageNet weights are found (or fetched), data read and validated, and
   # the batch sizes checked, before the workdir gets anything.
   imagenet_weights.resolve_weights(config.model.pretrained, config.cache_dir)
   data = data_lib.load(config)
-  loop.steps_per_epoch_for(
+  steps_per_epoch_for(
       config, parallel.create_mesh(), data_lib.fold_assignment(config, data)["fold"].to_numpy()
   )
   workdir_lib.check_writable(workdir)
@@ -393,6 +393,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data=Non
 def train_folds(config, workdir: pathlib.Path, data, fold_of, mesh, extra=None) -> list:
   """Trains the config's folds, `config.parallel_folds` at a time; finished ones are skipped."""
   from saltjax.training import loop
+  from saltjax.training.job import Job
 
   folds = folds_to_train(config)
   todo = [k for k in folds if workdir_lib.read_done(workdir, k) is None]
@@ -402,7 +403,7 @@ def train_folds(config, workdir: pathlib.Path, data, fold_of, mesh, extra=None) 
     if not todo:  # nothing to compile: every fold is finished
       return [workdir_lib.read_done(workdir, k) for k in folds]
     num_extra = {k: len(v[0]) for k, v in extra.items()} if extra is not None else 0
-    job = loop.Job.create(config, mesh, fold_of, writer, num_extra=num_extra)
+    job = Job.create(config, mesh, fold_of, writer, num_extra=num_extra)
     for group in fold_groups(config, folds):
       summaries.update(zip(group, loop.train_folds(job, workdir, group, data, fold_of, extra)))
   finally:

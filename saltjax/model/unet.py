@@ -36,7 +36,7 @@ IMAGENET_STD_GRAY = 0.226
 UPSAMPLE_METHODS = ("nearest", "bilinear")
 
 # flax's momentum 0.9 is torch's momentum 0.1: running = 0.9 * running + 0.1 *
-# batch. Every BatchNorm of the model uses it (train.recompute_batch_stats
+# batch. Every BatchNorm of the model uses it (swa.recompute_batch_stats
 # relies on that to read a batch's statistics off one update).
 BATCH_NORM_MOMENTUM = 0.9
 

@@ -235,14 +235,14 @@ def test_feeder_puts_two_batches_on_the_device_ahead_and_keeps_each_folds_data(m
   import ml_collections
 
   from saltjax import parallel
-  from saltjax.training import loop
+  from saltjax.training import feeders
 
   config = ml_collections.ConfigDict(
       dict(seed=3, num_epochs=3, batch_size=2, image_size=32, resize_mode="resize", augment=SPEC)
   )
   examples = fold_examples()
   mesh = parallel.create_mesh()
-  feeder = loop.TfDataFeeder(config, [examples[0], examples[2]], [0, 2], mesh, steps_per_epoch=5)
+  feeder = feeders.TfDataFeeder(config, [examples[0], examples[2]], [0, 2], mesh, steps_per_epoch=5)
   pulled = []
   original = tfdata.epoch_iterator
 
