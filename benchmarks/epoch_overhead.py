@@ -3,7 +3,7 @@
 What decides whether a GPU stays busy can be measured without one: every
 second the host spends between programs (making or stacking batches,
 dispatching, bookkeeping, logging) is a second an accelerator waits. This
-runs the real training loop (`trainer.train_folds`, 5 folds together) with
+runs the real training loop (`loop.train_folds`, 5 folds together) with
 configs/fold.py's ResNet50-scSE U-Net (36.4M parameters; 436 MB of state per
 fold) on data made tiny (32 px), for each input path ('device': an epoch is
 one program; 'tfdata': one program a step plus one for the epoch's end), at
@@ -78,7 +78,8 @@ def measure(args, pipeline: str, steps: int) -> dict:
   from saltjax.data import dataset as data_lib
   from saltjax import parallel
   from saltjax.app import process
-  from saltjax.training import trainer
+  from saltjax.training import loop
+  from saltjax.training.job import Job
 
   config = _config(args, pipeline, steps)
   process.enable_compilation_cache(config)
@@ -89,9 +90,9 @@ def measure(args, pipeline: str, steps: int) -> dict:
     workdir = pathlib.Path(workdir)
     fold_of = data_lib.folds_for_run(config, data, workdir)
     started = time.perf_counter()
-    job = trainer.Job.create(config, mesh, fold_of, writer=None)
+    job = Job.create(config, mesh, fold_of, writer=None)
     create_s = time.perf_counter() - started
-    run_epoch, device_get = trainer._run_epoch, jax.device_get
+    run_epoch, device_get = loop._run_epoch, jax.device_get
 
     def timed_epoch(*a):
       epoch_starts.append(time.perf_counter())
@@ -103,12 +104,12 @@ def measure(args, pipeline: str, steps: int) -> dict:
       waits.append((len(epoch_starts), time.perf_counter() - started))
       return out
 
-    trainer._run_epoch, jax.device_get = timed_epoch, timed_get
+    loop._run_epoch, jax.device_get = timed_epoch, timed_get
     try:
-      trainer.train_folds(job, workdir, list(range(config.num_folds)), data, fold_of)
+      loop.train_folds(job, workdir, list(range(config.num_folds)), data, fold_of)
       finished = time.perf_counter()
     finally:
-      trainer._run_epoch, jax.device_get = run_epoch, device_get
+      loop._run_epoch, jax.device_get = run_epoch, device_get
   rows = []
   for e in range(1, config.num_epochs - 1):  # compiled, and not the last (checkpoints)
     wall = epoch_starts[e + 1] - epoch_starts[e]

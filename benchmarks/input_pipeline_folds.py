@@ -4,7 +4,7 @@ A train loop that trains F folds together (vmapped over a leading fold axis)
 needs, every step, one batch from each of F fold datasets: F x batch_size
 images. This script times that input alone, two ways:
 
-- tfdata: `trainer.TfDataFeeder`, as the train loop uses it (one
+- tfdata: `feeders.TfDataFeeder`, as the train loop uses it (one
   `input_pipeline.TrainPipeline` for the F folds, global (F, B, S, S, 1)
   arrays on the device); timed twice: taking batches as fast as they come
   (images/s), and with a simulated step (`--step_seconds` of sleep) between
@@ -94,7 +94,7 @@ def _steps(fold_sizes, batch_size, max_steps) -> int:
 
 
 def bench_tfdata(config, data, fold_of, spec, args) -> dict:
-  """`trainer.TfDataFeeder`, as the train loop uses it: global (F, B, ...) arrays.
+  """`feeders.TfDataFeeder`, as the train loop uses it: global (F, B, ...) arrays.
 
   Two timings per epoch: `epoch_s`, the wall time when batches are taken as
   fast as they come (throughput), and `host_wait_s`, the time the consumer
@@ -105,21 +105,21 @@ def bench_tfdata(config, data, fold_of, spec, args) -> dict:
   import jax
   import numpy as np
   from saltjax import parallel
-  from saltjax.training import trainer
+  from saltjax.training import feeders
 
   config = config.copy_and_resolve_references()
   config.augment = spec
   config.image_size = args.image_size
   config.batch_size = args.batch_size
   folds = list(range(args.folds))
-  examples = [trainer._training_examples(config, data, k, fold_of, None) for k in folds]
+  examples = [feeders._training_examples(config, data, k, fold_of, None) for k in folds]
   steps = _steps([len(x[0]) for x in examples], args.batch_size, args.max_steps)
   mesh = parallel.create_mesh()
   started = time.perf_counter()
   try:
-    feeder = trainer.TfDataFeeder(config, examples, folds, mesh, steps_per_epoch=steps)
+    feeder = feeders.TfDataFeeder(config, examples, folds, mesh, steps_per_epoch=steps)
   except TypeError:  # the feeder before issue 18 (F datasets per epoch) has no steps argument
-    feeder = trainer.TfDataFeeder(config, examples, folds, mesh)
+    feeder = feeders.TfDataFeeder(config, examples, folds, mesh)
   build_s = time.perf_counter() - started
 
   def epoch(e, step_s):

@@ -120,16 +120,16 @@ def main(argv=None) -> dict:
   from saltjax.sections import gray_mapping
   from saltjax.sections import predictor
   from saltjax.sections import tiling
-  from saltjax.training import trainer as train_lib
+  from saltjax.training import state as train_state
 
   config = __import__(f"configs.{args.model}", fromlist=["get_config"]).get_config()
   config.model.dtype = args.dtype
   config.predict.tta = args.tta
   config.predict.batch_size = args.batch_size
   config.progress = False
-  model = train_lib.create_model(config)
+  model = train_state.create_model(config)
   members = [
-      (train_lib.initialized(jax.random.key(i), model, config.image_size), 1.0 / args.members)
+      (train_state.initialized(jax.random.key(i), model, config.image_size), 1.0 / args.members)
       for i in range(args.members)
   ]
   num_params = sum(x.size for x in jax.tree.leaves(members[0][0]["params"]))

@@ -1,7 +1,7 @@
 """Training and TTA-inference throughput of saltjax's own train step.
 
-Times the real code path: `trainer.Job.create` (model, optimiser, initial
-variables) and the step from `trainer.compile_train_steps`, with configs/fold.py's
+Times the real code path: `job.Job.create` (model, optimiser, initial
+variables) and the step from `steps.compile_train_steps`, with configs/fold.py's
 model (ResNet50 encoder + scSE U-Net, 128x128 input, bfloat16 compute), on
 whatever devices JAX has. The batch is put on the device(s) once: this
 measures the accelerator, not the input pipeline (see input_pipeline.py here
@@ -181,7 +181,7 @@ def bench_train(job, batch_size: int, args, peak_tflops: float, folds: int = 1) 
   import jax
   import numpy as np
   from saltjax import parallel
-  from saltjax.training import trainer
+  from saltjax.training.state import stack_folds
 
   config, mesh = job.config, job.mesh
   step = job.train_steps[config.loss.name]
@@ -193,7 +193,7 @@ def bench_train(job, batch_size: int, args, peak_tflops: float, folds: int = 1) 
   }
   batch = parallel.global_from_local(host, mesh, fold_axis=True)
   state = jax.device_put(
-      trainer._stack([job.new_state() for _ in range(folds)]), parallel.replicated(mesh)
+      stack_folds([job.new_state() for _ in range(folds)]), parallel.replicated(mesh)
   )
   jax.block_until_ready((state, batch))
 
@@ -243,7 +243,7 @@ def bench_tta(job, batch_size: int, args, peak_tflops: float) -> dict:
   from saltjax import parallel
 
   config, mesh = job.config, job.mesh
-  # As saltjax.training.trainer.Job and saltjax.inference.ensemble build it.
+  # As saltjax.training.job.Job and saltjax.inference.ensemble build it.
   infer = jax.jit(tta.make_infer_fn(job.model, config.image_size, config.resize_mode, args.tta))
   variables = jax.device_put(job.initial_variables, parallel.replicated(mesh))
   rng = np.random.default_rng(1)
@@ -331,7 +331,7 @@ def main(argv=None) -> dict:
   import numpy as np
   from saltjax.model import unet
   from saltjax import parallel
-  from saltjax.training import trainer
+  from saltjax.training.job import Job
 
   config = make_config(args)
   mesh = parallel.create_mesh()
@@ -354,7 +354,7 @@ def main(argv=None) -> dict:
   # only size its steps_per_epoch, so a made-up assignment serves.
   fold_of = np.arange(config.num_folds * config.batch_size) % config.num_folds
   t = time.perf_counter()
-  job = trainer.Job.create(config, mesh, fold_of, writer=None)
+  job = Job.create(config, mesh, fold_of, writer=None)
   init_s = time.perf_counter() - t
 
   result = {

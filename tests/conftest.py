@@ -325,9 +325,9 @@ def job_cache():
 @pytest.fixture
 def shared_job(job_cache, monkeypatch):
   """In-process runs share one Job (traced and compiled once), as one process's folds do."""
-  from saltjax.training import trainer
+  from saltjax.training.job import Job
 
-  create = trainer.Job.create
+  create = Job.create
 
   def shared(config, mesh, fold_of, writer, num_extra=0):
     key = config.to_json_best_effort(sort_keys=True)
@@ -335,7 +335,7 @@ def shared_job(job_cache, monkeypatch):
       job_cache[key] = create(config, mesh, fold_of, writer=None, num_extra=num_extra)
     return dataclasses.replace(job_cache[key], writer=writer)
 
-  monkeypatch.setattr(trainer.Job, "create", shared)
+  monkeypatch.setattr(Job, "create", shared)
 
 
 # ------------------------------------- float32 parity: what reduction order moves ---

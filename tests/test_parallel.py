@@ -1,6 +1,6 @@
 """Data parallelism: one train step on 8 devices equals the same step on 1.
 
-The train step (`trainer.compile_train_steps`) is one jax.jit whose batch
+The train step (`steps.compile_train_steps`) is one jax.jit whose batch
 argument is sharded over a Mesh of every device and whose state is
 replicated; XLA inserts the cross-device reductions. This file checks the
 claim that matters for correctness: with the same *global* batch, the loss,
@@ -86,7 +86,9 @@ def _worker(out_dir: str) -> None:
   import jax
   import jax.numpy as jnp
   from saltjax import parallel
-  from saltjax.training import trainer
+  from saltjax.training.job import Job
+  from saltjax.training.state import stack_folds
+  from saltjax.training.steps import compile_train_steps, train_step
   from tests.conftest import flat_leaves
 
   devices = jax.devices()
@@ -99,10 +101,10 @@ def _worker(out_dir: str) -> None:
   # only size steps_per_epoch here, so a made-up assignment serves.
   fold_of = np.arange(3 * GLOBAL_BATCH) % config.num_folds
   started = time.time()
-  job = trainer.Job.create(config, mesh8, fold_of, writer=None)
+  job = Job.create(config, mesh8, fold_of, writer=None)
   timings = {"job": round(time.time() - started, 1)}
   step8 = job.train_steps[config.loss.name]
-  step1 = trainer.compile_train_steps(config, mesh1)[config.loss.name]
+  step1 = compile_train_steps(config, mesh1)[config.loss.name]
 
   rng = np.random.default_rng(0)
   batch = _blobs(rng)
@@ -131,7 +133,7 @@ def _worker(out_dir: str) -> None:
     started = time.time()
     # A fresh state per run (the step donates its input state), with a
     # leading fold axis of one fold.
-    state = jax.device_put(trainer._stack([job.new_state()]), parallel.replicated(mesh))
+    state = jax.device_put(stack_folds([job.new_state()]), parallel.replicated(mesh))
     folded = {k: v[None] for k, v in host_batch.items()}
     global_batch = parallel.global_from_local(folded, mesh, fold_axis=True)
     x = global_batch["image"]
@@ -163,7 +165,7 @@ def _worker(out_dir: str) -> None:
   # under the same compile_train_steps, only the mesh differs.
   facts["same_step_function"] = all(
       getattr(getattr(getattr(s, "__wrapped__", None), "__wrapped__", None), "func", None)
-      is trainer.train_step
+      is train_step
       for s in (step8, step1)
   )
 
@@ -173,7 +175,7 @@ def _worker(out_dir: str) -> None:
   started = time.time()
   fold_batches = [[_blobs(rng) for _ in range(FOLD_STEPS)] for _ in range(2)]
   state = jax.device_put(
-      trainer._stack([job.new_state(), job.new_state()]), parallel.replicated(mesh8)
+      stack_folds([job.new_state(), job.new_state()]), parallel.replicated(mesh8)
   )
   for t in range(FOLD_STEPS):
     stacked = {k: np.stack([fold_batches[f][t][k] for f in range(2)]) for k in ("image", "mask")}
@@ -185,7 +187,7 @@ def _worker(out_dir: str) -> None:
         flat_leaves(jax.tree.map(lambda x: x[f], state.batch_stats), f"together{f}/batch_stats")
     )
   for f in range(2):
-    alone = jax.device_put(trainer._stack([job.new_state()]), parallel.replicated(mesh1))
+    alone = jax.device_put(stack_folds([job.new_state()]), parallel.replicated(mesh1))
     for t in range(FOLD_STEPS):
       folded = {k: v[None] for k, v in fold_batches[f][t].items()}
       alone, step_metrics = step1(alone, parallel.global_from_local(folded, mesh1, fold_axis=True))
@@ -416,12 +418,12 @@ def test_folds_trained_together_equal_folds_trained_apart(run):
 
 
 def test_one_fold_is_traced_without_vmap_and_equals_it():
-  """train.over_folds: F fold models through `jax.vmap`, one fold through the
+  """steps.over_folds: F fold models through `jax.vmap`, one fold through the
   function itself (no batched tracing, no grouped convs), with the same
   result as vmap: a conv with per-fold weights, against each fold's conv."""
   import jax
   import jax.numpy as jnp
-  from saltjax.training import trainer
+  from saltjax.training import steps
 
   seen = []
 
@@ -435,7 +437,7 @@ def test_one_fold_is_traced_without_vmap_and_equals_it():
   rng = np.random.default_rng(0)
   weights = rng.normal(size=(2, 3, 3, 2, 4)).astype(np.float32)
   images = rng.normal(size=(2, 5, 8, 8, 2)).astype(np.float32)
-  fn = jax.jit(trainer.over_folds(conv))
+  fn = jax.jit(steps.over_folds(conv))
   together = fn(weights, images)
   one = fn(weights[:1], images[:1])
   assert "BatchTracer" in seen[0] and "BatchTracer" not in seen[1], seen

@@ -73,7 +73,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data=Non
 
 def train_folds(config, workdir: pathlib.Path, data, fold_of, mesh, extra=None) -> list:
   """Trains the config's folds, `config.parallel_folds` at a time; finished ones are skipped."""
-  from saltjax.training import trainer
+  from saltjax.training import loop
+  from saltjax.training.job import Job
 
   folds = folds_to_train(config)
   todo = [k for k in folds if workdir_lib.read_done(workdir, k) is None]
@@ -83,9 +84,9 @@ def train_folds(config, workdir: pathlib.Path, data, fold_of, mesh, extra=None) 
     if not todo:  # nothing to compile: every fold is finished
       return [workdir_lib.read_done(workdir, k) for k in folds]
     num_extra = {k: len(v[0]) for k, v in extra.items()} if extra is not None else 0
-    job = trainer.Job.create(config, mesh, fold_of, writer, num_extra=num_extra)
+    job = Job.create(config, mesh, fold_of, writer, num_extra=num_extra)
     for group in fold_groups(config, folds):
-      summaries.update(zip(group, trainer.train_folds(job, workdir, group, data, fold_of, extra)))
+      summaries.update(zip(group, loop.train_folds(job, workdir, group, data, fold_of, extra)))
   finally:
     writer.close()
   write_training_curves(config, workdir)

@@ -177,7 +177,7 @@ def stop_training_on_sigterm():
 
 
 def _on_sigterm(signum, frame) -> None:
-  from saltjax.training import trainer
+  from saltjax.training import preemption
 
   logging.warning("SIGTERM: saving the resume point after this epoch, then stopping.")
-  trainer.request_stop()
+  preemption.request_stop()

@@ -105,12 +105,12 @@ def _train(config, workdir: pathlib.Path) -> dict:
   from saltjax.data import dataset as data_lib
   from saltjax.model import imagenet_weights
   from saltjax import parallel
-  from saltjax.training import trainer
+  from saltjax.training.job import steps_per_epoch_for
   # The ImageNet weights are found (or fetched), data read and validated, and
   # the batch sizes checked, before the workdir gets anything.
   imagenet_weights.resolve_weights(config.model.pretrained, config.cache_dir)
   data = data_lib.load(config)
-  trainer.steps_per_epoch_for(
+  steps_per_epoch_for(
       config, parallel.create_mesh(), data_lib.fold_assignment(config, data)["fold"].to_numpy()
   )
   workdir_lib.check_writable(workdir)

@@ -19,7 +19,6 @@ import numpy as np
 from saltjax.host_tensorflow import tf
 from saltjax.input_pipeline import tfdata_augment
 from saltjax import geometry
-from saltjax.geometry import ORIGINAL_SIZE, pad_widths, to_original_size  # noqa: F401
 from saltjax.errors import ConfigError
 
 

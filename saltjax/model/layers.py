@@ -18,9 +18,8 @@ Array = Any
 Dtype = Any
 
 # flax's momentum 0.9 is torch's momentum 0.1: running = 0.9 * running + 0.1 *
-# batch. Every BatchNorm of the model uses it (the training's
-# recompute_batch_stats relies on that to read a batch's statistics off one
-# update).
+# batch. Every BatchNorm of the model uses it (training.swa.recompute_batch_stats
+# relies on that to read a batch's statistics off one update).
 BATCH_NORM_MOMENTUM = 0.9
 
 # torchvision initialises ResNet convs with kaiming_normal(fan_out, relu);

@@ -2,7 +2,7 @@
 
 Two CPU processes call `jax.distributed.initialize` with a coordinator on
 127.0.0.1 (a free port), exactly as each host of a pod does, and run one
-step of the real train step (`trainer.Job.create`, `trainer.compile_train_steps`)
+step of the real train step (`job.Job.create`, `steps.compile_train_steps`)
 over a mesh spanning both processes' devices. Each process holds only its
 own half of a fixed global batch (its shard) and builds the global batch with
 `parallel.global_from_local`, as the training's tf.data feeder does with each
@@ -106,7 +106,8 @@ def _worker(out_dir: str, process_id: int, port: int) -> None:
   imports = time.time()
   from saltjax.input_pipeline import on_device
   from saltjax import parallel
-  from saltjax.training import trainer
+  from saltjax.training.job import Job
+  from saltjax.training.state import stack_folds
 
   print(f"imports {time.time() - imports:.1f}s", flush=True)
 
@@ -121,11 +122,11 @@ def _worker(out_dir: str, process_id: int, port: int) -> None:
   }
 
   fold_of = np.arange(3 * GLOBAL_BATCH) % config.num_folds
-  job = trainer.Job.create(config, mesh, fold_of, writer=None)
+  job = Job.create(config, mesh, fold_of, writer=None)
   timings["job"] = round(time.time() - started, 1)
   step = job.train_steps[config.loss.name]
   # One fold model (the step takes a leading fold axis).
-  state = jax.device_put(trainer._stack([job.new_state()]), parallel.replicated(mesh))
+  state = jax.device_put(stack_folds([job.new_state()]), parallel.replicated(mesh))
 
   # This process reads its own shard of the global batch, and only that.
   batch = _global_batch()
@@ -153,7 +154,7 @@ def _worker(out_dir: str, process_id: int, port: int) -> None:
   # (process 0's shard counted twice, process 1's dropped).
   if process_id >= 0:
     doubled = {k: v[None, :rows] for k, v in batch.items()}
-    state = jax.device_put(trainer._stack([job.new_state()]), parallel.replicated(mesh))
+    state = jax.device_put(stack_folds([job.new_state()]), parallel.replicated(mesh))
     wrong_state, wrong_metrics = step(
         state, parallel.global_from_local(doubled, mesh, fold_axis=True)
     )

@@ -372,13 +372,13 @@ def test_every_run_records_config_versions_and_folds(reference, killed_and_resum
 def test_a_finished_fold_is_not_trained_again(
     reference, tmp_path, monkeypatch, data_cache, compile_cache
 ):
-  from saltjax.training import trainer
+  from saltjax.training.job import Job
 
   def no_job(*args, **kwargs):
     raise AssertionError("a finished fold was set up for training again")
 
   shutil.copytree(reference, tmp_path / "run")
-  monkeypatch.setattr(trainer.Job, "create", no_job)
+  monkeypatch.setattr(Job, "create", no_job)
   config = tiny_config(data_cache, compile_cache, fold=FOLD)
   summary = job_lib.train_and_evaluate(config, str(tmp_path / "run"))
   done = json.loads((tmp_path / "run" / f"fold_{FOLD}" / "done.json").read_text())
@@ -559,10 +559,10 @@ def _inject_nan(monkeypatch, epoch: int, batch: int) -> None:
 def _steps_per_epoch(config, data) -> int:
   from saltjax.data import dataset as data_lib
   from saltjax import parallel
-  from saltjax.training import trainer
+  from saltjax.training.job import steps_per_epoch_for
 
   fold_of = data_lib.fold_assignment(config, data)["fold"].to_numpy()
-  return trainer.steps_per_epoch_for(config, parallel.create_mesh(), fold_of)
+  return steps_per_epoch_for(config, parallel.create_mesh(), fold_of)
 
 
 def test_nonfinite_loss_stops_naming_step_and_fold_and_keeps_last_good_checkpoint(
@@ -570,7 +570,7 @@ def test_nonfinite_loss_stops_naming_step_and_fold_and_keeps_last_good_checkpoin
 ):
   from saltjax.app import process
   from saltjax.app import run
-  from saltjax.training import trainer
+  from saltjax.errors import NonFiniteError
 
   config = tiny_config(data_cache, compile_cache, fold=FOLD)
   process.enable_compilation_cache(config)
@@ -578,7 +578,7 @@ def test_nonfinite_loss_stops_naming_step_and_fold_and_keeps_last_good_checkpoin
   step = _steps_per_epoch(config, prepared_data) + 2
   expected = f"non-finite loss or gradient at step {step} (fold {FOLD}, epoch 2)"
 
-  with pytest.raises(trainer.NonFiniteError, match=re.escape(expected)):
+  with pytest.raises(NonFiniteError, match=re.escape(expected)):
     job_lib.train_and_evaluate(config, str(tmp_path))
   latest = tmp_path / f"fold_{FOLD}" / "latest"
   assert _steps(latest) == [1]
@@ -608,14 +608,14 @@ def test_nonfinite_skip_leaves_the_model_unchanged_advances_the_schedule_and_goe
   import jax
   import optax
   from saltjax.app import process
-  from saltjax.training import trainer
+  from saltjax.training.job import Job
 
   config = tiny_config(data_cache, compile_cache, fold=FOLD, nonfinite="skip")
   process.enable_compilation_cache(config)
   _inject_nan(monkeypatch, epoch=1, batch=1)
   step = _steps_per_epoch(config, prepared_data) + 2
   seen = []
-  create = trainer.Job.create
+  create = Job.create
 
   def recording(config, mesh, fold_of, writer, num_extra=0):
     job = create(config, mesh, fold_of, writer, num_extra=num_extra)
@@ -633,7 +633,7 @@ def test_nonfinite_skip_leaves_the_model_unchanged_advances_the_schedule_and_goe
 
     return dataclasses.replace(job, train_steps={n: wrap(f) for n, f in job.train_steps.items()})
 
-  monkeypatch.setattr(trainer.Job, "create", recording)
+  monkeypatch.setattr(Job, "create", recording)
   caplog.set_level("WARNING")
   summary = job_lib.train_and_evaluate(config, str(tmp_path))
 
@@ -675,14 +675,16 @@ def test_nonfinite_in_one_fold_of_a_group_names_it_and_the_folds_stopped_with_it
   not finite, and the others that stopped with it."""
   import types
 
-  from saltjax.training import trainer
+  from saltjax.errors import NonFiniteError
+  from saltjax.training import loop
+  from saltjax.training.progress import FoldProgress
 
   config = tiny_config("", "", nonfinite="stop")
   job = types.SimpleNamespace(config=config, writer=None, steps_per_epoch=3, lr_fn=lambda s: 0.1)
   folds = [0, 2, 3]
   group = types.SimpleNamespace(
       folds=folds,
-      progress=[trainer.FoldProgress(k) for k in folds],
+      progress=[FoldProgress(k) for k in folds],
       checkpoints=[
           types.SimpleNamespace(latest=types.SimpleNamespace(directory=tmp_path / f"f{k}"))
           for k in folds
@@ -699,8 +701,8 @@ def test_nonfinite_in_one_fold_of_a_group_names_it_and_the_folds_stopped_with_it
       }
       for f in finite
   ]
-  with pytest.raises(trainer.NonFiniteError) as raised:
-    trainer._record_epoch(
+  with pytest.raises(NonFiniteError) as raised:
+    loop._record_epoch(
         job, group, 1, host_steps, np.ones((3, 2), np.float32), np.ones(3, np.float32), time.time()
     )
   message = str(raised.value)

@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from saltjax.input_pipeline import tfdata_augment
 from saltjax.input_pipeline import tfdata
+from saltjax import geometry
 
 
 def test_pad_then_crop_is_identity():
@@ -20,7 +21,7 @@ def test_pad_then_crop_is_identity():
   # reflect padding: 13 rows before, 14 after; row 12 mirrors row 14 of the original
   np.testing.assert_array_equal(padded[13:114, 13:114], image)
   np.testing.assert_array_equal(padded[12, 13:114], image[1])
-  back = tfdata.to_original_size(jnp.asarray(padded[None, ..., 0]), "pad")
+  back = geometry.to_original_size(jnp.asarray(padded[None, ..., 0]), "pad")
   np.testing.assert_array_equal(np.asarray(back[0]), image[..., 0])
 
 
@@ -28,7 +29,7 @@ def test_resize_round_trip_keeps_smooth_images():
   yy, xx = np.mgrid[0:101, 0:101] / 100.0
   image = (0.5 + 0.3 * np.sin(3 * xx) * np.cos(2 * yy)).astype(np.float32)
   up = tfdata.to_model_size(tf.constant(image[..., None]), 128, "resize").numpy()
-  back = np.asarray(tfdata.to_original_size(jnp.asarray(up[None, ..., 0]), "resize"))[0]
+  back = np.asarray(geometry.to_original_size(jnp.asarray(up[None, ..., 0]), "resize"))[0]
   assert back.shape == (101, 101)
   assert np.abs(back - image)[2:-2, 2:-2].max() < 0.01
 
@@ -56,7 +57,7 @@ def _bilinear_by_hand(a, out):
 def test_resize_back_is_plain_bilinear(size):
   # A noisy map is where an antialiasing (widened) kernel differs most.
   probs = np.random.default_rng(2).random((size, size)).astype(np.float32)
-  back = tfdata.to_original_size(jnp.asarray(probs[None]), "resize")
+  back = geometry.to_original_size(jnp.asarray(probs[None]), "resize")
   np.testing.assert_allclose(
       np.asarray(back[0]), _bilinear_by_hand(probs, 101), rtol=1e-5, atol=1e-5
   )
@@ -235,14 +236,14 @@ def test_feeder_puts_two_batches_on_the_device_ahead_and_keeps_each_folds_data(m
   import ml_collections
 
   from saltjax import parallel
-  from saltjax.training import trainer
+  from saltjax.training import feeders
 
   config = ml_collections.ConfigDict(
       dict(seed=3, num_epochs=3, batch_size=2, image_size=32, resize_mode="resize", augment=SPEC)
   )
   examples = fold_examples()
   mesh = parallel.create_mesh()
-  feeder = trainer.TfDataFeeder(config, [examples[0], examples[2]], [0, 2], mesh, steps_per_epoch=5)
+  feeder = feeders.TfDataFeeder(config, [examples[0], examples[2]], [0, 2], mesh, steps_per_epoch=5)
   pulled = []
   original = tfdata.epoch_iterator
 

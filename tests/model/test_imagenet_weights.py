@@ -387,10 +387,10 @@ def test_no_network_error_through_main_py(env, tmp_path):
 def test_training_starts_from_the_cached_imagenet_weights(
     tmp_path, state_dict, no_hub, monkeypatch
 ):
-  # trainer.initial_variables, as every fold calls it, with fold.py's default.
+  # state.initial_variables, as every fold calls it, with fold.py's default.
   import jax
   import jax.numpy as jnp
-  from saltjax.training import trainer
+  from saltjax.training import state
 
   def zeros_of_the_model(key, model, image_size):
     # The random init of a ResNet50 U-Net takes minutes to compile on a
@@ -398,7 +398,7 @@ def test_training_starts_from_the_cached_imagenet_weights(
     shapes = jax.eval_shape(model.init, key, jnp.zeros((1, image_size, image_size, 1)))
     return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), dict(shapes))
 
-  monkeypatch.setattr(trainer, "initialized", zeros_of_the_model)
+  monkeypatch.setattr(state, "initialized", zeros_of_the_model)
   target = tmp_path / "pretrained" / "resnet50.tv_in1k.safetensors"
   target.parent.mkdir()
   save_file(state_dict, str(target))
@@ -406,7 +406,7 @@ def test_training_starts_from_the_cached_imagenet_weights(
   config.cache_dir = str(tmp_path)
   config.image_size = 32
   config.model.decoder_channels = (8, 8, 8, 8, 8)
-  variables = trainer.initial_variables(config, trainer.create_model(config))
+  variables = state.initial_variables(config, state.create_model(config))
   encoder = variables["params"]["encoder"]
   np.testing.assert_array_equal(
       encoder["layer3_5"]["conv2"]["kernel"],

@@ -24,7 +24,8 @@ def setting(tmp_path_factory):
   from saltjax.data import dataset as data_lib
   from saltjax import parallel
   from saltjax.app import process
-  from saltjax.training import trainer
+  from saltjax.training import feeders
+  from saltjax.training.job import Job
 
   cache = str(tmp_path_factory.mktemp("epoch_program_cache"))
   config = tiny_config(
@@ -45,10 +46,10 @@ def setting(tmp_path_factory):
   data = data_lib.load(config)
   fold_of = data_lib.fold_assignment(config, data)["fold"].to_numpy()
   mesh = parallel.create_mesh()
-  job = trainer.Job.create(config, mesh, fold_of, writer=None)
-  feeder = trainer.DeviceFeeder(config, data, fold_of, FOLDS, None, mesh, job.steps_per_epoch)
+  job = Job.create(config, mesh, fold_of, writer=None)
+  feeder = feeders.DeviceFeeder(config, data, fold_of, FOLDS, None, mesh, job.steps_per_epoch)
   repl = parallel.replicated(mesh)
-  val = trainer._validation_data(config, data, FOLDS, fold_of, mesh)
+  val = feeders.validation_data(config, data, FOLDS, fold_of, mesh)
   counts = jax.device_put(np.array([(fold_of == k).sum() for k in FOLDS], np.float32), repl)
   return config, data, fold_of, mesh, job, feeder, val, counts
 
@@ -57,13 +58,14 @@ def _fresh(job, mesh, best_scores):
   import jax
 
   from saltjax import parallel
-  from saltjax.training import trainer
+  from saltjax.training.state import model_variables, stack_folds
+  from saltjax.training.steps import ModelsInMemory
 
   repl = parallel.replicated(mesh)
-  state = jax.device_put(trainer._stack([job.new_state() for _ in FOLDS]), repl)
-  variables = jax.device_get(trainer.model_variables(state))
+  state = jax.device_put(stack_folds([job.new_state() for _ in FOLDS]), repl)
+  variables = jax.device_get(model_variables(state))
   zeros = jax.tree.map(np.zeros_like, variables)
-  models = trainer.ModelsInMemory(
+  models = ModelsInMemory(
       best=jax.device_put(zeros, repl),
       best_scores=jax.device_put(np.asarray(best_scores, np.float32), repl),
       swa=jax.device_put(zeros, repl),
@@ -73,10 +75,10 @@ def _fresh(job, mesh, best_scores):
 
 def _flat(state, losses) -> dict:
   """{"['params']...": array, "['batch_stats']...": array, "loss": array} on the host."""
-  from saltjax.training import trainer
+  from saltjax.training.state import model_variables
   from tests.conftest import flat_leaves
 
-  return {**flat_leaves(trainer.model_variables(state)), "loss": np.asarray(losses)}
+  return {**flat_leaves(model_variables(state)), "loss": np.asarray(losses)}
 
 
 def test_the_epoch_program_equals_the_step_by_step_loop(setting):
@@ -85,7 +87,6 @@ def test_the_epoch_program_equals_the_step_by_step_loop(setting):
   (`conftest.step_mismatches`: tolerances derived from the batch's pixel count)."""
   import jax
 
-  from saltjax.training import trainer
   from tests.conftest import step_mismatches
 
   config, _, _, mesh, job, feeder, val, counts = setting
@@ -133,11 +134,11 @@ def test_epoch_end_keeps_the_better_model_and_averages_the_weights(setting):
   model so far, the new average is half the model."""
   import jax
 
-  from saltjax.training import trainer
+  from saltjax.training.state import model_variables
 
   _, _, _, mesh, job, _, val, counts = setting
   state, models = _fresh(job, mesh, [2.0, -1.0])
-  variables = jax.device_get(trainer.model_variables(state))
+  variables = jax.device_get(model_variables(state))
   models, sums, improved = job.epoch_end_program()(
       state, models, val, counts, np.float32(1), np.bool_(True)
   )
@@ -158,7 +159,8 @@ def test_training_dispatches_one_program_an_epoch(setting, tmp_path, monkeypatch
   """The loop runs each epoch as one program and never falls back to making
   batches one step at a time (the per-step batch function is not called in an epoch);
   `profile_epoch` traces the epoch it names."""
-  from saltjax.training import trainer
+  from saltjax.training import feeders
+  from saltjax.training import loop
 
   config, data, fold_of, _, job, _, _, _ = setting
   config = config.copy_and_resolve_references()
@@ -168,7 +170,7 @@ def test_training_dispatches_one_program_an_epoch(setting, tmp_path, monkeypatch
 
   # The weight average's BatchNorm statistics are recomputed after training
   # from batches made on the host; within an epoch, none may be.
-  in_epoch, run_epoch, per_step = [False], trainer._run_epoch, trainer.DeviceFeeder.epoch
+  in_epoch, run_epoch, per_step = [False], loop._run_epoch, feeders.DeviceFeeder.epoch
 
   def epoch(*args, **kwargs):
     in_epoch[0] = True
@@ -181,9 +183,9 @@ def test_training_dispatches_one_program_an_epoch(setting, tmp_path, monkeypatch
     assert not in_epoch[0], "the loop made a batch outside the epoch program"
     return per_step(*args, **kwargs)
 
-  monkeypatch.setattr(trainer, "_run_epoch", epoch)
-  monkeypatch.setattr(trainer.DeviceFeeder, "epoch", batches)
-  summaries = trainer.train_folds(job, tmp_path, FOLDS, data, fold_of)
+  monkeypatch.setattr(loop, "_run_epoch", epoch)
+  monkeypatch.setattr(feeders.DeviceFeeder, "epoch", batches)
+  summaries = loop.train_folds(job, tmp_path, FOLDS, data, fold_of)
   assert [len(s["history"]) for s in summaries] == [config.num_epochs] * 2
   calls = {name: p.calls - before.get(name, 0) for name, p in job.programs.items()}
   calls = {name: n for name, n in calls.items() if n}

@@ -142,7 +142,8 @@ def test_steps_per_epoch_with_pseudo_labels_fit_every_host(monkeypatch):
 
   from configs import quick
   from saltjax import parallel
-  from saltjax.training import trainer
+  from saltjax.training import feeders
+  from saltjax.training.job import local_batch_size, steps_per_epoch_for
 
   config = quick.get_config()
   config.num_folds = 2
@@ -156,10 +157,10 @@ def test_steps_per_epoch_with_pseudo_labels_fit_every_host(monkeypatch):
   extra = {k: (pseudo_images, pseudo_images) for k in (0, 1)}
   monkeypatch.setattr(jax, "process_count", lambda: 4)
   mesh = parallel.create_mesh(jax.devices()[:1])
-  steps = trainer.steps_per_epoch_for(config, mesh, fold_of, num_extra={0: 10, 1: 10})
+  steps = steps_per_epoch_for(config, mesh, fold_of, num_extra={0: 10, 1: 10})
   assert steps == 4
   for host in range(4):
     monkeypatch.setattr(jax, "process_index", lambda host=host: host)
     for fold in (0, 1):
-      images, masks = trainer._training_examples(config, data, fold, fold_of, extra)
-      assert len(images) == len(masks) >= steps * trainer.local_batch_size(config), (host, fold)
+      images, masks = feeders._training_examples(config, data, fold, fold_of, extra)
+      assert len(images) == len(masks) >= steps * local_batch_size(config), (host, fold)

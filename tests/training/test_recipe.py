@@ -13,7 +13,8 @@ from saltjax.input_pipeline import tfdata
 from saltjax.model import layers
 from saltjax import parallel
 from saltjax.inference import postprocess
-from saltjax.training import trainer
+from saltjax.training import optimizers
+from saltjax.training import swa
 
 
 def config_with(**schedule):
@@ -41,7 +42,7 @@ def sgdr(step, steps_per_epoch, base, min_lr, cycles):
 @pytest.mark.parametrize("cycle_mult, cycles", [(1.0, [4, 4, 4]), (2.0, [2, 4, 8])])
 def test_cosine_restarts_match_sgdr(cycle_mult, cycles):
   config = config_with(cycle_epochs=cycles[0], cycle_mult=cycle_mult)
-  lr = trainer.create_learning_rate_fn(config, steps_per_epoch=5)
+  lr = optimizers.create_learning_rate_fn(config, steps_per_epoch=5)
   for step in range(0, 5 * min(12, sum(cycles))):
     assert float(lr(step)) == pytest.approx(sgdr(step, 5, 1e-3, 1e-5, cycles), rel=1e-5)
   # a restart: back to the maximum at the first step of each cycle
@@ -49,16 +50,16 @@ def test_cosine_restarts_match_sgdr(cycle_mult, cycles):
 
 
 def test_snapshot_epochs_are_cycle_ends():
-  assert trainer.cycle_end_epochs(config_with(cycle_epochs=4)) == [4, 8, 12]
-  assert trainer.cycle_end_epochs(config_with(cycle_epochs=5)) == [5, 10]
-  assert trainer.cycle_end_epochs(config_with(cycle_epochs=2, cycle_mult=2.0)) == [2, 6]
-  assert trainer.cycle_end_epochs(config_with(cycle_epochs=4, warmup_epochs=2)) == [6, 10]
-  assert trainer.cycle_end_epochs(config_with(name="constant")) == []
+  assert optimizers.cycle_end_epochs(config_with(cycle_epochs=4)) == [4, 8, 12]
+  assert optimizers.cycle_end_epochs(config_with(cycle_epochs=5)) == [5, 10]
+  assert optimizers.cycle_end_epochs(config_with(cycle_epochs=2, cycle_mult=2.0)) == [2, 6]
+  assert optimizers.cycle_end_epochs(config_with(cycle_epochs=4, warmup_epochs=2)) == [6, 10]
+  assert optimizers.cycle_end_epochs(config_with(name="constant")) == []
 
 
 def test_warmup_then_cosine():
   config = config_with(cycle_epochs=4, warmup_epochs=2)
-  lr = trainer.create_learning_rate_fn(config, steps_per_epoch=10)
+  lr = optimizers.create_learning_rate_fn(config, steps_per_epoch=10)
   assert float(lr(0)) == pytest.approx(1e-5, rel=1e-5)
   assert float(lr(10)) == pytest.approx((1e-5 + 1e-3) / 2, rel=1e-5)
   assert float(lr(20)) == pytest.approx(1e-3, rel=1e-5)
@@ -73,9 +74,9 @@ def test_warm_restarts_land_on_the_cycle_ends(cycle_mult, cycles):
   warmup, spe, base, min_lr = 2, 10, 1e-3, 1e-5
   config = config_with(cycle_epochs=cycles[0], cycle_mult=cycle_mult, warmup_epochs=warmup)
   config.num_epochs = warmup + sum(cycles)
-  ends = trainer.cycle_end_epochs(config)
+  ends = optimizers.cycle_end_epochs(config)
   assert ends == [warmup + sum(cycles[: i + 1]) for i in range(len(cycles))]
-  lr = trainer.create_learning_rate_fn(config, steps_per_epoch=spe)
+  lr = optimizers.create_learning_rate_fn(config, steps_per_epoch=spe)
   for step in range(warmup * spe):  # linear warm-up from min_lr to the peak
     assert float(lr(step)) == pytest.approx(
         min_lr + (base - min_lr) * step / (warmup * spe), rel=1e-5
@@ -97,19 +98,21 @@ def test_warm_restarts_worked_example():
   # 8, a restart on the first step of epoch 6 (1-based, as in the logs).
   config = config_with(cycle_epochs=3, warmup_epochs=2)
   config.num_epochs = 8
-  assert trainer.cycle_end_epochs(config) == [5, 8]
-  lr = trainer.create_learning_rate_fn(config, steps_per_epoch=4)
+  assert optimizers.cycle_end_epochs(config) == [5, 8]
+  lr = optimizers.create_learning_rate_fn(config, steps_per_epoch=4)
   at_end_of_epoch = lambda e: float(lr(4 * e - 1))
   assert at_end_of_epoch(5) < 1e-4 and at_end_of_epoch(8) < 1e-4
   assert float(lr(4 * 5)) == pytest.approx(1e-3)  # first step of epoch 6
 
 
 def test_step_and_constant():
-  lr = trainer.create_learning_rate_fn(config_with(name="step", step_epochs=3, step_factor=0.1), 10)
+  lr = optimizers.create_learning_rate_fn(
+      config_with(name="step", step_epochs=3, step_factor=0.1), 10
+  )
   assert [float(lr(s)) for s in (0, 29, 30, 59, 60)] == pytest.approx(
       [1e-3, 1e-3, 1e-4, 1e-4, 1e-5]
   )
-  lr = trainer.create_learning_rate_fn(config_with(name="constant"), 10)
+  lr = optimizers.create_learning_rate_fn(config_with(name="constant"), 10)
   assert float(lr(1000)) == pytest.approx(1e-3)
 
 
@@ -120,7 +123,7 @@ def test_optimisers_step_downhill(name):
   config.optimizer.learning_rate = 0.05
   config.optimizer.grad_clip = 1.0
   config.optimizer.weight_decay = 1e-4
-  tx = trainer.create_optimizer(config, lambda step: 0.05)
+  tx = optimizers.create_optimizer(config, lambda step: 0.05)
   params = {"w": np.array([3.0, -2.0], np.float32)}
   state = tx.init(params)
   loss = lambda p: float(np.sum(p["w"] ** 2))
@@ -216,7 +219,7 @@ def test_swa_batch_stats_are_the_mean_over_one_pass():
   one_pass = lambda epoch: (
       parallel.global_from_local(b, mesh)["image"] for b in tfdata.epoch_iterator(for_epoch, epoch)
   )
-  got = trainer.recompute_batch_stats(None, _TwoNorms(), variables, one_pass, mesh, 4)
+  got = swa.recompute_batch_stats(None, _TwoNorms(), variables, one_pass, mesh, 4)
   for name in ("bn1", "bn2"):
     for stat in ("mean", "var"):
       np.testing.assert_allclose(

@@ -1,0 +1,167 @@
+"""What every fold of a run shares (`Job`): the model, optimiser, steps and compiled programs.
+
+Built once per process; every fold uses the same optimiser object and the
+same steps per epoch, so the jitted programs compile once per number of folds
+trained together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from saltjax import parallel
+from saltjax.errors import ConfigError
+from saltjax.training.optimizers import create_learning_rate_fn, create_optimizer
+from saltjax.training.state import TrainState, create_model, initial_variables
+from saltjax.training.steps import compile_train_steps, make_device_epoch_fn, make_epoch_end_fn
+
+
+class Program:
+  """A jitted function compiled on its first call, which the log times; calls counted.
+
+  Compiling ahead of the call (`lower(...).compile()`) separates the compile
+  seconds from the epoch's, and the JAX persistent cache then makes a rerun's
+  compile a read. `calls` lets a test check the loop's dispatches per epoch.
+  """
+
+  def __init__(self, name: str, jitted: Callable):
+    self.name, self._jitted, self._compiled = name, jitted, {}
+    self.calls, self.compile_seconds = 0, 0.0
+
+  def __call__(self, *args):
+    if not hasattr(self._jitted, "lower"):  # a plain function (a test's wrapper): as it is
+      self.calls += 1
+      return self._jitted(*args)
+    # One executable per shape of the arguments after the first (the state,
+    # whose shapes follow the number of folds that the others carry too).
+    key = tuple((x.shape, x.dtype) for x in jax.tree.leaves(args[1:]))
+    compiled = self._compiled.get(key)
+    if compiled is None:
+      started = time.perf_counter()
+      compiled = self._compiled[key] = self._jitted.lower(*args).compile()
+      seconds = time.perf_counter() - started
+      self.compile_seconds += seconds
+      logging.info("Compiled %s in %.1f s.", self.name, seconds)
+    self.calls += 1
+    return compiled(*args)
+
+
+@dataclasses.dataclass
+class Job:
+  """What every fold of one run shares, built (and compiled) once per process.
+
+  Every fold uses the same optimiser object and the same steps per epoch, so
+  the jitted steps see identical state structures and compile once per
+  number of folds trained together.
+  """
+
+  config: Any
+  mesh: Any
+  model: Any
+  steps_per_epoch: int
+  lr_fn: Callable
+  tx: optax.GradientTransformation
+  initial_variables: dict
+  train_steps: dict
+  writer: Any
+  programs: dict = dataclasses.field(default_factory=dict)
+
+  @classmethod
+  def create(cls, config, mesh, fold_of: np.ndarray, writer, num_extra=0) -> "Job":
+    steps_per_epoch = steps_per_epoch_for(config, mesh, fold_of, num_extra)
+    model = create_model(config)
+    lr_fn = create_learning_rate_fn(config, steps_per_epoch)
+    return cls(
+        config=config,
+        mesh=mesh,
+        model=model,
+        steps_per_epoch=steps_per_epoch,
+        lr_fn=lr_fn,
+        tx=create_optimizer(config, lr_fn),
+        # On the host: each fold's state gets fresh device buffers, which
+        # the train step may then donate.
+        initial_variables=jax.device_get(initial_variables(config, model)),
+        train_steps=compile_train_steps(config, mesh),
+        writer=writer,
+    )
+
+  def program(self, name: str, build: Callable[[], Callable]) -> "Program":
+    """The jitted `build()` under `name`, made once per job (and so compiled once)."""
+    if name not in self.programs:
+      self.programs[name] = Program(name, build())
+    return self.programs[name]
+
+  def train_step_program(self, loss_name: str) -> "Program":
+    return self.program(f"the train step ({loss_name})", lambda: self.train_steps[loss_name])
+
+  def epoch_end_program(self) -> "Program":
+    repl = parallel.replicated(self.mesh)
+    return self.program(
+        "the end of an epoch (validation, best model, weight average)",
+        lambda: jax.jit(
+            make_epoch_end_fn(self.model, self.config), out_shardings=repl, donate_argnums=1
+        ),
+    )
+
+  def device_epoch_program(self, loss_name: str) -> "Program":
+    repl = parallel.replicated(self.mesh)
+    return self.program(
+        f"the epoch on the device ({loss_name})",
+        lambda: jax.jit(
+            make_device_epoch_fn(self, loss_name), out_shardings=repl, donate_argnums=(0, 1)
+        ),
+    )
+
+  def new_state(self) -> TrainState:
+    v = self.initial_variables
+    # TrainState.create, with the optimiser's init as one compiled program: run
+    # op by op it compiles a small program for every parameter shape (1.3 s of
+    # a tiny CPU run's start, more on a GPU); jitted, 0.2 s, and then cached.
+    return TrainState(
+        step=0,
+        apply_fn=self.model.apply,
+        params=v["params"],
+        batch_stats=v["batch_stats"],
+        tx=self.tx,
+        opt_state=jax.jit(self.tx.init)(v["params"]),
+        lr_scale=jnp.ones((), jnp.float32),
+    )
+
+
+def local_batch_size(config) -> int:
+  return config.batch_size // jax.process_count()
+
+
+def steps_per_epoch_for(config, mesh, fold_of: np.ndarray, num_extra=0) -> int:
+  """Steps per epoch (the same for every fold); checks the batch sizes fit.
+
+  `num_extra` training examples (pseudo-labels) join every fold: a number, or
+  one per fold (a sequence or a {fold: count} mapping).
+  """
+  parallel.check_batch_size(config.batch_size, mesh, "config.batch_size")
+  parallel.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
+  extra = num_extra if not isinstance(num_extra, int) else [num_extra] * config.num_folds
+  if isinstance(extra, dict):
+    extra = [extra.get(k, 0) for k in range(config.num_folds)]
+  # Each process feeds its own shard of a fold's images and, apart, of its
+  # extras (`feeders._training_examples`): the epoch is as long as the smallest shard.
+  n_proc = jax.process_count()
+  smallest = min(int((fold_of != k).sum()) + int(extra[k]) for k in range(config.num_folds))
+  per_process = min(
+      int((fold_of != k).sum()) // n_proc + int(extra[k]) // n_proc for k in range(config.num_folds)
+  )
+  steps_per_epoch = per_process // local_batch_size(config)
+  if steps_per_epoch == 0:
+    raise ConfigError(
+        f"a fold has only {smallest} training images, fewer than"
+        f" config.batch_size={config.batch_size}"
+    )
+  return steps_per_epoch

@@ -1,0 +1,256 @@
+"""The pure step functions: one fold's train step, vmapped over folds, and the epoch's end.
+
+`train_step` is one fold model's optimisation step; `over_folds` runs it (or
+any one-fold function) over a leading fold axis, so F fold models train as one
+program. `make_epoch_end_fn` validates every fold on the device and keeps
+each fold's best model and weight average; `make_device_epoch_fn` makes a
+whole epoch of the on-device input path one program. Nothing here touches
+the host's loop, files or logs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from saltjax import metrics
+from saltjax import parallel
+from saltjax.errors import ConfigError
+from saltjax.model import tta
+from saltjax.training import losses
+from saltjax.training.state import TrainState, model_variables
+
+if TYPE_CHECKING:
+  from saltjax.training.job import Job
+
+
+def train_step(
+    state: TrainState, batch: dict, *, loss_config, loss_name: str, skip_nonfinite: bool
+) -> tuple[TrainState, dict]:
+  """One optimisation step of one fold model on a (globally sharded) batch. Pure.
+
+  With `skip_nonfinite`, a step whose loss or gradient is not finite changes
+  no weights, BatchNorm statistics or optimiser moments, but still counts as
+  a step: `step` and the schedule's own count in the optimiser state
+  (optax's ScaleByScheduleState, which the learning rate is read from) go on,
+  so the schedule stays on the step the epochs say (cycle ends, snapshots).
+  """
+
+  def loss_fn(params):
+    outputs, new_model_state = state.apply_fn(
+        {"params": params, "batch_stats": state.batch_stats},
+        batch["image"],
+        train=True,
+        mutable=["batch_stats"],
+    )
+    loss, aux = losses.model_loss(outputs, batch["mask"], loss_config, name=loss_name)
+    return loss, (new_model_state["batch_stats"], aux, outputs["logits"])
+
+  (loss, (batch_stats, aux, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params
+  )
+  finite = jnp.isfinite(loss) & jnp.all(
+      jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+  )
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  if skip_nonfinite:
+    kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
+    opt_state = jax.tree.map(
+        lambda k, n: n if is_schedule(k) else k,
+        kept.opt_state,
+        new_state.opt_state,
+        is_leaf=is_schedule,
+    )
+    new_state = kept.replace(step=new_state.step, opt_state=opt_state)
+  pred, truth = logits > 0, batch["mask"] > 0.5
+  inter = jnp.sum(pred & truth, axis=(1, 2))
+  union = jnp.sum(pred | truth, axis=(1, 2))
+  step_metrics = {
+      "loss": loss,
+      "finite": finite,
+      "iou": jnp.mean(jnp.where(union == 0, 1.0, inter / jnp.maximum(union, 1))),
+      **{f"loss_{k}": v for k, v in aux.items()},
+  }
+  return new_state, step_metrics
+
+
+def over_folds(fn: Callable) -> Callable:
+  """`jax.vmap(fn)` over a leading fold axis; one fold runs as `fn` itself.
+
+  vmapping over a stack of weights makes every conv a grouped conv
+  (`feature_group_count=F`) and batches every primitive while tracing; with
+  F = 1 (one fold at a time, `parallel_folds=1`) both are pure overhead, so
+  the fold axis is dropped, `fn` runs unbatched and the axis is put back.
+  The choice is made at trace time, from the arguments' static shapes.
+  """
+  batched = jax.vmap(fn)
+
+  @functools.wraps(fn)
+  def call(*args):
+    if {x.shape[0] for x in jax.tree.leaves(args)} == {1}:
+      out = fn(*jax.tree.map(lambda x: x[0], args))
+      return jax.tree.map(lambda x: x[None], out)
+    return batched(*args)
+
+  return call
+
+
+def compile_train_steps(config, mesh) -> dict[str, Callable]:
+  """One jitted step per loss in use (two for the two-stage recipe).
+
+  Each takes a state and a batch with a leading fold axis, (F, ...) and
+  (F, B, ...): the one-fold step over the fold axis (`over_folds`: a vmap, or
+  the step itself for one fold), so F fold models train as one program. The
+  batch axis is sharded over the mesh; the state is replicated, and BatchNorm
+  statistics are over each fold's global batch.
+  """
+  names = {config.loss.name}
+  if config.loss.second_from_epoch >= 0:
+    names.add(config.loss.second_name)
+  for name in names:
+    losses.get_loss_fn(name)  # fail early, naming the option
+  if config.nonfinite not in ("stop", "skip"):
+    raise ConfigError(f"unknown config.nonfinite {config.nonfinite!r}: use 'stop' or 'skip'")
+  repl, shard = parallel.replicated(mesh), parallel.data_sharding(mesh, fold_axis=True)
+  return {
+      name: jax.jit(
+          over_folds(
+              functools.partial(
+                  train_step,
+                  loss_config=config.loss,
+                  loss_name=name,
+                  skip_nonfinite=config.nonfinite == "skip",
+              )
+          ),
+          in_shardings=(repl, shard),
+          out_shardings=(repl, repl),
+          donate_argnums=0,
+      )
+      for name in names
+  }
+
+
+def loss_name_for_epoch(config, epoch: int) -> str:
+  """The loss of 0-based `epoch`; `second_from_epoch` counts from 1, as the logs do."""
+  second = config.loss.second_from_epoch
+  return config.loss.second_name if 0 <= second <= epoch + 1 else config.loss.name
+
+
+def _validation_sums_fn(model, config) -> Callable:
+  """One fold's fn(variables, images, masks, valid) -> [sum of scores, sum of IoUs]."""
+  infer = tta.make_infer_fn(model, config.image_size, config.resize_mode, "none")
+
+  def validate(variables, images, masks, valid):
+    probs = infer(variables, images)["probs"]
+    pred, truth = probs > 0.5, masks > 0
+    inter = jnp.sum(pred & truth, axis=(1, 2))
+    union = jnp.sum(pred | truth, axis=(1, 2))
+    score, iou = metrics.scores_from_counts(inter, union, jnp)
+    return jnp.stack([jnp.sum(score * valid), jnp.sum(iou * valid)])
+
+  return validate
+
+
+def _select_fold_trees(take: jax.Array, new, old):
+  """Per fold (leading axis), `new` where take[f] else `old`.
+
+  Fold by fold under `lax.cond`, as an in-place update of the (donated) `old`:
+  only the folds that take a new model copy it, where a `where` over the
+  stack would read both trees and write a third every epoch (2 GB of memory
+  traffic for 5 full-size models, a tenth of a second on a CPU).
+  """
+  for f in range(take.shape[0]):
+    old = jax.lax.cond(
+        take[f],
+        lambda tree, f=f: jax.tree.map(lambda o, n: o.at[f].set(n[f]), tree, new),
+        lambda tree: tree,
+        old,
+    )
+  return old
+
+
+def _swa_mean(swa, variables, count):
+  """The running mean of the weights; exactly the weights at count 0."""
+  return jax.tree.map(
+      lambda a, v: jnp.where(count == 0, v, a + (v - a) / (count + 1)), swa, variables
+  )
+
+
+class ModelsInMemory(NamedTuple):
+  """What the epoch programs carry on the device besides the train state (leading fold axis).
+
+  best: each fold's best-validation variables; best_scores: (F,) float32,
+  their validation scores (-1 before any); swa: the running weight average.
+  """
+
+  best: Any
+  best_scores: jax.Array
+  swa: Any
+
+
+def make_epoch_end_fn(model, config) -> Callable:
+  """fn(state, models, val, val_counts, swa_count, swa_on) -> (models, val_sums, improved).
+
+  The end of an epoch, on the device: every fold's validation over the
+  device-resident held-out batches `val` ((N, F, B, ...) images, masks,
+  valid; one `lax.map` over N), then best-model selection (a fold's model
+  replaces its best where its score, sum / count in float32, beats the
+  best's) and the weight average. Pure; over the folds inside (`over_folds`).
+  """
+  validate = over_folds(_validation_sums_fn(model, config))
+  use_swa = config.swa_from_epoch >= 0
+
+  def epoch_end(state, models: ModelsInMemory, val, val_counts, swa_count, swa_on):
+    variables = model_variables(state)
+    sums = jnp.sum(jax.lax.map(lambda b: validate(variables, *b), val), axis=0)  # (F, 2)
+    scores = sums[:, 0] / val_counts
+    improved = scores > models.best_scores
+    best = _select_fold_trees(improved, variables, models.best)
+    best_scores = jnp.where(improved, scores, models.best_scores)
+    swa = models.swa
+    if use_swa:
+      swa = jax.lax.cond(swa_on, lambda a: _swa_mean(a, variables, swa_count), lambda a: a, swa)
+    return ModelsInMemory(best, best_scores, swa), sums, improved
+
+  return epoch_end
+
+
+def make_device_epoch_fn(job: "Job", loss_name: str) -> Callable:
+  """fn(state, models, data, folds, val, val_counts, epoch, swa_count, swa_on) -> ...
+
+  A whole epoch of the on-device input path as one program: a `lax.scan`
+  over the epoch's steps, each making its F batches (`on_device`) and
+  running the vmapped train step, then the epoch's end (`make_epoch_end_fn`).
+  Returns (state, models, step metrics (steps, F), validation sums (F, 2),
+  improved (F,)): the host dispatches once and reads back once an epoch.
+  """
+  from saltjax.input_pipeline import on_device
+
+  config, mesh = job.config, job.mesh
+  batch_fn = on_device.make_train_batch_fn(config, config.batch_size)
+  step = over_folds(
+      functools.partial(
+          train_step,
+          loss_config=config.loss,
+          loss_name=loss_name,
+          skip_nonfinite=config.nonfinite == "skip",
+      )
+  )
+  epoch_end = make_epoch_end_fn(job.model, config)
+  shard = parallel.data_sharding(mesh, fold_axis=True)
+
+  def device_epoch(state, models, data, folds, val, val_counts, epoch, swa_count, swa_on):
+    def one_step(state, index):
+      batch = jax.lax.with_sharding_constraint(batch_fn(data, folds, epoch, index), shard)
+      return step(state, batch)
+
+    state, step_metrics = jax.lax.scan(one_step, state, jnp.arange(job.steps_per_epoch))
+    models, sums, improved = epoch_end(state, models, val, val_counts, swa_count, swa_on)
+    return state, models, step_metrics, sums, improved
+
+  return device_epoch
