@@ -26,16 +26,16 @@ pipeline gets. So any step of any epoch can be rebuilt after a restart.
 
 How the train loop uses it (F folds at once, vmapped; F = 1 for one fold):
 
-  data = device_input.put_on_device(images, masks, sharding=replicated)
-  folds = device_input.fold_indices(fold_of, [0, 1, 2, 3, 4], seed=config.seed)
-  steps = device_input.steps_per_epoch(folds, config.batch_size)
-  batch_fn = device_input.make_train_batch_fn(config, config.batch_size)
+  data = on_device.put_on_device(images, masks, sharding=replicated)
+  folds = on_device.fold_indices(fold_of, [0, 1, 2, 3, 4], seed=config.seed)
+  steps = on_device.steps_per_epoch(folds, config.batch_size)
+  batch_fn = on_device.make_train_batch_fn(config, config.batch_size)
   # batch_fn(data, folds, epoch, step) -> {"image": (F, B, S, S, 1), "mask": (F, B, S, S)}
   # Call it inside the jitted train step (fused), or jit it on its own:
-  for batch in device_input.epoch_batches(jax.jit(batch_fn), data, folds, epoch, steps=steps):
+  for batch in on_device.epoch_batches(jax.jit(batch_fn), data, folds, epoch, steps=steps):
     ...
 
-Prediction needs no TensorFlow either: `inference.make_infer_fn` resizes on
+Prediction needs no TensorFlow either: `saltjax.model.tta.make_infer_fn` resizes on
 the device with `geometry`.
 """
 

@@ -47,7 +47,7 @@ def _pipeline_options() -> tf.data.Options:
   autotuning, the map's AUTOTUNE parallelism is tf.data's default (the cores,
   at most 16) and prefetch(AUTOTUNE) sizes its buffer itself. On 2 cores the
   feeder's top rate fell by up to a fifth, and the training loop's wait for
-  input stayed under 0.02 s an epoch (README, "Input on the host").
+  input stayed under 0.02 s an epoch (docs/input_pipelines.md).
   """
   options = tf.data.Options()
   options.autotune.enabled = False
