@@ -4,7 +4,7 @@ On a 2-core CPU the whole job (train 3 folds, predict with flip TTA, write the
 submission) takes a few minutes on the embedded synthetic dataset. The folds
 train one after another here: on a CPU, folds trained together (a vmap over the
 weights, which makes every conv a grouped one) are slower to compile and to run
-than the same folds in turn (README: the quick job's timings); the fold axis is
+than the same folds in turn (docs/training.md); the fold axis is
 for accelerators, which batch 32 leaves idle.
 """
 

@@ -45,9 +45,9 @@ def _pipeline_options() -> tf.data.Options:
   thread (the training loop's, in a later fold or run) for up to a minute:
   54-104 s pauses with no CPU used, inside the iterator's destructor. Without
   autotuning, the map's AUTOTUNE parallelism is tf.data's default (the cores,
-  at most 16) and prefetch(AUTOTUNE) sizes its buffer itself. On 2 cores the
-  feeder's top rate fell by up to a fifth, and the training loop's wait for
-  input stayed under 0.02 s an epoch (docs/input_pipelines.md).
+  at most 16) and prefetch(AUTOTUNE) sizes its buffer itself. On 2 cores this
+  costs up to a fifth of the feeder's top rate, while the training loop's wait
+  for input stays under 0.02 s an epoch (docs/input_pipelines.md).
   """
   options = tf.data.Options()
   options.autotune.enabled = False
