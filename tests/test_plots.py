@@ -10,6 +10,7 @@ import pytest
 
 from saltjax import metrics
 from saltjax import plots
+from saltjax import prediction_plots
 
 
 def read_png(path: pathlib.Path) -> np.ndarray:
@@ -68,7 +69,7 @@ def blobs(num, seed=0, size=101):
 def test_select_examples_hand_made():
   scores = np.array([1.0, 0.9, 0.2, 1.0, 0.0, 0.5, 0.0])
   nonempty = np.array([False, True, True, True, False, True, True])
-  best, worst = plots.select_examples(scores, nonempty, 2)
+  best, worst = prediction_plots.select_examples(scores, nonempty, 2)
   # Best: the non-empty truths first (3 beats the empty 0, despite equal
   # scores); worst: lowest scores, the tie between 4 and 6 to the lower index.
   assert best.tolist() == [3, 1]
@@ -78,11 +79,11 @@ def test_select_examples_hand_made():
 def test_select_examples_fills_best_with_empty_truths_and_stays_disjoint():
   scores = np.array([1.0, 0.3, 1.0, 0.0, 0.8])
   nonempty = np.array([False, True, False, False, False])
-  best, worst = plots.select_examples(scores, nonempty, 2)
+  best, worst = prediction_plots.select_examples(scores, nonempty, 2)
   assert best.tolist() == [1, 0]
   assert worst.tolist() == [3, 4]
   # Fewer than 2 * num images: split, best taking the odd one, no overlap.
-  best, worst = plots.select_examples(scores, nonempty, 4)
+  best, worst = prediction_plots.select_examples(scores, nonempty, 4)
   assert (len(best), len(worst)) == (3, 2)
   assert not set(best) & set(worst)
   assert sorted([*best, *worst]) == list(range(5))
@@ -93,7 +94,7 @@ def test_select_examples_tie_breaks():
   nonempty = np.ones(5, bool)
   iou = np.array([0.97, 0.99, 0.97, 0.3, 0.0])
   coverage = np.array([0.98, 1.0, 0.45, 0.01, 0.02])
-  best, worst = plots.select_examples(scores, nonempty, 2, iou=iou, coverage=coverage)
+  best, worst = prediction_plots.select_examples(scores, nonempty, 2, iou=iou, coverage=coverage)
   # Among perfect scores, coverage nearest 50% first, then the higher IoU.
   assert best.tolist() == [2, 0]
   # Among zero scores, the lower IoU is worse.
@@ -101,7 +102,7 @@ def test_select_examples_tie_breaks():
 
 
 def test_select_examples_empty():
-  best, worst = plots.select_examples(np.zeros(0), np.zeros(0, bool), 8)
+  best, worst = prediction_plots.select_examples(np.zeros(0), np.zeros(0, bool), 8)
   assert best.size == 0 and worst.size == 0
 
 
@@ -138,7 +139,7 @@ def test_validation_grid(tmp_path):
   probs = np.roll(truth, 3, axis=2).astype(np.float32) * 0.9
   pred = probs > 0.5
   scores = metrics.precision_per_image(truth, pred)
-  path = plots.write_validation_grid(
+  path = prediction_plots.write_validation_grid(
       tmp_path, images, truth, probs, pred, scores, [f"id{i:02d}" for i in range(20)], num=4
   )
   assert path == tmp_path / "validation_examples.png"
@@ -152,13 +153,13 @@ def test_threshold_sweep(tmp_path):
       {"threshold": float(t), "score": float(0.8 - (t - 0.45) ** 2)}
       for t in np.arange(0.2, 0.81, 0.02)
   ]
-  path = plots.write_threshold_sweep(tmp_path, sweep, 0.46, 20, final_score=0.81)
+  path = prediction_plots.write_threshold_sweep(tmp_path, sweep, 0.46, 20, final_score=0.81)
   assert path == tmp_path / "threshold_sweep.png"
   height, width, _ = read_png(path).shape
   assert 400 <= width <= 1500 and 300 <= height <= 1200
   # A fixed threshold off the sweep's grid, and no sweep at all, draw too.
-  read_png(plots.write_threshold_sweep(tmp_path, sweep, 0.5, 0))
-  read_png(plots.write_threshold_sweep(tmp_path, [], 0.5, 0))
+  read_png(prediction_plots.write_threshold_sweep(tmp_path, sweep, 0.5, 0))
+  read_png(prediction_plots.write_threshold_sweep(tmp_path, [], 0.5, 0))
   assert_no_temporaries(tmp_path)
 
 
@@ -176,9 +177,9 @@ def test_prediction_plots_pick_the_right_ids(tmp_path, monkeypatch):
   oof_masks[3] = False  # train06: salt missed entirely
   oof_masks[0] = True  # train00 (empty truth): salt everywhere
   drawn = []
-  original = plots._draw_case
+  original = prediction_plots._draw_case
   monkeypatch.setattr(
-      plots,
+      prediction_plots,
       "_draw_case",
       lambda ax, *args: (drawn.append(args[-1].split("\n")[0]), original(ax, *args)),
   )
@@ -189,7 +190,7 @@ def test_prediction_plots_pick_the_right_ids(tmp_path, monkeypatch):
       "threshold_sweep": [{"threshold": 0.3, "score": 0.4}, {"threshold": 0.4, "score": 0.5}],
   }
   data = types.SimpleNamespace(train_ids=ids, train_images=images, train_masks=masks)
-  paths = plots.write_prediction_plots(
+  paths = prediction_plots.write_prediction_plots(
       tmp_path, data, oof_ids, oof_masks * 0.9, oof_masks, scores_json, num=1
   )
   assert paths == [tmp_path / "validation_examples.png", tmp_path / "threshold_sweep.png"]
@@ -203,7 +204,7 @@ def test_prediction_plots_pick_the_right_ids(tmp_path, monkeypatch):
   # A dict works as well as a SaltData; an id outside train_ids is an error.
   data = {"train_ids": ids, "train_images": images, "train_masks": masks}
   with pytest.raises(ValueError, match="not training ids"):
-    plots.write_prediction_plots(
+    prediction_plots.write_prediction_plots(
         tmp_path, data, ["nope"], oof_masks[:1] * 1.0, oof_masks[:1], scores_json
     )
 
@@ -215,5 +216,5 @@ def test_failed_save_leaves_no_file(tmp_path, monkeypatch):
 
   monkeypatch.setattr(mfigure.Figure, "savefig", broken_savefig)
   with pytest.raises(OSError, match="disk full"):
-    plots.write_threshold_sweep(tmp_path, [], 0.5, 0)
+    prediction_plots.write_threshold_sweep(tmp_path, [], 0.5, 0)
   assert list(tmp_path.iterdir()) == []

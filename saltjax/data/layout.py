@@ -21,34 +21,31 @@ Every problem is collected before anything is returned, so that a user fixing
 a download sees the whole list at once instead of one error per run.  Each PNG
 is decoded exactly once: the arrays checked by validation are the arrays
 returned by `read_layout`.
+
+This module reads the CSV files, scans the directory and holds the public API;
+`saltjax.data.png_sources` opens the folders and zips and reads their PNGs,
+`saltjax.data.png_files` decodes and checks each PNG, and
+`saltjax.data.problems` collects what is wrong.
 """
 
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import dataclasses
 import os
-import threading
 from typing import Iterable, Sequence
-import zipfile
-import zlib
 
-import cv2
 import numpy as np
 import pandas as pd
 
 from saltjax import errors
 from saltjax import geometry
+from saltjax.data import png_files
+from saltjax.data import png_sources
+from saltjax.data import problems as problems_lib
 from saltjax.data import rle
 
 IMAGE_SIZE = geometry.ORIGINAL_SIZE
-
-# How many lines of one kind of problem a DataError message shows before it
-# summarises the rest; a broken download can have thousands of the same kind.
-_MAX_LINES_PER_KIND = 10
-
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 _TRAIN_CSV_COLUMNS = ["id", "rle_mask"]
 _DEPTHS_CSV_COLUMNS = ["id", "z"]
@@ -76,171 +73,10 @@ class SaltData:
   test_depths: np.ndarray  # (M,) int64
 
 
-class _Problems:
-  """Problems found so far, each tagged with a kind used for summarising."""
-
-  def __init__(self):
-    self.items: list[tuple[str, str]] = []  # (kind, line)
-
-  def add(self, kind: str, line: str) -> None:
-    self.items.append((kind, line))
-
-  def __bool__(self) -> bool:
-    return bool(self.items)
-
-  def lines(self) -> list[str]:
-    return [line for _, line in self.items]
-
-  def message(self, data_dir: str) -> str:
-    """One message, grouped by kind, with long groups cut to a few lines."""
-    by_kind: dict[str, list[str]] = {}  # Kinds in order of first appearance.
-    for kind, line in self.items:
-      by_kind.setdefault(kind, []).append(line)
-    out = [f"data_dir {data_dir} has {len(self.items)} problem(s):"]
-    for kind, lines in by_kind.items():
-      out.extend(f"  {line}" for line in lines[:_MAX_LINES_PER_KIND])
-      if len(lines) > _MAX_LINES_PER_KIND:
-        out.append(f"  ... and {len(lines) - _MAX_LINES_PER_KIND} more {kind}")
-    return "\n".join(out)
-
-
-# ---------------------------------------------------------------------------
-# PNG decoding and per-file checks.
-
-
-def _decode_png(path: str) -> tuple[np.ndarray | None, str | None]:
-  """Decodes a file as-is (bit depth and channels kept); (array, error)."""
-  try:
-    with open(path, "rb") as f:
-      data = f.read()
-  except OSError as e:
-    return None, f"cannot be read ({e.strerror or e})"
-  return _decode_bytes(data)
-
-
-def _decode_bytes(data: bytes) -> tuple[np.ndarray | None, str | None]:
-  """Decodes PNG bytes as-is (bit depth and channels kept); (array, error)."""
-  if not data:
-    return None, "is empty (0 bytes)"
-  # libpng rejects most truncations itself, but a file cut right after its
-  # last pixel data could still decode on some builds; a PNG always ends in an
-  # IEND chunk, so its absence is a sure sign of truncation.
-  if data.startswith(_PNG_SIGNATURE) and data.rfind(b"IEND") == -1:
-    return None, "is truncated (no IEND chunk)"
-  try:
-    array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-  except cv2.error as e:  # pragma: no cover - depends on the OpenCV build
-    return None, f"cannot be decoded ({str(e).strip().splitlines()[-1]})"
-  if array is None:
-    return None, "is unreadable or truncated (not a decodable image)"
-  return array, None
-
-
-def _to_gray(array: np.ndarray) -> tuple[np.ndarray | None, list[str]]:
-  """Collapses equal channels to one; lists what is wrong with the shape."""
-  issues = []
-  if array.ndim == 3 and array.shape[2] == 1:
-    array = array[:, :, 0]
-  if array.ndim == 3:
-    channels = array.shape[2]
-    if channels == 4:
-      issues.append("has 4 channels (RGBA); expected gray or 3 equal channels")
-    elif channels == 3:
-      if not (
-          np.array_equal(array[:, :, 0], array[:, :, 1])
-          and np.array_equal(array[:, :, 0], array[:, :, 2])
-      ):
-        issues.append("has 3 channels that are not equal (a color image);" " expected gray")
-    else:
-      issues.append(f"has {channels} channels; expected gray")
-  elif array.ndim != 2:
-    issues.append(f"has unexpected array shape {array.shape}")
-  if array.ndim >= 2 and array.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE):
-    height, width = array.shape[:2]
-    issues.append(f"is {width}x{height} pixels; expected" f" {IMAGE_SIZE}x{IMAGE_SIZE}")
-  if issues:
-    return None, issues
-  return (array[:, :, 0] if array.ndim == 3 else array), []
-
-
-def _bits(array: np.ndarray) -> int:
-  return array.dtype.itemsize * 8
-
-
-def _check_image(array: np.ndarray) -> tuple[np.ndarray | None, list[str]]:
-  """An 8-bit (101, 101) gray image, or the reasons it is not one."""
-  gray, issues = _to_gray(array)
-  if array.dtype != np.uint8:
-    issues.append(f"is {_bits(array)}-bit ({array.dtype}); images must be 8-bit")
-  if issues:
-    return None, issues
-  return np.ascontiguousarray(gray), []
-
-
-def _check_mask(array: np.ndarray) -> tuple[np.ndarray | None, list[str]]:
-  """A {0, 1} uint8 (101, 101) mask, or the reasons it is not one."""
-  gray, issues = _to_gray(array)
-  if array.dtype == np.uint8:
-    allowed = ({0, 255}, {0, 1})
-  elif array.dtype == np.uint16:
-    allowed = ({0, 65535}, {0, 1})
-  else:
-    issues.append(f"is {array.dtype}; masks must be 8- or 16-bit")
-    allowed = None
-  if gray is not None and allowed is not None:
-    values = set(np.unique(gray).tolist())
-    # Only 0/max or 0/1 are unambiguous; anything else (antialiased edges,
-    # a label image, a photo saved as a mask) would silently change the truth.
-    if not any(values <= ok for ok in allowed):
-      shown = sorted(values)
-      text = ", ".join(map(str, shown[:8]))
-      text += ", ..." if len(shown) > 8 else ""
-      article = "an" if _bits(array) == 8 else "a"
-      issues.append(
-          f"has values {{{text}}}; {article} {_bits(array)}-bit mask must hold"
-          f" only 0 and {max(allowed[0])} or 0 and 1"
-      )
-  if issues:
-    return None, issues
-  return (gray != 0).astype(np.uint8), []
-
-
-def _load_checked(path: str, kind: str) -> tuple[np.ndarray | None, list[str]]:
-  array, error = _decode_png(path)
-  if error:
-    return None, [error]
-  return (_check_image if kind == "image" else _check_mask)(array)
-
-
-def _load_entry(
-    source: "_PngSource", sub: str, stem: str, kind: str
-) -> tuple[np.ndarray | None, list[str]]:
-  try:
-    data = source.read(sub, stem)
-  except OSError as e:
-    return None, [f"cannot be read ({e.strerror or e})"]
-  array, error = _decode_bytes(data)
-  if error:
-    return None, [error]
-  return (_check_image if kind == "image" else _check_mask)(array)
-
-
-def _load_many(
-    entries: Sequence[tuple["_PngSource", str, str, str]],
-) -> list[tuple[np.ndarray | None, list[str]]]:
-  """Reads and checks (source, sub, stem, kind) entries, in order."""
-  # cv2.imdecode and file reads release the GIL, so threads overlap both the
-  # disk and the decoding without the pickling cost of processes.
-  if not entries:
-    return []
-  with concurrent.futures.ThreadPoolExecutor() as pool:
-    return list(pool.map(lambda entry: _load_entry(*entry), entries))
-
-
 def read_image(path) -> np.ndarray:
   """Reads one image as uint8 (101, 101); raises DataError naming the file."""
   path = os.fspath(path)
-  image, issues = _load_checked(path, "image")
+  image, issues = png_files.load_checked(path, "image")
   if issues:
     lines = [f"{path} {issue}" for issue in issues]
     raise DataError("\n".join(lines), lines)
@@ -250,7 +86,7 @@ def read_image(path) -> np.ndarray:
 def read_mask(path) -> np.ndarray:
   """Reads one mask as uint8 {0, 1} (101, 101); raises DataError on problems."""
   path = os.fspath(path)
-  mask, issues = _load_checked(path, "mask")
+  mask, issues = png_files.load_checked(path, "mask")
   if issues:
     lines = [f"{path} {issue}" for issue in issues]
     raise DataError("\n".join(lines), lines)
@@ -258,11 +94,11 @@ def read_mask(path) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------
-# CSV files and directory listings.
+# CSV files.
 
 
 def _read_csv(
-    data_dir: str, name: str, columns: list[str] | None, problems: _Problems
+    data_dir: str, name: str, columns: list[str] | None, problems: problems_lib.Problems
 ) -> pd.DataFrame | None:
   """Reads a CSV as strings; None (with a problem) when unusable."""
   path = os.path.join(data_dir, name)
@@ -295,7 +131,7 @@ def _read_csv(
   return frame
 
 
-def _check_ids(name: str, ids: Sequence[str], problems: _Problems) -> None:
+def _check_ids(name: str, ids: Sequence[str], problems: problems_lib.Problems) -> None:
   """Reports empty and duplicated ids, naming their CSV line numbers."""
   lines_by_id: dict[str, list[int]] = collections.defaultdict(list)
   for row, id_ in enumerate(ids):
@@ -315,193 +151,7 @@ def _short(items: Iterable, limit: int = 5) -> str:
   return text + (f", ... ({len(items)} in all)" if len(items) > limit else "")
 
 
-def _png_stems(directory: str) -> set[str]:
-  with os.scandir(directory) as entries:
-    return {e.name[:-4] for e in entries if e.name.endswith(".png") and e.is_file()}
-
-
-# ---------------------------------------------------------------------------
-# Where the PNGs of one part (train or test) come from: an unpacked folder or
-# the zip Kaggle serves.
-
-
-class _PngSource:
-  """The PNGs of one part, by sub-folder ('images', 'masks') and id."""
-
-  def stems(self, sub: str) -> set[str]:
-    """The ids that have a PNG in `sub`."""
-    raise NotImplementedError
-
-  def name(self, sub: str, stem: str) -> str:
-    """How problems name the PNG of `stem` in `sub` (present or not)."""
-    raise NotImplementedError
-
-  def where(self, sub: str) -> str:
-    """How problems name the folder `sub` itself."""
-    raise NotImplementedError
-
-  def read(self, sub: str, stem: str) -> bytes:
-    """The PNG's bytes; raises OSError when they cannot be read."""
-    raise NotImplementedError
-
-  def close(self) -> None:
-    pass
-
-
-class _FolderSource(_PngSource):
-  """<data_dir>/<part>/<sub>/<id>.png, named relative to data_dir."""
-
-  def __init__(self, data_dir: str, part: str):
-    self._data_dir = data_dir
-    self._part = part
-
-  def stems(self, sub):
-    return _png_stems(os.path.join(self._data_dir, self._part, sub))
-
-  def name(self, sub, stem):
-    return f"{self._part}/{sub}/{stem}.png"
-
-  def where(self, sub):
-    return f"{self._part}/{sub}"
-
-  def read(self, sub, stem):
-    path = os.path.join(self._data_dir, self._part, sub, f"{stem}.png")
-    with open(path, "rb") as f:
-      return f.read()
-
-
-# Archivers add these beside the real members; they are never data.
-def _is_junk_member(name: str) -> bool:
-  return name.startswith("__MACOSX/") or os.path.basename(name).startswith("._")
-
-
-class _ZipSource(_PngSource):
-  """<part>.zip members <prefix><sub>/<id>.png, named '<part>.zip:<member>'."""
-
-  def __init__(
-      self, archive: zipfile.ZipFile, label: str, prefix: str, members: dict[str, dict[str, str]]
-  ):
-    self._archive = archive
-    self._label = label  # e.g. "train.zip"
-    self._prefix = prefix  # "" or e.g. "train/"
-    self._members = members  # sub -> stem -> member name
-    # One archive handle shared by the decoding threads: reads (seek, read,
-    # inflate) go one at a time, while the PNG decoding still overlaps.
-    self._lock = threading.Lock()
-
-  def stems(self, sub):
-    return set(self._members.get(sub, {}))
-
-  def name(self, sub, stem):
-    member = self._members.get(sub, {}).get(stem, f"{self._prefix}{sub}/{stem}.png")
-    return f"{self._label}:{member}"
-
-  def where(self, sub):
-    return f"{self._label}:{self._prefix}{sub}/"
-
-  def read(self, sub, stem):
-    member = self._members[sub][stem]
-    try:
-      with self._lock:
-        return self._archive.read(member)
-    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as e:
-      # A corrupt member (bad CRC, cut-off data), an unsupported compression
-      # method or encryption: say why, naming the member like any bad PNG.
-      raise OSError(f"{type(e).__name__}: {e}") from e
-
-  def close(self):
-    self._archive.close()
-
-
-def _open_zip(
-    data_dir: str, part: str, subdirs: Sequence[str], problems: _Problems
-) -> _ZipSource | None:
-  """Opens <part>.zip and finds its sub-folders; None (with a problem) if bad."""
-  label = f"{part}.zip"
-  path = os.path.join(data_dir, label)
-  holds = " and ".join(f"{s}/" for s in subdirs)
-  unpack_hint = (
-      f"re-download it, or unzip a good copy (holding {holds}) into"
-      f" {os.path.join(data_dir, part)}"
-  )
-  try:
-    archive = zipfile.ZipFile(path)
-  except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError) as e:
-    detail = getattr(e, "strerror", None) or e
-    problems.add("bad zip files", f"{label} is not a readable zip file ({detail}); {unpack_hint}")
-    return None
-  # prefix -> sub -> stem -> member.  Kaggle's archives put the folders at the
-  # top, but re-zipped copies often nest them under '<part>/'; look anywhere.
-  found: dict[str, dict[str, dict[str, str]]] = {}
-  for info in archive.infolist():
-    name = info.filename
-    if info.is_dir() or not name.endswith(".png") or _is_junk_member(name):
-      continue
-    parts = name.split("/")
-    if len(parts) < 2 or parts[-2] not in subdirs:
-      continue
-    prefix = "".join(f"{p}/" for p in parts[:-2])
-    found.setdefault(prefix, {}).setdefault(parts[-2], {})[parts[-1][:-4]] = name
-  complete = sorted(p for p, subs in found.items() if all(s in subs for s in subdirs))
-  if len(complete) == 1:
-    prefix = complete[0]
-    return _ZipSource(archive, label, prefix, found[prefix])
-  archive.close()
-  if complete:
-    shown = ", ".join(repr(p or "(top)") for p in complete)
-    problems.add(
-        "bad zip files",
-        f"{label} holds {holds} in more than one folder ({shown});"
-        f" keep one copy, or unzip the one you mean into"
-        f" {os.path.join(data_dir, part)}",
-    )
-  else:
-    seen = sorted({f"{p}{s}/" for p, subs in found.items() for s in subs})
-    what = f"only {', '.join(seen)}" if seen else "no such folders of PNGs"
-    problems.add(
-        "bad zip files",
-        f"{label} should hold {holds} with <id>.png files but has" f" {what}; {unpack_hint}",
-    )
-  return None
-
-
-def _open_sources(
-    data_dir: str, check_test: bool, problems: _Problems
-) -> tuple[dict[str, bool], dict[str, _PngSource | None]]:
-  """Reports missing files and opens the PNG sources of each part.
-
-  Returns:
-    Which CSV files exist, and the source of each part ('train', and 'test'
-    when check_test) or None where it is missing (already reported).
-  """
-  present = {}
-  for name in ("train.csv", "depths.csv"):
-    present[name] = os.path.isfile(os.path.join(data_dir, name))
-    if not present[name]:
-      problems.add("missing files", f"{name} is missing from {data_dir}")
-  parts = [("train", ("images", "masks"))]
-  if check_test:
-    parts.append(("test", ("images",)))
-  sources: dict[str, _PngSource | None] = {}
-  for part, subdirs in parts:
-    have = {s: os.path.isdir(os.path.join(data_dir, part, s)) for s in subdirs}
-    if all(have.values()):
-      sources[part] = _FolderSource(data_dir, part)
-    elif os.path.isfile(os.path.join(data_dir, f"{part}.zip")):
-      sources[part] = _open_zip(data_dir, part, subdirs, problems)
-    else:
-      sources[part] = None
-      for sub in subdirs:
-        if not have[sub]:
-          problems.add(
-              "missing files",
-              f"directory {part}/{sub} is missing from {data_dir}"
-              f" (and there is no {part}.zip to read instead)",
-          )
-  return present, sources
-
-
-def _parse_depths(frame: pd.DataFrame, problems: _Problems) -> dict[str, int | None]:
+def _parse_depths(frame: pd.DataFrame, problems: problems_lib.Problems) -> dict[str, int | None]:
   """Depth per id; None where z is not an integer (reported once, here)."""
   depths = {}
   for id_, z in zip(frame["id"], frame["z"]):
@@ -524,15 +174,22 @@ def _parse_depths(frame: pd.DataFrame, problems: _Problems) -> dict[str, int | N
 # The whole directory.
 
 
-def _scan(data_dir, with_test: bool) -> tuple[_Problems, SaltData | None]:
+def _scan(data_dir, with_test: bool) -> tuple[problems_lib.Problems, SaltData | None]:
   """Checks everything, decoding each PNG once; data is None on problems."""
-  problems = _Problems()
+  problems = problems_lib.Problems()
   data_dir = os.fspath(data_dir)
   if not os.path.isdir(data_dir):
     what = "is not a directory" if os.path.exists(data_dir) else "does not exist"
     problems.add("missing files", f"data_dir {data_dir} {what}")
     return problems, None
-  present, sources = _open_sources(data_dir, with_test, problems)
+  present = {}
+  for name in ("train.csv", "depths.csv"):
+    present[name] = os.path.isfile(os.path.join(data_dir, name))
+    if not present[name]:
+      problems.add("missing files", f"{name} is missing from {data_dir}")
+  sources = {"train": png_sources.open_part(data_dir, "train", ("images", "masks"), problems)}
+  if with_test:
+    sources["test"] = png_sources.open_part(data_dir, "test", ("images",), problems)
   try:
     data = _scan_sources(data_dir, present, sources, problems)
   finally:
@@ -545,8 +202,8 @@ def _scan(data_dir, with_test: bool) -> tuple[_Problems, SaltData | None]:
 def _scan_sources(
     data_dir: str,
     present: dict[str, bool],
-    sources: dict[str, _PngSource | None],
-    problems: _Problems,
+    sources: dict[str, png_sources.PngSource | None],
+    problems: problems_lib.Problems,
 ) -> SaltData | None:
   """The body of `_scan`, once the PNG sources are open."""
   train_ids: list[str] | None = None
@@ -583,7 +240,7 @@ def _scan_sources(
       entries.append((train_source, sub, train_ids[row], kind))
   for id_ in test_present:
     entries.append((test_source, "images", id_, "image"))
-  loaded = _load_many(entries)
+  loaded = png_sources.load_many(entries)
   for (source, sub, stem, _), (_, issues) in zip(entries, loaded):
     for issue in issues:
       problems.add("bad PNG files", f"{source.name(sub, stem)} {issue}")
@@ -607,7 +264,7 @@ def _scan_sources(
 
 
 def _read_train_csv(
-    data_dir: str, problems: _Problems
+    data_dir: str, problems: problems_lib.Problems
 ) -> tuple[list[str] | None, dict[str, np.ndarray | None]]:
   """train.csv's ids (None when it cannot be read) and each id's decoded RLE."""
   train_ids: list[str] | None = None
@@ -629,7 +286,9 @@ def _read_train_csv(
   return train_ids, rle_masks
 
 
-def _train_rows(train_ids: list[str], train_source: _PngSource, problems: _Problems) -> list[int]:
+def _train_rows(
+    train_ids: list[str], train_source: png_sources.PngSource, problems: problems_lib.Problems
+) -> list[int]:
   """Rows of train ids whose image and mask both exist, in train.csv order.
 
   Ids without both, and PNGs without a row, are reported.
@@ -656,7 +315,7 @@ def _train_rows(train_ids: list[str], train_source: _PngSource, problems: _Probl
 
 
 def _test_ids(
-    data_dir: str, test_source: _PngSource, problems: _Problems
+    data_dir: str, test_source: png_sources.PngSource, problems: problems_lib.Problems
 ) -> tuple[list[str], list[str]]:
   """The test ids (sample_submission.csv's, else the test PNGs'), and those with a PNG."""
   test_ids: list[str] = []
@@ -690,7 +349,7 @@ def _check_shared_ids(
     train_ids: list[str],
     test_ids: list[str],
     depths: dict[str, int | None] | None,
-    problems: _Problems,
+    problems: problems_lib.Problems,
 ) -> None:
   """No id both train and test; every id has a depth (when depths.csv was read)."""
   both = sorted(set(train_ids) & set(test_ids) - {""})
@@ -712,8 +371,8 @@ def _train_arrays(
     ids: list[str],
     loaded: list,
     rle_masks: dict[str, np.ndarray | None],
-    train_source: _PngSource,
-    problems: _Problems,
+    train_source: png_sources.PngSource,
+    problems: problems_lib.Problems,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
   """The decoded train images and masks by id (`loaded` holds an image, then its
   mask, for each id); each mask is checked against its RLE."""
@@ -789,19 +448,9 @@ def read_test_images(data_dir) -> SaltData:
   when that file is there, else sorted by id; train files are not needed.
   Every problem is reported at once, as `read_layout` does.
   """
-  problems = _Problems()
+  problems = problems_lib.Problems()
   data_dir = os.fspath(data_dir)
-  source = None
-  if os.path.isdir(os.path.join(data_dir, "test", "images")):
-    source = _FolderSource(data_dir, "test")
-  elif os.path.isfile(os.path.join(data_dir, "test.zip")):
-    source = _open_zip(data_dir, "test", ("images",), problems)
-  else:
-    problems.add(
-        "missing files",
-        f"directory test/images is missing from {data_dir}"
-        " (and there is no test.zip to read instead)",
-    )
+  source = png_sources.open_part(data_dir, "test", ("images",), problems)
   test_ids: list[str] = []
   loaded = []
   try:
@@ -822,7 +471,7 @@ def read_test_images(data_dir) -> SaltData:
       if not test_ids:
         problems.add("missing files", f"{source.where('images')} has no test images")
       entries = [(source, "images", i, "image") for i in test_ids if i in stems]
-      loaded = _load_many(entries)
+      loaded = png_sources.load_many(entries)
       for (src, sub, stem, _), (_, issues) in zip(entries, loaded):
         for issue in issues:
           problems.add("bad PNG files", f"{src.name(sub, stem)} {issue}")

@@ -31,7 +31,7 @@ from saltjax.model import tta
 from saltjax import metrics
 from saltjax.model import unet
 from saltjax import parallel
-from saltjax import plots
+from saltjax import prediction_plots
 from saltjax.data import rle
 from saltjax.inference import submission as submission_lib
 from saltjax import workdir as workdir_lib
@@ -253,7 +253,7 @@ def write_outputs(
       workdir / workdir_lib.SUBMISSION_CSV, test_data.test_ids, test_masks
   )
   workdir_lib.write_json(scores, workdir / workdir_lib.SCORES_JSON)
-  plots.write_prediction_plots(workdir, data, oof_ids, oof_probs, oof_masks, scores)
+  prediction_plots.write_prediction_plots(workdir, data, oof_ids, oof_probs, oof_masks, scores)
 
 
 def _fold_record(workdir, fold, oof_score, models_used) -> dict:

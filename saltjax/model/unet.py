@@ -163,6 +163,24 @@ class UNet(nn.Module):
       return (x - mean) / std
     raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels}.")
 
+  def _decode(self, features: Sequence[Array], train: bool) -> list[Array]:
+    """Each decoder block's output, coarsest first (the last is the finest)."""
+    # Deepest map first; skips are the shallower maps, the last block has none.
+    y = features[-1]
+    skips = list(reversed(features[:-1])) + [None]
+    block_outputs = []
+    for i, (channels, skip) in enumerate(zip(self.decoder_channels, skips)):
+      y = DecoderBlock(
+          features=channels,
+          scse=self.scse_decoder,
+          scse_reduction=self.scse_reduction,
+          upsample=self.upsample,
+          dtype=self.dtype,
+          name=f"decoder_{i}",
+      )(y, skip, train=train)
+      block_outputs.append(y)
+    return block_outputs
+
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> dict[str, Any]:
     height, width = x.shape[1], x.shape[2]
@@ -185,20 +203,8 @@ class UNet(nn.Module):
         name="encoder",
     )(x, train=train)
 
-    # Deepest map first; skips are the shallower maps, the last block has none.
-    y = features[-1]
-    skips = list(reversed(features[:-1])) + [None]
-    block_outputs = []
-    for i, (channels, skip) in enumerate(zip(self.decoder_channels, skips)):
-      y = DecoderBlock(
-          features=channels,
-          scse=self.scse_decoder,
-          scse_reduction=self.scse_reduction,
-          upsample=self.upsample,
-          dtype=self.dtype,
-          name=f"decoder_{i}",
-      )(y, skip, train=train)
-      block_outputs.append(y)
+    block_outputs = self._decode(features, train)
+    y = block_outputs[-1]
 
     head_in = y
     if self.hypercolumn:
