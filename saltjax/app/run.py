@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 
 from saltjax.app import config_checks
+from saltjax.app import host_loss
 from saltjax import errors
 from saltjax import workdir as workdir_lib
 
@@ -173,13 +174,14 @@ def _tensorflow_installed() -> bool:
 
 def main(config, workdir: str | None, config_file: str | None = None) -> int:
   set_up_process()
+  workdir = workdir or default_workdir(config_file)
   if config.get("distributed", False):
+    host_loss.set_workdir(workdir)  # named when a process is lost
     try:
-      initialize_distributed()
+      initialize_distributed(config)
     except errors.ConfigError as e:
       print(f"error: {e}", file=sys.stderr)
       return 1
-  workdir = workdir or default_workdir(config_file)
   if "://" in workdir:
     # pathlib would quietly turn gs://b/x into a local folder gs:/b/x.
     print(
@@ -210,10 +212,14 @@ def main(config, workdir: str | None, config_file: str | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return e.exit_code
   except errors.SaltjaxError as e:
+    host_loss.hold_if_lost(e)
     if os.environ.get("SALTJAX_DEBUG"):
       raise
     print(f"error: {e}", file=sys.stderr)
     return 1
+  except Exception as e:
+    host_loss.hold_if_lost(e)  # a lost process of the job ends this one: exit 75, one line
+    raise
   finally:
     signal.signal(signal.SIGTERM, previous)
   if "oof_score" in scores:
@@ -224,17 +230,20 @@ def main(config, workdir: str | None, config_file: str | None = None) -> int:
   return 0
 
 
-def initialize_distributed() -> None:
+def initialize_distributed(config) -> None:
   """Joins this process to its multi-host job (`config.distributed=True`).
 
   `jax.distributed.initialize()` finds the job by itself on a Cloud TPU VM
   and under SLURM (SLURM_JOB_ID, SLURM_PROCID, SLURM_NTASKS, ...: every
   task of `srun` gets them); elsewhere JAX_COORDINATOR_ADDRESS (process 0's
   host:port), JAX_NUM_PROCESSES and JAX_PROCESS_ID say it. On CPU the
-  processes' collectives go through gloo.
+  processes' collectives go through gloo. A process lost later, or one that
+  never joins, ends the others with exit status 75 (saltjax.app.host_loss).
   """
   try:
-    jax.distributed.initialize()
+    host_loss.initialize(config)
+  except errors.ConfigError:
+    raise  # a bad timeout
   except (ValueError, RuntimeError) as e:
     raise errors.ConfigError(
         f"config.distributed=True, but this process could not join its job ({e})."
