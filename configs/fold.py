@@ -167,6 +167,12 @@ def _process(config: ml_collections.ConfigDict) -> None:
   # A multi-host job (TPU pod slice, SLURM cluster): every process calls
   # jax.distributed.initialize() and the mesh spans every host's devices.
   config.distributed = False
+  # When a process of such a job is lost (or the coordinator, process 0), the
+  # others stop within this many seconds + ~30 s, with exit status 75 (retry)
+  # and one line naming it (docs/faults.md); JAX's default is 100.
+  config.distributed_heartbeat_timeout_seconds = 100
+  # How long the processes wait for every one of them to join; then exit 75.
+  config.distributed_initialization_timeout_seconds = 300
   # JAX's persistent compilation cache: later folds and runs skip compiling.
   config.compilation_cache = "~/.cache/saltjax/jax_cache"
 

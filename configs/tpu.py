@@ -32,6 +32,10 @@ written by all hosts together): a gcsfuse mount of a bucket
 saltjax handles the workdir as a local path, so pass the mount point rather
 than a gs:// URL. Without --config.data_dir every host generates the same
 embedded synthetic dataset (a smoke test of the set-up).
+
+A host lost mid-run (or one that never joins) ends the others with one line
+and exit status 75, for a retry: the same command on every host resumes from
+the last complete resume point (docs/faults.md: the timeouts to set).
 """
 
 import math

@@ -382,6 +382,13 @@ def _steps_on_disk(directory: pathlib.Path) -> list[int]:
   return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
 
 
+def last_complete_epoch(fold_dir: pathlib.Path) -> int | None:
+  """The epoch of a fold's last complete resume point, from directory names alone:
+  no orbax, so safe in a process about to end (saltjax.app.host_loss)."""
+  steps = _steps_on_disk(pathlib.Path(fold_dir) / "latest")
+  return steps[-1] if steps else None
+
+
 def resume_point(fold_dir: pathlib.Path) -> tuple[int, dict] | None:
   """(epoch, meta) of a fold's complete resume point (`latest`), or None.
 

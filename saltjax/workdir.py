@@ -84,6 +84,9 @@ def describe_os_error(e: OSError, path) -> str:
   return f"cannot write {path}: {e.strerror or e}"
 
 
+_TEMP_NAME = ".{name}.tmp-{pid}"
+
+
 def write_atomic(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> None:
   """`write(tmp)` under a hidden temporary name, then a rename into place.
 
@@ -92,7 +95,7 @@ def write_atomic(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> N
   becomes a WorkdirError naming the path.
   """
   path = pathlib.Path(path)
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  tmp = path.with_name(_TEMP_NAME.format(name=path.name, pid=os.getpid()))
   try:
     write(tmp)
     os.replace(tmp, path)
@@ -101,6 +104,17 @@ def write_atomic(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> N
   finally:
     with contextlib.suppress(OSError):
       tmp.unlink()
+
+
+def remove_temp_files(directory: pathlib.Path, pid: int) -> list[pathlib.Path]:
+  """Deletes the temporary files of process `pid`'s writes under `directory`:
+  those of a write cut short by the process's end (saltjax.app.host_loss)."""
+  removed = []
+  for tmp in pathlib.Path(directory).rglob(_TEMP_NAME.format(name="*", pid=pid)):
+    with contextlib.suppress(OSError):
+      tmp.unlink()
+      removed.append(tmp)
+  return removed
 
 
 def write_text(text: str, path: pathlib.Path) -> None:

@@ -446,6 +446,7 @@ SHARED_UNITS = {
     "test_predict": "trained_job",
 }
 HEAVY_UNITS = (
+    "test_host_loss",  # ~430 s, six two-process jobs (two of them 20 s waits)
     "reference",  # test_reliability + test_checkpoints, ~175 s
     "test_multihost",  # ~115 s, two processes at a time
     "trained_job",  # test_end_to_end + test_predict, ~100 s

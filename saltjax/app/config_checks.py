@@ -31,6 +31,8 @@ _FREE_KEYS = (
     "predict",
     "compilation_cache",
     "distributed",
+    "distributed_heartbeat_timeout_seconds",
+    "distributed_initialization_timeout_seconds",
     "eval_batch_size",
     "parallel_folds",
     "checkpoint_every_seconds",

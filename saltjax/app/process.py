@@ -146,17 +146,22 @@ def _quiet_closed_event_loops(hook):
   return quiet
 
 
-def initialize_distributed() -> None:
+def initialize_distributed(config) -> None:
   """Joins this process to its multi-host job (`config.distributed=True`).
 
   `jax.distributed.initialize()` finds the job by itself on a Cloud TPU VM
   and under SLURM (SLURM_JOB_ID, SLURM_PROCID, SLURM_NTASKS, ...: every
   task of `srun` gets them); elsewhere JAX_COORDINATOR_ADDRESS (process 0's
   host:port), JAX_NUM_PROCESSES and JAX_PROCESS_ID say it. On CPU the
-  processes' collectives go through gloo.
+  processes' collectives go through gloo. A process lost later, or one that
+  never joins, ends the others with exit status 75 (saltjax.app.host_loss).
   """
+  from saltjax.app import host_loss
+
   try:
-    jax.distributed.initialize()
+    host_loss.initialize(config)
+  except errors.ConfigError:
+    raise  # a bad timeout
   except (ValueError, RuntimeError) as e:
     raise errors.ConfigError(
         f"config.distributed=True, but this process could not join its job ({e})."

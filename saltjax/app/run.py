@@ -26,6 +26,7 @@ import numpy as np
 from saltjax.app import config_checks
 from saltjax.app import job as job_lib
 from saltjax.app import process
+from saltjax.app import host_loss
 from saltjax import errors
 from saltjax import workdir as workdir_lib
 
@@ -37,13 +38,14 @@ def default_workdir(config_file: str | None) -> str:
 
 def main(config, workdir: str | None, config_file: str | None = None) -> int:
   process.set_up_process()
+  workdir = workdir or default_workdir(config_file)
   if config.get("distributed", False):
+    host_loss.set_workdir(workdir)  # named when a process is lost
     try:
-      process.initialize_distributed()
+      process.initialize_distributed(config)
     except errors.ConfigError as e:
       print(f"error: {e}", file=sys.stderr)
       return 1
-  workdir = workdir or default_workdir(config_file)
   if "://" in workdir:
     # pathlib would quietly turn gs://b/x into a local folder gs:/b/x.
     print(
@@ -74,10 +76,14 @@ def main(config, workdir: str | None, config_file: str | None = None) -> int:
       print(f"error: {e}", file=sys.stderr)
       return e.exit_code
     except errors.SaltjaxError as e:
+      host_loss.hold_if_lost(e)
       if os.environ.get("SALTJAX_DEBUG"):
         raise
       print(f"error: {e}", file=sys.stderr)
       return 1
+    except Exception as e:
+      host_loss.hold_if_lost(e)  # a lost process of the job ends this one: exit 75, one line
+      raise
   if "oof_score" in scores:
     print(
         f"OOF score {scores['oof_score']:.4f} at threshold {scores['threshold']:.2f};"

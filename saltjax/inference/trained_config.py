@@ -25,6 +25,8 @@ _PREDICTION_KEYS = (
     "progress",
     "compilation_cache",
     "distributed",
+    "distributed_heartbeat_timeout_seconds",
+    "distributed_initialization_timeout_seconds",
     "data_dir",
     "segment",
 )

@@ -594,7 +594,7 @@ def test_a_pod_job_through_main_py_resumes_and_finishes_once(pod_job, prepared_d
       i: {
           pathlib.Path(p).relative_to(workdir).as_posix()
           for j, p in writes
-          if j == i and pathlib.Path(p).is_relative_to(workdir)
+          if j == i and pathlib.Path(p).is_relative_to(workdir)  # not the compile cache's record
       }
       for i in range(NUM_PROCESSES)
   }

@@ -1,0 +1,391 @@
+"""A pod job that loses a host stops everywhere in one line, exit 75, and resumes exactly.
+
+Two processes of `python main.py --config=configs/tpu.py` at tiny sizes, as
+tests/app/test_multihost.py's pod job runs them (SLURM's environment, gloo
+CPU collectives), with small timeouts: heartbeat 10 s, initialization 20 s.
+
+- Process 1 kills itself with SIGKILL in epoch 3, past the first resume
+  points: process 0 exits 75 within the heartbeat timeout + 30 s, with one
+  line naming process 1, the resume point on disk and the command; no
+  traceback, no C++ frames, no temporary file left. The same two commands
+  then finish the job with the scores of a job never interrupted (the
+  reference, run first: it compiles what the others load).
+- Process 0, the coordinator, kills itself in epoch 2: process 1 does the same.
+- A job whose process 1 (or 0) never starts: the other gives up after the
+  initialization timeout, naming the missing process and the coordinator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from tests.app.test_multihost import NUM_PROCESSES, REPO, _pod_args, _slurm_job_id
+
+HEARTBEAT_S, INITIALIZATION_S = 10, 20
+STOP_WITHIN_S = HEARTBEAT_S + 30
+RUN_TIMEOUT_S = 1200
+
+# main.py; where KILL_AT says so, SIGKILL to this process when that epoch's
+# batch (0-based epoch, batch) is handed to the train step; the time when it
+# starts to join the job.
+_HOOK = """
+import os, runpy, signal, sys, time
+
+def mark(path):
+  with open(path + ".tmp", "w") as f:
+    f.write(repr(time.time()))
+  os.replace(path + ".tmp", path)
+
+if os.environ.get("KILL_AT"):
+  from saltjax.input_pipeline import tfdata
+  at = tuple(map(int, os.environ["KILL_AT"].split(",")))
+  original = tfdata.epoch_iterator
+
+  def epoch_iterator(for_epoch, epoch, skip_batches=0):
+    for i, batch in enumerate(original(for_epoch, epoch, skip_batches)):
+      if (epoch, i) == at:
+        # Once the resume points named in KILL_AFTER are complete (orbax
+        # writes them in the background), so that every fold resumes from one
+        # epoch: folds resumed from different ones train apart, which moves
+        # the float rounding of the fold axis (docs/faults.md).
+        deadline = time.time() + 120
+        wanted = [p for p in os.environ.get("KILL_AFTER", "").split(",") if p]
+        while time.time() < deadline and not all(map(os.path.isdir, wanted)):
+          time.sleep(0.1)
+        mark(os.environ["KILLED"])
+        os.kill(os.getpid(), signal.SIGKILL)
+      yield batch
+
+  tfdata.epoch_iterator = epoch_iterator
+import jax
+initialize = jax.distributed.initialize
+
+def timed_initialize(*args, **kwargs):
+  mark(os.environ["JOINING"])
+  return initialize(*args, **kwargs)
+
+jax.distributed.initialize = timed_initialize
+sys.argv[0] = "main.py"
+runpy.run_path("main.py", run_name="__main__")
+"""
+
+
+def _args(workdir, data_cache, compile_cache) -> list[str]:
+  return [
+      *_pod_args(workdir, data_cache, compile_cache),
+      "--config.checkpoint_every_seconds=0",  # a resume point every epoch
+      f"--config.distributed_heartbeat_timeout_seconds={HEARTBEAT_S}",
+      f"--config.distributed_initialization_timeout_seconds={INITIALIZATION_S}",
+  ]
+
+
+def _run(
+    args, out: pathlib.Path, kill: tuple[int, str] | None = None, kill_after=(), start=(0, 1)
+) -> dict:
+  """The processes `start` of one two-process job.
+
+  kill: (process, "epoch,batch") to SIGKILL, once the directories
+  `kill_after` exist.
+  """
+  out.mkdir(parents=True, exist_ok=True)
+  job, procs, logs = _slurm_job_id(), {}, {}
+  for i in start:
+    env = dict(os.environ)
+    env.pop("JAX_NUM_CPU_DEVICES", None)
+    env.pop("JAX_COORDINATOR_ADDRESS", None)
+    env.update(
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=str(REPO),
+        TF_CPP_MIN_LOG_LEVEL="2",
+        SLURM_JOB_ID=str(job),
+        SLURM_STEP_NODELIST="127.0.0.1",
+        SLURM_STEP_NUM_NODES="1",
+        SLURM_NTASKS=str(NUM_PROCESSES),
+        SLURM_PROCID=str(i),
+        SLURM_LOCALID=str(i),
+        SLURM_NODEID="0",
+        KILLED=str(out / "killed"),
+        JOINING=str(out / f"joining_{i}"),
+    )
+    if kill is not None and kill[0] == i:
+      env["KILL_AT"], env["KILL_AFTER"] = kill[1], ",".join(map(str, kill_after))
+    logs[i] = open(out / f"process_{i}.log", "w")
+    procs[i] = subprocess.Popen(
+        [sys.executable, "-c", _HOOK, *args],
+        cwd=REPO,
+        env=env,
+        stdout=logs[i],
+        stderr=subprocess.STDOUT,
+    )
+  deadline, ended = time.time() + RUN_TIMEOUT_S, {}
+  killed = out / "killed"
+  try:
+    while len(ended) < len(procs) and time.time() < deadline:
+      for i, p in procs.items():
+        if i not in ended and p.poll() is not None:
+          ended[i] = time.time()
+      if killed.exists() and time.time() - float(killed.read_text()) > STOP_WITHIN_S + 60:
+        break  # the survivors hang: the fault this tests
+      time.sleep(0.2)
+  finally:
+    for p in procs.values():
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+    for f in logs.values():
+      f.close()
+  joining = {i: out / f"joining_{i}" for i in start}
+  return {
+      "rc": {i: p.returncode for i, p in procs.items()},
+      "ended": ended,
+      "logs": {i: (out / f"process_{i}.log").read_text() for i in start},
+      "killed_at": float(killed.read_text()) if killed.exists() else None,
+      "joining": {i: float(p.read_text()) for i, p in joining.items() if p.exists()},
+  }
+
+
+def _tails(run) -> str:
+  return "".join(
+      f"\n--- process {i} (exit {run['rc'][i]}) ---\n{log[-3000:]}"
+      for i, log in run["logs"].items()
+  )
+
+
+def _error_lines(log: str) -> list[str]:
+  return [line for line in log.splitlines() if line.startswith("error: ")]
+
+
+def _disk_resume_point(workdir: pathlib.Path) -> dict[int, int]:
+  return {
+      k: max(
+          (int(p.name) for p in (workdir / f"fold_{k}" / "latest").iterdir() if p.name.isdigit()),
+          default=0,
+      )
+      for k in (0, 1)
+  }
+
+
+def _leftovers(workdir: pathlib.Path) -> list[str]:
+  """Temporary files of an interrupted write (ours, or orbax's unfinished saves)."""
+  return sorted(
+      str(p.relative_to(workdir))
+      for p in workdir.rglob("*")
+      if ".tmp-" in p.name or "orbax-checkpoint-tmp" in p.name
+  )
+
+
+def _assert_clean_stop(log: str) -> None:
+  for junk in ("Traceback", "Check failure stack trace", "terminate called", "core dumped"):
+    assert junk not in log, junk
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory, prepared_data, data_cache, compile_cache):
+  """The reference job, then a job whose process 1 is killed (and resumed)."""
+  root = tmp_path_factory.mktemp("host_loss")
+  # While the reference compiles, two jobs that never gather wait out their
+  # initialization timeout: one without process 1, one without process 0.
+  never = {}
+  import threading
+
+  def never_joined(missing):
+    started = [i for i in range(NUM_PROCESSES) if i != missing]
+    never[missing] = _run(
+        _args(root / f"never_{missing}", data_cache, compile_cache),
+        root / f"never_{missing}_out",
+        start=started,
+    )
+
+  waiting = [threading.Thread(target=never_joined, args=(m,)) for m in (1, 0)]
+  for t in waiting:
+    t.start()
+  reference = _run(_args(root / "reference", data_cache, compile_cache), root / "reference_out")
+  for t in waiting:
+    t.join()
+  assert reference["rc"] == {0: 0, 1: 0}, _tails(reference)
+
+  workdir = root / "run"
+  args = _args(workdir, data_cache, compile_cache)
+  killed = _run(
+      args,
+      root / "killed_out",
+      kill=(1, "2,1"),
+      kill_after=[workdir / f"fold_{k}" / "latest" / "2" for k in (0, 1)],
+  )
+  at_kill = {"resume_point": _disk_resume_point(workdir), "leftovers": _leftovers(workdir)}
+  resumed = _run(args, root / "resumed_out") if killed["rc"].get(0) == 75 else None
+  return {
+      "root": root,
+      "reference": root / "reference",
+      "never": never,
+      "workdir": workdir,
+      "killed": killed,
+      "at_kill": at_kill,
+      "resumed": resumed,
+  }
+
+
+def test_a_lost_host_stops_the_others_in_one_line_with_exit_75(jobs):
+  killed, workdir = jobs["killed"], jobs["workdir"]
+  assert killed["killed_at"] is not None, "the kill never came" + _tails(killed)
+  assert killed["rc"] == {0: 75, 1: -9}, _tails(killed)
+  took = killed["ended"][0] - killed["killed_at"]
+  print(f"process 0 stopped {took:.1f} s after process 1 was killed")
+  assert took < STOP_WITHIN_S, f"process 0 stopped {took:.0f} s after the kill" + _tails(killed)
+  log = killed["logs"][0]
+  _assert_clean_stop(log)
+  [line] = _error_lines(log)
+  assert line.startswith("error: lost process 1 (host "), line
+  assert "of this 2-process job" in line
+  # Past the first resume point: the one on disk, named.
+  point = jobs["at_kill"]["resume_point"]
+  assert point == {0: 2, 1: 2}, point
+  assert f"in {workdir}: fold 0 epoch {point[0]}, fold 1 epoch {point[1]};" in line, line
+  assert "start every process again with the same command to resume: python main.py" in line
+  assert "--config=configs/tpu.py" in line and f"--workdir={workdir}" in line
+  assert line.endswith("(exit status 75: a temporary failure, retry)")
+  assert not [f for f in jobs["at_kill"]["leftovers"] if ".tmp-" in f], jobs["at_kill"]
+
+
+def test_the_same_commands_resume_to_the_uninterrupted_scores(jobs):
+  from tests.conftest import _without_seconds
+
+  resumed, workdir, reference = jobs["resumed"], jobs["workdir"], jobs["reference"]
+  assert resumed is not None, "the job did not stop as it should"
+  assert resumed["rc"] == {0: 0, 1: 0}, _tails(resumed)
+  point = jobs["at_kill"]["resume_point"]
+  for log in resumed["logs"].values():
+    for k in (0, 1):
+      assert f"Fold {k}: resumed from epoch {point[k]}." in log
+  for name in ("scores.json", "submission.csv", "oof.csv"):
+    assert (workdir / name).read_bytes() == (reference / name).read_bytes(), name
+  for k in (0, 1):
+    done = json.loads((workdir / f"fold_{k}" / "done.json").read_text())
+    expected = json.loads((reference / f"fold_{k}" / "done.json").read_text())
+    assert _without_seconds(done) == _without_seconds(expected)
+  assert json.loads((workdir / "scores.json").read_text())["oof_score"] >= 0
+  sub = pd.read_csv(workdir / "submission.csv", dtype=str, keep_default_na=False)
+  assert len(sub) > 0
+  # What the kill left unfinished is gone.
+  assert _leftovers(workdir) == []
+
+
+@pytest.fixture(scope="module")
+def coordinator_killed(jobs, data_cache, compile_cache):
+  root = jobs["root"]
+  return _run(
+      _args(root / "coordinator", data_cache, compile_cache),
+      root / "coordinator_out",
+      kill=(0, "1,1"),
+  )
+
+
+def test_a_lost_coordinator_stops_the_others_in_one_line_with_exit_75(coordinator_killed):
+  run = coordinator_killed
+  assert run["killed_at"] is not None, "the kill never came" + _tails(run)
+  assert run["rc"] == {0: -9, 1: 75}, _tails(run)
+  took = run["ended"][1] - run["killed_at"]
+  print(f"process 1 stopped {took:.1f} s after process 0 was killed")
+  assert took < STOP_WITHIN_S, f"process 1 stopped {took:.0f} s after the kill" + _tails(run)
+  log = run["logs"][1]
+  _assert_clean_stop(log)
+  [line] = _error_lines(log)
+  assert line.startswith("error: lost process 0 (host "), line
+  assert ", the coordinator at 127.0.0.1:" in line and "of this 2-process job" in line
+  assert "start every process again with the same command to resume: python main.py" in line
+  assert line.endswith("(exit status 75: a temporary failure, retry)")
+
+
+@pytest.mark.parametrize("missing", [1, 0])
+def test_a_process_that_never_joins_ends_the_others_with_exit_75(jobs, missing):
+  run = jobs["never"][missing]
+  [present] = [i for i in range(NUM_PROCESSES) if i != missing]
+  assert run["rc"] == {present: 75}, _tails(run)
+  took = run["ended"][present] - run["joining"][present]
+  print(f"process {present} stopped {took:.1f} s after it started to join")
+  assert INITIALIZATION_S <= took < INITIALIZATION_S + 30, f"{took:.0f} s" + _tails(run)
+  log = run["logs"][present]
+  _assert_clean_stop(log)
+  [line] = _error_lines(log)
+  key = "config.distributed_initialization_timeout_seconds"
+  if missing == 1:
+    assert line.startswith(
+        f"error: process 1 did not join this 2-process job within {INITIALIZATION_S} s ({key};"
+        " the coordinator at 127.0.0.1:"
+    ), line
+  else:
+    assert line.startswith("error: process 0, the coordinator at 127.0.0.1:"), line
+    assert "did not start or cannot be reached from this host (process 1 of 2) within" in line
+  assert "nothing saved yet" in line
+  assert line.endswith("(exit status 75: a temporary failure, retry)")
+
+
+# ------------------------------------------------- the message's parts, in-process ---
+
+
+def test_the_resume_point_is_read_from_directory_names(tmp_path):
+  from saltjax.app import host_loss
+
+  (tmp_path / "fold_0" / "latest" / "2").mkdir(parents=True)
+  (tmp_path / "fold_0" / "latest" / "3.orbax-checkpoint-tmp").mkdir()  # unfinished
+  (tmp_path / "fold_1").mkdir()
+  (tmp_path / "fold_1" / "done.json").write_text("{}")
+  (tmp_path / "fold_10" / "latest").mkdir(parents=True)
+  (tmp_path / "pseudo_round" / "fold_0" / "latest" / "1").mkdir(parents=True)
+  assert host_loss.describe_resume_point(tmp_path) == (
+      f"the last complete resume point in {tmp_path}: fold 0 epoch 2, fold 1 finished,"
+      " fold 10 not started, pseudo-label fold 0 epoch 1"
+  )
+  assert host_loss.describe_resume_point(tmp_path / "new") == (
+      f"nothing saved yet in {tmp_path / 'new'}"
+  )
+
+
+def test_a_stopped_process_removes_its_own_temporary_files_only(tmp_path):
+  from saltjax import workdir as workdir_lib
+
+  ours = [tmp_path / ".scores.json.tmp-123", tmp_path / "fold_0" / "latest" / "2" / ".c.tmp-123"]
+  theirs = tmp_path / ".scores.json.tmp-1234"
+  for path in (*ours, theirs):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("half")
+  assert sorted(workdir_lib.remove_temp_files(tmp_path, 123)) == sorted(ours)
+  assert [p for p in tmp_path.rglob("*") if p.is_file()] == [theirs]
+
+
+@pytest.mark.parametrize("value", [0, -5, True])
+def test_a_bad_timeout_is_a_config_error_before_joining(value, tmp_path, capsys):
+  from configs import tpu
+  from saltjax.app import run as run_lib
+
+  config = tpu.get_config()
+  config.distributed_initialization_timeout_seconds = value
+  assert run_lib.main(config, str(tmp_path / "run")) == 1
+  err = capsys.readouterr().err
+  assert f"config.distributed_initialization_timeout_seconds={value!r}: must be a whole" in err
+
+
+def test_which_errors_wait_for_the_coordination_service():
+  from saltjax.app import host_loss
+
+  def raised(error, during=None):
+    try:
+      try:
+        raise during or ValueError("first")
+      except Exception:
+        raise error
+    except Exception as e:  # noqa: BLE001
+      return e
+
+  gloo = ValueError("UNKNOWN: Gloo AllGather failed: Connection closed by peer")
+  assert host_loss._caused_by_runtime_error(gloo)
+  assert host_loss._caused_by_runtime_error(raised(RuntimeError("orbax: barrier"), during=gloo))
+  assert not host_loss._caused_by_runtime_error(raised(ValueError("bad shape")))
