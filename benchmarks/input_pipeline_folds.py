@@ -164,19 +164,19 @@ def bench_device(config, data, fold_of, spec, args) -> dict:
   config = config.copy_and_resolve_references()
   config.augment = spec
   config.image_size = args.image_size
-  on_device = on_device.put_on_device(data.train_images, data.train_masks)
+  device_data = on_device.put_on_device(data.train_images, data.train_masks)
   folds = on_device.fold_indices(fold_of, list(range(args.folds)), seed=config.seed)
   steps = _steps([int(s) for s in folds.sizes], args.batch_size, args.max_steps)
   batch_fn = jax.jit(on_device.make_train_batch_fn(config, args.batch_size))
 
   started = time.perf_counter()
-  compiled = batch_fn.lower(on_device, folds, 0, 0).compile()
+  compiled = batch_fn.lower(device_data, folds, 0, 0).compile()
   compile_s = time.perf_counter() - started
 
   def epoch(e):
     started = time.perf_counter()
     for step in range(steps):
-      batch = compiled(on_device, folds, e, step)
+      batch = compiled(device_data, folds, e, step)
       jax.block_until_ready(batch)
     assert batch["image"].shape == (
         args.folds,
