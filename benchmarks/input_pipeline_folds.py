@@ -164,19 +164,19 @@ def bench_device(config, data, fold_of, spec, args) -> dict:
   config = config.copy_and_resolve_references()
   config.augment = spec
   config.image_size = args.image_size
-  on_device = on_device.put_on_device(data.train_images, data.train_masks)
+  device_data = on_device.put_on_device(data.train_images, data.train_masks)
   folds = on_device.fold_indices(fold_of, list(range(args.folds)), seed=config.seed)
   steps = _steps([int(s) for s in folds.sizes], args.batch_size, args.max_steps)
   batch_fn = jax.jit(on_device.make_train_batch_fn(config, args.batch_size))
 
   started = time.perf_counter()
-  compiled = batch_fn.lower(on_device, folds, 0, 0).compile()
+  compiled = batch_fn.lower(device_data, folds, 0, 0).compile()
   compile_s = time.perf_counter() - started
 
   def epoch(e):
     started = time.perf_counter()
     for step in range(steps):
-      batch = compiled(on_device, folds, e, step)
+      batch = compiled(device_data, folds, e, step)
       jax.block_until_ready(batch)
     assert batch["image"].shape == (
         args.folds,
@@ -196,23 +196,17 @@ def bench_device(config, data, fold_of, spec, args) -> dict:
   }
 
 
-def main(argv=None) -> dict:
-  args = parse_args(argv)
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  import jax
-  import report
-  from saltjax.data import dataset as data_lib
-
+def _tensorflow_version() -> str | None:
   try:
     import tensorflow as tf
 
-    tf_version = tf.__version__
+    return tf.__version__
   except ImportError:
-    tf_version = None
-  pipelines = [p for p in args.pipelines if p != "tfdata" or tf_version]
-  if len(pipelines) < len(args.pipelines):
-    print("TensorFlow is not installed: the tfdata pipeline is skipped", flush=True)
+    return None
 
+
+def _config(args):
+  """The config to time, and the temporary cache directory to clean up (or None)."""
   config = importlib.import_module(f"configs.{args.config}").get_config()
   config.use_tfds = False  # read the PNGs directly: no TensorFlow needed
   config.num_folds = max(config.num_folds, args.folds)
@@ -225,6 +219,13 @@ def main(argv=None) -> dict:
   else:
     tmp = tempfile.TemporaryDirectory(prefix="saltjax-bench-")
     config.cache_dir = tmp.name
+  return config, tmp
+
+
+def _load(config, args):
+  """The training data and each image's fold."""
+  from saltjax.data import dataset as data_lib
+
   started = time.perf_counter()
   data = data_lib.load(config, load_test=False)
   fold_of = data_lib.fold_assignment(config, data)["fold"].to_numpy()
@@ -234,9 +235,15 @@ def main(argv=None) -> dict:
       f" at {args.image_size} px",
       flush=True,
   )
+  return data, fold_of
+
+
+def _result_header(args, config, data, tf_version) -> dict:
+  """The result's record of the run: host, device, versions, settings; no rows yet."""
+  import jax
 
   device = jax.devices()[0]
-  result = {
+  return {
       "benchmark": "saltjax input for F folds at once (benchmarks/input_pipeline_folds.py)",
       "label": args.label,
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -268,36 +275,57 @@ def main(argv=None) -> dict:
       },
       "results": [],
   }
+
+
+def _measure(pipeline, spec, config, data, fold_of, args) -> dict:
+  """One row: a pipeline timed with one augmentation spec, printed."""
   benches = {"tfdata": bench_tfdata, "device": bench_device}
+  row = benches[pipeline](config, data, fold_of, spec, args)
+  images = args.folds * args.batch_size * row["steps_per_epoch"]
+  per_epoch = [images / s for s in row["epoch_s"]]
+  row.update(
+      pipeline=pipeline,
+      augment=spec,
+      images_per_s=images * len(row["epoch_s"]) / sum(row["epoch_s"]),
+      images_per_s_median_epoch=statistics.median(per_epoch),
+      images_per_s_per_epoch=per_epoch,
+      steps_per_s=row["steps_per_epoch"] * len(row["epoch_s"]) / sum(row["epoch_s"]),
+  )
+  extra = f"  compile {row['compile_s']:.1f}s" if "compile_s" in row else ""
+  if "host_wait_s" in row:
+    extra += f"  host wait/epoch {statistics.median(row['host_wait_s']):.3f}s"
+  print(
+      f"{pipeline:>7}  {spec:<45} {row['images_per_s']:>7.0f} images/s"
+      f"  {row['steps_per_s']:>6.1f} steps/s (median epoch"
+      f" {row['images_per_s_median_epoch']:.0f}){extra}",
+      flush=True,
+  )
+  return row
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  import jax
+  import report
+
+  tf_version = _tensorflow_version()
+  pipelines = [p for p in args.pipelines if p != "tfdata" or tf_version]
+  if len(pipelines) < len(args.pipelines):
+    print("TensorFlow is not installed: the tfdata pipeline is skipped", flush=True)
+
+  config, tmp = _config(args)
+  data, fold_of = _load(config, args)
+  result = _result_header(args, config, data, tf_version)
   for spec in args.augment:
     for pipeline in pipelines:
-      row = benches[pipeline](config, data, fold_of, spec, args)
-      images = args.folds * args.batch_size * row["steps_per_epoch"]
-      per_epoch = [images / s for s in row["epoch_s"]]
-      row.update(
-          pipeline=pipeline,
-          augment=spec,
-          images_per_s=images * len(row["epoch_s"]) / sum(row["epoch_s"]),
-          images_per_s_median_epoch=statistics.median(per_epoch),
-          images_per_s_per_epoch=per_epoch,
-          steps_per_s=row["steps_per_epoch"] * len(row["epoch_s"]) / sum(row["epoch_s"]),
-      )
-      result["results"].append(row)
-      extra = f"  compile {row['compile_s']:.1f}s" if "compile_s" in row else ""
-      if "host_wait_s" in row:
-        extra += f"  host wait/epoch {statistics.median(row['host_wait_s']):.3f}s"
-      print(
-          f"{pipeline:>7}  {spec:<45} {row['images_per_s']:>7.0f} images/s"
-          f"  {row['steps_per_s']:>6.1f} steps/s (median epoch"
-          f" {row['images_per_s_median_epoch']:.0f}){extra}",
-          flush=True,
-      )
+      result["results"].append(_measure(pipeline, spec, config, data, fold_of, args))
   result["host"]["load_average_after"] = os.getloadavg()
   if tmp is not None:
     tmp.cleanup()
   stem = (
       f"input_pipeline_folds{args.folds}x{args.batch_size}_{args.image_size}px_"
-      f"{report.slug(device.platform)}{result['host']['cpus_usable']}"
+      f"{report.slug(jax.devices()[0].platform)}{result['host']['cpus_usable']}"
   )
   report.write_result(result, args.output, stem)
   return result

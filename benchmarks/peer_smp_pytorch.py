@@ -391,15 +391,8 @@ def print_table(title: str, rows: list[dict]) -> None:
   print("* convs and matmuls only (torch.utils.flop_counter)")
 
 
-def main(argv=None) -> dict:
-  args = parse_args(argv)
-  try:
-    import segmentation_models_pytorch as smp
-  except ImportError:
-    print(INSTALL_HELP, file=sys.stderr)
-    raise SystemExit(2)
-  import torch
-
+def _device(torch, args):
+  """The device to time on and its name: a CUDA GPU, or with --tiny the CPU."""
   if torch.cuda.is_available():
     device = torch.device("cuda")
     device_kind = torch.cuda.get_device_name(device)
@@ -407,25 +400,12 @@ def main(argv=None) -> dict:
     device, device_kind = torch.device("cpu"), platform.processor() or "cpu"
   else:
     raise SystemExit("no CUDA GPU visible to torch; use --tiny for a CPU smoke test")
-  # The peer's best settings: cuDNN picks the fastest conv algorithms, and
-  # any float32 matmul may use TF32.
-  torch.backends.cudnn.benchmark = True
-  torch.set_float32_matmul_precision("high")
-  timer = Timer(device)
-  print(
-      f"{device_kind}, torch {torch.__version__}, smp {smp.__version__},"
-      f" autocast {args.dtype}, compile {args.compile_mode}",
-      flush=True,
-  )
+  return device, device_kind
 
-  peak = matmul_rate(torch, device, args.matmul_size, getattr(torch, args.dtype), timer)
-  print(
-      f"reference: {args.matmul_size}^3 {args.dtype} matmul at {peak['tflops']:.1f}" " TFLOP/s",
-      flush=True,
-  )
-  params = sum(p.numel() for p in new_model(smp, torch, args, torch.device("cpu")).parameters())
 
-  result = {
+def _result_header(torch, args, device, device_kind: str, params: int, peak: dict) -> dict:
+  """The result's record of the run (device, versions, settings); no rows yet."""
+  return {
       "benchmark": "segmentation_models_pytorch peer (benchmarks/peer_smp_pytorch.py)",
       "label": args.label
       or ("CPU smoke test (--tiny): tiny model, not the GPU target" if args.tiny else ""),
@@ -456,6 +436,10 @@ def main(argv=None) -> dict:
       "train": [],
       "tta": [],
   }
+
+
+def _measure(smp, torch, args, device, timer: Timer, peak: dict, result: dict) -> None:
+  """Training, then TTA inference, at every batch size: rows into `result`, printed."""
   flops_per_image: dict = {}
   for b in args.batch_sizes:
     row = guarded(
@@ -477,6 +461,37 @@ def main(argv=None) -> dict:
           f"tta batch {b}: " + (row.get("error") or f"{row['images_per_s']:.1f} images/s"),
           flush=True,
       )
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  try:
+    import segmentation_models_pytorch as smp
+  except ImportError:
+    print(INSTALL_HELP, file=sys.stderr)
+    raise SystemExit(2)
+  import torch
+
+  device, device_kind = _device(torch, args)
+  # The peer's best settings: cuDNN picks the fastest conv algorithms, and
+  # any float32 matmul may use TF32.
+  torch.backends.cudnn.benchmark = True
+  torch.set_float32_matmul_precision("high")
+  timer = Timer(device)
+  print(
+      f"{device_kind}, torch {torch.__version__}, smp {smp.__version__},"
+      f" autocast {args.dtype}, compile {args.compile_mode}",
+      flush=True,
+  )
+
+  peak = matmul_rate(torch, device, args.matmul_size, getattr(torch, args.dtype), timer)
+  print(
+      f"reference: {args.matmul_size}^3 {args.dtype} matmul at {peak['tflops']:.1f}" " TFLOP/s",
+      flush=True,
+  )
+  params = sum(p.numel() for p in new_model(smp, torch, args, torch.device("cpu")).parameters())
+  result = _result_header(torch, args, device, device_kind, params, peak)
+  _measure(smp, torch, args, device, timer, peak, result)
 
   print_table(
       f"smp Unet({args.encoder}, scse) training ({params / 1e6:.1f}M params,"

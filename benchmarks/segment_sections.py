@@ -112,14 +112,10 @@ def versions() -> dict:
   )
 
 
-def main(argv=None) -> dict:
-  args = parse_args(argv)
+def _tile_predictor(args):
+  """The config, the ensemble's tile function (random weights) and its parameter count."""
   import jax
-  from saltjax.data import synthetic
   from saltjax.inference import ensemble as ensemble_lib
-  from saltjax.sections import gray_mapping
-  from saltjax.sections import predictor
-  from saltjax.sections import tiling
   from saltjax.training import state as train_state
 
   config = __import__(f"configs.{args.model}", fromlist=["get_config"]).get_config()
@@ -133,14 +129,19 @@ def main(argv=None) -> dict:
       for i in range(args.members)
   ]
   num_params = sum(x.size for x in jax.tree.leaves(members[0][0]["params"]))
-  predict_tiles = ensemble_lib.tile_predictor(config, model, members)
+  return config, ensemble_lib.tile_predictor(config, model, members), num_params
+
+
+def _time_sections(args, predict_tiles) -> tuple[float, list[float]]:
+  """The warm-up section's seconds, and each repeat's seconds per section."""
+  from saltjax.data import synthetic
+  from saltjax.sections import gray_mapping
+  from saltjax.sections import predictor
+  from saltjax.sections import tiling
 
   amplitude, _ = synthetic.generate_section(0, args.rows, args.cols)
   clip = gray_mapping.clip_level(amplitude, 99.0)
   window = tiling.tile_window()
-  num_tiles = len(tiling.tile_starts(args.rows, args.stride)) * len(
-      tiling.tile_starts(args.cols, args.stride)
-  )
 
   def one_section():
     gray = gray_mapping.amplitude_to_gray(amplitude, clip)
@@ -156,6 +157,19 @@ def main(argv=None) -> dict:
     for _ in range(args.sections):
       one_section()
     times.append((time.perf_counter() - start) / args.sections)
+  return warmup_s, times
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  import jax
+  from saltjax.sections import tiling
+
+  config, predict_tiles, num_params = _tile_predictor(args)
+  num_tiles = len(tiling.tile_starts(args.rows, args.stride)) * len(
+      tiling.tile_starts(args.cols, args.stride)
+  )
+  warmup_s, times = _time_sections(args, predict_tiles)
   per_section = statistics.median(times)
 
   device = jax.devices()[0]
@@ -323,20 +337,18 @@ def _train_tests_model(workdir):
   assert run.main(config, str(workdir)) == 0
 
 
-def accuracy(args) -> dict:
-  import types
+# The amplitude rules measured: the key of each in a row -> segment.amplitude.
+_RULES = {"match_training": "match_training", "percentile_99": "percentile", "as_is": "as_is"}
 
-  import numpy as np
+
+def _trained_ensemble(args, workdir):
+  """The workdir's ensemble for `segment` and its training gray levels (stats, note)."""
   from configs import segment as segment_config
   from saltjax.app import config_checks
   from saltjax.inference import trained_config
   from saltjax.sections import gray_mapping
-  from saltjax.sections import inputs
   from saltjax.sections import predictor
-  from saltjax.sections import segment
-  from saltjax.sections import truth_masks
 
-  workdir = pathlib.Path(args.workdir or "runs/segment_accuracy")
   if args.train:
     _train_tests_model(workdir)
   config = segment_config.get_config()
@@ -346,6 +358,19 @@ def accuracy(args) -> dict:
   trained.segment = config.segment
   ensemble = predictor.load_ensemble(trained, workdir)
   stats, stats_note = gray_mapping.training_gray_levels(trained, workdir)
+  return ensemble, stats, stats_note
+
+
+def _accuracy_rows(args, ensemble, stats) -> list[dict]:
+  """One row of IoUs a case, by rule and scale, each printed."""
+  import types
+
+  import numpy as np
+  from saltjax.sections import gray_mapping
+  from saltjax.sections import inputs
+  from saltjax.sections import predictor
+  from saltjax.sections import segment
+  from saltjax.sections import truth_masks
 
   def iou_of(section, truth, rule, scale=(1.0, 1.0)):
     """(IoU, scale factors) of the mask `segment` makes when it maps the section by
@@ -367,11 +392,10 @@ def accuracy(args) -> dict:
     factors = [options.scale_samples, options.scale_traces]
     return round(truth_masks.truth_scores(truth, mask)["iou"], 4), factors
 
-  rules = {"match_training": "match_training", "percentile_99": "percentile", "as_is": "as_is"}
   rows = []
   for name, section, truth in accuracy_cases([int(s) for s in args.seeds.split(",")]):
     row = {"section": name, "true_salt_fraction": round(float(truth.mean()), 3)}
-    for key, rule in rules.items():
+    for key, rule in _RULES.items():
       if rule != "as_is" or section.dtype == np.uint8:
         row[key] = iou_of(section, truth, rule)[0]
     row["default"], row["estimated_scale"] = iou_of(section, truth, "match_training", (-1, -1))
@@ -381,6 +405,12 @@ def accuracy(args) -> dict:
       ]
     rows.append(row)
     print(f"{name:56s} IoU " + "  ".join(f"{k} {v}" for k, v in list(row.items())[2:]))
+  return rows
+
+
+def _accuracy_summary(rows: list[dict]) -> dict:
+  """Mean and minimum IoU by rule, for each kind of section and for all."""
+  import numpy as np
 
   def summary_of(subset):
     return {
@@ -390,12 +420,12 @@ def accuracy(args) -> dict:
             "sections_with_iou_at_least_0.7": sum(r[key] >= 0.7 for r in subset),
             "sections": len(subset),
         }
-        for key in (*rules, "default", "match_training_resampled")
+        for key in (*_RULES, "default", "match_training_resampled")
         if all(key in r for r in subset)
     }
 
   resampled = [r for r in rows if true_scale(r["section"])]
-  summary = {
+  return {
       "amplitudes": summary_of([r for r in rows if "as_is" not in r and r not in resampled]),
       "8-bit pictures": summary_of([r for r in rows if "as_is" in r]),
       **{
@@ -409,6 +439,13 @@ def accuracy(args) -> dict:
       },
       "every section": summary_of(rows),
   }
+
+
+def accuracy(args) -> dict:
+  workdir = pathlib.Path(args.workdir or "runs/segment_accuracy")
+  ensemble, stats, stats_note = _trained_ensemble(args, workdir)
+  rows = _accuracy_rows(args, ensemble, stats)
+  summary = _accuracy_summary(rows)
   result = {
       "benchmark": "amplitude rules' mask IoU (benchmarks/segment_sections.py --accuracy)",
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

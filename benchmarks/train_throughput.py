@@ -322,17 +322,13 @@ def print_table(title: str, rows: list[dict]) -> None:
     )
 
 
-def main(argv=None) -> dict:
-  args = parse_args(argv)
+def _set_up(args):
+  """The compilation cache, the config and the mesh (batch sizes checked against it)."""
   import jax
+  from saltjax import parallel
 
   if args.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.compilation_cache))
-  import numpy as np
-  from saltjax.model import unet
-  from saltjax import parallel
-  from saltjax.training.job import Job
-
   config = make_config(args)
   mesh = parallel.create_mesh()
   for b in args.batch_sizes + [b for _, b in fold_settings(args)]:
@@ -343,21 +339,28 @@ def main(argv=None) -> dict:
       f" jax {jax.__version__}, model dtype {args.dtype}",
       flush=True,
   )
+  return config, mesh
 
-  peak = matmul_rate(args.matmul_size, args.dtype)
-  print(
-      f"reference: {args.matmul_size}^3 {args.dtype} matmul at {peak['tflops']:.1f}" " TFLOP/s",
-      flush=True,
-  )
 
-  # The real Job (model, optimiser, initial variables, jitted steps); folds
-  # only size its steps_per_epoch, so a made-up assignment serves.
+def _create_job(config, mesh):
+  """The real Job (model, optimiser, initial variables, jitted steps), and its seconds."""
+  import numpy as np
+  from saltjax.training.job import Job
+
+  # Folds only size its steps_per_epoch, so a made-up assignment serves.
   fold_of = np.arange(config.num_folds * config.batch_size) % config.num_folds
   t = time.perf_counter()
   job = Job.create(config, mesh, fold_of, writer=None)
-  init_s = time.perf_counter() - t
+  return job, time.perf_counter() - t
 
-  result = {
+
+def _result_header(args, config, job, init_s: float, peak: dict) -> dict:
+  """The result's record of the run (device, versions, settings, model); no rows yet."""
+  import jax
+  from saltjax.model import unet
+
+  devices = jax.devices()
+  return {
       "benchmark": "saltjax train step (benchmarks/train_throughput.py)",
       "label": args.label
       or ("CPU smoke test (--tiny): tiny model, not the GPU target" if args.tiny else ""),
@@ -392,6 +395,10 @@ def main(argv=None) -> dict:
       "train": [],
       "tta": [],
   }
+
+
+def _measure(job, args, peak: dict, result: dict) -> None:
+  """Train steps, then TTA inference, at every setting: rows into `result`, printed."""
   for f, b in [(1, b) for b in args.batch_sizes] + fold_settings(args):
     row = guarded(bench_train, job, b, args, peak["tflops"], f)
     result["train"].append(row)
@@ -409,18 +416,34 @@ def main(argv=None) -> dict:
           flush=True,
       )
 
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  import jax
+
+  config, mesh = _set_up(args)
+  peak = matmul_rate(args.matmul_size, args.dtype)
+  print(
+      f"reference: {args.matmul_size}^3 {args.dtype} matmul at {peak['tflops']:.1f}" " TFLOP/s",
+      flush=True,
+  )
+  job, init_s = _create_job(config, mesh)
+  result = _result_header(args, config, job, init_s, peak)
+  _measure(job, args, peak, result)
+
+  device_kind = jax.devices()[0].device_kind
   print_table(
       f"train step ({result['model_params'] / 1e6:.1f}M params, {args.dtype},"
-      f" {config.image_size}px) on {devices[0].device_kind}",
+      f" {config.image_size}px) on {device_kind}",
       result["train"],
   )
   if result["tta"]:
-    print_table(f"TTA inference ({args.tta}) on {devices[0].device_kind}", result["tta"])
+    print_table(f"TTA inference ({args.tta}) on {device_kind}", result["tta"])
 
   report.write_result(
       result,
       args.output,
-      f"train_throughput_{report.slug(devices[0].device_kind)}" f"{'_tiny' if args.tiny else ''}",
+      f"train_throughput_{report.slug(device_kind)}" f"{'_tiny' if args.tiny else ''}",
   )
   return result
 

@@ -139,8 +139,10 @@ def _defaults(config_file: str | None):
 
 def _predict(config, workdir: pathlib.Path, defaults=None) -> dict:
   from saltjax.inference import predict
+  from saltjax.inference import trained_config
 
-  config = config_checks.config_for_prediction(config, workdir, defaults)
+  config = trained_config.config_for_prediction(config, workdir, defaults)
+  config_checks.check(config)
   workdir_lib.check_writable(workdir)
   with job_lock(workdir):
     return predict.predict_workdir(config, workdir).scores
@@ -148,10 +150,15 @@ def _predict(config, workdir: pathlib.Path, defaults=None) -> dict:
 
 def _segment(config, workdir: pathlib.Path) -> int:
   """Whole seismic sections through the workdir's ensemble (configs/segment.py)."""
+  from saltjax.inference import trained_config
+  from saltjax.sections import options
   from saltjax.sections import segment
 
   with job_lock(workdir) if workdir.is_dir() else _no_lock():
-    segment.run(config, workdir)
+    options.check_config(config)
+    trained = trained_config.config_for_prediction(config, workdir)
+    config_checks.check(trained)
+    segment.run(trained, workdir)
   return 0
 
 

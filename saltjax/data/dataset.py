@@ -20,11 +20,11 @@ def resolve_data_dir(config) -> pathlib.Path:
   """config.data_dir, or the embedded synthetic dataset (generated once)."""
   if config.data_dir:
     return pathlib.Path(os.path.expanduser(config.data_dir))
-  from saltjax.data import synthetic  # only needed for the default dataset
+  from saltjax.data import synthetic_dataset  # only needed for the default dataset
 
   cache = pathlib.Path(os.path.expanduser(config.cache_dir))
   try:
-    path = synthetic.ensure_dataset(
+    path = synthetic_dataset.ensure_dataset(
         cache,
         num_train=config.synthetic.num_train,
         num_test=config.synthetic.num_test,

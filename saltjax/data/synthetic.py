@@ -1,14 +1,9 @@
-"""A seeded, deterministic stand-in for the Kaggle TGS Salt data.
+"""A seeded, deterministic stand-in for the Kaggle TGS Salt data: masks and images.
 
-The competition data cannot be downloaded here, so this module writes a
-synthetic data set in exactly the Kaggle layout::
-
-  train.csv                 id,rle_mask
-  depths.csv                id,z (every train and test id)
-  train/images/<id>.png     101x101 8-bit gray
-  train/masks/<id>.png      101x101 8-bit, 0 or 255
-  test/images/<id>.png      101x101 8-bit gray
-  sample_submission.csv     id,rle_mask (test ids, placeholder RLE "1 1")
+The competition data cannot be downloaded here, so this module draws synthetic
+examples (a 101x101 gray image, its salt mask and a depth) and whole seismic
+sections; `saltjax.data.synthetic_dataset` writes the examples as a data set in
+exactly the Kaggle layout.
 
 Images imitate the real ones, which are crops of vertical-incidence seismic
 sections: blocky layered reflectivity, gently folded, dipping and faulted,
@@ -29,23 +24,14 @@ one connected component with a smooth boundary.
 
 from __future__ import annotations
 
-import argparse
-import csv
-import errno
-import os
-import pathlib
-import shutil
-import sys
-import uuid
-
 import cv2
 import numpy as np
 
 from saltjax import geometry
-from saltjax.data import rle
 
 # Bump whenever the output for a given seed changes, so that datasets cached by
-# `ensure_dataset` under an old name are not mistaken for the new generator's.
+# `synthetic_dataset.ensure_dataset` under an old name are not mistaken for the
+# new generator's.
 VERSION = 1
 
 IMAGE_SIZE = geometry.ORIGINAL_SIZE
@@ -63,11 +49,6 @@ _DEPTH_RANGE = (50, 960)
 # Images are rendered on a canvas with this margin on every side and then
 # cropped, so that filters and the wavelet see no image border.
 _PAD = 16
-
-# Kaggle's sample submission puts this placeholder in every row.
-_SAMPLE_RLE = "1 1"
-
-_TRAIN, _TEST = 0, 1
 
 
 def _class_area_bounds(cls: int) -> tuple[int, int]:
@@ -253,21 +234,16 @@ def _layered_log_impedance(rng: np.random.Generator, length: int, width: int) ->
   return trace[:, None] * lateral
 
 
-def _render_amplitudes(rng: np.random.Generator, mask: np.ndarray) -> tuple[np.ndarray, float]:
-  """Seismic amplitudes for a {0, 1} salt mask of any (rows, cols) shape.
+def _layer_depth(
+    rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, salt: np.ndarray | None
+) -> np.ndarray:
+  """Depth coordinate of the layering at each pixel of the padded canvas.
 
-  Returns the float32 section (depth down the rows) and the amplitude level
-  that `_render_image` maps to its gray spread.  For a 101x101 mask the draws
-  are exactly those the dataset has always been made with.
+  Regional dip, folds that vary mostly along x, and fault throws; against a salt
+  body (`salt`, the padded mask, or None without salt) the layers drag up.  A
+  layer is a level set of it.
   """
-  rows, cols = mask.shape
-  height, width = rows + 2 * _PAD, cols + 2 * _PAD
-  salt = cv2.copyMakeBorder(mask.astype(np.uint8), _PAD, _PAD, _PAD, _PAD, cv2.BORDER_REPLICATE)
-  has_salt = bool(mask.any())
-  yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-
-  # Depth coordinate of the layering at each pixel: regional dip, folds that
-  # vary mostly along x, and fault throws.  A layer is a level set of it.
+  height, width = xx.shape
   depth = (
       yy
       + rng.normal(0.0, 0.15) * (xx - width / 2)
@@ -280,48 +256,78 @@ def _render_amplitudes(rng: np.random.Generator, mask: np.ndarray) -> tuple[np.n
     px, py = rng.uniform(0, (width, height))
     side = (xx - px) * np.sin(angle) - (yy - py) * np.cos(angle)
     depth += rng.uniform(2.0, 10.0) * rng.choice([-1, 1]) * np.clip(side + 0.5, 0.0, 1.0)
-  if has_salt:
+  if salt is not None:
     # Drag: layers bend up against the salt and thin over its top.
     dist = cv2.distanceTransform((1 - salt).astype(np.uint8), cv2.DIST_L2, 5)
     depth += rng.uniform(2.0, 12.0) * np.exp(-dist / rng.uniform(4.0, 20.0))
+  return depth
 
+
+def _sediment(
+    rng: np.random.Generator, depth: np.ndarray, xx: np.ndarray, salt: np.ndarray | None
+) -> np.ndarray:
+  """The layered impedance at each pixel, of unit spread, dimmed beneath the salt."""
   top = int(np.floor(depth.min())) - 2
   length = int(np.ceil(depth.max())) - top + 3
-  layered = _layered_log_impedance(rng, length, width)
+  layered = _layered_log_impedance(rng, length, xx.shape[1])
   sediment = cv2.remap(layered, xx, depth - top, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
   sediment *= 1.0 / (sediment.std() + 1e-6)
-
-  if has_salt:
-    soft = cv2.GaussianBlur(salt.astype(np.float32), (0, 0), 0.8)
+  if salt is not None:
     # Beneath salt the image is poorly lit: dim the layers under the body.
     above = np.maximum.accumulate(salt, axis=0).astype(np.float32) - salt
     shadow = cv2.GaussianBlur(above, (0, 0), 3.0)
     sediment *= 1.0 - rng.uniform(0.2, 0.7) * shadow
-    # Salt is much faster and denser than the sediments (a strong boundary
-    # reflector), with a weak, chaotic inside.
-    contrast = rng.uniform(1.5, 3.5)
-    chaos = cv2.GaussianBlur(
-        rng.standard_normal((height, width)).astype(np.float32), (0, 0), rng.uniform(0.7, 1.5)
-    )
-    chaos *= 1.0 / (chaos.std() + 1e-6) * rng.uniform(0.15, 0.5)
-    impedance = (1.0 - soft) * sediment + soft * (contrast + chaos)
-  else:
-    impedance = sediment
+  return sediment
 
+
+def _vertical_derivative(field: np.ndarray) -> np.ndarray:
+  out = np.zeros_like(field)
+  out[1:-1] = 0.5 * (field[2:] - field[:-2])
+  return out
+
+
+def _reflectivity(
+    rng: np.random.Generator, sediment: np.ndarray, salt: np.ndarray | None
+) -> np.ndarray:
+  """Vertical-incidence reflectivity of the sediments with the salt body, if any."""
   # Vertical-incidence reflectivity is the vertical derivative of impedance
   # (centred, so that a boundary's reflection straddles it instead of falling
   # on the salt side); steep salt flanks reflect little at vertical incidence,
   # but migration smears some of a dipping flank into the image.
-  def vertical_derivative(field):
-    out = np.zeros_like(field)
-    out[1:-1] = 0.5 * (field[2:] - field[:-2])
-    return out
+  if salt is None:
+    return _vertical_derivative(sediment)
+  soft = cv2.GaussianBlur(salt.astype(np.float32), (0, 0), 0.8)
+  # Salt is much faster and denser than the sediments (a strong boundary
+  # reflector), with a weak, chaotic inside.
+  contrast = rng.uniform(1.5, 3.5)
+  chaos = cv2.GaussianBlur(
+      rng.standard_normal(salt.shape).astype(np.float32), (0, 0), rng.uniform(0.7, 1.5)
+  )
+  chaos *= 1.0 / (chaos.std() + 1e-6) * rng.uniform(0.15, 0.5)
+  impedance = (1.0 - soft) * sediment + soft * (contrast + chaos)
+  reflectivity = _vertical_derivative(impedance)
+  flank = np.zeros_like(impedance)
+  flank[:, 1:-1] = 0.5 * np.abs(soft[:, 2:] - soft[:, :-2])
+  reflectivity += rng.uniform(0.2, 0.6) * contrast * flank
+  return reflectivity
 
-  reflectivity = vertical_derivative(impedance)
-  if has_salt:
-    flank = np.zeros_like(impedance)
-    flank[:, 1:-1] = 0.5 * np.abs(soft[:, 2:] - soft[:, :-2])
-    reflectivity += rng.uniform(0.2, 0.6) * contrast * flank
+
+def _render_amplitudes(rng: np.random.Generator, mask: np.ndarray) -> tuple[np.ndarray, float]:
+  """Seismic amplitudes for a {0, 1} salt mask of any (rows, cols) shape.
+
+  Returns the float32 section (depth down the rows) and the amplitude level
+  that `_render_image` maps to its gray spread.  For a 101x101 mask the draws
+  are exactly those the dataset has always been made with.
+  """
+  rows, cols = mask.shape
+  height, width = rows + 2 * _PAD, cols + 2 * _PAD
+  salt = None
+  if mask.any():
+    salt = cv2.copyMakeBorder(mask.astype(np.uint8), _PAD, _PAD, _PAD, _PAD, cv2.BORDER_REPLICATE)
+  yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+  depth = _layer_depth(rng, xx, yy, salt)
+  sediment = _sediment(rng, depth, xx, salt)
+  reflectivity = _reflectivity(rng, sediment, salt)
 
   # Dominant frequency so that bands are a few pixels thick.
   wavelet = _ricker(rng.uniform(0.07, 0.16))
@@ -346,9 +352,9 @@ def _render_amplitudes(rng: np.random.Generator, mask: np.ndarray) -> tuple[np.n
   # stays weak when it fills the image) and the image's own level (the partial
   # automatic gain control of processed sections).
   scale = trace.std() + 1e-6
-  if has_salt:
+  if salt is not None:
     own = rng.uniform(0.0, 0.6)
-    reference = image_of(vertical_derivative(sediment)).std() + 1e-6
+    reference = image_of(_vertical_derivative(sediment)).std() + 1e-6
     scale = reference ** (1.0 - own) * scale**own
   return trace, float(scale)
 
@@ -416,197 +422,3 @@ def generate_section(seed: int, rows: int = 300, cols: int = 400) -> tuple[np.nd
   mask = section_mask(rng, rows, cols)
   trace, scale = _render_amplitudes(rng, mask)
   return (trace / scale).astype(np.float32), mask
-
-
-def _make_ids(seed: int, count: int) -> list[str]:
-  """`count` distinct 10-hex-digit ids, determined by the seed alone."""
-  # Its own stream, so that ids do not depend on the examples' draws.
-  rng = np.random.default_rng([seed, 0x1D5])
-  ids, seen = [], set()
-  while len(ids) < count:
-    for value in rng.integers(0, 16**10, count - len(ids)):
-      name = f"{int(value):010x}"
-      if name not in seen:
-        seen.add(name)
-        ids.append(name)
-  return ids
-
-
-def _example_rng(seed: int, split: int, index: int) -> np.random.Generator:
-  # One stream per example: example i is the same whatever the dataset size.
-  return np.random.default_rng([seed, split, index])
-
-
-def _write_png(path: pathlib.Path, array: np.ndarray) -> None:
-  if not cv2.imwrite(str(path), array):
-    raise OSError(f"could not write {path}")
-
-
-def _write_csv(path: pathlib.Path, header: list[str], rows) -> None:
-  with open(path, "w", newline="") as f:
-    writer = csv.writer(f, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-
-
-def _write_examples(root: pathlib.Path, seed: int, split: int, start: int, names: list[str]):
-  """Examples start, start + 1, ... of a split, written; their (name, rle, depth) rows."""
-  rows = []
-  for i, name in enumerate(names, start):
-    image, mask, depth = generate_example(_example_rng(seed, split, i))
-    if split == _TRAIN:
-      _write_png(root / "train/images" / f"{name}.png", image)
-      _write_png(root / "train/masks" / f"{name}.png", mask * np.uint8(255))
-      rows.append((name, rle.encode(mask), depth))
-    else:
-      _write_png(root / "test/images" / f"{name}.png", image)
-      rows.append((name, None, depth))
-  return rows
-
-
-# Examples a worker process writes at a time; a set of up to 2 * _CHUNK examples
-# is written by one process.
-_CHUNK = 1000
-
-
-def _fill(root: pathlib.Path, num_train: int, num_test: int, seed: int) -> None:
-  """Writes the whole layout under `root` (which must exist).
-
-  Example i is a function of (seed, split, i) alone, so a large set (the
-  Kaggle size: 22,000 images, about 6 minutes on one core) is written by a
-  pool of processes, one per core, with the same result.
-  """
-  for sub in ("train/images", "train/masks", "test/images"):
-    (root / sub).mkdir(parents=True)
-  ids = _make_ids(seed, num_train + num_test)
-  jobs = [
-      (root, seed, split, start, names[start : start + _CHUNK])
-      for split, names in ((_TRAIN, ids[:num_train]), (_TEST, ids[num_train:]))
-      for start in range(0, len(names), _CHUNK)
-  ]
-  # A small set is written here: starting processes would cost more than it saves.
-  workers = min(len(jobs), len(os.sched_getaffinity(0)))
-  if workers > 1 and num_train + num_test > 2 * _CHUNK:
-    import concurrent.futures
-    import multiprocessing
-
-    context = multiprocessing.get_context("spawn")  # no fork of a process running JAX threads
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-      chunks = list(pool.map(_write_examples, *zip(*jobs)))
-  else:
-    chunks = [_write_examples(*job) for job in jobs]
-  rows = [row for chunk in chunks for row in chunk]
-  train_rows = [(name, encoded) for name, encoded, _ in rows[:num_train]]
-  depth_rows = [(name, depth) for name, _, depth in rows]
-  _write_csv(root / "train.csv", ["id", "rle_mask"], train_rows)
-  _write_csv(root / "depths.csv", ["id", "z"], depth_rows)
-  _write_csv(
-      root / "sample_submission.csv",
-      ["id", "rle_mask"],
-      [(name, _SAMPLE_RLE) for name in ids[num_train:]],
-  )
-
-
-def write_dataset(
-    out_dir: str | os.PathLike, num_train: int, num_test: int, seed: int = 0
-) -> pathlib.Path:
-  """Writes a synthetic dataset in the Kaggle layout to `out_dir`.
-
-  The dataset is built in a hidden temporary sibling directory and renamed into
-  place, so `out_dir` either does not exist or holds a complete dataset, even
-  if the process dies half way.
-
-  Args:
-    out_dir: Directory to create; its parent is created if needed.
-    num_train: Number of training images (with masks).
-    num_test: Number of test images.
-    seed: Everything written is a function of the seed and the counts.
-      Example i of a split (image, mask, depth) depends only on the seed, and
-      so do the train ids; the test ids follow the train ids in one stream.
-
-  Returns:
-    `out_dir` as a pathlib.Path.
-
-  Raises:
-    FileExistsError: `out_dir` already exists and is not empty (for instance
-      another process finished writing it first).
-  """
-  if num_train < 0 or num_test < 0:
-    raise ValueError(f"counts must be >= 0, got {num_train}, {num_test}")
-  out_dir = pathlib.Path(out_dir)
-  out_dir.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex}"
-  tmp.mkdir()
-  try:
-    _fill(tmp, num_train, num_test, seed)
-    try:
-      # Atomic on POSIX; fails, rather than merging, onto a non-empty dir.
-      os.rename(tmp, out_dir)
-    except OSError as e:
-      if e.errno in (errno.EEXIST, errno.ENOTEMPTY) or out_dir.exists():
-        raise FileExistsError(errno.EEXIST, "dataset already exists", str(out_dir)) from e
-      raise
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return out_dir
-
-
-def dataset_name(num_train: int, num_test: int, seed: int) -> str:
-  """The directory name `ensure_dataset` uses under its cache directory."""
-  return f"synthetic-v{VERSION}-n{num_train}-t{num_test}-s{seed}"
-
-
-def ensure_dataset(
-    cache_dir: str | os.PathLike, num_train: int = 1000, num_test: int = 500, seed: int = 0
-) -> pathlib.Path:
-  """Returns a cached synthetic dataset, generating it on first use.
-
-  The dataset lives in `cache_dir / dataset_name(num_train, num_test, seed)`.
-  Since `write_dataset` renames a finished dataset into place, an existing
-  directory is complete; when two processes race, the loser's rename fails and
-  it uses the winner's copy.
-  """
-  path = pathlib.Path(cache_dir) / dataset_name(num_train, num_test, seed)
-  if path.is_dir():
-    return path
-  try:
-    return write_dataset(path, num_train, num_test, seed)
-  except FileExistsError:
-    if path.is_dir():
-      return path
-    raise
-
-
-def preview(num: int = 16, seed: int = 0) -> np.ndarray:
-  """A BGR grid of `num` training examples with salt outlined in red."""
-  tiles = []
-  for i in range(num):
-    image, mask, _ = generate_example(_example_rng(seed, _TRAIN, i))
-    tile = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
-    contours, _ = cv2.findContours(mask, cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
-    cv2.drawContours(tile, contours, -1, (0, 0, 255), 1)
-    tile = cv2.resize(tile, None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST)
-    tiles.append(cv2.copyMakeBorder(tile, 2, 2, 2, 2, cv2.BORDER_CONSTANT, value=(255, 255, 255)))
-  cols = int(np.ceil(np.sqrt(num)))
-  blank = np.full_like(tiles[0], 255)
-  tiles += [blank] * (-len(tiles) % cols)
-  return np.vstack([np.hstack(tiles[r : r + cols]) for r in range(0, len(tiles), cols)])
-
-
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("out_dir")
-  parser.add_argument("--num_train", type=int, default=1000)
-  parser.add_argument("--num_test", type=int, default=500)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--preview", help="also write a preview grid PNG here")
-  args = parser.parse_args(argv)
-  path = write_dataset(args.out_dir, args.num_train, args.num_test, args.seed)
-  print(path)
-  if args.preview:
-    _write_png(pathlib.Path(args.preview), preview(16, args.seed))
-
-
-if __name__ == "__main__":
-  main(sys.argv[1:])

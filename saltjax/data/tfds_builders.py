@@ -226,10 +226,10 @@ class TgsSalt(tfds.core.GeneratorBasedBuilder):
     data = self._source_data
     if data is None:
       if config.source == "synthetic":
-        from saltjax.data import synthetic  # pylint: disable=g-import-not-at-top
+        from saltjax.data import synthetic_dataset  # pylint: disable=g-import-not-at-top
         # Generated (once) into the download directory, then read like the
         # Kaggle files.
-        source_dir = synthetic.ensure_dataset(
+        source_dir = synthetic_dataset.ensure_dataset(
             dl_manager.download_dir,
             num_train=config.num_train,
             num_test=config.num_test,
@@ -332,10 +332,10 @@ def _synthetic_config_of(
   # read as the Kaggle files it holds.
   if getattr(config, "data_dir", ""):
     return None
-  from saltjax.data import synthetic  # pylint: disable=g-import-not-at-top
+  from saltjax.data import synthetic_dataset  # pylint: disable=g-import-not-at-top
 
   sizes = config.synthetic
-  expected = cache_dir / synthetic.dataset_name(sizes.num_train, sizes.num_test, sizes.seed)
+  expected = cache_dir / synthetic_dataset.dataset_name(sizes.num_train, sizes.num_test, sizes.seed)
   if data_dir.resolve() != expected.resolve():
     return None
   return synthetic_config(sizes.num_train, sizes.num_test, sizes.seed)

@@ -203,9 +203,9 @@ VIA_MAIN_PY = (
 
 @pytest.fixture(scope="module")
 def base_layout(tmp_path_factory):
-  from saltjax.data import synthetic
+  from saltjax.data import synthetic_dataset
 
-  root = synthetic.write_dataset(
+  root = synthetic_dataset.write_dataset(
       tmp_path_factory.mktemp("layout") / "base", num_train=12, num_test=4, seed=0
   )
   train_ids = list(pd.read_csv(root / "train.csv", dtype=str)["id"])

@@ -359,10 +359,10 @@ def test_load_test_false_reuses_the_full_dataset(tmp_path, generated):
 
 
 def test_load_uses_the_synthetic_config_for_the_embedded_dataset(tmp_path):
-  from saltjax.data import synthetic  # pylint: disable=g-import-not-at-top
+  from saltjax.data import synthetic_dataset  # pylint: disable=g-import-not-at-top
 
   config = make_config(tmp_path)  # data_dir '' is the embedded dataset.
-  source = synthetic.ensure_dataset(tmp_path / "cache", num_train=3, num_test=2, seed=0)
+  source = synthetic_dataset.ensure_dataset(tmp_path / "cache", num_train=3, num_test=2, seed=0)
   data = tfds_builders.load(config, source)
   assert_same_data(data, layout.read_layout(source))
   target = tfds_builders.tfds_data_dir(config.cache_dir, source)

@@ -164,9 +164,9 @@ def test_no_usable_checkpoint_refuses_and_keeps_previous_outputs(
 
 def test_data_dir_predicts_another_directorys_test_images(trained, tmp_path, capfd, monkeypatch):
   from saltjax.inference import submission
-  from saltjax.data import synthetic
+  from saltjax.data import synthetic_dataset
 
-  other = synthetic.write_dataset(tmp_path / "other", num_train=4, num_test=5, seed=7)
+  other = synthetic_dataset.write_dataset(tmp_path / "other", num_train=4, num_test=5, seed=7)
   shutil.rmtree(other / "train")  # test images alone are enough
   (other / "train.csv").unlink()
   workdir = _copy(trained, tmp_path)
