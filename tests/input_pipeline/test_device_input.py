@@ -80,10 +80,10 @@ def test_to_model_size_equals_tf_pipeline(mode, size):
 
   x = _image(1, n=3)[..., None]
   expected = tfdata.to_model_size(x, size, mode).numpy()
-  on_device = np.asarray(jax.jit(lambda v: on_device.to_model_size(v, size, mode))(x))
+  device_out = np.asarray(jax.jit(lambda v: on_device.to_model_size(v, size, mode))(x))
   on_host = on_device.to_model_size_numpy(x, size, mode)
-  assert on_device.shape == on_host.shape == (3, size, size, 1)
-  np.testing.assert_allclose(on_device, expected, rtol=0, atol=1e-5)
+  assert device_out.shape == on_host.shape == (3, size, size, 1)
+  np.testing.assert_allclose(device_out, expected, rtol=0, atol=1e-5)
   np.testing.assert_allclose(on_host, expected, rtol=0, atol=1e-5)
   # A single (H, W, C) image too, as TF's function accepts.
   np.testing.assert_allclose(
