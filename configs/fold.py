@@ -94,6 +94,9 @@ def _training(config: ml_collections.ConfigDict) -> None:
   # with its own weights, optimiser state and batches): 0 = every fold at once,
   # so batch 32 per fold becomes 160 images per step at 5 folds.
   config.parallel_folds = 0
+  # How one program trains them: 'vmap' (every fold at once: grouped convs)
+  # or 'in_turn' (a loop over the folds inside the program; docs/training.md).
+  config.fold_strategy = "vmap"
   # The resume point (and best/snapshot/SWA models) is written at most this
   # often, at the end of training and on SIGTERM; 0 = every epoch.
   config.checkpoint_every_seconds = 300
@@ -175,6 +178,10 @@ def _process(config: ml_collections.ConfigDict) -> None:
   config.distributed_initialization_timeout_seconds = 300
   # JAX's persistent compilation cache: later folds and runs skip compiling.
   config.compilation_cache = "~/.cache/saltjax/jax_cache"
+  # A Cloud TPU slice (v5e-8, v4-32, v5litepod-16, v6e-8, ...) to compile the
+  # job for on this machine instead of training: memory per chip and the
+  # roofline bound in workdir/compile_report.{json,md} (docs/compile_only.md).
+  config.compile_for = ""
 
 
 def _pseudo_label() -> ml_collections.ConfigDict:

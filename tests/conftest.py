@@ -449,6 +449,7 @@ HEAVY_UNITS = (
     "test_host_loss",  # ~430 s, six two-process jobs (two of them 20 s waits)
     "reference",  # test_reliability + test_checkpoints, ~175 s
     "test_multihost",  # ~115 s, two processes at a time
+    "test_compile_only",  # ~90 s, XLA's TPU compiler
     "trained_job",  # test_end_to_end + test_predict, ~100 s
     "test_train",  # ~85 s
     "test_benchmarks",  # ~70 s

@@ -89,6 +89,7 @@ def _worker(out_dir: str) -> None:
   from saltjax.training.job import Job
   from saltjax.training.state import stack_folds
   from saltjax.training.steps import compile_train_steps, train_step
+  import ml_collections
   from tests.conftest import flat_leaves
 
   devices = jax.devices()
@@ -174,18 +175,25 @@ def _worker(out_dir: str) -> None:
   # on one device: each fold model has its own state and batches.
   started = time.time()
   fold_batches = [[_blobs(rng) for _ in range(FOLD_STEPS)] for _ in range(2)]
-  state = jax.device_put(
-      stack_folds([job.new_state(), job.new_state()]), parallel.replicated(mesh8)
-  )
-  for t in range(FOLD_STEPS):
-    stacked = {k: np.stack([fold_batches[f][t][k] for f in range(2)]) for k in ("image", "mask")}
-    state, step_metrics = step8(state, parallel.global_from_local(stacked, mesh8, fold_axis=True))
-    results[f"together/loss/{t}"] = np.asarray(jax.device_get(step_metrics["loss"]))
-  for f in range(2):
-    results.update(flat_leaves(jax.tree.map(lambda x: x[f], state.params), f"together{f}/params"))
-    results.update(
-        flat_leaves(jax.tree.map(lambda x: x[f], state.batch_stats), f"together{f}/batch_stats")
+  # The folds vmapped (config.fold_strategy='vmap') and in turn ('in_turn').
+  in_turn = ml_collections.ConfigDict(config.to_dict())
+  in_turn.fold_strategy = "in_turn"
+  for name, step in (
+      ("together", step8),
+      ("in_turn", compile_train_steps(in_turn, mesh8)[config.loss.name]),
+  ):
+    state = jax.device_put(
+        stack_folds([job.new_state(), job.new_state()]), parallel.replicated(mesh8)
     )
+    for t in range(FOLD_STEPS):
+      stacked = {k: np.stack([fold_batches[f][t][k] for f in range(2)]) for k in ("image", "mask")}
+      state, step_metrics = step(state, parallel.global_from_local(stacked, mesh8, fold_axis=True))
+      results[f"{name}/loss/{t}"] = np.asarray(jax.device_get(step_metrics["loss"]))
+    for f in range(2):
+      results.update(flat_leaves(jax.tree.map(lambda x: x[f], state.params), f"{name}{f}/params"))
+      results.update(
+          flat_leaves(jax.tree.map(lambda x: x[f], state.batch_stats), f"{name}{f}/batch_stats")
+      )
   for f in range(2):
     alone = jax.device_put(stack_folds([job.new_state()]), parallel.replicated(mesh1))
     for t in range(FOLD_STEPS):
@@ -387,26 +395,27 @@ def test_folds_trained_together_equal_folds_trained_apart(run):
   from tests.conftest import reduction_order_tolerance, step_mismatches
 
   _, results = run
-  for f in range(2):
-    for t in range(FOLD_STEPS):
-      a, b = results[f"together/loss/{t}"][f], results[f"apart{f}/loss/{t}"]
-      np.testing.assert_allclose(
-          a,
-          b,
-          rtol=0,
-          atol=reduction_order_tolerance((t + 1) * NUM_TERMS, abs(float(b))),
-          err_msg=f"fold {f} step {t} loss",
+  for way in ("together", "in_turn"):  # config.fold_strategy 'vmap' and 'in_turn'
+    for f in range(2):
+      for t in range(FOLD_STEPS):
+        a, b = results[f"{way}/loss/{t}"][f], results[f"apart{f}/loss/{t}"]
+        np.testing.assert_allclose(
+            a,
+            b,
+            rtol=0,
+            atol=reduction_order_tolerance((t + 1) * NUM_TERMS, abs(float(b))),
+            err_msg=f"{way}: fold {f} step {t} loss",
+        )
+      # Parameters and BatchNorm statistics after FOLD_STEPS steps: each step
+      # may add what reduction order allows (tests.conftest.step_mismatches).
+      bad = step_mismatches(
+          _step(results, f"{way}{f}"),
+          _step(results, f"apart{f}"),
+          _step(results, "init"),
+          NUM_TERMS,
+          steps=FOLD_STEPS,
       )
-    # Parameters and BatchNorm statistics after FOLD_STEPS steps: each step
-    # may add what reduction order allows (tests.conftest.step_mismatches).
-    bad = step_mismatches(
-        _step(results, f"together{f}"),
-        _step(results, f"apart{f}"),
-        _step(results, "init"),
-        NUM_TERMS,
-        steps=FOLD_STEPS,
-    )
-    assert not bad, f"fold {f}: " + "\n".join(bad)
+      assert not bad, f"{way}: fold {f}: " + "\n".join(bad)
   # The two folds saw different data: their models differ.
   differ = [
       k
@@ -447,6 +456,10 @@ def test_one_fold_is_traced_without_vmap_and_equals_it():
       np.testing.assert_allclose(together[key][f], alone[key], rtol=1e-5, atol=1e-5)
   assert one["out"].shape == (1, 5, 8, 8, 4) and one["total"].shape == (1,)
   np.testing.assert_array_equal(one["out"][0], jax.jit(conv)(weights[0], images[0])["out"])
+  # The folds in turn inside the program: the same, fold by fold.
+  in_turn = jax.jit(steps.over_folds(conv, "in_turn"))(weights, images)
+  for key in ("out", "total"):
+    np.testing.assert_allclose(in_turn[key], together[key], rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------ configs/tpu ---

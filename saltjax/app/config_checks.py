@@ -16,6 +16,7 @@ from saltjax.model import imagenet_weights
 from saltjax.model import tta
 from saltjax.training import losses
 from saltjax.training import optimizers
+from saltjax.training import steps as steps_lib
 from saltjax import workdir as workdir_lib
 
 ConfigError = errors.ConfigError
@@ -35,9 +36,11 @@ _FREE_KEYS = (
     "distributed_initialization_timeout_seconds",
     "eval_batch_size",
     "parallel_folds",
+    "fold_strategy",
     "checkpoint_every_seconds",
     "segment",
     "predict_data_dir",
+    "compile_for",
 )
 
 
@@ -61,6 +64,13 @@ def check(config) -> None:
     problems.append(str(e))
   _check_model(config, need)
   _check_data(config, need)
+  if config.get("compile_for", ""):
+    from saltjax.app import tpu_slices
+
+    try:
+      tpu_slices.slice_spec(config.compile_for)
+    except ConfigError as e:
+      problems.append(str(e))
   if problems:
     raise ConfigError("bad config:\n  " + "\n  ".join(problems))
 
@@ -98,6 +108,11 @@ def _check_input(config, need) -> None:
       "must be a multiple of 32 (the encoder's total stride)",
   )
   need(config.batch_size > 0, "batch_size", "must be positive")
+  need(
+      config.get("fold_strategy", "vmap") in steps_lib.FOLD_STRATEGIES,
+      "fold_strategy",
+      f"use one of {', '.join(steps_lib.FOLD_STRATEGIES)}",
+  )
   need(config.eval_batch_size > 0, "eval_batch_size", "must be positive")
   need(config.predict.batch_size > 0, "predict.batch_size", "must be positive")
 

@@ -25,6 +25,7 @@ from saltjax import workdir as workdir_lib
 _PACKAGES = (
     "jax",
     "jaxlib",
+    "libtpu",  # XLA's TPU compiler and runtime, where installed
     "flax",
     "optax",
     "orbax-checkpoint",

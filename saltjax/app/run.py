@@ -39,6 +39,8 @@ def default_workdir(config_file: str | None) -> str:
 def main(config, workdir: str | None, config_file: str | None = None) -> int:
   process.set_up_process()
   workdir = workdir or default_workdir(config_file)
+  if config.get("compile_for", ""):  # one process compiles for every host: nothing to join
+    return _compile_only(config, workdir)
   if config.get("distributed", False):
     host_loss.set_workdir(workdir)  # named when a process is lost
     try:
@@ -89,6 +91,24 @@ def main(config, workdir: str | None, config_file: str | None = None) -> int:
         f"OOF score {scores['oof_score']:.4f} at threshold {scores['threshold']:.2f};"
         f" wrote {workdir / workdir_lib.SUBMISSION_CSV}"
     )
+  return 0
+
+
+def _compile_only(config, workdir: str) -> int:
+  """The job compiled for config.compile_for's TPU slice (saltjax.app.compile_only)."""
+  from saltjax.app import compile_only
+
+  try:
+    if config.mode != "train":
+      raise errors.ConfigError(
+          f"config.compile_for={config.compile_for!r} compiles a training job:"
+          f" config.mode must be 'train', not {config.mode!r}"
+      )
+    config_checks.check(config)
+    compile_only.run(config, pathlib.Path(workdir))
+  except errors.SaltjaxError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   return 0
 
 

@@ -190,9 +190,17 @@ class DeviceFeeder:
 def validation_data(config, data, folds, fold_of, mesh) -> tuple:
   """Each fold's held-out images on the device, for `make_epoch_end_fn`.
 
-  (images, masks, valid) of shapes (N, F, B, 101, 101) and (N, F, B): N
-  batches of `eval_batch_size`, each fold padded to the longest (valid = 0 on
-  padding), replicated (the program shards each batch over the mesh).
+  `validation_batches`, replicated (the program splits each batch over the
+  mesh's devices).
+  """
+  return jax.device_put(validation_batches(config, data, folds, fold_of), parallel.replicated(mesh))
+
+
+def validation_batches(config, data, folds, fold_of) -> tuple[np.ndarray, ...]:
+  """(images, masks, valid) of shapes (N, F, B, 101, 101) and (N, F, B), on the host.
+
+  N batches of `eval_batch_size`, each fold padded to the longest (valid = 0
+  on padding).
   """
   held_out = [np.flatnonzero(fold_of == k) for k in folds]
   size = config.eval_batch_size
@@ -205,6 +213,4 @@ def validation_data(config, data, folds, fold_of, mesh) -> tuple:
     masks[f, : len(idx)] = data.train_masks[idx]
     valid[f, : len(idx)] = 1
   batches = lambda x: np.moveaxis(x.reshape((len(folds), length // size, size) + x.shape[2:]), 1, 0)
-  return jax.device_put(
-      (batches(images), batches(masks), batches(valid)), parallel.replicated(mesh)
-  )
+  return batches(images), batches(masks), batches(valid)

@@ -13,14 +13,13 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 from saltjax import parallel
 from saltjax.errors import ConfigError
 from saltjax.training.optimizers import create_learning_rate_fn, create_optimizer
-from saltjax.training.state import TrainState, create_model, initial_variables
+from saltjax.training.state import TrainState, create_model, initial_variables, state_from_variables
 from saltjax.training.steps import compile_train_steps, make_device_epoch_fn, make_epoch_end_fn
 
 
@@ -45,13 +44,23 @@ class Program:
     key = tuple((x.shape, x.dtype) for x in jax.tree.leaves(args[1:]))
     compiled = self._compiled.get(key)
     if compiled is None:
-      started = time.perf_counter()
-      compiled = self._compiled[key] = self._jitted.lower(*args).compile()
-      seconds = time.perf_counter() - started
+      compiled, seconds = self.compile(*args)
+      self._compiled[key] = compiled
       self.compile_seconds += seconds
       logging.info("Compiled %s in %.1f s.", self.name, seconds)
     self.calls += 1
     return compiled(*args)
+
+  def compile(self, *args) -> tuple[Any, float]:
+    """(the executable for `args`, compile seconds); not kept.
+
+    `args` may be `jax.ShapeDtypeStruct`s placed on compile-only devices (a
+    TPU slice's, `saltjax.app.compile_only`): the program the job would run
+    there, without running it.
+    """
+    started = time.perf_counter()
+    compiled = self._jitted.lower(*args).compile()
+    return compiled, time.perf_counter() - started
 
 
 @dataclasses.dataclass
@@ -107,7 +116,9 @@ class Job:
     return self.program(
         "the end of an epoch (validation, best model, weight average)",
         lambda: jax.jit(
-            make_epoch_end_fn(self.model, self.config), out_shardings=repl, donate_argnums=1
+            make_epoch_end_fn(self.model, self.config, self.mesh),
+            out_shardings=repl,
+            donate_argnums=1,
         ),
     )
 
@@ -121,19 +132,10 @@ class Job:
     )
 
   def new_state(self) -> TrainState:
-    v = self.initial_variables
-    # TrainState.create, with the optimiser's init as one compiled program: run
-    # op by op it compiles a small program for every parameter shape (1.3 s of
-    # a tiny CPU run's start, more on a GPU); jitted, 0.2 s, and then cached.
-    return TrainState(
-        step=0,
-        apply_fn=self.model.apply,
-        params=v["params"],
-        batch_stats=v["batch_stats"],
-        tx=self.tx,
-        opt_state=jax.jit(self.tx.init)(v["params"]),
-        lr_scale=jnp.ones((), jnp.float32),
-    )
+    # The optimiser's init as one compiled program: run op by op it compiles
+    # a small program for every parameter shape (1.3 s of a tiny CPU run's
+    # start, more on a GPU); jitted, 0.2 s, and then cached.
+    return state_from_variables(self.model, self.tx, self.initial_variables, jax.jit(self.tx.init))
 
 
 def local_batch_size(config) -> int:

@@ -13,6 +13,7 @@ from typing import Any
 
 from flax.training import train_state
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -60,6 +61,19 @@ def initial_variables(config, model) -> dict:
     variables = pretrained.merge_encoder(variables, encoder)
     logging.info("Encoder initialised from %s (%s)", config.model.pretrained, path)
   return variables
+
+
+def state_from_variables(model, tx, variables: dict, init_optimizer=None) -> TrainState:
+  """TrainState.create for {params, batch_stats}; works under `jax.eval_shape` too."""
+  return TrainState(
+      step=0,
+      apply_fn=model.apply,
+      params=variables["params"],
+      batch_stats=variables["batch_stats"],
+      tx=tx,
+      opt_state=(init_optimizer or tx.init)(variables["params"]),
+      lr_scale=jnp.ones((), jnp.float32),
+  )
 
 
 def model_variables(state) -> dict:

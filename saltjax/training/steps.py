@@ -79,16 +79,27 @@ def train_step(
   return new_state, step_metrics
 
 
-def over_folds(fn: Callable) -> Callable:
-  """`jax.vmap(fn)` over a leading fold axis; one fold runs as `fn` itself.
+FOLD_STRATEGIES = ("vmap", "in_turn")
 
-  vmapping over a stack of weights makes every conv a grouped conv
-  (`feature_group_count=F`) and batches every primitive while tracing; with
-  F = 1 (one fold at a time, `parallel_folds=1`) both are pure overhead, so
+
+def over_folds(fn: Callable, strategy: str = "vmap") -> Callable:
+  """`fn` over a leading fold axis: F fold models as one program.
+
+  'vmap': `jax.vmap(fn)`, every fold at once. Every conv becomes a grouped
+  conv (`feature_group_count=F`) and the F models' weights and optimiser
+  moments are read and written together.
+  'in_turn': `lax.map(fn)`, the folds one after another inside the program
+  (a loop over the fold axis): each iteration is one model's step on its own
+  batch, with no grouped convs, still one dispatch.
+  With F = 1 (one fold at a time, `parallel_folds=1`) both are pure overhead:
   the fold axis is dropped, `fn` runs unbatched and the axis is put back.
   The choice is made at trace time, from the arguments' static shapes.
   """
-  batched = jax.vmap(fn)
+  if strategy not in FOLD_STRATEGIES:
+    raise ConfigError(
+        f"unknown config.fold_strategy {strategy!r}: use one of {', '.join(FOLD_STRATEGIES)}"
+    )
+  batched = jax.vmap(fn) if strategy == "vmap" else lambda *a: jax.lax.map(lambda x: fn(*x), a)
 
   @functools.wraps(fn)
   def call(*args):
@@ -98,6 +109,23 @@ def over_folds(fn: Callable) -> Callable:
     return batched(*args)
 
   return call
+
+
+def fold_strategy(config) -> str:
+  return config.get("fold_strategy", "vmap")
+
+
+def folds_train_step(config, loss_name: str) -> Callable:
+  """fn(state, batch) of F fold models ((F, ...) and (F, B, ...)): `train_step` over the folds."""
+  return over_folds(
+      functools.partial(
+          train_step,
+          loss_config=config.loss,
+          loss_name=loss_name,
+          skip_nonfinite=config.nonfinite == "skip",
+      ),
+      fold_strategy(config),
+  )
 
 
 def compile_train_steps(config, mesh) -> dict[str, Callable]:
@@ -119,14 +147,7 @@ def compile_train_steps(config, mesh) -> dict[str, Callable]:
   repl, shard = parallel.replicated(mesh), parallel.data_sharding(mesh, fold_axis=True)
   return {
       name: jax.jit(
-          over_folds(
-              functools.partial(
-                  train_step,
-                  loss_config=config.loss,
-                  loss_name=name,
-                  skip_nonfinite=config.nonfinite == "skip",
-              )
-          ),
+          folds_train_step(config, name),
           in_shardings=(repl, shard),
           out_shardings=(repl, repl),
           donate_argnums=0,
@@ -193,21 +214,28 @@ class ModelsInMemory(NamedTuple):
   swa: Any
 
 
-def make_epoch_end_fn(model, config) -> Callable:
+def make_epoch_end_fn(model, config, mesh) -> Callable:
   """fn(state, models, val, val_counts, swa_count, swa_on) -> (models, val_sums, improved).
 
   The end of an epoch, on the device: every fold's validation over the
   device-resident held-out batches `val` ((N, F, B, ...) images, masks,
-  valid; one `lax.map` over N), then best-model selection (a fold's model
-  replaces its best where its score, sum / count in float32, beats the
-  best's) and the weight average. Pure; over the folds inside (`over_folds`).
+  valid; one `lax.map` over N, each batch split over the mesh's devices as a
+  training batch is), then best-model selection (a fold's model replaces its
+  best where its score, sum / count in float32, beats the best's) and the
+  weight average. Pure; over the folds inside (`over_folds`).
   """
-  validate = over_folds(_validation_sums_fn(model, config))
+  validate = over_folds(_validation_sums_fn(model, config), fold_strategy(config))
   use_swa = config.swa_from_epoch >= 0
+  shard = parallel.data_sharding(mesh, fold_axis=True)
+
+  def validate_batch(variables, batch):
+    # `val` is replicated: without the constraint every device would
+    # validate every image (a slice of 8 chips, 8 times the work).
+    return validate(variables, *jax.lax.with_sharding_constraint(batch, shard))
 
   def epoch_end(state, models: ModelsInMemory, val, val_counts, swa_count, swa_on):
     variables = model_variables(state)
-    sums = jnp.sum(jax.lax.map(lambda b: validate(variables, *b), val), axis=0)  # (F, 2)
+    sums = jnp.sum(jax.lax.map(lambda b: validate_batch(variables, b), val), axis=0)  # (F, 2)
     scores = sums[:, 0] / val_counts
     improved = scores > models.best_scores
     best = _select_fold_trees(improved, variables, models.best)
@@ -233,15 +261,8 @@ def make_device_epoch_fn(job: "Job", loss_name: str) -> Callable:
 
   config, mesh = job.config, job.mesh
   batch_fn = on_device.make_train_batch_fn(config, config.batch_size)
-  step = over_folds(
-      functools.partial(
-          train_step,
-          loss_config=config.loss,
-          loss_name=loss_name,
-          skip_nonfinite=config.nonfinite == "skip",
-      )
-  )
-  epoch_end = make_epoch_end_fn(job.model, config)
+  step = folds_train_step(config, loss_name)
+  epoch_end = make_epoch_end_fn(job.model, config, mesh)
   shard = parallel.data_sharding(mesh, fold_axis=True)
 
   def device_epoch(state, models, data, folds, val, val_counts, epoch, swa_count, swa_on):

@@ -1,0 +1,174 @@
+"""The train step compiled for TPU slices on this CPU: bytes and FLOPs per image, memory per chip.
+
+Deviceless ahead-of-time compilation (saltjax.app.compile_only's programs,
+XLA's TPU compiler from libtpu): deterministic figures of the program the
+slice would run, with no TPU. The recipe's step is bound by memory traffic,
+so bytes accessed per image-step is the figure to lower.
+
+Three ways to train F folds, at configs/tpu.py's sizes (ResNet50-scSE U-Net,
+bfloat16, 128 px) unless told otherwise:
+  vmap      the F folds at once, one program (config.fold_strategy='vmap':
+            every conv a grouped conv)
+  in_turn   the F folds one after another inside one program
+            (config.fold_strategy='in_turn': lax.map over the fold axis)
+  one_model one model at batch F x batch_size: the reference, what the same
+            images cost without a fold axis
+
+  python benchmarks/compile_tpu.py --slices=v5e-8 --batch_sizes=256,32
+  python benchmarks/compile_tpu.py --tiny     # the same at test size (minutes)
+
+Each compile of the full-size step takes minutes on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import pathlib
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from benchmarks import report  # noqa: E402
+
+STRATEGIES = ("vmap", "in_turn", "one_model")
+# The TGS training set: 5 folds x 152 epochs x 3,200 images a fold's epoch.
+TGS_TRAIN, TGS_TEST = 4000, 18000
+
+_TINY = {
+    "synthetic.num_train": 48,
+    "synthetic.num_test": 12,
+    "num_folds": 2,
+    "image_size": 64,
+    "model.stage_sizes": (1, 1, 1, 1),
+    "model.encoder_width": 4,
+    "model.decoder_channels": (16, 8, 8, 8, 8),
+    "model.scse_reduction": 4,
+    "num_epochs": 3,
+}
+
+
+def _config(strategy: str, batch_size: int, tiny: bool, cache_dir: str):
+  from configs import tpu
+
+  config = tpu.get_config()
+  config.cache_dir = cache_dir
+  config.use_tfds = False  # the layout read with OpenCV: no TFDS preparation
+  config.model.pretrained = ""  # shapes only
+  config.synthetic.num_train, config.synthetic.num_test = TGS_TRAIN, TGS_TEST
+  for key, value in (_TINY if tiny else {}).items():
+    node = config
+    *path, last = key.split(".")
+    for part in path:
+      node = node[part]
+    node[last] = value
+  config.batch_size = batch_size
+  if strategy == "one_model":
+    config.parallel_folds, config.fold = 1, 0
+    config.batch_size = batch_size * config.num_folds
+  else:
+    config.parallel_folds, config.fold_strategy = 0, strategy
+  return config
+
+
+def _measure(accelerator: str, strategy: str, batch_size: int, tiny: bool, cache_dir: str):
+  from saltjax.app import compile_programs
+  from saltjax.app import compile_report
+  from saltjax.app import tpu_slices
+  from saltjax.data import dataset as data_lib
+
+  spec = tpu_slices.slice_spec(accelerator)
+  devices = tpu_slices.compile_only_devices(spec)
+  config = _config(strategy, batch_size, tiny, cache_dir)
+  data = data_lib.load(config)
+  programs, facts = compile_programs.job_programs(config, devices, data, kinds=("train",))
+  result = compile_report.build(spec, programs, facts, {})
+  step = result["programs"][0]
+  # Every fold's image-steps of the whole job, at this step's cost per image.
+  fold_images = int(round(facts["steps_per_epoch"] * config.batch_size))
+  if strategy == "one_model":
+    fold_images //= config.num_folds
+  image_steps = config.num_folds * config.num_epochs * fold_images
+  seconds_per_image = step["bound_seconds"] / step["images_per_chip"] / spec.chips
+  return {
+      "accelerator": accelerator,
+      "strategy": strategy,
+      "batch_size_per_fold": batch_size,
+      "folds": config.num_folds,
+      "images_per_step": facts["images_per_chip_per_step"] * spec.chips,
+      "images_per_chip": step["images_per_chip"],
+      "compile_seconds": round(step["compile_seconds"], 1),
+      "flops_per_image": step["flops_per_image"],
+      "bytes_per_image": step["bytes_per_image"],
+      "memory_per_chip": step["memory_per_chip"],
+      "bound_ms_per_step": 1e3 * step["bound_seconds"],
+      "bound_by": _bound_by(step, spec),
+      "image_steps_job": image_steps,
+      "train_bound_seconds_job": seconds_per_image * image_steps,
+  }
+
+
+def _bound_by(step: dict, spec) -> str:
+  arithmetic = step["flops_per_chip"] / spec.peak_flops_per_chip
+  traffic = step["bytes_per_chip"] / spec.hbm_bandwidth_per_chip
+  return "memory" if traffic >= arithmetic else "compute"
+
+
+def _table(rows: list[dict]) -> str:
+  lines = [
+      "| slice | strategy | batch/fold | images/chip | GFLOP/image | GB/image | args+temp GiB/chip"
+      " | bound ms/step | bound | train bound, job (s) | compile s |",
+      "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+  ]
+  for r in rows:
+    m = r["memory_per_chip"]
+    lines.append(
+        f"| {r['accelerator']} | {r['strategy']} | {r['batch_size_per_fold']}"
+        f" | {r['images_per_chip']:g} | {r['flops_per_image'] / 1e9:.2f}"
+        f" | {r['bytes_per_image'] / 1e9:.3f}"
+        f" | {m['argument'] / 2**30:.2f} + {m['temp'] / 2**30:.2f}"
+        f" | {r['bound_ms_per_step']:.1f} | {r['bound_by']} | {r['train_bound_seconds_job']:.0f}"
+        f" | {r['compile_seconds']:.0f} |"
+    )
+  return "\n".join(lines)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--slices", default="v5e-8")
+  parser.add_argument("--strategies", default=",".join(STRATEGIES))
+  parser.add_argument("--batch_sizes", default="256,32", help="per fold")
+  parser.add_argument("--tiny", action="store_true", help="test-size model and data")
+  parser.add_argument("--cache_dir", default=os.path.expanduser("~/.cache/saltjax"))
+  parser.add_argument("--output", default=None)
+  args = parser.parse_args()
+  rows = []
+  started = time.time()
+  for accelerator in args.slices.split(","):
+    for batch_size in map(int, args.batch_sizes.split(",")):
+      for strategy in args.strategies.split(","):
+        if strategy not in STRATEGIES:
+          parser.error(f"--strategies: {strategy!r} is not one of {', '.join(STRATEGIES)}")
+        rows.append(_measure(accelerator, strategy, batch_size, args.tiny, args.cache_dir))
+        print(_table(rows[-1:]).splitlines()[-1], flush=True)
+  result = {
+      "benchmark": "compile_tpu",
+      "device": "compile-only TPU devices (XLA's TPU compiler on this CPU)",
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "versions": report.versions(("jax", "jaxlib", "libtpu", "flax", "optax")),
+      "git_commit": report.git_commit(),
+      "settings": {**vars(args), "config": "configs/tpu.py", "model_dtype": "bfloat16"},
+      "seconds": round(time.time() - started, 1),
+      "rows": rows,
+  }
+  print(_table(rows))
+  stem = "compile_tpu_tiny" if args.tiny else "compile_tpu"
+  report.write_result(result, args.output, stem)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,371 @@
+"""Every program a training job runs, compiled for a mesh of compile-only devices.
+
+`job_programs` builds the job's own jitted programs (`saltjax.training.job.Job`:
+the train step per loss or the device epoch, the epoch's end; the prediction
+forward with TTA, `saltjax.inference.ensemble.jitted_forward`) and compiles
+each at the config's real shapes, with `jax.ShapeDtypeStruct`s placed as the
+job places its arrays (state replicated, batches split over the mesh).
+Nothing runs: what comes back is each program's memory per chip and XLA's
+cost analysis (FLOPs and bytes accessed per chip), and how often the job
+calls it.
+
+XLA's cost analysis counts a loop's body once, whatever its trip count (a
+`lax.scan` of 10 steps costs what one does). A program with loops (the
+device epoch's scan over steps, the epoch end's `lax.map` over held-out
+batches) is compiled again with each loop's trip count set to 0: the
+difference is one iteration's cost, and the program's cost is scaled to
+every iteration from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from saltjax import parallel
+from saltjax.app import job as job_lib
+from saltjax.errors import ConfigError
+from saltjax.training import feeders
+from saltjax.training import steps as steps_lib
+from saltjax.training.job import Job, Program, steps_per_epoch_for
+from saltjax.training.optimizers import create_learning_rate_fn, create_optimizer, cycle_end_epochs
+from saltjax.training.state import create_model, initialized, state_from_variables
+
+
+@dataclasses.dataclass
+class ProgramCost:
+  """One compiled program: per chip, per call; and how often the job calls it."""
+
+  name: str
+  kind: str  # 'train', 'epoch_end' or 'predict'
+  compile_seconds: float
+  memory_per_chip: dict  # argument, output, temp, code, total (bytes)
+  flops_per_chip: float
+  bytes_per_chip: float
+  images_per_chip: float  # the images one call processes on one chip
+  calls_per_epoch: int  # in the first epoch of the first group of folds
+  calls_per_job: int
+  loop_trips: dict = dataclasses.field(default_factory=dict)  # loops scaled for
+
+
+def _cost(compiled) -> tuple[float, float]:
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # one dict per program in older jax
+    analysis = analysis[0]
+  return float(analysis.get("flops", 0.0)), float(analysis.get("bytes accessed", 0.0))
+
+
+def _memory(compiled) -> dict:
+  m = compiled.memory_analysis()
+  memory = {
+      "argument": int(m.argument_size_in_bytes),
+      "output": int(m.output_size_in_bytes),
+      "temp": int(m.temp_size_in_bytes),
+      "code": int(m.generated_code_size_in_bytes),
+  }
+  # A donated argument's buffer is reused for an output: counted once.
+  memory["total"] = sum(memory.values()) - int(m.alias_size_in_bytes)
+  return memory
+
+
+def _compile(name: str, program, args) -> tuple[Any, float]:
+  try:
+    return program.compile(*args)
+  except Exception as e:  # XLA's TPU compiler refuses a program over the chip's HBM
+    text = str(e)
+    if "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text:
+      first = next((line for line in text.splitlines() if "memory" in line.lower()), text)
+      raise ConfigError(f"{name} does not fit on one chip: {first.strip()}") from e
+    raise
+
+
+def _measure(name: str, program, args, loops: dict[str, tuple]):
+  """(compile seconds, memory, FLOPs, bytes) of `program` at `args`, scaled over `loops`.
+
+  loops: {loop: (trips, a function compiling the program with that loop's
+  trip count set to 0, iterations per trip)}. The compiled program counts
+  one iteration of each loop; the difference from the zero-trip program is
+  that iteration, which the loop runs trips x iterations-per-trip times. A
+  loop over the folds (fold_strategy='in_turn') inside another loop's body
+  makes each of its trips F iterations of the counted body (an upper bound:
+  the body's work outside the fold loop is counted F times too).
+  """
+  compiled, seconds = _compile(name, program, args)
+  flops, nbytes = _cost(compiled)
+  total_flops, total_bytes = flops, nbytes
+  for loop, (trips, compile_without, per_trip) in loops.items():
+    runs = trips * per_trip
+    if runs == 1 or trips == 0:  # counted as it runs (one trip is unrolled; none has no body)
+      continue
+    without, more = compile_without()
+    seconds += more
+    flops0, bytes0 = _cost(without)
+    total_flops += (runs - 1) * (flops - flops0)
+    total_bytes += (runs - 1) * (nbytes - bytes0)
+  logging.info("Compiled %s in %.1f s.", name, seconds)
+  return seconds, _memory(compiled), total_flops, total_bytes
+
+
+def _folds_in_turn(job: Job, group) -> int:
+  """F where the program loops over the F folds (fold_strategy='in_turn', F >= 2), else 1."""
+  in_turn = steps_lib.fold_strategy(job.config) == "in_turn" and len(group) >= 2
+  return len(group) if in_turn else 1
+
+
+def _abstract(tree, sharding):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree)
+
+
+def _stacked(tree, num_folds: int, sharding):
+  """`tree`'s shapes with a leading fold axis of `num_folds`."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct((num_folds,) + tuple(x.shape), x.dtype, sharding=sharding),
+      tree,
+  )
+
+
+def _accelerator_dtype(config):
+  """The model's dtype on the accelerator: 'auto' means bfloat16 there (not on this CPU)."""
+  return "bfloat16" if config.model.dtype == "auto" else None
+
+
+def compile_job(config, devices, data) -> Job:
+  """The job's `Job` on a mesh of `devices`, with the abstract initial variables."""
+  mesh = parallel.create_mesh(devices)
+  fold_of = _fold_of(config, data)
+  steps_per_epoch = steps_per_epoch_for(config, mesh, fold_of)
+  model = create_model(config, dtype=_accelerator_dtype(config))
+  lr_fn = create_learning_rate_fn(config, steps_per_epoch)
+  return Job(
+      config=config,
+      mesh=mesh,
+      model=model,
+      steps_per_epoch=steps_per_epoch,
+      lr_fn=lr_fn,
+      tx=create_optimizer(config, lr_fn),
+      initial_variables=jax.eval_shape(
+          lambda: initialized(jax.random.key(config.seed), model, config.image_size)
+      ),
+      train_steps=steps_lib.compile_train_steps(config, mesh),
+      writer=None,
+  )
+
+
+def _fold_of(config, data) -> np.ndarray:
+  from saltjax.data import dataset as data_lib
+
+  return data_lib.fold_assignment(config, data)["fold"].to_numpy()
+
+
+def _epochs_by_loss(config) -> dict[str, int]:
+  counts = {}
+  for epoch in range(config.num_epochs):
+    name = steps_lib.loss_name_for_epoch(config, epoch)
+    counts[name] = counts.get(name, 0) + 1
+  return counts
+
+
+def _models_per_fold(config) -> int:
+  parts = [p.strip() for p in config.predict.checkpoints.split("+")]
+  return sum(max(1, len(cycle_end_epochs(config))) if p == "snapshots" else 1 for p in parts)
+
+
+KINDS = ("train", "epoch_end", "predict")
+
+
+def job_programs(config, devices, data, kinds=KINDS) -> tuple[list[ProgramCost], dict]:
+  """Every program the job runs (of `kinds`), compiled for `devices`; (their costs, the job's facts)."""
+  job = compile_job(config, devices, data)
+  fold_of = _fold_of(config, data)
+  chips = job.mesh.size
+  groups = job_lib.fold_groups(config, job_lib.folds_to_train(config))
+  device_input = config.get("input_pipeline", "tfdata") == "device"
+  costs = []
+  for size in sorted({len(g) for g in groups}, reverse=True):
+    same_size = [g for g in groups if len(g) == size]
+    first_group = groups[0] in same_size
+    if device_input:
+      programs = _device_epoch_programs(job, same_size[0], data, fold_of)
+    else:
+      programs = _step_programs(job, same_size[0], data, fold_of, "epoch_end" in kinds)
+    for cost, per_epoch in programs:
+      cost.calls_per_epoch = per_epoch if first_group else 0
+      cost.calls_per_job = _calls_per_job(config, cost, per_epoch, len(same_size))
+      costs.append(cost)
+  if config.fold == -1 and "predict" in kinds:  # the job predicts once every fold is trained
+    costs.append(_predict_program(job, data, fold_of))
+  facts = {
+      "steps_per_epoch": job.steps_per_epoch,
+      "num_epochs": config.num_epochs,
+      "fold_groups": groups,
+      "input_pipeline": config.get("input_pipeline", "tfdata"),
+      "batch_size_per_fold": config.batch_size,
+      "images_per_chip_per_step": len(groups[0]) * config.batch_size / chips,
+      "model_dtype": str(jnp.dtype(job.model.dtype)),
+  }
+  return costs, facts
+
+
+def _calls_per_job(config, cost: ProgramCost, per_epoch: int, num_groups: int) -> int:
+  loss = cost.loop_trips.get("loss")
+  epochs = _epochs_by_loss(config).get(loss, 0) if loss else config.num_epochs
+  return per_epoch * epochs * num_groups
+
+
+def _group_arguments(job: Job, group, data, fold_of) -> dict:
+  """The abstract arguments every program of a group of folds takes."""
+  config, mesh = job.config, job.mesh
+  repl = parallel.replicated(mesh)
+  num_folds = len(group)
+  state = jax.eval_shape(
+      lambda v: state_from_variables(job.model, job.tx, v), job.initial_variables
+  )
+  variables = _stacked(job.initial_variables, num_folds, repl)
+  models = steps_lib.ModelsInMemory(
+      variables, jax.ShapeDtypeStruct((num_folds,), jnp.float32, sharding=repl), variables
+  )
+  val = feeders.validation_batches(config, data, group, fold_of)
+  return {
+      "state": _stacked(state, num_folds, repl),
+      "models": models,
+      "val": _abstract(val, repl),
+      "no_val": _abstract(tuple(x[:0] for x in val), repl),
+      "val_counts": jax.ShapeDtypeStruct((num_folds,), jnp.float32, sharding=repl),
+      "scalars": _abstract((np.int32(0), np.float32(0), np.bool_(False)), repl),
+      "num_val_batches": len(val[0]),
+  }
+
+
+def _with_folds(tree, num_folds: int):
+  """`tree`'s abstract arrays with their leading (fold) axis set to `num_folds`."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct((num_folds,) + x.shape[1:], x.dtype, sharding=x.sharding), tree
+  )
+
+
+def _train_batch(job: Job, group, data, fold_of):
+  """The abstract (F, B, ...) batch that a train step takes, as the device path makes it."""
+  from saltjax.input_pipeline import on_device
+
+  device_data, folds = _device_data(job, group, data, fold_of)
+  batch_fn = on_device.make_train_batch_fn(job.config, job.config.batch_size)
+  batch = jax.eval_shape(batch_fn, device_data, folds, 0, 0)
+  return _abstract(batch, parallel.data_sharding(job.mesh, fold_axis=True))
+
+
+def _device_data(job: Job, group, data, fold_of):
+  from saltjax.input_pipeline import on_device
+
+  repl = parallel.replicated(job.mesh)
+  device_data = on_device.DeviceData(
+      *_abstract((data.train_images, data.train_masks.astype(np.uint8)), repl)
+  )
+  folds = on_device.fold_indices(fold_of, group, seed=job.config.seed)
+  return device_data, _abstract(folds, repl)
+
+
+def _epoch_end_cost(job: Job, args: dict, group) -> ProgramCost:
+  config, chips = job.config, job.mesh.size
+  program = job.epoch_end_program()
+  name = f"{program.name}, {len(group)} fold(s)"
+  call = lambda val: (args["state"], args["models"], val, args["val_counts"], *args["scalars"][1:])
+  n = args["num_val_batches"]
+  without_val = lambda: _compile(name, program, call(args["no_val"]))
+  loops = {"validation": (n, without_val, _folds_in_turn(job, group))}
+  seconds, memory, flops, nbytes = _measure(name, program, call(args["val"]), loops)
+  images = n * len(group) * config.eval_batch_size / chips
+  return ProgramCost(
+      name, "epoch_end", seconds, memory, flops, nbytes, images, 0, 0, {"validation": n}
+  )
+
+
+def _step_programs(
+    job: Job, group, data, fold_of, with_epoch_end=True
+) -> list[tuple[ProgramCost, int]]:
+  """The tf.data path: a train step per loss (a call per step), the epoch's end."""
+  config, chips = job.config, job.mesh.size
+  args = _group_arguments(job, group, data, fold_of)
+  batch = _train_batch(job, group, data, fold_of)
+  out = []
+  for loss in _epochs_by_loss(config):
+    program = job.train_step_program(loss)
+    name = f"{program.name}, {len(group)} fold(s)"
+    loops = {}
+    if _folds_in_turn(job, group) > 1:  # the step is the fold loop: none of it outside
+      no_folds = (_with_folds(args["state"], 0), _with_folds(batch, 0))
+      loops["folds"] = (len(group), lambda: _compile(name, program, no_folds), 1)
+    seconds, memory, flops, nbytes = _measure(name, program, (args["state"], batch), loops)
+    images = len(group) * config.batch_size / chips
+    cost = ProgramCost(name, "train", seconds, memory, flops, nbytes, images, 0, 0, {"loss": loss})
+    out.append((cost, job.steps_per_epoch if loss == config.loss.name else 0))
+  if with_epoch_end:
+    out.append((_epoch_end_cost(job, args, group), 1))
+  return out
+
+
+def _device_epoch_programs(job: Job, group, data, fold_of) -> list[tuple[ProgramCost, int]]:
+  """The device path: one program an epoch per loss (its steps, then its end)."""
+  config, chips = job.config, job.mesh.size
+  args = _group_arguments(job, group, data, fold_of)
+  device_data, folds = _device_data(job, group, data, fold_of)
+  no_steps = dataclasses.replace(job, steps_per_epoch=0, programs={})
+  steps, n = job.steps_per_epoch, args["num_val_batches"]
+  epoch, swa_count, swa_on = args["scalars"]
+  call = lambda val: (
+      args["state"],
+      args["models"],
+      device_data,
+      folds,
+      val,
+      args["val_counts"],
+      epoch,
+      swa_count,
+      swa_on,
+  )
+  out = []
+  for loss in _epochs_by_loss(config):
+    program = job.device_epoch_program(loss)
+    name = f"{program.name}, {len(group)} fold(s)"
+    without = no_steps.device_epoch_program(loss)
+    in_turn = _folds_in_turn(job, group)
+    loops = {
+        "steps": (steps, lambda: _compile(name, without, call(args["val"])), in_turn),
+        "validation": (n, lambda: _compile(name, program, call(args["no_val"])), in_turn),
+    }
+    seconds, memory, flops, nbytes = _measure(name, program, call(args["val"]), loops)
+    images = steps * len(group) * config.batch_size / chips
+    trips = {"loss": loss, "steps": steps, "validation": n}
+    cost = ProgramCost(name, "train", seconds, memory, flops, nbytes, images, 0, 0, trips)
+    out.append((cost, 1 if loss == config.loss.name else 0))
+  return out
+
+
+def _predict_program(job: Job, data, fold_of) -> ProgramCost:
+  """The prediction forward with config.predict.tta's views: a call per batch per model."""
+  from saltjax.inference import ensemble
+
+  config, mesh = job.config, job.mesh
+  forward = ensemble.jitted_forward(config, job.model, mesh)
+  size = config.predict.batch_size
+  variables = _abstract(job.initial_variables, parallel.replicated(mesh))
+  images = jax.ShapeDtypeStruct(
+      (size,) + data.train_images.shape[1:], np.uint8, sharding=parallel.data_sharding(mesh)
+  )
+
+  program = Program(f"the prediction forward (tta={config.predict.tta})", forward.infer_fn)
+  seconds, memory, flops, nbytes = _measure(program.name, program, (variables, images), {})
+  n_test = len(data.test_ids) if data.test_images is not None else 0
+  calls = sum(
+      _models_per_fold(config)
+      * (math.ceil(int((fold_of == k).sum()) / size) + math.ceil(n_test / size))
+      for k in job_lib.folds_to_train(config)
+  )
+  return ProgramCost(
+      program.name, "predict", seconds, memory, flops, nbytes, size / mesh.size, 0, calls
+  )
