@@ -446,7 +446,7 @@ SHARED_UNITS = {
     "test_predict": "trained_job",
 }
 HEAVY_UNITS = (
-    "test_host_loss",  # ~430 s, six two-process jobs (two of them 20 s waits)
+    "test_host_loss",  # ~170 s, six two-process launches (two of them 20 s waits)
     "reference",  # test_reliability + test_checkpoints, ~175 s
     "test_multihost",  # ~115 s, two processes at a time
     "test_compile_only",  # ~90 s, XLA's TPU compiler

@@ -4,13 +4,15 @@ Two processes of `python main.py --config=configs/tpu.py` at tiny sizes, as
 tests/app/test_multihost.py's pod job runs them (SLURM's environment, gloo
 CPU collectives), with small timeouts: heartbeat 10 s, initialization 20 s.
 
-- Process 1 kills itself with SIGKILL in epoch 3, past the first resume
-  points: process 0 exits 75 within the heartbeat timeout + 30 s, with one
-  line naming process 1, the resume point on disk and the command; no
-  traceback, no C++ frames, no temporary file left. The same two commands
-  then finish the job with the scores of a job never interrupted (the
-  reference, run first: it compiles what the others load).
-- Process 0, the coordinator, kills itself in epoch 2: process 1 does the same.
+One job, started three times with the same two commands:
+- process 0, the coordinator, kills itself with SIGKILL in epoch 2, past the
+  first resume point: process 1 exits 75 within the heartbeat timeout + 30 s,
+  with one line naming process 0 and the command; no traceback, no C++ frames;
+- relaunched, it resumes from epoch 1, and process 1 kills itself in epoch 3:
+  process 0 exits 75 the same way, naming process 1 and the resume point on
+  disk; no temporary file is left;
+- relaunched again, it finishes with the scores of a job never interrupted
+  (the reference, run first: it compiles what the others load).
 - A job whose process 1 (or 0) never starts: the other gives up after the
   initialization timeout, naming the missing process and the coordinator.
 """
@@ -189,7 +191,7 @@ def _assert_clean_stop(log: str) -> None:
 
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory, prepared_data, data_cache, compile_cache):
-  """The reference job, then a job whose process 1 is killed (and resumed)."""
+  """The reference job, then one job stopped twice by a lost process, then finished."""
   root = tmp_path_factory.mktemp("host_loss")
   # While the reference compiles, two jobs that never gather wait out their
   # initialization timeout: one without process 1, one without process 0.
@@ -214,19 +216,22 @@ def jobs(tmp_path_factory, prepared_data, data_cache, compile_cache):
 
   workdir = root / "run"
   args = _args(workdir, data_cache, compile_cache)
-  killed = _run(
-      args,
-      root / "killed_out",
-      kill=(1, "2,1"),
-      kill_after=[workdir / f"fold_{k}" / "latest" / "2" for k in (0, 1)],
+  resume_point = lambda epoch: [workdir / f"fold_{k}" / "latest" / str(epoch) for k in (0, 1)]
+  coordinator_killed = _run(
+      args, root / "coordinator_out", kill=(0, "1,1"), kill_after=resume_point(1)
   )
+  killed = resumed = None
+  if coordinator_killed["rc"].get(1) == 75:
+    killed = _run(args, root / "killed_out", kill=(1, "2,1"), kill_after=resume_point(2))
   at_kill = {"resume_point": _disk_resume_point(workdir), "leftovers": _leftovers(workdir)}
-  resumed = _run(args, root / "resumed_out") if killed["rc"].get(0) == 75 else None
+  if killed is not None and killed["rc"].get(0) == 75:
+    resumed = _run(args, root / "resumed_out")
   return {
       "root": root,
       "reference": root / "reference",
       "never": never,
       "workdir": workdir,
+      "coordinator_killed": coordinator_killed,
       "killed": killed,
       "at_kill": at_kill,
       "resumed": resumed,
@@ -235,6 +240,9 @@ def jobs(tmp_path_factory, prepared_data, data_cache, compile_cache):
 
 def test_a_lost_host_stops_the_others_in_one_line_with_exit_75(jobs):
   killed, workdir = jobs["killed"], jobs["workdir"]
+  assert killed is not None, "the job did not stop as it should when process 0 was lost"
+  for k in (0, 1):
+    assert f"Fold {k}: resumed from epoch 1." in killed["logs"][1]
   assert killed["killed_at"] is not None, "the kill never came" + _tails(killed)
   assert killed["rc"] == {0: 75, 1: -9}, _tails(killed)
   took = killed["ended"][0] - killed["killed_at"]
@@ -259,7 +267,7 @@ def test_the_same_commands_resume_to_the_uninterrupted_scores(jobs):
   from tests.conftest import _without_seconds
 
   resumed, workdir, reference = jobs["resumed"], jobs["workdir"], jobs["reference"]
-  assert resumed is not None, "the job did not stop as it should"
+  assert resumed is not None, "the job did not stop as it should when process 1 was lost"
   assert resumed["rc"] == {0: 0, 1: 0}, _tails(resumed)
   point = jobs["at_kill"]["resume_point"]
   for log in resumed["logs"].values():
@@ -278,18 +286,8 @@ def test_the_same_commands_resume_to_the_uninterrupted_scores(jobs):
   assert _leftovers(workdir) == []
 
 
-@pytest.fixture(scope="module")
-def coordinator_killed(jobs, data_cache, compile_cache):
-  root = jobs["root"]
-  return _run(
-      _args(root / "coordinator", data_cache, compile_cache),
-      root / "coordinator_out",
-      kill=(0, "1,1"),
-  )
-
-
-def test_a_lost_coordinator_stops_the_others_in_one_line_with_exit_75(coordinator_killed):
-  run = coordinator_killed
+def test_a_lost_coordinator_stops_the_others_in_one_line_with_exit_75(jobs):
+  run, workdir = jobs["coordinator_killed"], jobs["workdir"]
   assert run["killed_at"] is not None, "the kill never came" + _tails(run)
   assert run["rc"] == {0: -9, 1: 75}, _tails(run)
   took = run["ended"][1] - run["killed_at"]
@@ -300,6 +298,7 @@ def test_a_lost_coordinator_stops_the_others_in_one_line_with_exit_75(coordinato
   [line] = _error_lines(log)
   assert line.startswith("error: lost process 0 (host "), line
   assert ", the coordinator at 127.0.0.1:" in line and "of this 2-process job" in line
+  assert f"in {workdir}: fold 0 epoch 1, fold 1 epoch 1;" in line, line
   assert "start every process again with the same command to resume: python main.py" in line
   assert line.endswith("(exit status 75: a temporary failure, retry)")
 

@@ -54,6 +54,9 @@ def test_every_recipe_option_together(tmp_path, data_cache, compile_cache):
           "model.encoder_width": 4,
           "model.decoder_channels": (8, 8, 8, 8, 8),
           "num_folds": 2,
+          # In turn: folds trained together are tested elsewhere, and a vmap
+          # over two folds doubles this model's compile on a CPU.
+          "parallel_folds": 1,
       },
   )
   # As a user runs it (main.py), so that the workdir is a complete one for predict.
