@@ -104,6 +104,10 @@ def _measure(accelerator: str, strategy: str, batch_size: int, tiny: bool, cache
       "compile_seconds": round(step["compile_seconds"], 1),
       "flops_per_image": step["flops_per_image"],
       "bytes_per_image": step["bytes_per_image"],
+      "hbm_bytes_per_image": step["hbm_bytes_per_image"],
+      "on_chip_bytes_per_image": step["on_chip_bytes_per_chip"] / step["images_per_chip"],
+      "hbm_bytes_per_image_by_kind": _per_image(step["hbm_bytes_by_kind"], step),
+      "hbm_bytes_per_image_by_phase": _per_image(step["hbm_bytes_by_phase"], step),
       "memory_per_chip": step["memory_per_chip"],
       "bound_ms_per_step": 1e3 * step["bound_seconds"],
       "bound_by": _bound_by(step, spec),
@@ -112,24 +116,28 @@ def _measure(accelerator: str, strategy: str, batch_size: int, tiny: bool, cache
   }
 
 
+def _per_image(split: dict, step: dict) -> dict:
+  return {k: v / step["images_per_chip"] for k, v in split.items()}
+
+
 def _bound_by(step: dict, spec) -> str:
   arithmetic = step["flops_per_chip"] / spec.peak_flops_per_chip
-  traffic = step["bytes_per_chip"] / spec.hbm_bandwidth_per_chip
+  traffic = step["hbm_bytes_per_chip"] / spec.hbm_bandwidth_per_chip
   return "memory" if traffic >= arithmetic else "compute"
 
 
 def _table(rows: list[dict]) -> str:
   lines = [
-      "| slice | strategy | batch/fold | images/chip | GFLOP/image | GB/image | args+temp GiB/chip"
-      " | bound ms/step | bound | train bound, job (s) | compile s |",
-      "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+      "| slice | strategy | batch/fold | images/chip | GFLOP/image | GB/image (XLA) | HBM GB/image"
+      " | args+temp GiB/chip | bound ms/step | bound | train bound, job (s) | compile s |",
+      "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
   ]
   for r in rows:
     m = r["memory_per_chip"]
     lines.append(
         f"| {r['accelerator']} | {r['strategy']} | {r['batch_size_per_fold']}"
         f" | {r['images_per_chip']:g} | {r['flops_per_image'] / 1e9:.2f}"
-        f" | {r['bytes_per_image'] / 1e9:.3f}"
+        f" | {r['bytes_per_image'] / 1e9:.3f} | {r['hbm_bytes_per_image'] / 1e9:.3f}"
         f" | {m['argument'] / 2**30:.2f} + {m['temp'] / 2**30:.2f}"
         f" | {r['bound_ms_per_step']:.1f} | {r['bound_by']} | {r['train_bound_seconds_job']:.0f}"
         f" | {r['compile_seconds']:.0f} |"

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from saltjax import parallel
+from saltjax.app import hlo_traffic
 from saltjax.app import job as job_lib
 from saltjax.errors import ConfigError
 from saltjax.training import feeders
@@ -47,18 +48,34 @@ class ProgramCost:
   compile_seconds: float
   memory_per_chip: dict  # argument, output, temp, code, total (bytes)
   flops_per_chip: float
-  bytes_per_chip: float
+  bytes_per_chip: float  # XLA's cost analysis: bytes accessed in every memory space
   images_per_chip: float  # the images one call processes on one chip
-  calls_per_epoch: int  # in the first epoch of the first group of folds
-  calls_per_job: int
+  calls_per_epoch: int = 0  # in the first epoch of the first group of folds
+  calls_per_job: int = 0
   loop_trips: dict = dataclasses.field(default_factory=dict)  # loops scaled for
+  hbm_bytes_per_chip: float = 0.0  # of those, read and written in HBM (hlo_traffic)
+  on_chip_bytes_per_chip: float = 0.0  # and in on-chip memory (VMEM)
+  hbm_bytes_by_kind: dict = dataclasses.field(default_factory=dict)  # as compiled
+  hbm_bytes_by_phase: dict = dataclasses.field(default_factory=dict)
 
 
-def _cost(compiled) -> tuple[float, float]:
+def _cost(compiled) -> dict:
+  """FLOPs and bytes of one call: XLA's cost analysis, and HBM's share of the bytes."""
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):  # one dict per program in older jax
     analysis = analysis[0]
-  return float(analysis.get("flops", 0.0)), float(analysis.get("bytes accessed", 0.0))
+  moved = hlo_traffic.traffic(compiled.as_text())
+  return {
+      "flops_per_chip": float(analysis.get("flops", 0.0)),
+      "bytes_per_chip": float(analysis.get("bytes accessed", 0.0)),
+      "hbm_bytes_per_chip": float(moved["hbm_bytes"]),
+      "on_chip_bytes_per_chip": float(moved["on_chip_bytes"]),
+      "hbm_bytes_by_kind": moved["by_kind"],
+      "hbm_bytes_by_phase": moved["by_phase"],
+  }
+
+
+_SCALED = ("flops_per_chip", "bytes_per_chip", "hbm_bytes_per_chip", "on_chip_bytes_per_chip")
 
 
 def _memory(compiled) -> dict:
@@ -97,19 +114,19 @@ def _measure(name: str, program, args, loops: dict[str, tuple]):
   the body's work outside the fold loop is counted F times too).
   """
   compiled, seconds = _compile(name, program, args)
-  flops, nbytes = _cost(compiled)
-  total_flops, total_bytes = flops, nbytes
+  counted = _cost(compiled)
+  figures = dict(counted)
   for loop, (trips, compile_without, per_trip) in loops.items():
     runs = trips * per_trip
     if runs == 1 or trips == 0:  # counted as it runs (one trip is unrolled; none has no body)
       continue
     without, more = compile_without()
     seconds += more
-    flops0, bytes0 = _cost(without)
-    total_flops += (runs - 1) * (flops - flops0)
-    total_bytes += (runs - 1) * (nbytes - bytes0)
+    zero = _cost(without)
+    for key in _SCALED:
+      figures[key] += (runs - 1) * (counted[key] - zero[key])
   logging.info("Compiled %s in %.1f s.", name, seconds)
-  return seconds, _memory(compiled), total_flops, total_bytes
+  return {**figures, "compile_seconds": seconds, "memory_per_chip": _memory(compiled)}
 
 
 def _folds_in_turn(job: Job, group) -> int:
@@ -278,10 +295,10 @@ def _epoch_end_cost(job: Job, args: dict, group) -> ProgramCost:
   n = args["num_val_batches"]
   without_val = lambda: _compile(name, program, call(args["no_val"]))
   loops = {"validation": (n, without_val, _folds_in_turn(job, group))}
-  seconds, memory, flops, nbytes = _measure(name, program, call(args["val"]), loops)
+  figures = _measure(name, program, call(args["val"]), loops)
   images = n * len(group) * config.eval_batch_size / chips
   return ProgramCost(
-      name, "epoch_end", seconds, memory, flops, nbytes, images, 0, 0, {"validation": n}
+      name, "epoch_end", images_per_chip=images, loop_trips={"validation": n}, **figures
   )
 
 
@@ -300,9 +317,9 @@ def _step_programs(
     if _folds_in_turn(job, group) > 1:  # the step is the fold loop: none of it outside
       no_folds = (_with_folds(args["state"], 0), _with_folds(batch, 0))
       loops["folds"] = (len(group), lambda: _compile(name, program, no_folds), 1)
-    seconds, memory, flops, nbytes = _measure(name, program, (args["state"], batch), loops)
+    figures = _measure(name, program, (args["state"], batch), loops)
     images = len(group) * config.batch_size / chips
-    cost = ProgramCost(name, "train", seconds, memory, flops, nbytes, images, 0, 0, {"loss": loss})
+    cost = ProgramCost(name, "train", images_per_chip=images, loop_trips={"loss": loss}, **figures)
     out.append((cost, job.steps_per_epoch if loss == config.loss.name else 0))
   if with_epoch_end:
     out.append((_epoch_end_cost(job, args, group), 1))
@@ -338,10 +355,10 @@ def _device_epoch_programs(job: Job, group, data, fold_of) -> list[tuple[Program
         "steps": (steps, lambda: _compile(name, without, call(args["val"])), in_turn),
         "validation": (n, lambda: _compile(name, program, call(args["no_val"])), in_turn),
     }
-    seconds, memory, flops, nbytes = _measure(name, program, call(args["val"]), loops)
+    figures = _measure(name, program, call(args["val"]), loops)
     images = steps * len(group) * config.batch_size / chips
     trips = {"loss": loss, "steps": steps, "validation": n}
-    cost = ProgramCost(name, "train", seconds, memory, flops, nbytes, images, 0, 0, trips)
+    cost = ProgramCost(name, "train", images_per_chip=images, loop_trips=trips, **figures)
     out.append((cost, 1 if loss == config.loss.name else 0))
   return out
 
@@ -359,7 +376,7 @@ def _predict_program(job: Job, data, fold_of) -> ProgramCost:
   )
 
   program = Program(f"the prediction forward (tta={config.predict.tta})", forward.infer_fn)
-  seconds, memory, flops, nbytes = _measure(program.name, program, (variables, images), {})
+  figures = _measure(program.name, program, (variables, images), {})
   n_test = len(data.test_ids) if data.test_images is not None else 0
   calls = sum(
       _models_per_fold(config)
@@ -367,5 +384,5 @@ def _predict_program(job: Job, data, fold_of) -> ProgramCost:
       for k in job_lib.folds_to_train(config)
   )
   return ProgramCost(
-      program.name, "predict", seconds, memory, flops, nbytes, size / mesh.size, 0, calls
+      program.name, "predict", images_per_chip=size / mesh.size, calls_per_job=calls, **figures
   )

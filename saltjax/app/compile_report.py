@@ -1,8 +1,10 @@
 """The compile-only run's report: memory per chip, the roofline bound, the table.
 
 A program's bound is the roofline's lower bound on its time on one chip,
-max(FLOPs / peak FLOP/s, bytes accessed / HBM bandwidth), from XLA's own
-count of the compiled program; the epoch's and the job's are the sums of
+max(FLOPs / peak FLOP/s, HBM bytes / HBM bandwidth), from XLA's count of the
+compiled program's FLOPs and the HBM traffic of its instructions
+(`hlo_traffic`: XLA's "bytes accessed" also counts what stays in on-chip
+memory, whose bandwidth is far higher); the epoch's and the job's are the sums of
 their programs' bounds times their calls. They are bounds, never
 measurements: a real step is slower (latencies, collectives, the host), and
 no faster.
@@ -31,11 +33,15 @@ def build(spec, programs, facts: dict, versions: dict) -> dict:
   for p in programs:
     row = dataclasses.asdict(p)
     row["bound_seconds"] = bound_seconds(
-        p.flops_per_chip, p.bytes_per_chip, spec.peak_flops_per_chip, spec.hbm_bandwidth_per_chip
+        p.flops_per_chip,
+        p.hbm_bytes_per_chip,
+        spec.peak_flops_per_chip,
+        spec.hbm_bandwidth_per_chip,
     )
     images = p.images_per_chip or float("nan")
     row["flops_per_image"] = p.flops_per_chip / images
     row["bytes_per_image"] = p.bytes_per_chip / images
+    row["hbm_bytes_per_image"] = p.hbm_bytes_per_chip / images
     row["memory_fraction_of_hbm"] = p.memory_per_chip["total"] / spec.hbm_bytes_per_chip
     rows.append(row)
   return {
@@ -84,9 +90,10 @@ def markdown(report: dict) -> str:
       f" {report['hbm_bandwidth_per_chip'] / 1e9:.0f} GB/s.",
       "",
       "| program | compile s | argument | output | temp | code | total (of HBM) | GFLOP/chip"
-      " | GB/chip | images/chip | GFLOP/image | GB/image | bound ms | calls/job |",
+      " | GB/chip | HBM GB/chip | images/chip | GFLOP/image | GB/image | HBM GB/image | bound ms"
+      " | calls/job |",
       "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---:"
-      " | ---: |",
+      " | ---: | ---: | ---: |",
   ]
   for p in report["programs"]:
     m = p["memory_per_chip"]
@@ -94,8 +101,9 @@ def markdown(report: dict) -> str:
         f"| {p['name']} | {p['compile_seconds']:.1f} | {_gib(m['argument'])} | {_gib(m['output'])}"
         f" | {_gib(m['temp'])} | {_gib(m['code'])} | {_gib(m['total'])}"
         f" ({100 * p['memory_fraction_of_hbm']:.0f}%) | {p['flops_per_chip'] / 1e9:.1f}"
-        f" | {p['bytes_per_chip'] / 1e9:.2f} | {p['images_per_chip']:g}"
-        f" | {p['flops_per_image'] / 1e9:.2f} | {p['bytes_per_image'] / 1e9:.3f}"
+        f" | {p['bytes_per_chip'] / 1e9:.2f} | {p['hbm_bytes_per_chip'] / 1e9:.2f}"
+        f" | {p['images_per_chip']:g} | {p['flops_per_image'] / 1e9:.2f}"
+        f" | {p['bytes_per_image'] / 1e9:.3f} | {p['hbm_bytes_per_image'] / 1e9:.3f}"
         f" | {1e3 * p['bound_seconds']:.2f} | {p['calls_per_job']} |"
     )
   lines += [

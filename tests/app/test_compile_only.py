@@ -54,7 +54,10 @@ def _program(name, kind, flops, nbytes, images, per_epoch, per_job, total=100):
   from saltjax.app.compile_programs import ProgramCost
 
   memory = {"argument": 10, "output": 20, "temp": 30, "code": 40, "total": total}
-  return ProgramCost(name, kind, 1.0, memory, flops, nbytes, images, per_epoch, per_job)
+  return ProgramCost(
+      name, kind, 1.0, memory, flops, 3 * nbytes, images, per_epoch, per_job,
+      hbm_bytes_per_chip=nbytes,
+  )  # fmt: skip
 
 
 def test_the_epoch_and_job_bounds_are_calls_times_program_bounds():
@@ -66,7 +69,9 @@ def test_the_epoch_and_job_bounds_are_calls_times_program_bounds():
   assert report["bound_seconds_epoch"] == pytest.approx(10 * 2e-3 + 10e-3)
   assert report["bound_seconds_job"] == pytest.approx(1500 * 2e-3 + 150 * 10e-3 + 30 * 4e-3)
   rows = {p["name"]: p for p in report["programs"]}
-  assert rows["step"]["bytes_per_image"] == pytest.approx(819e6 * 2 / 40)
+  # The bound reads HBM's bytes; bytes_per_image is XLA's count of every memory's.
+  assert rows["step"]["hbm_bytes_per_image"] == pytest.approx(819e6 * 2 / 40)
+  assert rows["step"]["bytes_per_image"] == pytest.approx(3 * 819e6 * 2 / 40)
   assert rows["end"]["flops_per_image"] == pytest.approx(197e10 / 100)
   assert REPORT_KEYS <= set(report) and all(PROGRAM_KEYS <= set(p) for p in report["programs"])
   table = compile_report.markdown(report)
@@ -179,9 +184,13 @@ def test_a_tiny_job_compiles_every_program_for_a_one_host_slice(compiled):
     assert p["flops_per_chip"] > 0 and p["bytes_per_chip"] > 0
     expected = max(
         p["flops_per_chip"] / report["peak_flops_per_chip"],
-        p["bytes_per_chip"] / report["hbm_bandwidth_per_chip"],
+        p["hbm_bytes_per_chip"] / report["hbm_bandwidth_per_chip"],
     )
     assert p["bound_seconds"] == pytest.approx(expected)
+    # HBM and on-chip traffic, as laid out, add up to XLA's bytes accessed.
+    moved = p["hbm_bytes_per_chip"] + p["on_chip_bytes_per_chip"]
+    assert moved == pytest.approx(p["bytes_per_chip"], rel=0.1)
+    assert sum(p["hbm_bytes_by_kind"].values()) == sum(p["hbm_bytes_by_phase"].values())
   train, end, predict = programs
   # One fold's 16 images over 4 chips; 24 held-out images a fold in 3 batches of 8.
   assert train["images_per_chip"] == 4

@@ -1,0 +1,199 @@
+"""Where a compiled program's memory traffic goes: bytes by kind of operation and by phase.
+
+Read from the optimized HLO text of a compiled program (`compiled.as_text()`):
+every instruction the program runs (the entry computation's, and those of the
+computations it calls: loop bodies once, as XLA's cost analysis counts them)
+reads its operands and writes its result, each a whole array in HBM (a
+fusion's intermediate values stay on chip). Summing those sizes gives the
+program's traffic, split
+
+- by kind: convolutions (and fusions around one), reductions, elementwise
+  fusions (BatchNorm, activations, scSE gates, the optimiser's update), copies
+  and layout changes (copy, transpose, slices), collectives, the rest;
+- by phase, from the JAX op names XLA keeps: the forward pass, the backward
+  pass, and what is neither (the optimiser update, the finiteness check of
+  the gradients, the loss).
+
+Sizes are as laid out: the minor dimensions padded to the layout's tiles
+(8 x 128 and the like), as the hardware moves them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+_DTYPE_BYTES = {
+    "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
+    "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
+}  # fmt: skip
+_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128)\[([\d,]*)\](\{[^}]*\})?")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*)$")
+_COMPUTATION = re.compile(r"^(ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$")
+_CALLED = re.compile(r"(?:calls|body|to_apply|branch_computations|true_computation|"
+                     r"false_computation)=(\{[^}]*\}|%[\w.\-]+)")  # fmt: skip
+_FREE = {
+    "parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
+    "partition-id", "replica-id", "iota", "opt-barrier",
+}  # fmt: skip
+_COPIES = {
+    "copy", "transpose", "copy-start", "copy-done", "slice", "dynamic-slice",
+    "dynamic-update-slice", "concatenate", "pad", "reshape", "broadcast",
+}  # fmt: skip
+_CONTROL = {"while", "call", "conditional"}
+
+KINDS = ("convolution", "reduction", "elementwise", "copies", "collectives", "other")
+PHASES = ("forward", "backward", "other")
+
+
+def array_bytes(shape: str, on_chip: bool = False) -> int:
+  """The bytes of the arrays in an HLO shape string (a tuple's elements summed).
+
+  Those in HBM, or with `on_chip` those whose layout names memory space 1
+  (`S(1)`: the TPU's on-chip VMEM, where XLA keeps what fits between ops).
+  """
+  total = 0
+  for dtype, dims, layout in _ARRAY.findall(shape):
+    if ("S(1)" in layout) != on_chip:
+      continue
+    total += _tiled_size(dims, layout) * _DTYPE_BYTES[dtype]
+  return total
+
+
+def _tiled_size(dims: str, layout: str) -> int:
+  """Elements of an array as laid out: its minor dimensions padded to the layout's tile.
+
+  `{1,3,2,0:T(8,128)(2,1)}`: minor-to-major order 1,3,2,0, and tiles of 8 x
+  128 over the two most minor dimensions (a channel count of 4 then takes
+  128 lanes: small arrays move far more than their elements).
+  """
+  sizes = [int(d) for d in dims.split(",") if d]
+  order = re.match(r"\{([\d,]*)", layout or "")
+  tile = re.search(r":T\(([\d,]+)\)", layout or "")
+  if order and tile and sizes:
+    minor_to_major = [int(d) for d in order.group(1).split(",") if d]
+    for dim, t in zip(minor_to_major, reversed([int(t) for t in tile.group(1).split(",")])):
+      sizes[dim] = -(-sizes[dim] // t) * t
+  return math.prod(sizes) if sizes else 1
+
+
+def _split_shape(rest: str) -> tuple[str, str]:
+  """(the result shape, what follows it) of an instruction's right-hand side."""
+  if rest.startswith("("):
+    depth = 0
+    for i, c in enumerate(rest):
+      depth += {"(": 1, ")": -1}.get(c, 0)
+      if depth == 0:
+        return rest[: i + 1], rest[i + 1 :].strip()
+  shape, _, after = rest.partition(" ")
+  return shape, after.strip()
+
+
+def _parse(text: str) -> tuple[dict, str]:
+  """({computation: [(name, shape, opcode, operands, attributes)]}, the entry's name)."""
+  computations, entry, current = {}, "", None
+  for line in text.splitlines():
+    head = _COMPUTATION.match(line)
+    if head and "=" not in line.split("{")[0].split("(")[0]:
+      current = computations.setdefault(head.group(2), [])
+      entry = head.group(2) if head.group(1) else entry
+      continue
+    match = _INSTRUCTION.match(line)
+    if match is None or current is None:
+      continue
+    shape, after = _split_shape(match.group(2))
+    opcode, _, args = after.partition("(")
+    depth, end = 1, 0
+    for end, c in enumerate(args):
+      depth += {"(": 1, ")": -1}.get(c, 0)
+      if depth == 0:
+        break
+    operands = re.findall(r"%([\w.\-]+)", args[:end])
+    current.append((match.group(1), shape, opcode.strip(), operands, args[end + 1 :]))
+  return computations, entry
+
+
+def _kind(opcode: str, attributes: str, computations: dict) -> str:
+  if opcode == "convolution":
+    return "convolution"
+  if opcode.startswith(("all-", "reduce-scatter", "collective-permute", "all-to-all")):
+    return "collectives"
+  if opcode in ("reduce", "reduce-window"):
+    return "reduction"
+  if opcode in _COPIES:
+    return "copies"
+  if opcode == "fusion":
+    opcodes = _fused_opcodes(attributes, computations, set())
+    if "convolution" in opcodes:
+      return "convolution"
+    if opcodes & {"reduce", "reduce-window"}:
+      return "reduction"
+    if opcodes and opcodes <= (_COPIES | _FREE):
+      return "copies"
+    return "elementwise"
+  return "other"
+
+
+def _fused_opcodes(attributes: str, computations: dict, seen: set) -> set:
+  """The opcodes of a fusion's computation, and of the fusions nested in it."""
+  called = _CALLED.search(attributes)
+  name = called.group(1).strip("{}% ") if called else ""
+  if not name or name in seen:
+    return set()
+  seen.add(name)
+  opcodes = set()
+  for _, _, op, _, attrs in computations.get(name, []):
+    opcodes.add(op)
+    if op == "fusion":
+      opcodes |= _fused_opcodes(attrs, computations, seen)
+  return opcodes
+
+
+def _phase(attributes: str) -> str:
+  name = re.search(r'op_name="([^"]*)"', attributes)
+  name = name.group(1) if name else ""
+  if "transpose(jvp(" in name:
+    return "backward"
+  if "jvp(" in name:
+    return "forward"
+  return "other"
+
+
+def traffic(hlo_text: str) -> dict:
+  """A compiled program's HBM traffic: {'hbm_bytes', 'on_chip_bytes', 'by_kind', 'by_phase'}.
+
+  by_kind and by_phase split hbm_bytes; on_chip_bytes is what the same
+  instructions read and write in VMEM instead.
+  """
+  computations, entry = _parse(hlo_text)
+  by_kind = dict.fromkeys(KINDS, 0)
+  by_phase = dict.fromkeys(PHASES, 0)
+  on_chip = 0
+
+  def walk(name: str, seen: tuple) -> None:
+    instructions = computations.get(name, [])
+    shapes = {n: shape for n, shape, _, _, _ in instructions}
+    for _, shape, opcode, operands, attributes in instructions:
+      if opcode in _FREE:
+        continue
+      if opcode in _CONTROL:
+        for called in _CALLED.findall(attributes):
+          for callee in called.strip("{}").replace("%", "").split(","):
+            callee = callee.strip()
+            if callee and callee not in seen:
+              walk(callee, seen + (callee,))
+        continue
+      arrays = [shape] + [shapes.get(o, "") for o in operands]
+      moved = sum(map(array_bytes, arrays))
+      by_kind[_kind(opcode, attributes, computations)] += moved
+      by_phase[_phase(attributes)] += moved
+      nonlocal on_chip
+      on_chip += sum(array_bytes(a, on_chip=True) for a in arrays)
+
+  walk(entry, (entry,))
+  return {
+      "hbm_bytes": sum(by_kind.values()),
+      "on_chip_bytes": on_chip,
+      "by_kind": by_kind,
+      "by_phase": by_phase,
+  }

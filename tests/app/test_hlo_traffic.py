@@ -1,0 +1,86 @@
+"""saltjax.app.hlo_traffic on a hand-written TPU HLO module: bytes counted by hand.
+
+Each instruction reads its operands and writes its result whole; arrays in
+memory space 1 (VMEM, `S(1)`) are on chip, not HBM; minor dimensions are
+padded to the layout's tile; a loop body counts once, as XLA's cost
+analysis counts it.
+"""
+
+from saltjax.app import hlo_traffic
+
+HLO = """HloModule jit_step, entry_computation_layout={(bf16[8,128]{1,0})->bf16[8,128]{1,0}}
+
+%fused_add (param_0.1: bf16[8,128]) -> bf16[8,128] {
+  %param_0.1 = bf16[8,128]{1,0:T(8,128)(2,1)} parameter(0)
+  ROOT %add.1 = bf16[8,128]{1,0:T(8,128)(2,1)} add(bf16[8,128]{1,0:T(8,128)(2,1)} %param_0.1, bf16[8,128]{1,0:T(8,128)(2,1)} %param_0.1)
+}
+
+%inner_conv (param_0.2: bf16[1,8,8,128], param_1.2: bf16[1,1,128,128]) -> bf16[1,8,8,128] {
+  %param_0.2 = bf16[1,8,8,128]{3,2,1,0:T(8,128)(2,1)} parameter(0)
+  %param_1.2 = bf16[1,1,128,128]{3,2,1,0:T(8,128)(2,1)} parameter(1)
+  ROOT %convolution.1 = bf16[1,8,8,128]{3,2,1,0:T(8,128)(2,1)} convolution(%param_0.2, %param_1.2), window={size=1x1}, dim_labels=b01f_01io->b01f
+}
+
+%fused_conv (param_0.3: bf16[1,8,8,128], param_1.3: bf16[1,1,128,128]) -> bf16[1,8,8,128] {
+  %param_0.3 = bf16[1,8,8,128]{3,2,1,0:T(8,128)(2,1)} parameter(0)
+  %param_1.3 = bf16[1,1,128,128]{3,2,1,0:T(8,128)(2,1)} parameter(1)
+  ROOT %fusion.9 = bf16[1,8,8,128]{3,2,1,0:T(8,128)(2,1)} fusion(%param_0.3, %param_1.3), kind=kOutput, calls=%inner_conv
+}
+
+%body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %p = (s32[], f32[4]{0:T(128)}) parameter(0)
+  %gte.0 = s32[] get-tuple-element(%p), index=0
+  %gte.1 = f32[4]{0:T(128)} get-tuple-element(%p), index=1
+  %negate.1 = f32[4]{0:T(128)} negate(%gte.1), metadata={op_name="jit(step)/transpose(jvp(UNet))/neg"}
+  ROOT %tuple.1 = (s32[], f32[4]{0:T(128)}) tuple(%gte.0, %negate.1)
+}
+
+%cond (p.1: (s32[], f32[4])) -> pred[] {
+  %p.1 = (s32[], f32[4]{0:T(128)}) parameter(0)
+  ROOT %constant.1 = pred[] constant(false)
+}
+
+ENTRY %main (x: bf16[8,128], img: bf16[1,8,8,128], w: bf16[1,1,128,128], v: f32[4]) -> bf16[8,128] {
+  %x = bf16[8,128]{1,0:T(8,128)(2,1)} parameter(0)
+  %img = bf16[1,8,8,128]{3,2,1,0:T(8,128)(2,1)} parameter(1)
+  %w = bf16[1,1,128,128]{3,2,1,0:T(8,128)(2,1)} parameter(2)
+  %v = f32[4]{0:T(128)} parameter(3)
+  %fusion.1 = bf16[8,128]{1,0:T(8,128)(2,1)} fusion(%x), kind=kLoop, calls=%fused_add, metadata={op_name="jit(step)/jvp(UNet)/add"}
+  %fusion.2 = bf16[1,8,8,128]{3,2,1,0:T(8,128)(2,1)S(1)} fusion(%img, %w), kind=kOutput, calls=%fused_conv, metadata={op_name="jit(step)/jvp(UNet)/conv"}
+  %copy.1 = f32[4]{0:T(128)} copy(%v)
+  %c = s32[] constant(0)
+  %init = (s32[], f32[4]{0:T(128)}) tuple(%c, %copy.1)
+  %while.1 = (s32[], f32[4]{0:T(128)}) while(%init), condition=%cond, body=%body
+  ROOT %bitcast.1 = bf16[8,128]{1,0:T(8,128)(2,1)} bitcast(%fusion.1)
+}
+"""
+
+
+def test_array_bytes_pad_the_minor_dimensions_to_the_tile():
+  assert hlo_traffic.array_bytes("bf16[8,128]{1,0:T(8,128)(2,1)}") == 8 * 128 * 2
+  # 4 lanes of a 128-lane tile: the array takes a whole tile row.
+  assert hlo_traffic.array_bytes("f32[4]{0:T(128)}") == 128 * 4
+  assert hlo_traffic.array_bytes("bf16[2,3,4]{2,1,0:T(8,128)}") == 2 * 8 * 128 * 2
+  assert hlo_traffic.array_bytes("bf16[8,128]{1,0:T(8,128)S(1)}") == 0
+  assert hlo_traffic.array_bytes("bf16[8,128]{1,0:T(8,128)S(1)}", on_chip=True) == 2048
+  assert hlo_traffic.array_bytes("(f32[2], s32[3])") == 2 * 4 + 3 * 4
+
+
+def test_a_programs_traffic_by_kind_and_phase_counted_by_hand():
+  moved = hlo_traffic.traffic(HLO)
+  add = 2048 + 2048  # fusion.1 reads x and writes its sum
+  image, weights = 8 * 8 * 128 * 2, 128 * 128 * 2
+  conv = image + weights  # reads both from HBM; its output stays in VMEM
+  copy = 512 + 512  # f32[4] padded to 128 lanes, read and written
+  negate = 512 + 512  # in the loop body, once
+  assert moved["by_kind"] == {
+      "convolution": conv,
+      "reduction": 0,
+      "elementwise": add,
+      "copies": copy,
+      "collectives": 0,
+      "other": negate,
+  }
+  assert moved["by_phase"] == {"forward": add + conv, "backward": negate, "other": copy}
+  assert moved["hbm_bytes"] == add + conv + copy + negate
+  assert moved["on_chip_bytes"] == image  # the conv's result
