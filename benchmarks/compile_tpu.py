@@ -39,18 +39,6 @@ STRATEGIES = ("vmap", "in_turn", "one_model")
 # The TGS training set: 5 folds x 152 epochs x 3,200 images a fold's epoch.
 TGS_TRAIN, TGS_TEST = 4000, 18000
 
-_TINY = {
-    "synthetic.num_train": 48,
-    "synthetic.num_test": 12,
-    "num_folds": 2,
-    "image_size": 64,
-    "model.stage_sizes": (1, 1, 1, 1),
-    "model.encoder_width": 4,
-    "model.decoder_channels": (16, 8, 8, 8, 8),
-    "model.scse_reduction": 4,
-    "num_epochs": 3,
-}
-
 
 def _config(strategy: str, batch_size: int, tiny: bool, cache_dir: str):
   from configs import tpu
@@ -60,12 +48,12 @@ def _config(strategy: str, batch_size: int, tiny: bool, cache_dir: str):
   config.use_tfds = False  # the layout read with OpenCV: no TFDS preparation
   config.model.pretrained = ""  # shapes only
   config.synthetic.num_train, config.synthetic.num_test = TGS_TRAIN, TGS_TEST
-  for key, value in (_TINY if tiny else {}).items():
-    node = config
-    *path, last = key.split(".")
-    for part in path:
-      node = node[part]
-    node[last] = value
+  if tiny:  # configs/quick.py's model, data and epochs
+    from configs import quick
+
+    small = quick.get_config()
+    for key in ("model", "synthetic", "image_size", "num_folds", "num_epochs", "schedule"):
+      config[key] = small[key]
   config.batch_size = batch_size
   if strategy == "one_model":
     config.parallel_folds, config.fold = 1, 0
@@ -156,6 +144,8 @@ def main():
   args = parser.parse_args()
   rows = []
   started = time.time()
+  stem = "compile_tpu_tiny" if args.tiny else "compile_tpu"
+  output = args.output or str(report.RESULTS / f"{stem}_{datetime.date.today().isoformat()}.json")
   for accelerator in args.slices.split(","):
     for batch_size in map(int, args.batch_sizes.split(",")):
       for strategy in args.strategies.split(","):
@@ -163,7 +153,13 @@ def main():
           parser.error(f"--strategies: {strategy!r} is not one of {', '.join(STRATEGIES)}")
         rows.append(_measure(accelerator, strategy, batch_size, args.tiny, args.cache_dir))
         print(_table(rows[-1:]).splitlines()[-1], flush=True)
-  result = {
+        # Written after every row: a long run cut short keeps what it measured.
+        report.write_result(_result(args, rows, started), output, stem)
+  print(_table(rows))
+
+
+def _result(args, rows: list[dict], started: float) -> dict:
+  return {
       "benchmark": "compile_tpu",
       "device": "compile-only TPU devices (XLA's TPU compiler on this CPU)",
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -173,9 +169,6 @@ def main():
       "seconds": round(time.time() - started, 1),
       "rows": rows,
   }
-  print(_table(rows))
-  stem = "compile_tpu_tiny" if args.tiny else "compile_tpu"
-  report.write_result(result, args.output, stem)
 
 
 if __name__ == "__main__":

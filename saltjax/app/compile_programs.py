@@ -34,9 +34,9 @@ from saltjax.app import job as job_lib
 from saltjax.errors import ConfigError
 from saltjax.training import feeders
 from saltjax.training import steps as steps_lib
-from saltjax.training.job import Job, Program, steps_per_epoch_for
-from saltjax.training.optimizers import create_learning_rate_fn, create_optimizer, cycle_end_epochs
-from saltjax.training.state import create_model, initialized, state_from_variables
+from saltjax.training.job import Job, Program
+from saltjax.training.optimizers import cycle_end_epochs
+from saltjax.training.state import state_from_variables
 
 
 @dataclasses.dataclass
@@ -155,22 +155,8 @@ def _accelerator_dtype(config):
 def compile_job(config, devices, data) -> Job:
   """The job's `Job` on a mesh of `devices`, with the abstract initial variables."""
   mesh = parallel.create_mesh(devices)
-  fold_of = _fold_of(config, data)
-  steps_per_epoch = steps_per_epoch_for(config, mesh, fold_of)
-  model = create_model(config, dtype=_accelerator_dtype(config))
-  lr_fn = create_learning_rate_fn(config, steps_per_epoch)
-  return Job(
-      config=config,
-      mesh=mesh,
-      model=model,
-      steps_per_epoch=steps_per_epoch,
-      lr_fn=lr_fn,
-      tx=create_optimizer(config, lr_fn),
-      initial_variables=jax.eval_shape(
-          lambda: initialized(jax.random.key(config.seed), model, config.image_size)
-      ),
-      train_steps=steps_lib.compile_train_steps(config, mesh),
-      writer=None,
+  return Job.create(
+      config, mesh, _fold_of(config, data), None, dtype=_accelerator_dtype(config), abstract=True
   )
 
 

@@ -77,6 +77,11 @@ def _tiled_size(dims: str, layout: str) -> int:
   return math.prod(sizes) if sizes else 1
 
 
+def _first_array(shape: str) -> str:
+  match = _ARRAY.search(shape)
+  return match.group(0) if match else ""
+
+
 def _split_shape(rest: str) -> tuple[str, str]:
   """(the result shape, what follows it) of an instruction's right-hand side."""
   if rest.startswith("("):
@@ -183,6 +188,10 @@ def traffic(hlo_text: str) -> dict:
             if callee and callee not in seen:
               walk(callee, seen + (callee,))
         continue
+      if opcode.endswith("-done"):  # an asynchronous op, counted where it starts
+        continue
+      if opcode == "copy-start":  # (destination, source, context): the copy writes one
+        shape = _first_array(shape)
       arrays = [shape] + [shapes.get(o, "") for o in operands]
       moved = sum(map(array_bytes, arrays))
       by_kind[_kind(opcode, attributes, computations)] += moved

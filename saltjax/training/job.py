@@ -19,7 +19,13 @@ import optax
 from saltjax import parallel
 from saltjax.errors import ConfigError
 from saltjax.training.optimizers import create_learning_rate_fn, create_optimizer
-from saltjax.training.state import TrainState, create_model, initial_variables, state_from_variables
+from saltjax.training.state import (
+    TrainState,
+    create_model,
+    initial_variables,
+    initialized,
+    state_from_variables,
+)
 from saltjax.training.steps import compile_train_steps, make_device_epoch_fn, make_epoch_end_fn
 
 
@@ -84,10 +90,25 @@ class Job:
   programs: dict = dataclasses.field(default_factory=dict)
 
   @classmethod
-  def create(cls, config, mesh, fold_of: np.ndarray, writer, num_extra=0) -> "Job":
+  def create(
+      cls, config, mesh, fold_of: np.ndarray, writer, num_extra=0, *, dtype=None, abstract=False
+  ) -> "Job":
+    """The job's model, optimiser and steps.
+
+    dtype: the model's, overriding config.model.dtype. abstract: the initial
+    variables as shapes only (`jax.eval_shape`): a job to compile, not to run.
+    """
     steps_per_epoch = steps_per_epoch_for(config, mesh, fold_of, num_extra)
-    model = create_model(config)
+    model = create_model(config, dtype=dtype)
     lr_fn = create_learning_rate_fn(config, steps_per_epoch)
+    if abstract:
+      variables = jax.eval_shape(
+          lambda: initialized(jax.random.key(config.seed), model, config.image_size)
+      )
+    else:
+      # On the host: each fold's state gets fresh device buffers, which the
+      # train step may then donate.
+      variables = jax.device_get(initial_variables(config, model))
     return cls(
         config=config,
         mesh=mesh,
@@ -95,9 +116,7 @@ class Job:
         steps_per_epoch=steps_per_epoch,
         lr_fn=lr_fn,
         tx=create_optimizer(config, lr_fn),
-        # On the host: each fold's state gets fresh device buffers, which
-        # the train step may then donate.
-        initial_variables=jax.device_get(initial_variables(config, model)),
+        initial_variables=variables,
         train_steps=compile_train_steps(config, mesh),
         writer=writer,
     )
