@@ -102,7 +102,7 @@ def _compile(name: str, program, args) -> tuple[Any, float]:
     raise
 
 
-def _measure(name: str, program, args, loops: dict[str, tuple]):
+def _measure(name: str, program, args, loops: dict[str, tuple], iterations=None):
   """(compile seconds, memory, FLOPs, bytes) of `program` at `args`, scaled over `loops`.
 
   loops: {loop: (trips, a function compiling the program with that loop's
@@ -112,6 +112,11 @@ def _measure(name: str, program, args, loops: dict[str, tuple]):
   loop over the folds (fold_strategy='in_turn') inside another loop's body
   makes each of its trips F iterations of the counted body (an upper bound:
   the body's work outside the fold loop is counted F times too).
+
+  iterations: (n, a function compiling one iteration alone) for a program
+  that is one loop of n iterations with work outside it (the in-turn train
+  step: the loop over the folds, and the stacking of their states around
+  it): n - 1 more iterations' cost is added to what the program counts.
   """
   compiled, seconds = _compile(name, program, args)
   counted = _cost(compiled)
@@ -125,6 +130,13 @@ def _measure(name: str, program, args, loops: dict[str, tuple]):
     zero = _cost(without)
     for key in _SCALED:
       figures[key] += (runs - 1) * (counted[key] - zero[key])
+  if iterations is not None:
+    n, compile_one = iterations
+    one, more = compile_one()
+    seconds += more
+    once = _cost(one)
+    for key in _SCALED:
+      figures[key] += (n - 1) * once[key]
   logging.info("Compiled %s in %.1f s.", name, seconds)
   return {**figures, "compile_seconds": seconds, "memory_per_chip": _memory(compiled)}
 
@@ -299,13 +311,14 @@ def _step_programs(
   for loss in _epochs_by_loss(config):
     program = job.train_step_program(loss)
     name = f"{program.name}, {len(group)} fold(s)"
-    loops = {}
-    if _folds_in_turn(job, group) > 1:  # the step is the fold loop: none of it outside
-      no_folds = (_with_folds(args["state"], 0), _with_folds(batch, 0))
-      loops["folds"] = (len(group), lambda: _compile(name, program, no_folds), 1)
-    figures = _measure(name, program, (args["state"], batch), loops)
+    iterations = None
+    if _folds_in_turn(job, group) > 1:  # one iteration: the one-fold step, no fold axis
+      one_fold = (_with_folds(args["state"], 1), _with_folds(batch, 1))
+      iterations = (len(group), lambda: _compile(name, program, one_fold))
+    figures = _measure(name, program, (args["state"], batch), {}, iterations)
     images = len(group) * config.batch_size / chips
-    cost = ProgramCost(name, "train", images_per_chip=images, loop_trips={"loss": loss}, **figures)
+    trips = {"loss": loss, **({"folds": iterations[0]} if iterations else {})}
+    cost = ProgramCost(name, "train", images_per_chip=images, loop_trips=trips, **figures)
     out.append((cost, job.steps_per_epoch if loss == config.loss.name else 0))
   if with_epoch_end:
     out.append((_epoch_end_cost(job, args, group), 1))

@@ -149,8 +149,8 @@ ONE_HOST = dict(
     **{"predict.batch_size": 8},
 )
 # v5e-16: four hosts of four chips, one image a chip; one fold, so the job
-# does not predict.
-MULTI_HOST = dict(compile_for="v5e-16", fold=0, batch_size=16, eval_batch_size=16)
+# does not predict; its 24 held-out images in one batch (no loop to scale).
+MULTI_HOST = dict(compile_for="v5e-16", fold=0, batch_size=16, eval_batch_size=32)
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +218,7 @@ def test_a_tiny_job_compiles_for_a_multi_host_slice(compiled):
   # fold=0 trains and does not predict: the train step and the epoch's end.
   assert [p["kind"] for p in report["programs"]] == ["train", "epoch_end"]
   assert report["programs"][0]["images_per_chip"] == 1
+  assert report["programs"][1]["loop_trips"] == {"validation": 1}
 
 
 def test_memory_per_chip_grows_with_the_batch(compiled):
