@@ -11,8 +11,9 @@ program's traffic, split
   fusions (BatchNorm, activations, scSE gates, the optimiser's update), copies
   and layout changes (copy, transpose, slices), collectives, the rest;
 - by phase, from the JAX op names XLA keeps: the forward pass, the backward
-  pass, and what is neither (the optimiser update, the finiteness check of
-  the gradients, the loss).
+  pass, what is neither (the optimiser update, the finiteness check of the
+  gradients, the loss), and what has no JAX op name (copies XLA inserted:
+  layout changes, prefetches of weights into on-chip memory).
 
 Sizes are as laid out: the minor dimensions padded to the layout's tiles
 (8 x 128 and the like), as the hardware moves them.
@@ -37,13 +38,13 @@ _FREE = {
     "partition-id", "replica-id", "iota", "opt-barrier",
 }  # fmt: skip
 _COPIES = {
-    "copy", "transpose", "copy-start", "copy-done", "slice", "dynamic-slice",
+    "copy", "transpose", "copy-start", "copy-done", "slice", "slice-start", "dynamic-slice",
     "dynamic-update-slice", "concatenate", "pad", "reshape", "broadcast",
 }  # fmt: skip
 _CONTROL = {"while", "call", "conditional"}
 
 KINDS = ("convolution", "reduction", "elementwise", "copies", "collectives", "other")
-PHASES = ("forward", "backward", "other")
+PHASES = ("forward", "backward", "other", "unnamed")
 
 
 def array_bytes(shape: str, on_chip: bool = False) -> int:
@@ -77,9 +78,28 @@ def _tiled_size(dims: str, layout: str) -> int:
   return math.prod(sizes) if sizes else 1
 
 
-def _first_array(shape: str) -> str:
-  match = _ARRAY.search(shape)
-  return match.group(0) if match else ""
+def _elements(shape: str) -> list[str]:
+  """The top-level elements of a tuple shape `(a, (b), c)`."""
+  elements, depth, start = [], 0, 1
+  for i, c in enumerate(shape):
+    depth += {"(": 1, ")": -1, "{": 1, "}": -1, "[": 1, "]": -1}.get(c, 0)
+    if (c == "," and depth == 1) or (c == ")" and depth == 0):
+      elements.append(shape[start:i].strip())
+      start = i + 1
+  return elements
+
+
+def _async_copy_arrays(opcode: str, shape: str, source: str) -> list[str]:
+  """What an asynchronous copy or slice moves: its destination, written, and as
+  much read from the source's memory (its result tuple also names the source
+  and a context, which it does not move)."""
+  parts = _elements(shape)
+  destination = parts[0] if opcode == "copy-start" else parts[1]
+  space = re.search(r"S\(\d+\)", source)
+  read = re.sub(r"S\(\d+\)", "", destination)
+  if space:  # the source's memory space, in the destination's layout
+    read = read[:-1] + space.group(0) + "}" if read.endswith("}") else read
+  return [destination, read]
 
 
 def _split_shape(rest: str) -> tuple[str, str]:
@@ -156,7 +176,9 @@ def _fused_opcodes(attributes: str, computations: dict, seen: set) -> set:
 
 def _phase(attributes: str) -> str:
   name = re.search(r'op_name="([^"]*)"', attributes)
-  name = name.group(1) if name else ""
+  if name is None:  # what XLA added: layout copies, prefetches into VMEM
+    return "unnamed"
+  name = name.group(1)
   if "transpose(jvp(" in name:
     return "backward"
   if "jvp(" in name:
@@ -190,9 +212,10 @@ def traffic(hlo_text: str) -> dict:
         continue
       if opcode.endswith("-done"):  # an asynchronous op, counted where it starts
         continue
-      if opcode == "copy-start":  # (destination, source, context): the copy writes one
-        shape = _first_array(shape)
-      arrays = [shape] + [shapes.get(o, "") for o in operands]
+      if opcode in ("copy-start", "slice-start"):
+        arrays = _async_copy_arrays(opcode, shape, shapes.get(operands[0], ""))
+      else:
+        arrays = [shape] + [shapes.get(o, "") for o in operands]
       moved = sum(map(array_bytes, arrays))
       by_kind[_kind(opcode, attributes, computations)] += moved
       by_phase[_phase(attributes)] += moved

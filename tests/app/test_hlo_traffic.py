@@ -50,6 +50,8 @@ ENTRY %main (x: bf16[8,128], img: bf16[1,8,8,128], w: bf16[1,1,128,128], v: f32[
   %copy.1 = f32[4]{0:T(128)} copy(%v)
   %copy-start.1 = (bf16[8,128]{1,0:T(8,128)(2,1)S(1)}, bf16[8,128]{1,0:T(8,128)(2,1)}, u32[]{:S(2)}) copy-start(%x)
   %copy-done.1 = bf16[8,128]{1,0:T(8,128)(2,1)S(1)} copy-done(%copy-start.1)
+  %slice-start.1 = ((bf16[1,8,8,128]{3,2,1,0:T(8,128)(2,1)}), bf16[1,4,8,128]{3,2,1,0:T(8,128)(2,1)S(1)}, s32[]{:S(2)}) slice-start(%img), slice={[0:1], [0:4], [0:8], [0:128]}
+  %slice-done.1 = bf16[1,4,8,128]{3,2,1,0:T(8,128)(2,1)S(1)} slice-done(%slice-start.1)
   %c = s32[] constant(0)
   %init = (s32[], f32[4]{0:T(128)}) tuple(%c, %copy.1)
   %while.1 = (s32[], f32[4]{0:T(128)}) while(%init), condition=%cond, body=%body
@@ -75,7 +77,9 @@ def test_a_programs_traffic_by_kind_and_phase_counted_by_hand():
   conv = image + weights  # reads both from HBM; its output stays in VMEM
   # f32[4] padded to 128 lanes, read and written; x read by the prefetch into
   # VMEM (an asynchronous copy: counted once, at its start).
-  copy = 512 + 512 + 2048
+  # And half of img sliced into VMEM: half of it read.
+  half = 8 * 4 * 128 * 2
+  copy = 512 + 512 + 2048 + half
   negate = 512 + 512  # in the loop body, once
   assert moved["by_kind"] == {
       "convolution": conv,
@@ -85,6 +89,12 @@ def test_a_programs_traffic_by_kind_and_phase_counted_by_hand():
       "collectives": 0,
       "other": negate,
   }
-  assert moved["by_phase"] == {"forward": add + conv, "backward": negate, "other": copy}
+  assert moved["by_phase"] == {
+      "forward": add + conv,
+      "backward": negate,
+      "other": 0,
+      "unnamed": copy,  # no JAX op name: what XLA added
+  }
   assert moved["hbm_bytes"] == add + conv + copy + negate
-  assert moved["on_chip_bytes"] == image + 2048  # the conv's result, the prefetched x
+  # The conv's result, the prefetched x, the slice.
+  assert moved["on_chip_bytes"] == image + 2048 + half
