@@ -105,6 +105,41 @@ def _measure(accelerator: str, strategy: str, batch_size: int, tiny: bool, cache
   }
 
 
+def _epoch_row(accelerator: str, pipeline: str, batch_size: int, tiny: bool, cache_dir: str):
+  """One epoch's programs on an input path: FLOPs and bytes per training image of the epoch."""
+  from saltjax.app import compile_programs
+  from saltjax.app import compile_report
+  from saltjax.app import tpu_slices
+  from saltjax.data import dataset as data_lib
+
+  spec = tpu_slices.slice_spec(accelerator)
+  config = _config("vmap", batch_size, tiny, cache_dir)
+  config.input_pipeline = pipeline
+  data = data_lib.load(config)
+  programs, facts = compile_programs.job_programs(
+      config, tpu_slices.compile_only_devices(spec), data, kinds=("train", "epoch_end")
+  )
+  result = compile_report.build(spec, programs, facts, {})
+  epoch = lambda key: sum(p[key] * p["calls_per_epoch"] for p in result["programs"])
+  images = facts["steps_per_epoch"] * facts["images_per_chip_per_step"]
+  return {
+      "accelerator": accelerator,
+      "input_pipeline": pipeline,
+      "batch_size_per_fold": batch_size,
+      "folds": config.num_folds,
+      "steps_per_epoch": facts["steps_per_epoch"],
+      "training_images_per_chip": images,
+      "programs": [
+          {k: p[k] for k in ("name", "calls_per_epoch", "loop_trips", "compile_seconds")}
+          for p in result["programs"]
+      ],
+      "flops_per_image": epoch("flops_per_chip") / images,
+      "bytes_per_image": epoch("bytes_per_chip") / images,
+      "hbm_bytes_per_image": epoch("hbm_bytes_per_chip") / images,
+      "bound_seconds_epoch": result["bound_seconds_epoch"],
+  }
+
+
 def _per_image(split: dict, step: dict) -> dict:
   return {k: v / step["images_per_chip"] for k, v in split.items()}
 
@@ -142,10 +177,26 @@ def main():
   parser.add_argument("--tiny", action="store_true", help="test-size model and data")
   parser.add_argument("--cache_dir", default=os.path.expanduser("~/.cache/saltjax"))
   parser.add_argument("--output", default=None)
+  parser.add_argument(
+      "--input_paths",
+      action="store_true",
+      help="instead: one epoch's programs on the tf.data path (a program a step, then the"
+      " epoch's end) against the device path's one program an epoch, per training image",
+  )
   args = parser.parse_args()
   rows = []
   started = time.time()
   stem = "compile_tpu_tiny" if args.tiny else "compile_tpu"
+  if args.input_paths:
+    stem += "_input_paths"
+    output = args.output or str(report.RESULTS / f"{stem}_{datetime.date.today().isoformat()}.json")
+    for accelerator in args.slices.split(","):
+      for batch_size in map(int, args.batch_sizes.split(",")):
+        for pipeline in ("tfdata", "device"):
+          rows.append(_epoch_row(accelerator, pipeline, batch_size, args.tiny, args.cache_dir))
+          print({k: v for k, v in rows[-1].items() if k != "programs"}, flush=True)
+          report.write_result(_result(args, rows, started), output, stem)
+    return
   output = args.output or str(report.RESULTS / f"{stem}_{datetime.date.today().isoformat()}.json")
   for accelerator in args.slices.split(","):
     for batch_size in map(int, args.batch_sizes.split(",")):

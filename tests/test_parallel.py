@@ -176,12 +176,12 @@ def _worker(out_dir: str) -> None:
   started = time.time()
   fold_batches = [[_blobs(rng) for _ in range(FOLD_STEPS)] for _ in range(2)]
   # The folds vmapped (config.fold_strategy='vmap') and in turn ('in_turn').
-  in_turn = ml_collections.ConfigDict(config.to_dict())
-  in_turn.fold_strategy = "in_turn"
-  for name, step in (
-      ("together", step8),
-      ("in_turn", compile_train_steps(in_turn, mesh8)[config.loss.name]),
-  ):
+  by_strategy = {}
+  for strategy in ("vmap", "in_turn"):
+    with_strategy = ml_collections.ConfigDict(config.to_dict())
+    with_strategy.fold_strategy = strategy
+    by_strategy[strategy] = compile_train_steps(with_strategy, mesh8)[config.loss.name]
+  for name, step in (("together", by_strategy["vmap"]), ("in_turn", by_strategy["in_turn"])):
     state = jax.device_put(
         stack_folds([job.new_state(), job.new_state()]), parallel.replicated(mesh8)
     )

@@ -79,7 +79,7 @@ def train_step(
   return new_state, step_metrics
 
 
-FOLD_STRATEGIES = ("vmap", "in_turn")
+FOLD_STRATEGIES = ("in_turn", "vmap")
 
 
 def over_folds(fn: Callable, strategy: str = "vmap") -> Callable:
@@ -112,7 +112,7 @@ def over_folds(fn: Callable, strategy: str = "vmap") -> Callable:
 
 
 def fold_strategy(config) -> str:
-  return config.get("fold_strategy", "vmap")
+  return config.get("fold_strategy", "in_turn")
 
 
 def folds_train_step(config, loss_name: str) -> Callable:
