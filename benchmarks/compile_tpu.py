@@ -74,13 +74,11 @@ def _measure(accelerator: str, strategy: str, batch_size: int, tiny: bool, cache
   config = _config(strategy, batch_size, tiny, cache_dir)
   data = data_lib.load(config)
   programs, facts = compile_programs.job_programs(config, devices, data, kinds=("train",))
-  facts_fold_of = data_lib.fold_assignment(config, data)["fold"].to_numpy()
   result = compile_report.build(spec, programs, facts, {})
   step = result["programs"][0]
   # Every fold's image-steps of the whole job at batch_size per fold (each
   # epoch's whole batches of the smallest fold), at this step's cost per image.
-  train_images = min(int((facts_fold_of != k).sum()) for k in range(config.num_folds))
-  fold_images = train_images // batch_size * batch_size
+  fold_images = facts["training_images_smallest_fold"] // batch_size * batch_size
   image_steps = config.num_folds * config.num_epochs * fold_images
   seconds_per_image = step["bound_seconds"] / step["images_per_chip"] / spec.chips
   return {

@@ -53,6 +53,7 @@ class ProgramCost:
   calls_per_epoch: int = 0  # in the first epoch of the first group of folds
   calls_per_job: int = 0
   loop_trips: dict = dataclasses.field(default_factory=dict)  # loops scaled for
+  loss: str = ""  # a training program's loss: its calls are that loss's epochs'
   hbm_bytes_per_chip: float = 0.0  # of those, read and written in HBM (hlo_traffic)
   on_chip_bytes_per_chip: float = 0.0  # and in on-chip memory (VMEM)
   hbm_bytes_by_kind: dict = dataclasses.field(default_factory=dict)  # as compiled
@@ -164,12 +165,10 @@ def _accelerator_dtype(config):
   return "bfloat16" if config.model.dtype == "auto" else None
 
 
-def compile_job(config, devices, data) -> Job:
+def compile_job(config, devices, fold_of: np.ndarray) -> Job:
   """The job's `Job` on a mesh of `devices`, with the abstract initial variables."""
   mesh = parallel.create_mesh(devices)
-  return Job.create(
-      config, mesh, _fold_of(config, data), None, dtype=_accelerator_dtype(config), abstract=True
-  )
+  return Job.create(config, mesh, fold_of, None, dtype=_accelerator_dtype(config), abstract=True)
 
 
 def _fold_of(config, data) -> np.ndarray:
@@ -196,8 +195,8 @@ KINDS = ("train", "epoch_end", "predict")
 
 def job_programs(config, devices, data, kinds=KINDS) -> tuple[list[ProgramCost], dict]:
   """Every program the job runs (of `kinds`), compiled for `devices`; (their costs, the job's facts)."""
-  job = compile_job(config, devices, data)
   fold_of = _fold_of(config, data)
+  job = compile_job(config, devices, fold_of)
   chips = job.mesh.size
   groups = job_lib.fold_groups(config, job_lib.folds_to_train(config))
   device_input = config.get("input_pipeline", "tfdata") == "device"
@@ -222,14 +221,16 @@ def job_programs(config, devices, data, kinds=KINDS) -> tuple[list[ProgramCost],
       "input_pipeline": config.get("input_pipeline", "tfdata"),
       "batch_size_per_fold": config.batch_size,
       "images_per_chip_per_step": len(groups[0]) * config.batch_size / chips,
+      "training_images_smallest_fold": min(
+          int((fold_of != k).sum()) for k in range(config.num_folds)
+      ),
       "model_dtype": str(jnp.dtype(job.model.dtype)),
   }
   return costs, facts
 
 
 def _calls_per_job(config, cost: ProgramCost, per_epoch: int, num_groups: int) -> int:
-  loss = cost.loop_trips.get("loss")
-  epochs = _epochs_by_loss(config).get(loss, 0) if loss else config.num_epochs
+  epochs = _epochs_by_loss(config).get(cost.loss, 0) if cost.loss else config.num_epochs
   return per_epoch * epochs * num_groups
 
 
@@ -317,8 +318,10 @@ def _step_programs(
       iterations = (len(group), lambda: _compile(name, program, one_fold))
     figures = _measure(name, program, (args["state"], batch), {}, iterations)
     images = len(group) * config.batch_size / chips
-    trips = {"loss": loss, **({"folds": iterations[0]} if iterations else {})}
-    cost = ProgramCost(name, "train", images_per_chip=images, loop_trips=trips, **figures)
+    trips = {"folds": iterations[0]} if iterations else {}
+    cost = ProgramCost(
+        name, "train", images_per_chip=images, loop_trips=trips, loss=loss, **figures
+    )
     out.append((cost, job.steps_per_epoch if loss == config.loss.name else 0))
   if with_epoch_end:
     out.append((_epoch_end_cost(job, args, group), 1))
@@ -356,8 +359,10 @@ def _device_epoch_programs(job: Job, group, data, fold_of) -> list[tuple[Program
     }
     figures = _measure(name, program, call(args["val"]), loops)
     images = steps * len(group) * config.batch_size / chips
-    trips = {"loss": loss, "steps": steps, "validation": n}
-    cost = ProgramCost(name, "train", images_per_chip=images, loop_trips=trips, **figures)
+    trips = {"steps": steps, "validation": n}
+    cost = ProgramCost(
+        name, "train", images_per_chip=images, loop_trips=trips, loss=loss, **figures
+    )
     out.append((cost, 1 if loss == config.loss.name else 0))
   return out
 

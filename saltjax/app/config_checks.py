@@ -109,7 +109,7 @@ def _check_input(config, need) -> None:
   )
   need(config.batch_size > 0, "batch_size", "must be positive")
   need(
-      config.get("fold_strategy", "in_turn") in steps_lib.FOLD_STRATEGIES,
+      steps_lib.fold_strategy(config) in steps_lib.FOLD_STRATEGIES,
       "fold_strategy",
       f"use one of {', '.join(steps_lib.FOLD_STRATEGIES)}",
   )
