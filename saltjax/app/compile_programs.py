@@ -110,14 +110,15 @@ def _measure(name: str, program, args, loops: dict[str, tuple], iterations=None)
   trip count set to 0, iterations per trip)}. The compiled program counts
   one iteration of each loop; the difference from the zero-trip program is
   that iteration, which the loop runs trips x iterations-per-trip times. A
-  loop over the folds (fold_strategy='in_turn') inside another loop's body
-  makes each of its trips F iterations of the counted body (an upper bound:
-  the body's work outside the fold loop is counted F times too).
+  loop over the folds inside another loop's body (the epoch end's
+  validation with fold_strategy='in_turn') makes each of its trips F
+  iterations of the counted body (an upper bound: the body's work outside
+  the fold loop is counted F times too).
 
-  iterations: (n, a function compiling one iteration alone) for a program
-  that is one loop of n iterations with work outside it (the in-turn train
-  step: the loop over the folds, and the stacking of their states around
-  it): n - 1 more iterations' cost is added to what the program counts.
+  iterations: (n, a function compiling one iteration alone) for a loop the
+  program counts once but runs n more times than that (the in-turn
+  gradients: F - 1 more folds a step, (F - 1) x steps in a device epoch):
+  n iterations' cost is added to what the program counts.
   """
   compiled, seconds = _compile(name, program, args)
   counted = _cost(compiled)
@@ -131,13 +132,13 @@ def _measure(name: str, program, args, loops: dict[str, tuple], iterations=None)
     zero = _cost(without)
     for key in _SCALED:
       figures[key] += (runs - 1) * (counted[key] - zero[key])
-  if iterations is not None:
+  if iterations is not None and iterations[0] > 0:
     n, compile_one = iterations
     one, more = compile_one()
     seconds += more
     once = _cost(one)
     for key in _SCALED:
-      figures[key] += (n - 1) * once[key]
+      figures[key] += n * once[key]
   logging.info("Compiled %s in %.1f s.", name, seconds)
   return {**figures, "compile_seconds": seconds, "memory_per_chip": _memory(compiled)}
 
@@ -146,6 +147,21 @@ def _folds_in_turn(job: Job, group) -> int:
   """F where the program loops over the F folds (fold_strategy='in_turn', F >= 2), else 1."""
   in_turn = steps_lib.fold_strategy(job.config) == "in_turn" and len(group) >= 2
   return len(group) if in_turn else 1
+
+
+def _one_fold_gradients(job: Job, loss: str, args: dict, batch):
+  """A function compiling one iteration of the in-turn gradient loop: one fold's gradients."""
+  mesh = job.mesh
+  program = Program(
+      f"one fold's gradients ({loss})",
+      jax.jit(
+          steps_lib.folds_gradients(job.config, loss),
+          in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh, fold_axis=True)),
+          out_shardings=parallel.replicated(mesh),
+      ),
+  )
+  one_fold = (_with_folds(args["state"], 1), _with_folds(batch, 1))
+  return lambda: _compile(program.name, program, one_fold)
 
 
 def _abstract(tree, sharding):
@@ -312,13 +328,11 @@ def _step_programs(
   for loss in _epochs_by_loss(config):
     program = job.train_step_program(loss)
     name = f"{program.name}, {len(group)} fold(s)"
-    iterations = None
-    if _folds_in_turn(job, group) > 1:  # one iteration: the one-fold step, no fold axis
-      one_fold = (_with_folds(args["state"], 1), _with_folds(batch, 1))
-      iterations = (len(group), lambda: _compile(name, program, one_fold))
+    in_turn = _folds_in_turn(job, group)
+    iterations = (in_turn - 1, _one_fold_gradients(job, loss, args, batch))
     figures = _measure(name, program, (args["state"], batch), {}, iterations)
     images = len(group) * config.batch_size / chips
-    trips = {"folds": iterations[0]} if iterations else {}
+    trips = {"folds": in_turn} if in_turn > 1 else {}
     cost = ProgramCost(
         name, "train", images_per_chip=images, loop_trips=trips, loss=loss, **figures
     )
@@ -354,10 +368,13 @@ def _device_epoch_programs(job: Job, group, data, fold_of) -> list[tuple[Program
     without = no_steps.device_epoch_program(loss)
     in_turn = _folds_in_turn(job, group)
     loops = {
-        "steps": (steps, lambda: _compile(name, without, call(args["val"])), in_turn),
+        "steps": (steps, lambda: _compile(name, without, call(args["val"])), 1),
         "validation": (n, lambda: _compile(name, program, call(args["no_val"])), in_turn),
     }
-    figures = _measure(name, program, call(args["val"]), loops)
+    # Each step's scan iteration counts one fold's gradients of its F.
+    batch = _train_batch(job, group, data, fold_of)
+    iterations = (steps * (in_turn - 1), _one_fold_gradients(job, loss, args, batch))
+    figures = _measure(name, program, call(args["val"]), loops, iterations)
     images = steps * len(group) * config.batch_size / chips
     trips = {"steps": steps, "validation": n}
     cost = ProgramCost(
