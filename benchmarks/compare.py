@@ -17,18 +17,28 @@ import pathlib
 
 
 def _by_batch(rows: list[dict]) -> dict[str, dict]:
-  """Rows by setting: 'B' for one model at batch B, 'FxB' for F fold models together."""
+  """Rows by setting: 'B' for one model at batch B, 'FxB' for F fold models together
+  ('FxB in_turn', 'FxB vmap' where the row names its fold strategy)."""
   return {_setting(r): r for r in rows}
 
 
 def _setting(row: dict) -> str:
   folds = row.get("folds", 1)
-  return f"{folds}x{row['batch_size']}" if folds > 1 else str(row["batch_size"])
+  if folds == 1:
+    return str(row["batch_size"])
+  strategy = row.get("fold_strategy")
+  return f"{folds}x{row['batch_size']}" + (f" {strategy}" if strategy else "")
+
+
+def _batch(setting: str) -> str:
+  """The one-model batch B of a setting: what the peer runs F times, one fold after another."""
+  return setting.split()[0].rpartition("x")[2]
 
 
 def _order(setting: str) -> tuple:
-  folds, _, batch = setting.rpartition("x")
-  return (int(batch), int(folds or 1))
+  sizes, _, strategy = setting.partition(" ")
+  folds, _, batch = sizes.rpartition("x")
+  return (int(batch), int(folds or 1), strategy)
 
 
 def compare(ours: dict, peer: dict) -> dict:
@@ -48,7 +58,7 @@ def compare(ours: dict, peer: dict) -> dict:
     for size in sorted(set(a) | set(b), key=_order):
       # F fold models at batch B together against the peer's way of training
       # F folds: one model at batch B after another (its images/s at B).
-      x, y = a.get(size, {}), b.get(size.rpartition("x")[2], {})
+      x, y = a.get(size, {}), b.get(_batch(size), {})
       row = {
           "batch_size": size,
           "ours_images_per_s": x.get("images_per_s"),

@@ -24,6 +24,7 @@ milliseconds) and `host_outside_steps_per_epoch_s` (host) — the issue's
 targets are <= 0.5 s and <= 0.1 s — and `host_per_step_s`.
 
   JAX_PLATFORMS=cpu python benchmarks/epoch_overhead.py          # ~15 min on 2 cores
+  JAX_PLATFORMS=cpu python benchmarks/epoch_overhead.py --fold_strategies=in_turn,vmap
   JAX_PLATFORMS=cpu python benchmarks/epoch_overhead.py --tiny   # quick config model
 """
 
@@ -48,7 +49,7 @@ import numpy as np  # noqa: E402
 import report  # noqa: E402  (beside this script)
 
 
-def _config(args, pipeline: str, steps: int):
+def _config(args, pipeline: str, steps: int, strategy: str):
   from configs import fold, quick
 
   config = (quick if args.tiny else fold).get_config()
@@ -56,6 +57,7 @@ def _config(args, pipeline: str, steps: int):
   config.num_folds = args.folds
   config.fold = -1
   config.parallel_folds = 0
+  config.fold_strategy = strategy
   config.image_size = 32
   config.batch_size = args.batch_size
   config.eval_batch_size = args.batch_size
@@ -73,7 +75,7 @@ def _config(args, pipeline: str, steps: int):
   return config
 
 
-def measure(args, pipeline: str, steps: int) -> dict:
+def measure(args, pipeline: str, steps: int, strategy: str) -> dict:
   """One run of the real loop; each steady epoch's wall and host seconds."""
   from saltjax.data import dataset as data_lib
   from saltjax import parallel
@@ -81,7 +83,7 @@ def measure(args, pipeline: str, steps: int) -> dict:
   from saltjax.training import loop
   from saltjax.training.job import Job
 
-  config = _config(args, pipeline, steps)
+  config = _config(args, pipeline, steps, strategy)
   process.enable_compilation_cache(config)
   data = data_lib.load(config)
   mesh = parallel.create_mesh()
@@ -117,6 +119,7 @@ def measure(args, pipeline: str, steps: int) -> dict:
     rows.append({"epoch": e + 1, "wall_s": round(wall, 4), "host_s": round(wall - wait, 4)})
   return {
       "input_pipeline": pipeline,
+      "fold_strategy": strategy,
       "steps_per_epoch": job.steps_per_epoch,
       "images_per_step": config.batch_size * config.num_folds,
       "job_create_s": round(create_s, 2),
@@ -133,13 +136,14 @@ def measure(args, pipeline: str, steps: int) -> dict:
 def split(short: dict, long: dict) -> dict:
   """The line through (steps, seconds) of two runs: per step, and fixed per epoch."""
   ds = long["steps_per_epoch"] - short["steps_per_epoch"]
-  out = {"input_pipeline": short["input_pipeline"]}
+  out = {}
   for name, key in (("wall", "wall_per_epoch_s"), ("host", "host_per_epoch_s")):
     per_step = (long[key] - short[key]) / ds
     out[f"{name}_per_step_s"] = round(per_step, 4)
     out[f"{name}_fixed_per_epoch_s"] = round(short[key] - short["steps_per_epoch"] * per_step, 4)
   return {
-      "input_pipeline": out["input_pipeline"],
+      "input_pipeline": short["input_pipeline"],
+      "fold_strategy": short["fold_strategy"],
       "fixed_per_epoch_s": out["wall_fixed_per_epoch_s"],
       "host_outside_steps_per_epoch_s": out["host_fixed_per_epoch_s"],
       "host_per_step_s": out["host_per_step_s"],
@@ -154,6 +158,9 @@ def main():
   parser.add_argument("--batch_size", type=int, default=4)
   parser.add_argument("--steps", default="1,3", help="two numbers of steps per epoch")
   parser.add_argument("--pipelines", default="device,tfdata")
+  parser.add_argument(
+      "--fold_strategies", default="in_turn", help="config.fold_strategy values: in_turn,vmap"
+  )
   parser.add_argument("--tiny", action="store_true", help="configs/quick.py's model (a smoke run)")
   parser.add_argument("--cache_dir", default=os.path.expanduser("~/.cache/saltjax"))
   parser.add_argument("--workdir_parent", default=None)
@@ -164,16 +171,17 @@ def main():
   process.set_up_process()
   s1, s2 = (int(s) for s in args.steps.split(","))
   runs, splits = [], []
-  for pipeline in args.pipelines.split(","):
-    short, long = measure(args, pipeline, s1), measure(args, pipeline, s2)
-    runs += [short, long]
-    splits.append(split(short, long))
-    print(json.dumps(splits[-1]))
-  print("\n| input | fixed s/epoch | host s/epoch outside steps | host s/step | s/step |")
-  print("| --- | --- | --- | --- | --- |")
+  for strategy in args.fold_strategies.split(","):
+    for pipeline in args.pipelines.split(","):
+      short, long = measure(args, pipeline, s1, strategy), measure(args, pipeline, s2, strategy)
+      runs += [short, long]
+      splits.append(split(short, long))
+      print(json.dumps(splits[-1]))
+  print("\n| folds | input | fixed s/epoch | host s/epoch outside steps | host s/step | s/step |")
+  print("| --- | --- | --- | --- | --- | --- |")
   for s in splits:
     print(
-        f"| {s['input_pipeline']} | {s['fixed_per_epoch_s']:.3f} |"
+        f"| {s['fold_strategy']} | {s['input_pipeline']} | {s['fixed_per_epoch_s']:.3f} |"
         f" {s['host_outside_steps_per_epoch_s']:.3f} | {s['host_per_step_s']:.4f} |"
         f" {s['wall_per_step_s']:.3f} |"
     )

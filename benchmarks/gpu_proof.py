@@ -122,8 +122,10 @@ def markdown(result: dict) -> str:
         "| --- | --- |",
     ]
     for r in result["ours"]["train"]:
+      strategy = f" ({r['fold_strategy']})" if r.get("fold_strategy") else ""
       lines.append(
-          f"| {r.get('folds', 1)} x {r['batch_size']} | {r.get('images_per_s', r.get('error'))} |"
+          f"| {r.get('folds', 1)} x {r['batch_size']}{strategy}"
+          f" | {r.get('images_per_s', r.get('error'))} |"
       )
   job = result.get("job") or {}
   if job.get("finished") is not None:

@@ -3,9 +3,10 @@
 # (about 9 minutes of wall time on one H100/H200, without TensorFlow):
 #
 #   (a) train images/s of our real step against smp + PyTorch at the same
-#       batches, side by side in one run: 5 folds x 32 trained together (the
-#       vmapped step), one model at 160 (= 5 x 32) and at 256, and one model at
-#       32 (5 folds one after another run at that rate);
+#       batches, side by side in one run: 5 folds x 32 trained together, in
+#       turn inside one program (the default) and vmapped, one model at 160
+#       (= 5 x 32) and at 256, and one model at 32 (5 folds one after another
+#       run at that rate);
 #   (b) the whole configs/fold.py job at TGS size (4,000 train, 18,000 test,
 #       flip TTA) on the synthetic data, epochs cut to $EPOCHS, end to end
 #       through main.py (input_pipeline=device, use_tfds=False), with seconds
@@ -45,7 +46,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2> /dev/nul
 
 if [[ $TINY == 1 ]]; then
   export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
-  OURS_ARGS=(--tiny --batch_sizes 4 --folds_together 2x4 --tta "" --steps 2 --repeats 2)
+  OURS_ARGS=(--tiny --batch_sizes 4 --folds_together "2x4:in_turn 2x4:vmap" --tta ""
+    --steps 2 --repeats 2)
   PEER_ARGS=(--tiny --batch_sizes 4 --steps 2 --repeats 2)
   EPOCHS=${EPOCHS:-2}
   JOB_ARGS=(--config=configs/quick.py --config.num_folds=2 --config.synthetic.num_train=24
@@ -54,7 +56,8 @@ if [[ $TINY == 1 ]]; then
     --config.model.decoder_channels="(8,8,8,8,8)" --config.schedule.cycle_epochs=1)
   LIMIT_OURS=600 LIMIT_PEER=300 LIMIT_JOB=900
 else
-  OURS_ARGS=(--batch_sizes 32 160 256 --folds_together 5x32 --tta "" --steps 10 --repeats 3)
+  OURS_ARGS=(--batch_sizes 32 160 256 --folds_together "5x32:in_turn 5x32:vmap" --tta ""
+    --steps 10 --repeats 3)
   PEER_ARGS=(--batch_sizes 32 160 256 --steps 10 --repeats 3)
   EPOCHS=${EPOCHS:-20}
   JOB_ARGS=(--config=configs/fold.py --config.model.pretrained=""

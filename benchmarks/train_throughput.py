@@ -60,7 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument(
       "--folds_together",
       default="",
-      help="F x B settings of the vmapped F-fold step, e.g. '5x32' (F models, B images each)",
+      help="F x B settings of the F-fold step, e.g. '5x32' (F models, B images each); '5x32:vmap'"
+      " or '5x32:in_turn' names the fold strategy (default: the config's)",
   )
   p.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported)")
   p.add_argument("--steps", type=int, default=20, help="steps per timed repeat")
@@ -121,14 +122,19 @@ def make_config(args):
     config.model.encoder_width = 8
     config.model.decoder_channels = (32, 16, 16, 8, 8)
     config.model.scse_reduction = 4
-  config.batch_size = max(args.batch_sizes + [b for _, b in fold_settings(args)])
+  config.batch_size = max(args.batch_sizes + [b for _, b, _ in fold_settings(args)])
   config.eval_batch_size = config.batch_size
   return config
 
 
-def fold_settings(args) -> list[tuple[int, int]]:
-  """(folds, batch per fold) of --folds_together."""
-  return [tuple(int(x) for x in s.split("x")) for s in args.folds_together.split()]
+def fold_settings(args) -> list[tuple[int, int, str]]:
+  """(folds, batch per fold, fold strategy or '' for the config's) of --folds_together."""
+  settings = []
+  for setting in args.folds_together.split():
+    sizes, _, strategy = setting.partition(":")
+    folds, batch = (int(x) for x in sizes.split("x"))
+    settings.append((folds, batch, strategy))
+  return settings
 
 
 def median_time(fn, repeats: int) -> tuple[float, list[float]]:
@@ -176,15 +182,26 @@ def is_oom(e: Exception) -> bool:
   return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
 
 
-def bench_train(job, batch_size: int, args, peak_tflops: float, folds: int = 1) -> dict:
-  """The real train step (vmapped for folds > 1): `folds` models, `batch_size` images each."""
+def bench_train(
+    job, batch_size: int, args, peak_tflops: float, folds: int = 1, strategy: str = ""
+) -> dict:
+  """The real train step: `folds` models, `batch_size` images each, over the folds by `strategy`.
+
+  strategy: config.fold_strategy for this row ('' keeps the config's).
+  """
   import jax
+  import ml_collections
   import numpy as np
   from saltjax import parallel
+  from saltjax.training import steps as steps_lib
   from saltjax.training.state import stack_folds
 
   config, mesh = job.config, job.mesh
   step = job.train_steps[config.loss.name]
+  if strategy and strategy != steps_lib.fold_strategy(config):
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.fold_strategy = strategy
+    step = steps_lib.compile_train_steps(config, mesh)[config.loss.name]
   rng = np.random.default_rng(0)
   size = config.image_size
   host = {
@@ -221,6 +238,7 @@ def bench_train(job, batch_size: int, args, peak_tflops: float, folds: int = 1) 
   row = {
       "folds": folds,
       "batch_size": batch_size,
+      "fold_strategy": steps_lib.fold_strategy(config) if folds > 1 else "",
       "trace_s": trace_s,
       "compile_s": compile_s,
       "first_step_s": first_step_s,
@@ -331,7 +349,7 @@ def _set_up(args):
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.compilation_cache))
   config = make_config(args)
   mesh = parallel.create_mesh()
-  for b in args.batch_sizes + [b for _, b in fold_settings(args)]:
+  for b in args.batch_sizes + [b for _, b, _ in fold_settings(args)]:
     parallel.check_batch_size(b, mesh, "--batch_sizes")
   devices = jax.devices()
   print(
@@ -399,11 +417,11 @@ def _result_header(args, config, job, init_s: float, peak: dict) -> dict:
 
 def _measure(job, args, peak: dict, result: dict) -> None:
   """Train steps, then TTA inference, at every setting: rows into `result`, printed."""
-  for f, b in [(1, b) for b in args.batch_sizes] + fold_settings(args):
-    row = guarded(bench_train, job, b, args, peak["tflops"], f)
+  for f, b, strategy in [(1, b, "") for b in args.batch_sizes] + fold_settings(args):
+    row = guarded(bench_train, job, b, args, peak["tflops"], f, strategy)
     result["train"].append(row)
     print(
-        f"train {f} x batch {b}: "
+        f"train {f} x batch {b}{f' ({strategy})' if strategy else ''}: "
         + (row.get("error") or f"{row['images_per_s']:.1f} images/s, {row['step_ms']:.2f} ms/step"),
         flush=True,
     )
