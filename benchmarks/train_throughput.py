@@ -201,7 +201,7 @@ def bench_train(
   if strategy and strategy != steps_lib.fold_strategy(config):
     config = ml_collections.ConfigDict(config.to_dict())
     config.fold_strategy = strategy
-    step = steps_lib.compile_train_steps(config, mesh)[config.loss.name]
+    step = steps_lib.compile_train_steps(config, mesh, job.state_sharding)[config.loss.name]
   rng = np.random.default_rng(0)
   size = config.image_size
   host = {
@@ -209,9 +209,7 @@ def bench_train(
       "mask": (rng.uniform(size=(folds, batch_size, size, size)) > 0.7).astype(np.float32),
   }
   batch = parallel.global_from_local(host, mesh, fold_axis=True)
-  state = jax.device_put(
-      stack_folds([job.new_state() for _ in range(folds)]), parallel.replicated(mesh)
-  )
+  state = job.place_state(stack_folds([job.new_state() for _ in range(folds)]))
   jax.block_until_ready((state, batch))
 
   t = time.perf_counter()

@@ -1,12 +1,16 @@
 """Data parallelism over a jax.sharding.Mesh of every device, on every host.
 
 The batch is split along its first axis over the mesh's 'data' axis; the
-train state is replicated. One jitted step serves any number of devices:
-XLA inserts the cross-device reductions (gradients, BatchNorm statistics over
-the global batch) that the sharding implies.
+train state's weights and BatchNorm statistics are replicated, and its
+optimiser moments are replicated or split over the same axis
+(`state_sharding`). One jitted step serves any number of devices: XLA
+inserts the cross-device reductions (gradients, BatchNorm statistics over
+the global batch) and gathers that the sharding implies.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import numpy as np
@@ -28,6 +32,65 @@ def data_sharding(mesh: Mesh, fold_axis: bool = False) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+STATE_SHARDINGS = ("replicated", "optimizer")
+
+
+def state_sharding(mesh: Mesh, state, how: str):
+  """Where each leaf of a train state with a leading fold axis lives: a tree of shardings.
+
+  'replicated': every leaf on every device. 'optimizer': the optimiser's
+  moments split over the 'data' axis (ZeRO stage 1, Rajbhandari et al. 2020),
+  each leaf along its largest axis that the devices divide (never the fold
+  axis, so one sharding serves any number of folds); weights, BatchNorm
+  statistics and leaves no axis of which divides stay replicated. Each
+  device then updates only its share of the weights (XLA slices the
+  gradients and gathers the new weights), so the update's memory traffic
+  and the moments' memory per device shrink with the devices.
+  """
+  if how not in STATE_SHARDINGS:
+    raise ConfigError(
+        f"unknown config.state_sharding {how!r}: use one of {', '.join(STATE_SHARDINGS)}"
+    )
+  repl = replicated(mesh)
+  shardings = jax.tree.map(lambda _: repl, state)
+  if how == "replicated" or mesh.size == 1:
+    return shardings
+
+  def split(x) -> NamedSharding:
+    shape = np.shape(x)
+    axes = [a for a in range(1, len(shape)) if shape[a] % mesh.size == 0]
+    if not axes:
+      return repl
+    spec = [None] * len(shape)
+    spec[max(axes, key=lambda a: (shape[a], a))] = "data"
+    return NamedSharding(mesh, P(*spec))
+
+  return shardings.replace(opt_state=jax.tree.map(split, state.opt_state))
+
+
+@functools.lru_cache(maxsize=None)
+def _replicate(mesh: Mesh):
+  return jax.jit(lambda tree: tree, out_shardings=replicated(mesh))
+
+
+def readable_on_every_host(tree):
+  """`tree` with each array split over devices copied whole onto every device.
+
+  A host can read an array whole only where every part of it is on its own
+  devices: a replicated one always is, one split over several hosts'
+  devices (the optimiser moments under state_sharding='optimizer') is not.
+  Every process must call this (it runs one program over the mesh).
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  split = [i for i, x in enumerate(leaves) if not x.sharding.is_fully_replicated]
+  if not split:
+    return tree
+  whole = _replicate(leaves[split[0]].sharding.mesh)([leaves[i] for i in split])
+  for i, x in zip(split, whole):
+    leaves[i] = x
+  return jax.tree.unflatten(treedef, leaves)
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, option: str) -> None:

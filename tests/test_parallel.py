@@ -155,6 +155,11 @@ def _worker(out_dir: str) -> None:
         leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(new_state.params)
     )
     facts[f"step_{name}"] = int(new_state.step[0])
+    # (shape, one device's shard shape) of every optimiser-state array.
+    facts[f"opt_state_shards_{name}"] = [
+        (list(x.shape), list(x.addressable_shards[0].data.shape))
+        for x in jax.tree.leaves(new_state.opt_state)
+    ]
     one_fold = lambda tree: jax.tree.map(lambda x: x[0], tree)
     results.update(flat_leaves(one_fold(step_metrics), f"{name}/metrics"))
     results.update(flat_leaves(one_fold(new_state.params), f"{name}/params"))
@@ -275,6 +280,24 @@ def test_batch_is_sharded_over_every_device(run):
   assert facts["state_devices_8"] == NUM_DEVICES and facts["state_replicated_8"]
   assert facts["state_devices_1"] == 1 and facts["state_replicated_1"]
   assert facts["step_8"] == facts["step_1"] == 1
+
+
+def test_optimizer_moments_are_split_over_the_devices(run):
+  # config.state_sharding='optimizer' (the default): each optimiser-state
+  # array with an axis (past the fold axis) that 8 divides is split 8 ways
+  # along its largest such axis; the rest stay whole on every device.
+  facts, _ = run
+  split = 0
+  for shape, shard in facts["opt_state_shards_8"]:
+    axes = [a for a in range(1, len(shape)) if shape[a] % NUM_DEVICES == 0]
+    expected = list(shape)
+    if axes:
+      axis = max(axes, key=lambda a: (shape[a], a))
+      expected[axis] //= NUM_DEVICES
+      split += 1
+    assert shard == expected, (shape, shard)
+  assert split > 0
+  assert all(shard == shape for shape, shard in facts["opt_state_shards_1"])
 
 
 def test_one_step_function_serves_both_device_counts(run):

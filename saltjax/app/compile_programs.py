@@ -56,7 +56,7 @@ class ProgramCost:
   loss: str = ""  # a training program's loss: its calls are that loss's epochs'
   hbm_bytes_per_chip: float = 0.0  # of those, read and written in HBM (hlo_traffic)
   on_chip_bytes_per_chip: float = 0.0  # and in on-chip memory (VMEM)
-  hbm_bytes_by_kind: dict = dataclasses.field(default_factory=dict)  # as compiled
+  hbm_bytes_by_kind: dict = dataclasses.field(default_factory=dict)  # scaled over loops too
   hbm_bytes_by_phase: dict = dataclasses.field(default_factory=dict)
 
 
@@ -77,6 +77,18 @@ def _cost(compiled) -> dict:
 
 
 _SCALED = ("flops_per_chip", "bytes_per_chip", "hbm_bytes_per_chip", "on_chip_bytes_per_chip")
+_SPLITS = ("hbm_bytes_by_kind", "hbm_bytes_by_phase")
+
+
+def _add(figures: dict, cost: dict, times: float) -> None:
+  """figures += times x cost, for every scaled figure and every part of the HBM splits."""
+  for key in _SCALED:
+    figures[key] += times * cost[key]
+  for split in _SPLITS:
+    figures[split] = {
+        part: figures[split].get(part, 0) + times * cost[split].get(part, 0)
+        for part in [*figures[split], *(p for p in cost[split] if p not in figures[split])]
+    }
 
 
 def _memory(compiled) -> dict:
@@ -122,7 +134,7 @@ def _measure(name: str, program, args, loops: dict[str, tuple], iterations=None)
   """
   compiled, seconds = _compile(name, program, args)
   counted = _cost(compiled)
-  figures = dict(counted)
+  figures = {**counted, **{split: dict(counted[split]) for split in _SPLITS}}
   for loop, (trips, compile_without, per_trip) in loops.items():
     runs = trips * per_trip
     if runs == 1 or trips == 0:  # counted as it runs (one trip is unrolled; none has no body)
@@ -130,15 +142,13 @@ def _measure(name: str, program, args, loops: dict[str, tuple], iterations=None)
     without, more = compile_without()
     seconds += more
     zero = _cost(without)
-    for key in _SCALED:
-      figures[key] += (runs - 1) * (counted[key] - zero[key])
+    _add(figures, counted, runs - 1)
+    _add(figures, zero, -(runs - 1))
   if iterations is not None and iterations[0] > 0:
     n, compile_one = iterations
     one, more = compile_one()
     seconds += more
-    once = _cost(one)
-    for key in _SCALED:
-      figures[key] += n * once[key]
+    _add(figures, _cost(one), n)
   logging.info("Compiled %s in %.1f s.", name, seconds)
   return {**figures, "compile_seconds": seconds, "memory_per_chip": _memory(compiled)}
 
@@ -156,7 +166,7 @@ def _one_fold_gradients(job: Job, loss: str, args: dict, batch):
       f"one fold's gradients ({loss})",
       jax.jit(
           steps_lib.folds_gradients(job.config, loss),
-          in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh, fold_axis=True)),
+          in_shardings=(None, parallel.data_sharding(mesh, fold_axis=True)),
           out_shardings=parallel.replicated(mesh),
       ),
   )
@@ -263,8 +273,13 @@ def _group_arguments(job: Job, group, data, fold_of) -> dict:
       variables, jax.ShapeDtypeStruct((num_folds,), jnp.float32, sharding=repl), variables
   )
   val = feeders.validation_batches(config, data, group, fold_of)
+  placed = jax.tree.map(
+      lambda x, sharding: jax.ShapeDtypeStruct((num_folds,) + x.shape, x.dtype, sharding=sharding),
+      state,
+      job.state_sharding,
+  )
   return {
-      "state": _stacked(state, num_folds, repl),
+      "state": placed,
       "models": models,
       "val": _abstract(val, repl),
       "no_val": _abstract(tuple(x[:0] for x in val), repl),

@@ -11,6 +11,7 @@ import pathlib
 from saltjax.input_pipeline import augment_spec
 from saltjax import errors
 from saltjax import geometry
+from saltjax import parallel
 from saltjax.inference import trained_config
 from saltjax.model import imagenet_weights
 from saltjax.model import tta
@@ -37,6 +38,7 @@ _FREE_KEYS = (
     "eval_batch_size",
     "parallel_folds",
     "fold_strategy",
+    "state_sharding",
     "checkpoint_every_seconds",
     "segment",
     "predict_data_dir",
@@ -112,6 +114,11 @@ def _check_input(config, need) -> None:
       steps_lib.fold_strategy(config) in steps_lib.FOLD_STRATEGIES,
       "fold_strategy",
       f"use one of {', '.join(steps_lib.FOLD_STRATEGIES)}",
+  )
+  need(
+      steps_lib.state_sharding_name(config) in parallel.STATE_SHARDINGS,
+      "state_sharding",
+      f"use one of {', '.join(parallel.STATE_SHARDINGS)}",
   )
   need(config.eval_batch_size > 0, "eval_batch_size", "must be positive")
   need(config.predict.batch_size > 0, "predict.batch_size", "must be positive")

@@ -13,6 +13,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -26,7 +27,12 @@ from saltjax.training.state import (
     initialized,
     state_from_variables,
 )
-from saltjax.training.steps import compile_train_steps, make_device_epoch_fn, make_epoch_end_fn
+from saltjax.training.steps import (
+    compile_train_steps,
+    make_device_epoch_fn,
+    make_epoch_end_fn,
+    state_sharding_name,
+)
 
 
 class Program:
@@ -87,6 +93,7 @@ class Job:
   initial_variables: dict
   train_steps: dict
   writer: Any
+  state_sharding: Any = None  # where each leaf of a stacked train state lives
   programs: dict = dataclasses.field(default_factory=dict)
 
   @classmethod
@@ -109,16 +116,24 @@ class Job:
       # On the host: each fold's state gets fresh device buffers, which the
       # train step may then donate.
       variables = jax.device_get(initial_variables(config, model))
+    tx = create_optimizer(config, lr_fn)
+    # The same placement serves any number of folds: no leaf is split along the fold axis.
+    one_fold = jax.eval_shape(
+        lambda v: jax.tree.map(lambda x: jnp.asarray(x)[None], state_from_variables(model, tx, v)),
+        variables,
+    )
+    state_sharding = parallel.state_sharding(mesh, one_fold, state_sharding_name(config))
     return cls(
         config=config,
         mesh=mesh,
         model=model,
         steps_per_epoch=steps_per_epoch,
         lr_fn=lr_fn,
-        tx=create_optimizer(config, lr_fn),
+        tx=tx,
         initial_variables=variables,
-        train_steps=compile_train_steps(config, mesh),
+        train_steps=compile_train_steps(config, mesh, state_sharding),
         writer=writer,
+        state_sharding=state_sharding,
     )
 
   def program(self, name: str, build: Callable[[], Callable]) -> "Program":
@@ -143,12 +158,18 @@ class Job:
 
   def device_epoch_program(self, loss_name: str) -> "Program":
     repl = parallel.replicated(self.mesh)
+    # (state, models, step metrics, validation sums, improved)
+    placed = (self.state_sharding, repl, repl, repl, repl)
     return self.program(
         f"the epoch on the device ({loss_name})",
         lambda: jax.jit(
-            make_device_epoch_fn(self, loss_name), out_shardings=repl, donate_argnums=(0, 1)
+            make_device_epoch_fn(self, loss_name), out_shardings=placed, donate_argnums=(0, 1)
         ),
     )
+
+  def place_state(self, state):
+    """A stacked train state (host arrays) on the devices, as the programs take it."""
+    return jax.device_put(state, self.state_sharding)
 
   def new_state(self) -> TrainState:
     # The optimiser's init as one compiled program: run op by op it compiles

@@ -113,7 +113,7 @@ def _start_group(job: Job, folds, data, fold_of, checkpoints, resumed) -> FoldGr
       folds=folds,
       progress=[r[1] for r in resumed],
       checkpoints=checkpoints,
-      state=jax.device_put(stack_folds([r[0] for r in resumed]), repl),
+      state=job.place_state(stack_folds([r[0] for r in resumed])),
       best=jax.device_put(stack_folds([r[2] for r in resumed]), repl),
       best_scores=jax.device_put(np.array([r[1].best_score for r in resumed], np.float32), repl),
       swa=jax.device_put(stack_folds([r[3] for r in resumed]), repl),

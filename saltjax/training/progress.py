@@ -15,6 +15,7 @@ from typing import Any
 import jax
 
 from saltjax import checkpoints as ckpt_lib
+from saltjax import parallel
 from saltjax.training.job import Job
 from saltjax.training.state import fold_slice, model_variables
 
@@ -108,7 +109,7 @@ def save_group(group: FoldGroup, epoch: int) -> None:
   # ~1,500 device arrays per fold would dispatch (and first compile) an op.
   state, best, swa = jax.device_get(
       (
-          group.state,
+          parallel.readable_on_every_host(group.state),
           group.best if any(new_best) else None,
           group.swa if group.progress[0].swa_count else None,
       )

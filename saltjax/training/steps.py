@@ -143,6 +143,11 @@ def fold_strategy(config) -> str:
   return config.get("fold_strategy", "in_turn")
 
 
+def state_sharding_name(config) -> str:
+  """config.state_sharding: how the train state is placed (`parallel.state_sharding`)."""
+  return config.get("state_sharding", "optimizer")
+
+
 def folds_gradients(config, loss_name: str) -> Callable:
   """fn(state, batch) -> (gradients, BatchNorm statistics, step metrics) of F fold models.
 
@@ -181,14 +186,15 @@ def folds_train_step(config, loss_name: str) -> Callable:
   return step
 
 
-def compile_train_steps(config, mesh) -> dict[str, Callable]:
+def compile_train_steps(config, mesh, state_shardings=None) -> dict[str, Callable]:
   """One jitted step per loss in use (two for the two-stage recipe).
 
   Each takes a state and a batch with a leading fold axis, (F, ...) and
-  (F, B, ...): the one-fold step over the fold axis (`over_folds`: a vmap, or
-  the step itself for one fold), so F fold models train as one program. The
-  batch axis is sharded over the mesh; the state is replicated, and BatchNorm
-  statistics are over each fold's global batch.
+  (F, B, ...): `folds_train_step`, so F fold models train as one program.
+  The batch axis is sharded over the mesh; the new state is placed as
+  `state_shardings` says (`parallel.state_sharding`; default replicated),
+  the way `Job.place_state` places a state (then donated in place).
+  BatchNorm statistics are over each fold's global batch.
   """
   names = {config.loss.name}
   if config.loss.second_from_epoch >= 0:
@@ -198,11 +204,13 @@ def compile_train_steps(config, mesh) -> dict[str, Callable]:
   if config.nonfinite not in ("stop", "skip"):
     raise ConfigError(f"unknown config.nonfinite {config.nonfinite!r}: use 'stop' or 'skip'")
   repl, shard = parallel.replicated(mesh), parallel.data_sharding(mesh, fold_axis=True)
+  state_shardings = repl if state_shardings is None else state_shardings
   return {
       name: jax.jit(
           folds_train_step(config, name),
-          in_shardings=(repl, shard),
-          out_shardings=(repl, repl),
+          # The state as it comes (a program per placement); it leaves as placed.
+          in_shardings=(None, shard),
+          out_shardings=(state_shardings, repl),
           donate_argnums=0,
       )
       for name in names

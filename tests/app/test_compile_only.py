@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 
+import jax
+import numpy as np
 import pytest
 
 from saltjax.app import compile_report
@@ -141,8 +143,12 @@ def test_an_unknown_slice_is_a_config_error_naming_the_option(name, tmp_path, ca
 # Folds in turn (parallel_folds=1): a vmapped fold axis takes XLA's TPU
 # compiler minutes even at this size. Four images a chip on v5e-4: every
 # program of a job that trains and predicts.
+# The state replicated: split 4 or 16 ways, a width-4 model's optimiser
+# moments become slivers that the chip's tiles pad many times over, which
+# drowns the traffic checks below (test_the_optimizer_sharding_... splits them).
 ONE_HOST = dict(
     compile_for="v5e-4",
+    state_sharding="replicated",
     parallel_folds=1,
     batch_size=16,
     eval_batch_size=8,
@@ -150,7 +156,9 @@ ONE_HOST = dict(
 )
 # v5e-16: four hosts of four chips, one image a chip; one fold, so the job
 # does not predict; its 24 held-out images in one batch (no loop to scale).
-MULTI_HOST = dict(compile_for="v5e-16", fold=0, batch_size=16, eval_batch_size=32)
+MULTI_HOST = dict(
+    compile_for="v5e-16", state_sharding="replicated", fold=0, batch_size=16, eval_batch_size=32
+)
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +198,9 @@ def test_a_tiny_job_compiles_every_program_for_a_one_host_slice(compiled):
     # HBM and on-chip traffic, as laid out, add up to XLA's bytes accessed.
     moved = p["hbm_bytes_per_chip"] + p["on_chip_bytes_per_chip"]
     assert moved == pytest.approx(p["bytes_per_chip"], rel=0.1)
-    assert sum(p["hbm_bytes_by_kind"].values()) == sum(p["hbm_bytes_by_phase"].values())
+    # Both splits of the HBM traffic are scaled over the loops as the total is.
+    for split in ("hbm_bytes_by_kind", "hbm_bytes_by_phase"):
+      assert sum(p[split].values()) == pytest.approx(p["hbm_bytes_per_chip"]), split
   train, end, predict = programs
   # One fold's 16 images over 4 chips; 24 held-out images a fold in 3 batches of 8.
   assert train["images_per_chip"] == 4
@@ -248,3 +258,72 @@ def test_an_impossible_batch_is_refused_naming_the_program(tmp_path, data_cache,
   line = err.getvalue().strip().splitlines()[-1]
   assert line.startswith("error: the train step (bce_dice), 1 fold(s)"), line
   assert "does not fit on one chip" in line or "of HBM of a v5e-1 chip" in line, line
+
+
+def _epoch_flops_per_training_image(config) -> float:
+  """The FLOPs of one epoch's programs (calls x per call) per training image.
+
+  Compiled for this CPU: how the loops are scaled does not depend on the
+  target, and XLA's CPU compiler takes a fraction of the TPU one's time.
+  """
+  from saltjax.app import compile_programs
+  from saltjax.data import dataset as data_lib
+
+  devices = jax.devices()[:1]
+  programs, facts = compile_programs.job_programs(
+      config, devices, data_lib.load(config), kinds=("train", "epoch_end")
+  )
+  assert facts["steps_per_epoch"] == 3  # a loop worth scaling
+  flops = sum(p.flops_per_chip * p.calls_per_epoch for p in programs)
+  return flops / (facts["steps_per_epoch"] * facts["images_per_chip_per_step"])
+
+
+def test_every_iteration_of_a_programs_loops_is_counted(data_cache, compile_cache):
+  # XLA's cost analysis counts a loop's body once. The same epoch of the same
+  # two folds (3 steps of 8 images a fold, then validation) costs the same
+  # FLOPs per training image however its programs loop: one fold at a time
+  # with tf.data (a program a step, then the epoch's end), and the device
+  # epoch with the folds in turn (one program: a scan over the steps, each
+  # taking the gradients in a loop over the folds, then the validation's
+  # loop over batches and folds). Counted once, the device epoch's training
+  # would come out at a sixth.
+  per_image = {}
+  for name, overrides in {
+      "one fold at a time": dict(parallel_folds=1),
+      "device epoch, in turn": dict(fold_strategy="in_turn", input_pipeline="device"),
+  }.items():
+    config = tiny_config(data_cache, compile_cache, use_tfds=False, **overrides)
+    per_image[name] = _epoch_flops_per_training_image(config)
+  # The on-device batches (augmentation, resizing) add a little.
+  assert per_image["device epoch, in turn"] == pytest.approx(
+      per_image["one fold at a time"], rel=0.05
+  ), per_image
+
+
+def test_the_optimizer_sharding_splits_the_moments_over_the_slices_chips(data_cache, compile_cache):
+  # config.state_sharding='optimizer' (the default): each chip of a v5e-16
+  # holds a sixteenth of every optimiser moment that 16 divides; the weights
+  # stay whole. The arguments per chip shrink by about the moments' 15/16.
+  from saltjax.app import compile_programs
+  from saltjax.data import dataset as data_lib
+
+  devices = tpu_slices.compile_only_devices(tpu_slices.slice_spec("v5e-16"))
+  arguments = {}
+  for how in ("replicated", "optimizer"):
+    config = tiny_config(data_cache, compile_cache, **MULTI_HOST, use_tfds=False)
+    config.state_sharding = how
+    programs, _ = compile_programs.job_programs(
+        config, devices, data_lib.load(config), kinds=("train",)
+    )
+    arguments[how] = programs[0].memory_per_chip["argument"]
+    job = compile_programs.compile_job(config, devices, np.arange(48) % 2)
+  params = sum(x.size for x in jax.tree.leaves(job.initial_variables["params"]))
+  split = [s.spec for s in jax.tree.leaves(job.state_sharding.opt_state) if "data" in tuple(s.spec)]
+  assert split and all(s[0] is None for s in split)  # never the fold axis
+  # Adam's two moments, float32: 8 bytes a weight, 15/16 of it gone, less
+  # what no axis of which 16 divides keeps whole (the chip pads small arrays
+  # to its tiles, so the bytes saved may exceed the moments' own); the
+  # weights themselves (4 bytes each) stay on every chip.
+  saved = arguments["replicated"] - arguments["optimizer"]
+  assert saved > 0.3 * 8 * params * 15 / 16, (saved, params)
+  assert arguments["optimizer"] > 4 * params
