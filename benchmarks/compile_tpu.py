@@ -40,7 +40,7 @@ STRATEGIES = ("vmap", "in_turn", "one_model")
 TGS_TRAIN, TGS_TEST = 4000, 18000
 
 
-def _config(strategy: str, batch_size: int, tiny: bool, cache_dir: str):
+def _config(strategy: str, batch_size: int, tiny: bool, cache_dir: str, state_sharding=None):
   from configs import tpu
 
   config = tpu.get_config()
@@ -55,6 +55,8 @@ def _config(strategy: str, batch_size: int, tiny: bool, cache_dir: str):
     for key in ("model", "synthetic", "image_size", "num_folds", "num_epochs", "schedule"):
       config[key] = small[key]
   config.batch_size = batch_size
+  if state_sharding:
+    config.state_sharding = state_sharding
   if strategy == "one_model":
     config.parallel_folds, config.fold = 1, 0
     config.batch_size = batch_size * config.num_folds
@@ -63,7 +65,14 @@ def _config(strategy: str, batch_size: int, tiny: bool, cache_dir: str):
   return config
 
 
-def _measure(accelerator: str, strategy: str, batch_size: int, tiny: bool, cache_dir: str):
+def _measure(
+    accelerator: str,
+    strategy: str,
+    batch_size: int,
+    tiny: bool,
+    cache_dir: str,
+    state_sharding=None,
+):
   from saltjax.app import compile_programs
   from saltjax.app import compile_report
   from saltjax.app import tpu_slices
@@ -71,7 +80,7 @@ def _measure(accelerator: str, strategy: str, batch_size: int, tiny: bool, cache
 
   spec = tpu_slices.slice_spec(accelerator)
   devices = tpu_slices.compile_only_devices(spec)
-  config = _config(strategy, batch_size, tiny, cache_dir)
+  config = _config(strategy, batch_size, tiny, cache_dir, state_sharding)
   data = data_lib.load(config)
   programs, facts = compile_programs.job_programs(config, devices, data, kinds=("train",))
   result = compile_report.build(spec, programs, facts, {})
@@ -84,6 +93,7 @@ def _measure(accelerator: str, strategy: str, batch_size: int, tiny: bool, cache
   return {
       "accelerator": accelerator,
       "strategy": strategy,
+      "state_sharding": config.state_sharding,
       "batch_size_per_fold": batch_size,
       "folds": config.num_folds,
       "images_per_step": facts["images_per_chip_per_step"] * spec.chips,
@@ -150,14 +160,16 @@ def _bound_by(step: dict, spec) -> str:
 
 def _table(rows: list[dict]) -> str:
   lines = [
-      "| slice | strategy | batch/fold | images/chip | GFLOP/image | GB/image (XLA) | HBM GB/image"
-      " | args+temp GiB/chip | bound ms/step | bound | train bound, job (s) | compile s |",
-      "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+      "| slice | strategy | state | batch/fold | images/chip | GFLOP/image | GB/image (XLA)"
+      " | HBM GB/image | args+temp GiB/chip | bound ms/step | bound | train bound, job (s)"
+      " | compile s |",
+      "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
   ]
   for r in rows:
     m = r["memory_per_chip"]
     lines.append(
-        f"| {r['accelerator']} | {r['strategy']} | {r['batch_size_per_fold']}"
+        f"| {r['accelerator']} | {r['strategy']} | {r.get('state_sharding', 'replicated')}"
+        f" | {r['batch_size_per_fold']}"
         f" | {r['images_per_chip']:g} | {r['flops_per_image'] / 1e9:.2f}"
         f" | {r['bytes_per_image'] / 1e9:.3f} | {r['hbm_bytes_per_image'] / 1e9:.3f}"
         f" | {m['argument'] / 2**30:.2f} + {m['temp'] / 2**30:.2f}"
@@ -172,6 +184,11 @@ def main():
   parser.add_argument("--slices", default="v5e-8")
   parser.add_argument("--strategies", default=",".join(STRATEGIES))
   parser.add_argument("--batch_sizes", default="256,32", help="per fold")
+  parser.add_argument(
+      "--state_shardings",
+      default="",
+      help="config.state_sharding values to compile each row with (default: the config's)",
+  )
   parser.add_argument("--tiny", action="store_true", help="test-size model and data")
   parser.add_argument("--cache_dir", default=os.path.expanduser("~/.cache/saltjax"))
   parser.add_argument("--output", default=None)
@@ -201,10 +218,13 @@ def main():
       for strategy in args.strategies.split(","):
         if strategy not in STRATEGIES:
           parser.error(f"--strategies: {strategy!r} is not one of {', '.join(STRATEGIES)}")
-        rows.append(_measure(accelerator, strategy, batch_size, args.tiny, args.cache_dir))
-        print(_table(rows[-1:]).splitlines()[-1], flush=True)
-        # Written after every row: a long run cut short keeps what it measured.
-        report.write_result(_result(args, rows, started), output, stem)
+        for sharding in args.state_shardings.split(",") if args.state_shardings else [None]:
+          rows.append(
+              _measure(accelerator, strategy, batch_size, args.tiny, args.cache_dir, sharding)
+          )
+          print(_table(rows[-1:]).splitlines()[-1], flush=True)
+          # Written after every row: a long run cut short keeps what it measured.
+          report.write_result(_result(args, rows, started), output, stem)
   print(_table(rows))
 
 
