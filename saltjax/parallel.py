@@ -76,15 +76,20 @@ def _replicate(mesh: Mesh):
 
 
 def readable_on_every_host(tree):
-  """`tree` with each array split over devices copied whole onto every device.
+  """`tree` with each array split over several hosts' devices copied whole onto every device.
 
   A host can read an array whole only where every part of it is on its own
-  devices: a replicated one always is, one split over several hosts'
-  devices (the optimiser moments under state_sharding='optimizer') is not.
-  Every process must call this (it runs one program over the mesh).
+  devices: a replicated one always is, and so is any array of a one-host
+  job; one split over several hosts' devices (the optimiser moments under
+  state_sharding='optimizer' on a pod) is not. Every process must call this
+  (it runs one program over the mesh).
   """
   leaves, treedef = jax.tree.flatten(tree)
-  split = [i for i, x in enumerate(leaves) if not x.sharding.is_fully_replicated]
+  split = [
+      i
+      for i, x in enumerate(leaves)
+      if not (x.sharding.is_fully_replicated or x.is_fully_addressable)
+  ]
   if not split:
     return tree
   whole = _replicate(leaves[split[0]].sharding.mesh)([leaves[i] for i in split])
