@@ -98,11 +98,11 @@ def _training(config: ml_collections.ConfigDict) -> None:
   # program: each fold an ordinary step) or 'vmap' (every fold at once: grouped
   # convs). In turn moves less HBM traffic a step on a TPU (docs/training.md).
   config.fold_strategy = "in_turn"
-  # Where the train state lives on several devices: 'optimizer' splits the
-  # optimiser's moments over the devices (each updates its share of the
-  # weights: less memory and update traffic per device), 'replicated' keeps
-  # every leaf on every device. One device: the same.
-  config.state_sharding = "optimizer"
+  # Where the train state lives on several devices: 'replicated' keeps every
+  # leaf on every device; 'optimizer' splits the optimiser's moments over
+  # them (each device updates its share of the weights: less memory per
+  # device, about the same traffic; docs/training.md). One device: the same.
+  config.state_sharding = "replicated"
   # The resume point (and best/snapshot/SWA models) is written at most this
   # often, at the end of training and on SIGTERM; 0 = every epoch.
   config.checkpoint_every_seconds = 300

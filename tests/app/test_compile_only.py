@@ -143,12 +143,8 @@ def test_an_unknown_slice_is_a_config_error_naming_the_option(name, tmp_path, ca
 # Folds in turn (parallel_folds=1): a vmapped fold axis takes XLA's TPU
 # compiler minutes even at this size. Four images a chip on v5e-4: every
 # program of a job that trains and predicts.
-# The state replicated: split 4 or 16 ways, a width-4 model's optimiser
-# moments become slivers that the chip's tiles pad many times over, which
-# drowns the traffic checks below (test_the_optimizer_sharding_... splits them).
 ONE_HOST = dict(
     compile_for="v5e-4",
-    state_sharding="replicated",
     parallel_folds=1,
     batch_size=16,
     eval_batch_size=8,
@@ -156,9 +152,7 @@ ONE_HOST = dict(
 )
 # v5e-16: four hosts of four chips, one image a chip; one fold, so the job
 # does not predict; its 24 held-out images in one batch (no loop to scale).
-MULTI_HOST = dict(
-    compile_for="v5e-16", state_sharding="replicated", fold=0, batch_size=16, eval_batch_size=32
-)
+MULTI_HOST = dict(compile_for="v5e-16", fold=0, batch_size=16, eval_batch_size=32)
 
 
 @pytest.fixture(scope="module")
@@ -303,10 +297,10 @@ def test_every_iteration_of_a_programs_loops_is_counted(data_cache, compile_cach
 def test_the_optimizer_sharding_splits_the_moments_over_the_slices_chips(
     compiled, data_cache, compile_cache
 ):
-  # config.state_sharding='optimizer' (the default): each chip of a v5e-16
-  # holds a sixteenth of every optimiser moment that 16 divides; the weights
-  # stay whole. The arguments per chip shrink by about the moments' 15/16
-  # against the fixture's replicated state.
+  # config.state_sharding='optimizer': each chip of a v5e-16 holds a
+  # sixteenth of every optimiser moment that 16 divides; the weights stay
+  # whole. The arguments per chip shrink by about the moments' 15/16 against
+  # the fixture's replicated state (the default).
   from saltjax.app import compile_programs
   from saltjax.data import dataset as data_lib
 

@@ -440,6 +440,9 @@ def _pod_args(workdir, data_cache, compile_cache) -> list[str]:
               "schedule.warmup_epochs": 0,
               # Only SIGTERM (and the end of training) saves the resume point.
               "checkpoint_every_seconds": 300,
+              # The optimiser's moments split over both processes' devices:
+              # saving and resuming read them whole on every host.
+              "state_sharding": "optimizer",
           }
       ),
   ]
