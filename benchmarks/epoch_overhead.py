@@ -31,7 +31,6 @@ targets are <= 0.5 s and <= 0.1 s — and `host_per_step_s`.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import pathlib
@@ -186,13 +185,10 @@ def main():
         f" {s['wall_per_step_s']:.3f} |"
     )
   result = {
-      "benchmark": "epoch_overhead",
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "device": f"{jax.devices()[0].platform} ({os.cpu_count()} cores)",
+      **report.cpu_header(
+          "epoch_overhead", ("jax", "jaxlib", "flax", "orbax-checkpoint", "tensorflow")
+      ),
       "host": platform.machine(),
-      "load_average_at_end": os.getloadavg(),
-      "versions": report.versions(("jax", "jaxlib", "flax", "orbax-checkpoint", "tensorflow")),
-      "git_commit": report.git_commit(),
       "model": "configs/%s.py model (32 px, tiny data)" % ("quick" if args.tiny else "fold"),
       "folds": args.folds,
       "batch_size_per_fold": args.batch_size,

@@ -34,6 +34,23 @@ def git_commit() -> str:
     return ""
 
 
+def cpu_header(benchmark: str, packages) -> dict:
+  """The fields a timing on this machine's JAX device starts its result with."""
+  import datetime
+  import os
+
+  import jax
+
+  return {
+      "benchmark": benchmark,
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "device": f"{jax.devices()[0].platform} ({os.cpu_count()} cores)",
+      "load_average_at_end": os.getloadavg(),
+      "versions": versions(packages),
+      "git_commit": git_commit(),
+  }
+
+
 def slug(text: str) -> str:
   return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import os
 import pathlib
 import sys
@@ -146,8 +145,6 @@ def main():
   parser.add_argument("--output", default=None)
   args = parser.parse_args()
   args.steps = tuple(int(s) for s in args.steps.split(","))
-  import jax
-
   rows = []
   for strategy in args.fold_strategies.split(","):
     rows.append(measure(args, strategy))
@@ -160,12 +157,7 @@ def main():
         f" | {r['device_over_step']:.2f} |"
     )
   result = {
-      "benchmark": "scan_cost_cpu",
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "device": f"{jax.devices()[0].platform} ({os.cpu_count()} cores)",
-      "load_average_at_end": os.getloadavg(),
-      "versions": report.versions(("jax", "jaxlib", "flax", "optax")),
-      "git_commit": report.git_commit(),
+      **report.cpu_header("scan_cost_cpu", ("jax", "jaxlib", "flax", "optax")),
       "model": "configs/%s.py model" % ("quick" if args.tiny else "fold"),
       "settings": {k: v for k, v in vars(args).items() if k != "output"},
       "rows": rows,
