@@ -46,8 +46,10 @@ def state_sharding(mesh: Mesh, state, how: str):
   axis, so one sharding serves any number of folds); weights, BatchNorm
   statistics and leaves no axis of which divides stay replicated. Each
   device then updates only its share of the weights (XLA slices the
-  gradients and gathers the new weights), so the update's memory traffic
-  and the moments' memory per device shrink with the devices.
+  gradients and gathers the new weights), so the moments' memory per device
+  shrinks with the devices. The update's own traffic does too, but gathering
+  the new weights costs about as much (benchmarks/README.md): this is for
+  memory, not speed.
   """
   if how not in STATE_SHARDINGS:
     raise ConfigError(

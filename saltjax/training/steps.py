@@ -2,8 +2,9 @@
 
 `train_step` is one fold model's optimisation step (`fold_gradients`, then
 `apply_fold_gradients`); `over_folds` runs a one-fold function over a leading
-fold axis, so F fold models train as one program (`folds_train_step`). `make_epoch_end_fn` validates every fold on the device and keeps
-each fold's best model and weight average; `make_device_epoch_fn` makes a
+fold axis, so F fold models train as one program (`folds_train_step`).
+`make_epoch_end_fn` validates every fold on the device and keeps each fold's
+best model and weight average; `make_device_epoch_fn` makes a
 whole epoch of the on-device input path one program. Nothing here touches
 the host's loop, files or logs.
 """
