@@ -121,7 +121,7 @@ def _epoch_row(accelerator: str, pipeline: str, batch_size: int, tiny: bool, cac
   from saltjax.data import dataset as data_lib
 
   spec = tpu_slices.slice_spec(accelerator)
-  config = _config("vmap", batch_size, tiny, cache_dir)
+  config = _config("in_turn", batch_size, tiny, cache_dir)  # the default fold strategy
   config.input_pipeline = pipeline
   data = data_lib.load(config)
   programs, facts = compile_programs.job_programs(
@@ -133,6 +133,7 @@ def _epoch_row(accelerator: str, pipeline: str, batch_size: int, tiny: bool, cac
   return {
       "accelerator": accelerator,
       "input_pipeline": pipeline,
+      "fold_strategy": config.fold_strategy,
       "batch_size_per_fold": batch_size,
       "folds": config.num_folds,
       "steps_per_epoch": facts["steps_per_epoch"],
