@@ -315,9 +315,7 @@ def test_the_optimizer_sharding_splits_the_moments_over_the_slices_chips(
   }
   job = compile_programs.compile_job(config, devices, np.arange(48) % 2)
   params = sum(x.size for x in jax.tree.leaves(job.initial_variables["params"]))
-  split = [
-      s.spec for s in jax.tree.leaves(job.state_sharding.opt_state) if "data" in tuple(s.spec)
-  ]
+  split = [s.spec for s in jax.tree.leaves(job.state_sharding.opt_state) if "data" in tuple(s.spec)]
   assert split and all(s[0] is None for s in split)  # never the fold axis
   # Adam's two moments, float32: 8 bytes a weight, 15/16 of it gone, less
   # what no axis of which 16 divides keeps whole (the chip pads small arrays
