@@ -65,6 +65,21 @@ def _config(strategy: str, batch_size: int, tiny: bool, cache_dir: str, state_sh
   return config
 
 
+def _compiled(accelerator: str, config, kinds) -> tuple:
+  """(the slice, the compile report of the job's programs of `kinds`, the job's facts)."""
+  from saltjax.app import compile_programs
+  from saltjax.app import compile_report
+  from saltjax.app import tpu_slices
+  from saltjax.data import dataset as data_lib
+
+  spec = tpu_slices.slice_spec(accelerator)
+  devices = tpu_slices.compile_only_devices(spec)
+  programs, facts = compile_programs.job_programs(
+      config, devices, data_lib.load(config), kinds=kinds
+  )
+  return spec, compile_report.build(spec, programs, facts, {}), facts
+
+
 def _measure(
     accelerator: str,
     strategy: str,
@@ -73,17 +88,8 @@ def _measure(
     cache_dir: str,
     state_sharding=None,
 ):
-  from saltjax.app import compile_programs
-  from saltjax.app import compile_report
-  from saltjax.app import tpu_slices
-  from saltjax.data import dataset as data_lib
-
-  spec = tpu_slices.slice_spec(accelerator)
-  devices = tpu_slices.compile_only_devices(spec)
   config = _config(strategy, batch_size, tiny, cache_dir, state_sharding)
-  data = data_lib.load(config)
-  programs, facts = compile_programs.job_programs(config, devices, data, kinds=("train",))
-  result = compile_report.build(spec, programs, facts, {})
+  spec, result, facts = _compiled(accelerator, config, ("train",))
   step = result["programs"][0]
   # Every fold's image-steps of the whole job at batch_size per fold (each
   # epoch's whole batches of the smallest fold), at this step's cost per image.
@@ -115,19 +121,9 @@ def _measure(
 
 def _epoch_row(accelerator: str, pipeline: str, batch_size: int, tiny: bool, cache_dir: str):
   """One epoch's programs on an input path: FLOPs and bytes per training image of the epoch."""
-  from saltjax.app import compile_programs
-  from saltjax.app import compile_report
-  from saltjax.app import tpu_slices
-  from saltjax.data import dataset as data_lib
-
-  spec = tpu_slices.slice_spec(accelerator)
   config = _config("in_turn", batch_size, tiny, cache_dir)  # the default fold strategy
   config.input_pipeline = pipeline
-  data = data_lib.load(config)
-  programs, facts = compile_programs.job_programs(
-      config, tpu_slices.compile_only_devices(spec), data, kinds=("train", "epoch_end")
-  )
-  result = compile_report.build(spec, programs, facts, {})
+  _, result, facts = _compiled(accelerator, config, ("train", "epoch_end"))
   epoch = lambda key: sum(p[key] * p["calls_per_epoch"] for p in result["programs"])
   images = facts["steps_per_epoch"] * facts["images_per_chip_per_step"]
   return {

@@ -120,11 +120,12 @@ def measure(args, strategy: str) -> dict:
 
   batch_fn = jax.jit(on_device.make_train_batch_fn(config, config.batch_size))
   step = job.train_step_program(config.loss.name)
-  carried = [fresh_state()]
+  carried = {"state": fresh_state(), "steps": 0}
 
-  def one_step(index=[0]):
-    index[0] += 1
-    carried[0], metrics = step(carried[0], batch_fn(images, indices, 0, index[0] % s1))
+  def one_step():
+    carried["steps"] += 1
+    batch = batch_fn(images, indices, 0, carried["steps"] % s1)
+    carried["state"], metrics = step(carried["state"], batch)
     return metrics
 
   jax.block_until_ready(one_step())  # compiles

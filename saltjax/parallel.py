@@ -11,6 +11,7 @@ the global batch) and gathers that the sharding implies.
 from __future__ import annotations
 
 import functools
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -37,28 +38,30 @@ def replicated(mesh: Mesh) -> NamedSharding:
 STATE_SHARDINGS = ("replicated", "optimizer")
 
 
-def state_sharding(mesh: Mesh, state, how: str):
-  """Where each leaf of a train state with a leading fold axis lives: a tree of shardings.
+def state_sharding(mesh: Mesh, how: str, abstract_state: Callable[[], Any]):
+  """Where a train state with a leading fold axis lives: a sharding, or a tree of them.
 
-  'replicated': every leaf on every device. 'optimizer': the optimiser's
-  moments split over the 'data' axis (ZeRO stage 1, Rajbhandari et al. 2020),
-  each leaf along its largest axis that the devices divide (never the fold
-  axis, so one sharding serves any number of folds); weights, BatchNorm
-  statistics and leaves no axis of which divides stay replicated. Each
-  device then updates only its share of the weights (XLA slices the
-  gradients and gathers the new weights), so the moments' memory per device
-  shrinks with the devices. The update's own traffic does too, but gathering
-  the new weights costs about as much (benchmarks/README.md): this is for
-  memory, not speed.
+  'replicated': every leaf on every device (one sharding, a prefix of any
+  state). 'optimizer': the optimiser's moments split over the 'data' axis
+  (ZeRO stage 1, Rajbhandari et al. 2020), each leaf along its largest axis
+  that the devices divide (never the fold axis, so one sharding serves any
+  number of folds); weights, BatchNorm statistics and leaves no axis of
+  which divides stay replicated. Each device then updates only its share of
+  the weights (XLA slices the gradients and gathers the new weights), so the
+  moments' memory per device shrinks with the devices. The update's own
+  traffic does too, but gathering the new weights costs about as much
+  (benchmarks/README.md): this is for memory, not speed.
+
+  abstract_state: () -> the state's shapes (`jax.eval_shape`), called only
+  where leaves are split: tracing the optimiser's init is start-up time.
   """
   if how not in STATE_SHARDINGS:
     raise ConfigError(
         f"unknown config.state_sharding {how!r}: use one of {', '.join(STATE_SHARDINGS)}"
     )
   repl = replicated(mesh)
-  shardings = jax.tree.map(lambda _: repl, state)
   if how == "replicated" or mesh.size == 1:
-    return shardings
+    return repl
 
   def split(x) -> NamedSharding:
     shape = np.shape(x)
@@ -69,6 +72,8 @@ def state_sharding(mesh: Mesh, state, how: str):
     spec[max(axes, key=lambda a: (shape[a], a))] = "data"
     return NamedSharding(mesh, P(*spec))
 
+  state = abstract_state()
+  shardings = jax.tree.map(lambda _: repl, state)
   return shardings.replace(opt_state=jax.tree.map(split, state.opt_state))
 
 

@@ -179,10 +179,14 @@ def _abstract(tree, sharding):
 
 
 def _stacked(tree, num_folds: int, sharding):
-  """`tree`'s shapes with a leading fold axis of `num_folds`."""
+  """`tree`'s shapes with a leading fold axis of `num_folds`, placed by `sharding`.
+
+  sharding: one for every leaf, or a tree of them (a prefix of `tree`).
+  """
   return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct((num_folds,) + tuple(x.shape), x.dtype, sharding=sharding),
+      lambda x, where: jax.ShapeDtypeStruct((num_folds,) + tuple(x.shape), x.dtype, sharding=where),
       tree,
+      jax.tree.broadcast(sharding, tree),
   )
 
 
@@ -273,13 +277,8 @@ def _group_arguments(job: Job, group, data, fold_of) -> dict:
       variables, jax.ShapeDtypeStruct((num_folds,), jnp.float32, sharding=repl), variables
   )
   val = feeders.validation_batches(config, data, group, fold_of)
-  placed = jax.tree.map(
-      lambda x, sharding: jax.ShapeDtypeStruct((num_folds,) + x.shape, x.dtype, sharding=sharding),
-      state,
-      job.state_sharding,
-  )
   return {
-      "state": placed,
+      "state": _stacked(state, num_folds, job.state_sharding),
       "models": models,
       "val": _abstract(val, repl),
       "no_val": _abstract(tuple(x[:0] for x in val), repl),

@@ -93,7 +93,8 @@ class Job:
   initial_variables: dict
   train_steps: dict
   writer: Any
-  state_sharding: Any = None  # where each leaf of a stacked train state lives
+  # Where a stacked train state lives: a sharding, or a tree of them (a prefix of the state).
+  state_sharding: Any = None
   programs: dict = dataclasses.field(default_factory=dict)
 
   @classmethod
@@ -118,11 +119,11 @@ class Job:
       variables = jax.device_get(initial_variables(config, model))
     tx = create_optimizer(config, lr_fn)
     # The same placement serves any number of folds: no leaf is split along the fold axis.
-    one_fold = jax.eval_shape(
+    one_fold = lambda: jax.eval_shape(
         lambda v: jax.tree.map(lambda x: jnp.asarray(x)[None], state_from_variables(model, tx, v)),
         variables,
     )
-    state_sharding = parallel.state_sharding(mesh, one_fold, state_sharding_name(config))
+    state_sharding = parallel.state_sharding(mesh, state_sharding_name(config), one_fold)
     return cls(
         config=config,
         mesh=mesh,
