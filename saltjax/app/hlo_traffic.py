@@ -16,7 +16,11 @@ program's traffic, split
   layout changes, prefetches of weights into on-chip memory).
 
 Sizes are as laid out: the minor dimensions padded to the layout's tiles
-(8 x 128 and the like), as the hardware moves them.
+(8 x 128 and the like), as the hardware moves them. Two exceptions read or
+write part of an array: a dynamic slice reads only the slice of its operand,
+and a dynamic update of a slice (alone, or at the root of a fusion, as XLA
+emits a loop that stacks its results: each fold's gradients written into the
+(F, ...) buffer) writes that slice in place, the rest of the buffer untouched.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ _DTYPE_BYTES = {
     "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
 }  # fmt: skip
 _ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128)\[([\d,]*)\](\{[^}]*\})?")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*)$")
+_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%([\w.\-]+)\s*=\s*(.*)$")
 _COMPUTATION = re.compile(r"^(ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$")
 _CALLED = re.compile(r"(?:calls|body|to_apply|branch_computations|true_computation|"
                      r"false_computation)=(\{[^}]*\}|%[\w.\-]+)")  # fmt: skip
@@ -42,6 +46,7 @@ _COPIES = {
     "dynamic-update-slice", "concatenate", "pad", "reshape", "broadcast",
 }  # fmt: skip
 _CONTROL = {"while", "call", "conditional"}
+_ALLOCATES = 'custom_call_target="AllocateBuffer"'
 
 KINDS = ("convolution", "reduction", "elementwise", "copies", "collectives", "other")
 PHASES = ("forward", "backward", "other", "unnamed")
@@ -115,27 +120,91 @@ def _split_shape(rest: str) -> tuple[str, str]:
 
 
 def _parse(text: str) -> tuple[dict, str]:
-  """({computation: [(name, shape, opcode, operands, attributes)]}, the entry's name)."""
-  computations, entry, current = {}, "", None
+  """({computation: [(name, shape, opcode, operands, attributes)]}, the entry's name).
+
+  A computation's root comes last in its list; a parameter's operands are its
+  number (`["0"]` for `parameter(0)`).
+  """
+  computations, entry, current, root = {}, "", None, None
   for line in text.splitlines():
     head = _COMPUTATION.match(line)
     if head and "=" not in line.split("{")[0].split("(")[0]:
-      current = computations.setdefault(head.group(2), [])
+      if current is not None and root:
+        current.append(root)
+      current, root = computations.setdefault(head.group(2), []), None
       entry = head.group(2) if head.group(1) else entry
       continue
     match = _INSTRUCTION.match(line)
     if match is None or current is None:
       continue
-    shape, after = _split_shape(match.group(2))
+    shape, after = _split_shape(match.group(3))
     opcode, _, args = after.partition("(")
     depth, end = 1, 0
     for end, c in enumerate(args):
       depth += {"(": 1, ")": -1}.get(c, 0)
       if depth == 0:
         break
-    operands = re.findall(r"%([\w.\-]+)", args[:end])
-    current.append((match.group(1), shape, opcode.strip(), operands, args[end + 1 :]))
+    opcode = opcode.strip()
+    operands = [args[:end].strip()] if opcode == "parameter" else re.findall(r"%([\w.\-]+)", args[:end])
+    instruction = (match.group(2), shape, opcode, operands, args[end + 1 :])
+    if match.group(1):
+      root = instruction
+    else:
+      current.append(instruction)
+  if current is not None and root:
+    current.append(root)
   return computations, entry
+
+
+def _element_count(shape: str) -> int:
+  """The elements of the first array in an HLO shape string."""
+  found = _ARRAY.search(shape)
+  return math.prod(int(d) for d in found.group(2).split(",") if d) if found else 0
+
+
+def _fraction(part: str, whole: str) -> float:
+  return _element_count(part) / max(_element_count(whole), 1)
+
+
+def _accessed(opcode, shape, operands, attributes, shapes, computations) -> list[tuple[str, float]]:
+  """(array, the fraction of it moved) for what an instruction reads and writes."""
+  arrays = [(shape, 1.0)] + [(shapes.get(o, ""), 1.0) for o in operands]
+  if opcode in ("copy-start", "slice-start"):
+    return [(a, 1.0) for a in _async_copy_arrays(opcode, shape, shapes.get(operands[0], ""))]
+  if opcode == "dynamic-slice":  # reads the slice it returns
+    return [arrays[0], (arrays[1][0], _fraction(shape, arrays[1][0])), *arrays[2:]]
+  if opcode == "dynamic-update-slice":  # writes the update in place
+    update = arrays[2][0]
+    return [(shape, _fraction(update, shape)), *arrays[2:]]
+  if opcode != "fusion":
+    return arrays
+  called = _CALLED.search(attributes)
+  fused = computations.get(called.group(1).strip("{}% ") if called else "", [])
+  params = {name: int(ops[0]) for name, _, op, ops, _ in fused if op == "parameter" and ops}
+  shapes_in = {name: shp for name, shp, _, _, _ in fused}
+  if fused and fused[-1][2] == "dynamic-update-slice" and fused[-1][3][0] in params:
+    root_operands = fused[-1][3]
+    buffer = params[root_operands[0]]
+    arrays[0] = (shape, _fraction(shapes_in.get(root_operands[1], ""), shape))
+    arrays[1 + buffer] = (arrays[1 + buffer][0], 0.0)  # updated in place, not read
+  for name, number in params.items():
+    slices = _slices_of(fused, name)
+    if slices:  # read only where it is sliced
+      whole = arrays[1 + number][0]
+      arrays[1 + number] = (whole, sum(_fraction(part, whole) for part in slices))
+  return arrays
+
+
+def _slices_of(fused: list, name: str) -> list[str]:
+  """The shapes of the dynamic slices a fused computation takes of `name`, or
+  none where anything else uses it."""
+  slices = []
+  for _, shape, op, ops, _ in fused:
+    if name in ops:
+      if op != "dynamic-slice" or name in ops[1:]:
+        return []
+      slices.append(shape)
+  return slices
 
 
 def _kind(opcode: str, attributes: str, computations: dict) -> str:
@@ -212,15 +281,14 @@ def traffic(hlo_text: str) -> dict:
         continue
       if opcode.endswith("-done"):  # an asynchronous op, counted where it starts
         continue
-      if opcode in ("copy-start", "slice-start"):
-        arrays = _async_copy_arrays(opcode, shape, shapes.get(operands[0], ""))
-      else:
-        arrays = [shape] + [shapes.get(o, "") for o in operands]
-      moved = sum(map(array_bytes, arrays))
+      if _ALLOCATES in attributes:  # a buffer set aside for a later in-place write
+        continue
+      arrays = _accessed(opcode, shape, operands, attributes, shapes, computations)
+      moved = sum(f * array_bytes(a) for a, f in arrays)
       by_kind[_kind(opcode, attributes, computations)] += moved
       by_phase[_phase(attributes)] += moved
       nonlocal on_chip
-      on_chip += sum(array_bytes(a, on_chip=True) for a in arrays)
+      on_chip += sum(f * array_bytes(a, on_chip=True) for a, f in arrays)
 
   walk(entry, (entry,))
   return {

@@ -98,3 +98,51 @@ def test_a_programs_traffic_by_kind_and_phase_counted_by_hand():
   assert moved["hbm_bytes"] == add + conv + copy + negate
   # The conv's result, the prefetched x, the slice.
   assert moved["on_chip_bytes"] == image + 2048 + half
+
+
+# A loop that stacks each fold's result in an (F, ...) buffer and reads each
+# fold's weights out of the stacked ones: XLA fuses the update into the
+# buffer in place and the slice into its consumer.
+STACKING = """HloModule jit_folds, entry_computation_layout={(f32[5,8,128]{2,1,0})->f32[5,8,128]{2,1,0}}
+
+%stack_one (buffer: f32[5,8,128], i: s32[], g: bf16[1,8,128]) -> f32[5,8,128] {
+  %buffer = f32[5,8,128]{2,1,0:T(8,128)} parameter(0)
+  %i = s32[] parameter(1)
+  %g = bf16[1,8,128]{2,1,0:T(8,128)(2,1)} parameter(2)
+  %convert.1 = f32[1,8,128]{2,1,0:T(8,128)} convert(%g)
+  %zero = s32[] constant(0)
+  ROOT %dus.1 = f32[5,8,128]{2,1,0:T(8,128)} dynamic-update-slice(%buffer, %convert.1, %i, %zero, %zero)
+}
+
+%weights_of (stacked: f32[5,8,128], j: s32[]) -> bf16[1,8,128] {
+  %stacked = f32[5,8,128]{2,1,0:T(8,128)} parameter(0)
+  %j = s32[] parameter(1)
+  %zero.1 = s32[] constant(0)
+  %ds.1 = f32[1,8,128]{2,1,0:T(8,128)} dynamic-slice(%stacked, %j, %zero.1, %zero.1), dynamic_slice_sizes={1,8,128}
+  ROOT %convert.2 = bf16[1,8,128]{2,1,0:T(8,128)(2,1)} convert(%ds.1)
+}
+
+ENTRY %main (w: f32[5,8,128], acc: f32[5,8,128], k: s32[]) -> f32[5,8,128] {
+  %w = f32[5,8,128]{2,1,0:T(8,128)} parameter(0)
+  %acc = f32[5,8,128]{2,1,0:T(8,128)} parameter(1)
+  %k = s32[]{:T(128)} parameter(2)
+  %fusion.3 = bf16[1,8,128]{2,1,0:T(8,128)(2,1)} fusion(%w, %k), kind=kLoop, calls=%weights_of
+  %fusion.4 = f32[5,8,128]{2,1,0:T(8,128)} fusion(%acc, %k, %fusion.3), kind=kLoop, calls=%stack_one
+  %zero.2 = s32[]{:T(128)} constant(0)
+  %ds.2 = f32[1,8,128]{2,1,0:T(8,128)} dynamic-slice(%w, %k, %zero.2, %zero.2), dynamic_slice_sizes={1,8,128}
+  %stack = f32[5,8,128]{2,1,0:T(8,128)} custom-call(), custom_call_target="AllocateBuffer"
+  ROOT %dus.2 = f32[5,8,128]{2,1,0:T(8,128)} dynamic-update-slice(%fusion.4, %ds.2, %k, %zero.2, %zero.2)
+}
+"""
+
+
+def test_a_dynamic_slice_reads_its_slice_and_an_update_writes_its_slice_in_place():
+  moved = hlo_traffic.traffic(STACKING)
+  one_f32, one_bf16, index = 8 * 128 * 4, 8 * 128 * 2, 4  # a fold's slice; an s32[] index
+  weights_of = one_f32 + index + one_bf16  # w's slice read, its bf16 copy written
+  stack_one = 0 + index + one_bf16 + one_f32  # acc not read; the update read, its slice written
+  ds = one_f32 + 3 * index + one_f32  # w's slice read, then written
+  dus = one_f32 + 3 * index + one_f32  # the update read, then written into the buffer
+  # Not the whole (5, 8, 128) buffers (20 KiB each) that these name; a
+  # buffer allocated to be written in place later moves nothing.
+  assert moved["hbm_bytes"] == weights_of + stack_one + ds + dus
