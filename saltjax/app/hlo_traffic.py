@@ -145,7 +145,9 @@ def _parse(text: str) -> tuple[dict, str]:
       if depth == 0:
         break
     opcode = opcode.strip()
-    operands = [args[:end].strip()] if opcode == "parameter" else re.findall(r"%([\w.\-]+)", args[:end])
+    operands = (
+        [args[:end].strip()] if opcode == "parameter" else re.findall(r"%([\w.\-]+)", args[:end])
+    )
     instruction = (match.group(2), shape, opcode, operands, args[end + 1 :])
     if match.group(1):
       root = instruction
