@@ -172,7 +172,7 @@ def folds_train_step(config, loss_name: str, mesh=None) -> Callable:
   (`folds_gradients`); the optimiser update is elementwise, so it is vmapped
   whatever the strategy: all F models' weights and moments in one pass,
   rather than sliced out of the stacked state and written back fold by fold
-  inside the in-turn loop (which moved three times the update's own bytes).
+  inside the in-turn loop.
 
   With `mesh`, the gradients are pinned whole on every device (reduced over
   the batch, as data parallelism has them) before the update: where the
