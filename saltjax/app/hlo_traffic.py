@@ -170,9 +170,9 @@ def _fraction(part: str, whole: str) -> float:
 
 def _accessed(opcode, shape, operands, attributes, shapes, computations) -> list[tuple[str, float]]:
   """(array, the fraction of it moved) for what an instruction reads and writes."""
-  arrays = [(shape, 1.0)] + [(shapes.get(o, ""), 1.0) for o in operands]
   if opcode in ("copy-start", "slice-start"):
     return [(a, 1.0) for a in _async_copy_arrays(opcode, shape, shapes.get(operands[0], ""))]
+  arrays = [(shape, 1.0)] + [(shapes.get(o, ""), 1.0) for o in operands]
   if opcode == "dynamic-slice":  # reads the slice it returns
     return [arrays[0], (arrays[1][0], _fraction(shape, arrays[1][0])), *arrays[2:]]
   if opcode == "dynamic-update-slice":  # writes the update in place
@@ -180,8 +180,7 @@ def _accessed(opcode, shape, operands, attributes, shapes, computations) -> list
     return [(shape, _fraction(update, shape)), *arrays[2:]]
   if opcode != "fusion":
     return arrays
-  called = _CALLED.search(attributes)
-  fused = computations.get(called.group(1).strip("{}% ") if called else "", [])
+  fused = computations.get(_fused_name(attributes), [])
   params = {name: int(ops[0]) for name, _, op, ops, _ in fused if op == "parameter" and ops}
   shapes_in = {name: shp for name, shp, _, _, _ in fused}
   if fused and fused[-1][2] == "dynamic-update-slice" and fused[-1][3][0] in params:
@@ -230,10 +229,15 @@ def _kind(opcode: str, attributes: str, computations: dict) -> str:
   return "other"
 
 
+def _fused_name(attributes: str) -> str:
+  """The name of the computation a fusion calls ('' where none is named)."""
+  called = _CALLED.search(attributes)
+  return called.group(1).strip("{}% ") if called else ""
+
+
 def _fused_opcodes(attributes: str, computations: dict, seen: set) -> set:
   """The opcodes of a fusion's computation, and of the fusions nested in it."""
-  called = _CALLED.search(attributes)
-  name = called.group(1).strip("{}% ") if called else ""
+  name = _fused_name(attributes)
   if not name or name in seen:
     return set()
   seen.add(name)
