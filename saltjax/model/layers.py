@@ -1,5 +1,5 @@
-"""The U-Net's building blocks shared by its encoder and decoder: scSE, torch-style
-padding, resizing, BatchNorm momentum and the initialisers.
+"""The U-Net's building blocks shared by its encoder and decoder: the convolution,
+scSE, torch-style padding, resizing, BatchNorm momentum and the initialisers.
 
 All modules take NHWC inputs. `dtype` is the computation dtype; parameters are
 always float32.
@@ -13,6 +13,8 @@ from typing import Any, Callable
 from flax import linen as nn
 import jax
 import jax.numpy as jnp
+
+from saltjax.model import convolution
 
 Array = Any
 Dtype = Any
@@ -28,6 +30,11 @@ BATCH_NORM_MOMENTUM = 0.9
 encoder_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 decoder_conv_init = nn.initializers.variance_scaling(2.0, "fan_in", "uniform")
 head_init = nn.initializers.xavier_uniform()
+
+# Every convolution of the model: flax's, computing lax.conv_general_dilated,
+# with a backward pass XLA's CPU backend runs fast inside loops (see
+# saltjax/model/convolution.py); the parameters are flax.linen.Conv's.
+Conv = functools.partial(nn.Conv, conv_general_dilated=convolution.conv_general_dilated)
 
 
 def torch_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -90,7 +97,7 @@ class ScSE(nn.Module):
     # A reduction larger than the width would leave no bottleneck channel.
     hidden = max(channels // self.reduction, 1)
     dense = functools.partial(
-        nn.Conv,
+        Conv,
         kernel_size=(1, 1),
         use_bias=True,
         dtype=self.dtype,

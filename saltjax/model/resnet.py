@@ -42,7 +42,7 @@ class BottleneckBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     conv = functools.partial(
-        nn.Conv,
+        layers.Conv,
         use_bias=False,
         dtype=self.dtype,
         param_dtype=jnp.float32,
@@ -123,7 +123,7 @@ class ResNetEncoder(nn.Module):
   def __call__(self, x: Array, train: bool = False) -> list[Array]:
     """Returns [stem, layer1, ..., layerN] at strides 2, 4, 8, 16, 32, ...."""
     x = jnp.asarray(x, self.dtype)
-    x = nn.Conv(
+    x = layers.Conv(
         self.num_filters,
         (7, 7),
         strides=(2, 2),

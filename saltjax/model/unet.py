@@ -78,7 +78,7 @@ class DecoderBlock(nn.Module):
     else:
       x = layers.resize(x, 2 * x.shape[1], 2 * x.shape[2], self.upsample)
     for k in (1, 2):
-      x = nn.Conv(
+      x = layers.Conv(
           self.features,
           (3, 3),
           padding=layers.torch_padding(3),
@@ -212,7 +212,7 @@ class UNet(nn.Module):
       head_in = jnp.concatenate(
           [layers.resize(b, out_h, out_w, self.upsample) for b in block_outputs], axis=-1
       )
-    logits = nn.Conv(
+    logits = layers.Conv(
         1,
         (3, 3),
         padding=layers.torch_padding(3),
@@ -234,7 +234,7 @@ class UNet(nn.Module):
     if self.deep_supervision:
       outputs["side_logits"] = [
           to_input_size(
-              nn.Conv(
+              layers.Conv(
                   1,
                   (1, 1),
                   use_bias=True,
