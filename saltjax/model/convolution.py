@@ -2,7 +2,7 @@
 
 XLA's CPU backend runs a convolution with Eigen's kernels only when its
 operands are laid out canonically (input NHWC, kernel HWIO, output NHWC);
-any other convolution it emits as a plain loop nest, 10 to 100 times slower.
+any other convolution it emits as a plain loop nest, many times slower.
 The backward pass of a canonical convolution is not canonical: JAX's
 transpose rules give the input gradient a kernel with its input and output
 features swapped (HWOI), and the kernel gradient the batch as features. The
@@ -60,11 +60,9 @@ def conv_general_dilated(
       precision=precision,
       preferred_element_type=preferred_element_type,
   )
-  ndim = len(lhs.shape)
   dnums = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
   if (
-      ndim != 4
-      or dnums != _CANONICAL_2D
+      dnums != _CANONICAL_2D  # other ranks' dimension numbers differ too
       or feature_group_count != 1
       or batch_group_count != 1
       or any(d != 1 for d in (lhs_dilation or ()))
@@ -108,6 +106,11 @@ def _dilated(sizes, dilation):
   return np.array([0 if s == 0 else 1 + d * (s - 1) for s, d in zip(sizes, dilation)])
 
 
+def _pairs(lo, hi):
+  """Padding as lax takes it: (low, high) pairs of Python ints."""
+  return tuple((int(a), int(b)) for a, b in zip(lo, hi))
+
+
 def _canonical_conv_bwd(strides, pads, dilation, precision, residuals, g):
   x, w = residuals
   in_size = np.array(x.shape[1:3])
@@ -139,7 +142,3 @@ def _canonical_conv_bwd(strides, pads, dilation, precision, residuals, g):
 
 
 _canonical_conv.defvjp(_canonical_conv_fwd, _canonical_conv_bwd)
-
-
-def _pairs(lo, hi):
-  return tuple((int(a), int(b)) for a, b in zip(lo, hi))
