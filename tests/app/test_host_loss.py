@@ -29,7 +29,13 @@ import time
 import pandas as pd
 import pytest
 
-from tests.app.test_multihost import NUM_PROCESSES, REPO, _pod_args, _slurm_job_id
+from tests.app.test_multihost import (
+    EVERY_PROCESS_WRITES_THE_COMPILATION_CACHE,
+    NUM_PROCESSES,
+    REPO,
+    _pod_args,
+    _slurm_job_id,
+)
 
 HEARTBEAT_S, INITIALIZATION_S = 10, 20
 STOP_WITHIN_S = HEARTBEAT_S + 30
@@ -121,7 +127,7 @@ def _run(
       env["KILL_AT"], env["KILL_AFTER"] = kill[1], ",".join(map(str, kill_after))
     logs[i] = open(out / f"process_{i}.log", "w")
     procs[i] = subprocess.Popen(
-        [sys.executable, "-c", _HOOK, *args],
+        [sys.executable, "-c", EVERY_PROCESS_WRITES_THE_COMPILATION_CACHE + _HOOK, *args],
         cwd=REPO,
         env=env,
         stdout=logs[i],

@@ -374,6 +374,29 @@ STOP_WITHIN_S = 60
 # Each process compiles the tiny model's steps (~150 s on 2 busy cores).
 POD_TIMEOUT_S = 1200
 
+# Prepended to the pod jobs' hooks. JAX writes its persistent compilation
+# cache from process 0 only, and on the CPU each process's cache key differs
+# (the compile options and topology it hashes name its own devices), so
+# process 1 compiled every program again at each launch of the same tiny job:
+# about 45 s a launch, with process 0 waiting for it. Here each process writes
+# its own entries (a TPU pod's hosts share one key, and process 0's entries).
+EVERY_PROCESS_WRITES_THE_COMPILATION_CACHE = """
+from jax._src import compilation_cache as _compilation_cache
+from jax._src import compiler as _compiler
+from jax._src import distributed as _distributed
+_cache_write = _compiler._cache_write
+
+def _every_process_cache_write(cache_key, compile_time_secs, module_name, backend, executable,
+                               host_callbacks):
+  if _distributed.global_state.process_id != 0 and not host_callbacks:
+    _compilation_cache.put_executable_and_time(
+        cache_key, module_name, executable, backend, int(compile_time_secs))
+  else:
+    _cache_write(cache_key, compile_time_secs, module_name, backend, executable, host_callbacks)
+
+_compiler._cache_write = _every_process_cache_write
+"""
+
 # main.py with every workdir write recorded (which process, which file) and,
 # where SIGTERM_AT says so, SIGTERM sent to this process when that epoch's
 # third batch (0-based epoch, batch) is handed to the train step.
@@ -476,7 +499,7 @@ def _run_pod_job(args, out: pathlib.Path, sigterm_at: str | None = None) -> dict
     logs.append(open(out / f"process_{i}.log", "w"))
     procs.append(
         subprocess.Popen(
-            [sys.executable, "-c", _POD_HOOK, *args],
+            [sys.executable, "-c", EVERY_PROCESS_WRITES_THE_COMPILATION_CACHE + _POD_HOOK, *args],
             cwd=REPO,
             env=env,
             stdout=logs[-1],
