@@ -19,9 +19,12 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 # TensorFlow's import also imports Keras's optimizers, to register them for
 # SavedModel (tensorflow/__init__.py; skipped there when that import fails):
 # Keras, scikit-learn's wrappers and SciPy's statistics, about 2 of its 6
-# CPU-seconds, for a process that uses neither Keras nor SavedModel. Blocked
-# for TensorFlow's import only: a later `import keras` (or `tf.keras`, which
-# TensorFlow loads lazily) works as usual.
+# CPU-seconds. saltjax uses neither Keras nor SavedModel. Blocked for
+# TensorFlow's import only: a later `import keras` (or `tf.keras`, which
+# TensorFlow loads lazily) works as usual. A training run still loads Keras
+# when it opens its TensorBoard writer (clu imports TensorBoard's hparams
+# plugin, which subclasses a Keras callback); a run that only predicts,
+# segments sections or stops at bad data never does.
 _KERAS_OPTIMIZERS = "keras.src.optimizers"
 _blocked = _KERAS_OPTIMIZERS not in sys.modules
 if _blocked:
