@@ -6,7 +6,7 @@ accelerator from it: JAX owns them, and a TensorFlow that initialised CUDA
 would reserve most of their memory for itself. Its start-up banners (oneDNN,
 absl's pre-init warning) are noise to a user. Importing it only where data is
 read or written keeps a run that stops at a config error quick: TensorFlow's
-import is about 4 s of CPU.
+import is about 5 s of CPU.
 """
 
 import logging

@@ -121,15 +121,21 @@ def with_sitecustomize(directory: pathlib.Path, code: str) -> dict:
   }
 
 
-def run_main(args, timeout=600, env=None):
+def run_python(args, timeout=600, env=None):
+  """This interpreter on `args` (a script or `-c` code, then its arguments), in the
+  repository, JAX on the CPU, in the suite's environment plus `env`; output captured."""
   return subprocess.run(
-      [sys.executable, str(REPO / "main.py"), *args],
+      [sys.executable, *args],
       cwd=REPO,
       capture_output=True,
       text=True,
       timeout=timeout,
       env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})},
   )
+
+
+def run_main(args, timeout=600, env=None):
+  return run_python([str(REPO / "main.py"), *args], timeout, env)
 
 
 def step_config(batch_size: int, image_size: int):

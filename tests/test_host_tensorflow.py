@@ -1,9 +1,6 @@
 """saltjax.host_tensorflow: TensorFlow imported for the host's data work only."""
 
-import subprocess
-import sys
-
-from tests.conftest import REPO
+from tests.conftest import run_python
 
 # In a fresh interpreter: TensorFlow as saltjax imports it, then Keras as a
 # user's own code would import it in the same process.
@@ -19,14 +16,7 @@ print("keras after:", keras.optimizers.Adam.__module__, tf.keras.optimizers.Adam
 
 
 def test_tensorflow_is_imported_without_keras_which_still_imports_later():
-  result = subprocess.run(
-      [sys.executable, "-c", _IMPORTS],
-      cwd=REPO,
-      capture_output=True,
-      text=True,
-      timeout=300,
-      env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"},
-  )
+  result = run_python(["-c", _IMPORTS], timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   lines = result.stdout.splitlines()
   # TensorFlow's eager load of Keras's optimizers (and with them scikit-learn

@@ -12,10 +12,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import jax
 import ml_collections
 import numpy as np
@@ -23,8 +19,8 @@ import pytest
 
 from saltjax.input_pipeline import augment_spec
 from saltjax.input_pipeline import on_device
+from tests.conftest import run_python
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HEAVY = "hflip|vflip|shift(8)|scale(0.1)|brightness(0.1)|contrast(0.1)"
 
 
@@ -60,14 +56,7 @@ def test_importing_loads_no_tensorflow():
       "loaded = sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow')\n"
       "assert not loaded, loaded\n"
   )
-  proc = subprocess.run(
-      [sys.executable, "-c", code],
-      cwd=REPO,
-      capture_output=True,
-      text=True,
-      timeout=120,
-      env={**os.environ, "JAX_PLATFORMS": "cpu"},
-  )
+  proc = run_python(["-c", code], timeout=120)
   assert proc.returncode == 0, proc.stderr[-3000:]
 
 

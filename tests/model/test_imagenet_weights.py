@@ -7,10 +7,7 @@ torchvision's layout by tests/model/test_pretrained.py's hand-written reference.
 """
 
 import hashlib
-import os
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,7 +17,7 @@ from configs import fold
 from saltjax.app import config_checks
 from saltjax.model import imagenet_weights
 from saltjax.model import pretrained
-from tests.conftest import REPO, flag_args, run_main
+from tests.conftest import flag_args, run_main, run_python
 from tests.model.test_pretrained import _random_state_dict
 
 # A closed port: a connection attempt is refused at once, never timed out.
@@ -297,19 +294,10 @@ except config_checks.ConfigError as e:
 
 
 def _resolve_in_process_with_endpoint(spec, cache, endpoint):
-  return subprocess.run(
-      [sys.executable, "-c", _RESOLVE, spec, str(cache)],
-      cwd=REPO,
-      capture_output=True,
-      text=True,
+  return run_python(
+      ["-c", _RESOLVE, spec, str(cache)],
       timeout=300,
-      env={
-          **os.environ,
-          "JAX_PLATFORMS": "cpu",
-          "HF_ENDPOINT": endpoint,
-          "HF_HUB_OFFLINE": "0",
-          "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-      },
+      env={"HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1"},
   )
 
 
