@@ -11,6 +11,7 @@ the global batch) and gathers that the sharding implies.
 from __future__ import annotations
 
 import functools
+import hashlib
 from typing import Any, Callable
 
 import jax
@@ -104,6 +105,48 @@ def readable_on_every_host(tree):
   for i, x in zip(split, whole):
     leaves[i] = x
   return jax.tree.unflatten(treedef, leaves)
+
+
+def place_host_values(tree, sharding, what: str):
+  """Host values that every process holds the same, placed on `sharding`'s devices.
+
+  `sharding`: one sharding for every leaf, or a tree of them matching `tree`
+  (a state sharding). One process: `jax.device_put`. Several: each process
+  copies its own devices' parts (`jax.make_array_from_callback`), and one
+  all-gather of a 16-byte digest of the whole tree checks that every process
+  held the same values, an error naming `what` and the processes that
+  differ if not. `jax.device_put` checks the same per leaf by gathering every
+  array whole from every host: a train state's hundreds of leaves, each a
+  collective, and on a pod of H hosts H copies of the state (or of the
+  dataset) in each host's memory before training starts.
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+  shardings = (
+      jax.tree.map(lambda _: sharding, tree) if isinstance(sharding, jax.sharding.Sharding)
+      else sharding
+  )  # fmt: skip
+  digest = hashlib.blake2b(digest_size=16)
+
+  def place(x, s):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return jax.device_put(x, s)  # already global: a reshard, no host values
+    x = np.asarray(x)
+    x = x.astype(jax.dtypes.canonicalize_dtype(x.dtype), copy=False)
+    digest.update(f"{x.dtype}{x.shape}".encode())
+    digest.update(np.ascontiguousarray(x).data)
+    return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+
+  placed = jax.tree.map(place, tree, shardings)
+  ours = np.frombuffer(digest.digest(), np.uint8)
+  every = np.asarray(multihost_utils.process_allgather(ours))
+  differ = [i for i in range(len(every)) if not np.array_equal(every[i], every[0])]
+  if differ:
+    raise RuntimeError(
+        f"{what} differs between processes: process(es) {', '.join(map(str, differ))} hold"
+        " other values than process 0 (every process must read the same data and checkpoints)"
+    )
+  return placed
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, option: str) -> None:

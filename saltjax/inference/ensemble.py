@@ -139,7 +139,9 @@ class Forward:
 
   def place(self, variables):
     """A member's variables, replicated over the mesh."""
-    return jax.device_put(variables, parallel.replicated(self.mesh))
+    return parallel.place_host_values(
+        variables, parallel.replicated(self.mesh), "a model's weights"
+    )
 
   def __call__(self, variables, images: np.ndarray, what: str = "") -> dict[str, np.ndarray]:
     """tta.predict_probs of uint8 (N, 101, 101) images; `what` names the progress bar."""

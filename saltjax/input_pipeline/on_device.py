@@ -49,6 +49,7 @@ import numpy as np
 
 from saltjax.input_pipeline import augment_spec
 from saltjax import geometry
+from saltjax import parallel
 from saltjax.errors import ConfigError
 
 ORIGINAL_SIZE = geometry.ORIGINAL_SIZE
@@ -211,8 +212,9 @@ def put_on_device(images: np.ndarray, masks: np.ndarray, sharding=None) -> Devic
   if masks.size and masks.max() > 1:
     raise ValueError("masks must hold 0 and 1 only")
   masks = masks.astype(np.uint8)
-  put = (lambda x: jax.device_put(x, sharding)) if sharding is not None else jnp.asarray
-  return DeviceData(put(images), put(masks))
+  if sharding is None:
+    return DeviceData(jnp.asarray(images), jnp.asarray(masks))
+  return DeviceData(*parallel.place_host_values((images, masks), sharding, "the images and masks"))
 
 
 class FoldIndices(NamedTuple):
@@ -258,8 +260,11 @@ def fold_indices(
   for f, r in enumerate(rows):
     table[f, : len(r)] = r
   seeds = np.array([seed * 100 + f for f in folds], np.int32)
-  put = (lambda x: jax.device_put(x, sharding)) if sharding is not None else jnp.asarray
-  return FoldIndices(put(table), put(sizes), put(seeds))
+  if sharding is None:
+    return FoldIndices(jnp.asarray(table), jnp.asarray(sizes), jnp.asarray(seeds))
+  return FoldIndices(
+      *parallel.place_host_values((table, sizes, seeds), sharding, "the folds' training rows")
+  )
 
 
 def steps_per_epoch(folds: FoldIndices, batch_size: int) -> int:

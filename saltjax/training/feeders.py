@@ -193,7 +193,11 @@ def validation_data(config, data, folds, fold_of, mesh) -> tuple:
   `validation_batches`, replicated (the program splits each batch over the
   mesh's devices).
   """
-  return jax.device_put(validation_batches(config, data, folds, fold_of), parallel.replicated(mesh))
+  return parallel.place_host_values(
+      validation_batches(config, data, folds, fold_of),
+      parallel.replicated(mesh),
+      "the held-out images",
+  )
 
 
 def validation_batches(config, data, folds, fold_of) -> tuple[np.ndarray, ...]:

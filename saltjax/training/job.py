@@ -170,7 +170,7 @@ class Job:
 
   def place_state(self, state):
     """A stacked train state (host arrays) on the devices, as the programs take it."""
-    return jax.device_put(state, self.state_sharding)
+    return parallel.place_host_values(state, self.state_sharding, "the train state")
 
   def new_state(self) -> TrainState:
     # The optimiser's init as one compiled program: run op by op it compiles

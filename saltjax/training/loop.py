@@ -107,20 +107,29 @@ def _train_group(job: Job, workdir, folds, data, fold_of, extra, checkpoints, re
 def _start_group(job: Job, folds, data, fold_of, checkpoints, resumed) -> FoldGroup:
   """The group's resumed states and models, stacked over the folds on the device."""
   config, mesh = job.config, job.mesh
-  repl = parallel.replicated(mesh)
   val_counts = [int((fold_of == k).sum()) for k in folds]
+  best, best_scores, swa, val_counts_on_device = parallel.place_host_values(
+      (
+          stack_folds([r[2] for r in resumed]),
+          np.array([r[1].best_score for r in resumed], np.float32),
+          stack_folds([r[3] for r in resumed]),
+          np.array(val_counts, np.float32),
+      ),
+      parallel.replicated(mesh),
+      "the best models, their scores and the weight averages",
+  )
   return FoldGroup(
       folds=folds,
       progress=[r[1] for r in resumed],
       checkpoints=checkpoints,
       state=job.place_state(stack_folds([r[0] for r in resumed])),
-      best=jax.device_put(stack_folds([r[2] for r in resumed]), repl),
-      best_scores=jax.device_put(np.array([r[1].best_score for r in resumed], np.float32), repl),
-      swa=jax.device_put(stack_folds([r[3] for r in resumed]), repl),
+      best=best,
+      best_scores=best_scores,
+      swa=swa,
       snapshots=[[] for _ in folds],
       val_counts=val_counts,
       val_data=feeders.validation_data(config, data, folds, fold_of, mesh),
-      val_counts_on_device=jax.device_put(np.array(val_counts, np.float32), repl),
+      val_counts_on_device=val_counts_on_device,
       saved_best_epoch=[r[1].best_epoch for r in resumed],
       saved_epoch=resumed[0][1].epoch,
       saved_at=time.monotonic(),
@@ -208,13 +217,14 @@ def _run_epoch(job: Job, group: FoldGroup, feeder, epoch: int) -> tuple:
   config, repl = job.config, parallel.replicated(job.mesh)
   loss_name = loss_name_for_epoch(config, epoch)
   models = ModelsInMemory(group.best, group.best_scores, group.swa)
-  epoch_values = jax.device_put(
+  epoch_values = parallel.place_host_values(
       (
           np.int32(epoch),
           np.float32(group.progress[0].swa_count),
           np.bool_(0 <= config.swa_from_epoch <= epoch + 1),
       ),
       repl,
+      "the epoch's number and weight-average count",
   )
   if isinstance(feeder, feeders.DeviceFeeder):
     group.state, models, pending, val_sums, improved = job.device_epoch_program(loss_name)(

@@ -45,7 +45,7 @@ def recompute_batch_stats(
         lambda m, s: m + (s / (1 - keep) - m) / count, mean_so_far, new["batch_stats"]
     )
 
-  variables = jax.device_put(variables, parallel.replicated(mesh))
+  variables = parallel.place_host_values(variables, parallel.replicated(mesh), "the weight average")
   mean = jax.tree.map(jnp.zeros_like, variables["batch_stats"])
   count = 0
   for images in batches(epoch):

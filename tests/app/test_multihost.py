@@ -126,7 +126,9 @@ def _worker(out_dir: str, process_id: int, port: int) -> None:
   timings["job"] = round(time.time() - started, 1)
   step = job.train_steps[config.loss.name]
   # One fold model (the step takes a leading fold axis).
-  state = jax.device_put(stack_folds([job.new_state()]), parallel.replicated(mesh))
+  state = parallel.place_host_values(
+      stack_folds([job.new_state()]), parallel.replicated(mesh), "the train state"
+  )
 
   # This process reads its own shard of the global batch, and only that.
   batch = _global_batch()
@@ -154,7 +156,9 @@ def _worker(out_dir: str, process_id: int, port: int) -> None:
   # (process 0's shard counted twice, process 1's dropped).
   if process_id >= 0:
     doubled = {k: v[None, :rows] for k, v in batch.items()}
-    state = jax.device_put(stack_folds([job.new_state()]), parallel.replicated(mesh))
+    state = parallel.place_host_values(
+        stack_folds([job.new_state()]), parallel.replicated(mesh), "the train state"
+    )
     wrong_state, wrong_metrics = step(
         state, parallel.global_from_local(doubled, mesh, fold_axis=True)
     )
@@ -193,6 +197,19 @@ def _worker(out_dir: str, process_id: int, port: int) -> None:
     facts[f"device_{key}_rows"] = [s.index[1].start or 0 for s in shards]
 
   timings["device_input"] = round(time.time() - started, 1)
+
+  # Host values placed on the mesh, one leaf split over the processes' devices:
+  # read back whole, the values given. Values that differ between the
+  # processes are refused on every process, naming them.
+  given = {"w": np.arange(12, dtype=np.float32).reshape(4, 3), "n": np.int32(7)}
+  where = {"w": NamedSharding(mesh, P("data")), "n": parallel.replicated(mesh)}
+  placed = parallel.readable_on_every_host(parallel.place_host_values(given, where, "a tree"))
+  facts["placed"] = {k: _local(v).tolist() for k, v in placed.items()}
+  if process_id >= 0:
+    try:
+      parallel.place_host_values(np.float32(process_id), parallel.replicated(mesh), "a tree")
+    except RuntimeError as e:
+      facts["refused"] = str(e)
   facts["timings"] = timings
 
   # Which models a fold predicts with, when the hosts read different records:
@@ -341,6 +358,16 @@ def test_every_host_predicts_with_process_0s_choice_of_models(runs):
   restore best/2, the step process 0 chose (and one process alone its own)."""
   for name in ("process_0", "process_1", "single"):
     assert runs[name]["facts"]["usable_folds"] == {"0": [["best", 2]]}, name
+
+
+def test_host_values_are_placed_as_given_and_refused_where_processes_differ(runs):
+  for name in ("process_0", "process_1", "single"):
+    facts = runs[name]["facts"]
+    assert facts["placed"] == {"w": np.arange(12).reshape(4, 3).tolist(), "n": 7}, name
+  for i in range(NUM_PROCESSES):
+    assert runs[f"process_{i}"]["facts"]["refused"].startswith(
+        "a tree differs between processes: process(es) 1 hold other values than process 0"
+    )
 
 
 def test_device_pipeline_batch_equals_one_process(runs):
