@@ -21,10 +21,8 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 # Keras, scikit-learn's wrappers and SciPy's statistics, about 2 of its 6
 # CPU-seconds. saltjax uses neither Keras nor SavedModel. Blocked for
 # TensorFlow's import only: a later `import keras` (or `tf.keras`, which
-# TensorFlow loads lazily) works as usual. A training run still loads Keras
-# when it opens its TensorBoard writer (clu imports TensorBoard's hparams
-# plugin, which subclasses a Keras callback); a run that only predicts,
-# segments sections or stops at bad data never does.
+# TensorFlow loads lazily) works as usual. No saltjax run loads Keras: the
+# metrics go to TensorBoard through `tf.summary` (saltjax.app.job).
 _KERAS_OPTIMIZERS = "keras.src.optimizers"
 _blocked = _KERAS_OPTIMIZERS not in sys.modules
 if _blocked:

@@ -66,7 +66,7 @@ def test_job_phases_and_projection_from_a_stamped_log(tmp_path):
 
 
 # Every Python process of the script as on the GPU image it is made for, where
-# TensorFlow (and so tensorflow-datasets and clu's writers) cannot be imported:
+# TensorFlow (and so tensorflow-datasets and the TensorBoard writer) cannot be imported:
 # the whole job (use_tfds=False, the on-device input pipeline) must train,
 # predict and submit without it.
 _NO_TENSORFLOW = """

@@ -104,7 +104,7 @@ def _tensorflow_installed() -> bool:
 
 
 class _LoggingWriter:
-  """Metrics to the log alone, where TensorFlow (and so clu's writers) is missing."""
+  """Metrics to the log alone: processes other than 0, and machines without TensorFlow."""
 
   def write_scalars(self, step: int, scalars: dict) -> None:
     logging.debug("step %d: %s", step, scalars)
@@ -116,17 +116,41 @@ class _LoggingWriter:
     pass
 
 
+class _TensorBoardWriter(_LoggingWriter):
+  """Scalars to TensorBoard's event files in `logdir` (`tf.summary`), and to the log.
+
+  TensorFlow's own summary writer, which clu's TensorBoard writer wraps; clu's
+  also imports TensorBoard's hyperparameter plugin, and through it Keras
+  (about 2 s of CPU at every start) for hyperparameters this job never writes.
+  """
+
+  def __init__(self, logdir: str):
+    from saltjax.host_tensorflow import tf
+
+    self._tf = tf
+    self._writer = tf.summary.create_file_writer(logdir)
+
+  def write_scalars(self, step: int, scalars: dict) -> None:
+    super().write_scalars(step, scalars)
+    with self._writer.as_default(step=int(step)):
+      for name, value in scalars.items():
+        self._tf.summary.scalar(name, float(value))
+
+  def flush(self) -> None:
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
+
+
 def _metric_writer(workdir: pathlib.Path):
-  """clu's TensorBoard + log writer; the log alone on a machine without TensorFlow."""
+  """Process 0's TensorBoard + log writer; the log alone elsewhere, or without TensorFlow."""
+  if jax.process_index() > 0:
+    return _LoggingWriter()
   if not _tensorflow_installed():
     logging.info("TensorFlow is not installed: metrics go to the log, not TensorBoard.")
     return _LoggingWriter()
-  from saltjax import host_tensorflow  # noqa: F401  (before clu's writers import it)
-  from clu import metric_writers
-
-  return metric_writers.create_default_writer(
-      str(workdir / workdir_lib.TENSORBOARD), just_logging=jax.process_index() > 0
-  )
+  return _TensorBoardWriter(str(workdir / workdir_lib.TENSORBOARD))
 
 
 def pseudo_label_round(config, workdir: pathlib.Path, data, fold_of, mesh, first) -> dict:

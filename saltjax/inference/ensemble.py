@@ -158,10 +158,17 @@ class Forward:
 def jitted_forward(config, model, mesh, progress: bool = False) -> Forward:
   """`model`'s forward pass with TTA, once config.predict.batch_size fits the mesh."""
   parallel.check_batch_size(config.predict.batch_size, mesh, "config.predict.batch_size")
-  infer_fn = jax.jit(
-      tta.make_infer_fn(model, config.image_size, config.resize_mode, config.predict.tta)
-  )
+  infer_fn = _jitted_infer(model, config.image_size, config.resize_mode, config.predict.tta)
   return Forward(infer_fn, mesh, config.predict.batch_size, progress)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_infer(model, image_size: int, resize_mode: str, tta_name: str) -> Callable:
+  """One jitted forward per model and TTA for the process: predicting again (a
+  pseudo-label round, another workdir, a section) reuses its traced programs,
+  whose tracing is most of a small model's start-up. (Models are frozen
+  dataclasses: equal configs give equal, hashable models.)"""
+  return jax.jit(tta.make_infer_fn(model, image_size, resize_mode, tta_name))
 
 
 def tile_predictor(

@@ -64,3 +64,28 @@ def test_main_train_then_predict_writes_a_valid_submission(
   )
   assert result.returncode == 0, result.stderr[-3000:]
   assert (workdir / "submission.csv").read_text() == before
+
+
+def test_tensorboard_holds_every_epochs_record(trained_job):
+  """The metrics TensorBoard shows, read back by TensorBoard's own event reader:
+  each fold's epoch records (the values of done.json's history), one a step
+  that ended an epoch, and the train loss logged every few steps."""
+  from tensorboard.backend.event_processing import event_accumulator
+  from tensorboard.util import tensor_util
+
+  logs = event_accumulator.EventAccumulator(
+      str(trained_job / "tensorboard"), size_guidance={event_accumulator.TENSORS: 0}
+  )
+  logs.Reload()
+  tags = set(logs.Tags()["tensors"])
+  config = json.loads((trained_job / "config.json").read_text())
+  for fold in (0, 1):
+    history = json.loads((trained_job / f"fold_{fold}" / "done.json").read_text())["history"]
+    assert len(history) == config["num_epochs"]
+    for key in ("val_score", "val_iou", "learning_rate"):
+      events = logs.Tensors(f"fold_{fold}/{key}")
+      written = [float(tensor_util.make_ndarray(e.tensor_proto)) for e in events]
+      np.testing.assert_allclose(written, [h[key] for h in history], rtol=1e-6, err_msg=key)
+    steps = [e.step for e in logs.Tensors(f"fold_{fold}/val_score")]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps) and steps[0] > 0
+    assert f"fold_{fold}/train_loss" in tags

@@ -70,3 +70,30 @@ def test_flip_tta_is_the_model_on_the_flipped_image(resize_mode):
   # float32 sums in a flipped order: agreement to ~1e-5, where a one-pixel
   # offset of the content costs ~0.1.
   np.testing.assert_allclose(got, np.mean(views, axis=0), rtol=0, atol=3e-5)
+
+
+def test_predicting_again_with_an_equal_config_traces_the_forward_once():
+  # Each prediction (a pseudo-label round, configs/predict.py, a section)
+  # builds its model and forward from the config; equal ones share one jitted
+  # forward, so the second prediction runs the programs the first traced.
+  from saltjax import parallel
+  from saltjax.inference import ensemble
+  from tests.conftest import step_config
+
+  config = step_config(batch_size=2, image_size=64)
+  config.predict.batch_size = 2
+  config.predict.tta = "hflip"
+  images = np.random.default_rng(0).integers(0, 256, (3, 101, 101), dtype=np.uint8)
+  mesh = parallel.create_mesh()
+  first = ensemble.jitted_forward(config, unet.create_model(config.model), mesh)
+  x = jnp.zeros((1, 64, 64, 1))
+  variables = _variables(unet.create_model(config.model), x)
+  probs = first(first.place(variables), images)["probs"]
+  second = ensemble.jitted_forward(config, unet.create_model(config.model), mesh)
+  again = second(second.place(variables), images)["probs"]
+  np.testing.assert_array_equal(probs, again)
+  assert second.infer_fn is first.infer_fn and first.infer_fn._cache_size() == 1
+  config.predict.tta = "none"  # another forward
+  assert ensemble.jitted_forward(config, unet.create_model(config.model), mesh).infer_fn is not (
+      first.infer_fn
+  )
