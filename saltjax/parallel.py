@@ -110,8 +110,8 @@ def readable_on_every_host(tree):
 def place_host_values(tree, sharding, what: str):
   """Host values that every process holds the same, placed on `sharding`'s devices.
 
-  `sharding`: one sharding for every leaf, or a tree of them matching `tree`
-  (a state sharding). One process: `jax.device_put`. Several: each process
+  `sharding`: one sharding for every leaf, or a tree of them (a prefix of
+  `tree`'s, as `jax.device_put` takes; a state sharding). One process: `jax.device_put`. Several: each process
   copies its own devices' parts (`jax.make_array_from_callback`), and one
   all-gather of a 16-byte digest of the whole tree checks that every process
   held the same values, an error naming `what` and the processes that
@@ -122,10 +122,7 @@ def place_host_values(tree, sharding, what: str):
   """
   if jax.process_count() == 1:
     return jax.device_put(tree, sharding)
-  shardings = (
-      jax.tree.map(lambda _: sharding, tree) if isinstance(sharding, jax.sharding.Sharding)
-      else sharding
-  )  # fmt: skip
+  shardings = jax.tree.broadcast(sharding, tree)
   digest = hashlib.blake2b(digest_size=16)
 
   def place(x, s):
