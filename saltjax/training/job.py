@@ -8,6 +8,7 @@ trained together.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from typing import Any, Callable
@@ -96,7 +97,6 @@ class Job:
   # Where a stacked train state lives: a sharding, or a tree of them (a prefix of the state).
   state_sharding: Any = None
   programs: dict = dataclasses.field(default_factory=dict)
-  optimizer_init: Callable | None = None  # jax.jit(tx.init), made by new_state
 
   @classmethod
   def create(
@@ -177,9 +177,12 @@ class Job:
     # The optimiser's init as one compiled program: run op by op it compiles
     # a small program for every parameter shape (1.3 s of a tiny CPU run's
     # start, more on a GPU); jitted, 0.2 s, and then cached.
-    if self.optimizer_init is None:  # jitted once a job: traced once for all its folds
-      self.optimizer_init = jax.jit(self.tx.init)
-    return state_from_variables(self.model, self.tx, self.initial_variables, self.optimizer_init)
+    return state_from_variables(self.model, self.tx, self.initial_variables, self._optimizer_init)
+
+  @functools.cached_property
+  def _optimizer_init(self) -> Callable:
+    """`tx.init` jitted once a job: traced once for all its folds."""
+    return jax.jit(self.tx.init)
 
 
 def local_batch_size(config) -> int:

@@ -126,9 +126,7 @@ def _worker(out_dir: str, process_id: int, port: int) -> None:
   timings["job"] = round(time.time() - started, 1)
   step = job.train_steps[config.loss.name]
   # One fold model (the step takes a leading fold axis).
-  state = parallel.place_host_values(
-      stack_folds([job.new_state()]), parallel.replicated(mesh), "the train state"
-  )
+  state = job.place_state(stack_folds([job.new_state()]))
 
   # This process reads its own shard of the global batch, and only that.
   batch = _global_batch()
@@ -156,9 +154,7 @@ def _worker(out_dir: str, process_id: int, port: int) -> None:
   # (process 0's shard counted twice, process 1's dropped).
   if process_id >= 0:
     doubled = {k: v[None, :rows] for k, v in batch.items()}
-    state = parallel.place_host_values(
-        stack_folds([job.new_state()]), parallel.replicated(mesh), "the train state"
-    )
+    state = job.place_state(stack_folds([job.new_state()]))
     wrong_state, wrong_metrics = step(
         state, parallel.global_from_local(doubled, mesh, fold_axis=True)
     )
