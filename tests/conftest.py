@@ -452,9 +452,8 @@ SHARED_UNITS = {
     "test_predict": "trained_job",
 }
 HEAVY_UNITS = (
-    "test_host_loss",  # ~170 s, six two-process launches (two of them 20 s waits)
+    "test_host_loss",  # ~130 s, five two-process launches and two 20 s waits beside them
     "reference",  # test_reliability + test_checkpoints, ~175 s
-    "test_multihost",  # ~115 s, two processes at a time
     "test_compile_only",  # ~90 s, XLA's TPU compiler
     "trained_job",  # test_end_to_end + test_predict, ~100 s
     "test_train",  # ~85 s
@@ -462,6 +461,7 @@ HEAVY_UNITS = (
     "test_sections",  # ~57 s
     "test_parallel",  # ~41 s
     "test_epoch_program",  # ~40 s
+    "test_multihost",  # ~25 s, three processes at once
     "test_imagenet_weights",  # ~25 s
 )
 
