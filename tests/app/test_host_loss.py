@@ -311,7 +311,9 @@ def jobs(tmp_path_factory, prepared_data, data_cache, compile_cache):
   workdir = root / "run"
   args = _args(workdir, data_cache, compile_cache)
   resume_point = lambda epoch: [workdir / f"fold_{k}" / "latest" / str(epoch) for k in (0, 1)]
-  # Each launch only where the one before stopped as it should.
+  # (launch, its fault: (process, "0-based epoch,batch", signal), the resume
+  # points to wait for before it, the exit statuses it should end with); each
+  # launch only where the one before ended as it should.
   chain = [
       ("preempted", (1, "0,2", "SIGTERM"), (), {0: 143, 1: 143}),
       ("coordinator_killed", (0, "1,1", "SIGKILL"), resume_point(1), {0: -9, 1: 75}),
