@@ -111,14 +111,15 @@ def place_host_values(tree, sharding, what: str):
   """Host values that every process holds the same, placed on `sharding`'s devices.
 
   `sharding`: one sharding for every leaf, or a tree of them (a prefix of
-  `tree`'s, as `jax.device_put` takes; a state sharding). One process: `jax.device_put`. Several: each process
-  copies its own devices' parts (`jax.make_array_from_callback`), and one
-  all-gather of a 16-byte digest of the whole tree checks that every process
-  held the same values, an error naming `what` and the processes that
-  differ if not. `jax.device_put` checks the same per leaf by gathering every
-  array whole from every host: a train state's hundreds of leaves, each a
-  collective, and on a pod of H hosts H copies of the state (or of the
-  dataset) in each host's memory before training starts.
+  `tree`'s, as `jax.device_put` takes; a state sharding). One process:
+  `jax.device_put`. Several: each process copies its own devices' parts
+  (`jax.make_array_from_callback`), and one all-gather of a 16-byte digest of
+  the whole tree checks that every process held the same values, an error
+  naming `what` and the processes that differ if not. `jax.device_put` checks
+  the same per leaf by gathering every array whole from every host: a train
+  state's hundreds of leaves, each a collective, and on a pod of H hosts H
+  copies of the state (or of the dataset) in each host's memory before
+  training starts.
   """
   if jax.process_count() == 1:
     return jax.device_put(tree, sharding)

@@ -33,6 +33,7 @@ import pathlib
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -45,6 +46,8 @@ POD_EPOCHS = 3
 HEARTBEAT_S, INITIALIZATION_S = 10, 20
 STOP_WITHIN_S = HEARTBEAT_S + 30  # after a lost host
 SIGTERM_STOP_WITHIN_S = 60  # after SIGTERM: the epoch is finished and saved first
+# Survivors still running this long after the fault hang (the fault these tests find).
+HUNG_AFTER_S = SIGTERM_STOP_WITHIN_S + 60
 # Each process compiles the tiny model's programs for the reference (~150 s on
 # 2 busy cores); the others load them.
 RUN_TIMEOUT_S = 1200
@@ -221,8 +224,8 @@ def _run(
       for i, p in procs.items():
         if i not in ended and p.poll() is not None:
           ended[i] = time.time()
-      if fault_file.exists() and time.time() - float(fault_file.read_text()) > 120:
-        break  # the survivors hang: the fault this tests
+      if fault_file.exists() and time.time() - float(fault_file.read_text()) > HUNG_AFTER_S:
+        break
       time.sleep(0.2)
   finally:
     for p in procs.values():
@@ -290,7 +293,6 @@ def jobs(tmp_path_factory, prepared_data, data_cache, compile_cache):
   # While the reference compiles, two jobs that never gather wait out their
   # initialization timeout: one without process 1, one without process 0.
   never = {}
-  import threading
 
   def never_joined(missing):
     started = [i for i in range(NUM_PROCESSES) if i != missing]
@@ -446,10 +448,8 @@ def test_the_interrupted_job_finishes_once_with_process_0_writing_every_file(job
   # Process 0 wrote every file of the workdir in all four launches; process 1
   # none (but its write probe). Files outside it are left out: each process may
   # record the compilation cache's readable entries in the cache directory.
-  writes = [
-      w for name in ("preempted", "coordinator_killed", "killed") for w in jobs[name]["writes"]
-  ]
-  writes += resumed["writes"]
+  launches = ("preempted", "coordinator_killed", "killed", "resumed")
+  writes = [w for name in launches for w in jobs[name]["writes"]]
   by_process = {
       i: {
           pathlib.Path(p).relative_to(workdir).as_posix()
