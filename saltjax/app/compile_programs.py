@@ -58,6 +58,9 @@ class ProgramCost:
   on_chip_bytes_per_chip: float = 0.0  # and in on-chip memory (VMEM)
   hbm_bytes_by_kind: dict = dataclasses.field(default_factory=dict)  # scaled over loops too
   hbm_bytes_by_phase: dict = dataclasses.field(default_factory=dict)
+  # The TPU compiler's estimate of one call's cycles on one chip, its
+  # instructions' summed (hlo_traffic): an estimate, not a bound.
+  estimated_cycles_per_chip: float = 0.0
 
 
 def _cost(compiled) -> dict:
@@ -73,10 +76,17 @@ def _cost(compiled) -> dict:
       "on_chip_bytes_per_chip": float(moved["on_chip_bytes"]),
       "hbm_bytes_by_kind": moved["by_kind"],
       "hbm_bytes_by_phase": moved["by_phase"],
+      "estimated_cycles_per_chip": float(moved["estimated_cycles"]),
   }
 
 
-_SCALED = ("flops_per_chip", "bytes_per_chip", "hbm_bytes_per_chip", "on_chip_bytes_per_chip")
+_SCALED = (
+    "flops_per_chip",
+    "bytes_per_chip",
+    "hbm_bytes_per_chip",
+    "on_chip_bytes_per_chip",
+    "estimated_cycles_per_chip",
+)
 _SPLITS = ("hbm_bytes_by_kind", "hbm_bytes_by_phase")
 
 
@@ -198,7 +208,15 @@ def _accelerator_dtype(config):
 def compile_job(config, devices, fold_of: np.ndarray) -> Job:
   """The job's `Job` on a mesh of `devices`, with the abstract initial variables."""
   mesh = parallel.create_mesh(devices)
-  return Job.create(config, mesh, fold_of, None, dtype=_accelerator_dtype(config), abstract=True)
+  return Job.create(
+      config,
+      mesh,
+      fold_of,
+      None,
+      dtype=_accelerator_dtype(config),
+      platform=devices[0].platform,  # the model's 'auto' choices are the slice's
+      abstract=True,
+  )
 
 
 def _fold_of(config, data) -> np.ndarray:
@@ -255,6 +273,7 @@ def job_programs(config, devices, data, kinds=KINDS) -> tuple[list[ProgramCost],
           int((fold_of != k).sum()) for k in range(config.num_folds)
       ),
       "model_dtype": str(jnp.dtype(job.model.dtype)),
+      "model_final_block": job.model.final_block,
   }
   return costs, facts
 

@@ -235,6 +235,16 @@ def _check_model(config, need) -> None:
   need(m.scse_reduction > 0, "model.scse_reduction", "must be positive")
   need(m.upsample in ("nearest", "bilinear"), "model.upsample", "use 'nearest' or 'bilinear'")
   need(m.dtype in ("auto", "float32", "bfloat16"), "model.dtype", "use auto, float32 or bfloat16")
+  need(
+      m.final_block in ("auto", "plain", "space_to_depth"),
+      "model.final_block",
+      "use auto, plain or space_to_depth",
+  )
+  need(
+      m.final_block != "space_to_depth" or (m.upsample == "nearest" and not m.hypercolumn),
+      "model.final_block",
+      "space_to_depth needs model.upsample='nearest' and model.hypercolumn=False",
+  )
   hub = imagenet_weights.hub_repo(m.pretrained)
   need(
       not m.pretrained or hub or pathlib.Path(m.pretrained).expanduser().is_file(),

@@ -15,6 +15,11 @@ program's traffic, split
   gradients, the loss), and what has no JAX op name (copies XLA inserted:
   layout changes, prefetches of weights into on-chip memory).
 
+The TPU compiler also annotates each instruction it emits with its estimate
+of the cycles the instruction takes (`estimated_cycles` in its backend
+config, from the compiler's cost model of the chip); their sum, loop bodies
+once, is the program's estimated time if nothing overlapped.
+
 Sizes are as laid out: the minor dimensions padded to the layout's tiles
 (8 x 128 and the like), as the hardware moves them. Two exceptions read or
 write part of an array: a dynamic slice reads only the slice of its operand,
@@ -47,6 +52,7 @@ _COPIES = {
 }  # fmt: skip
 _CONTROL = {"while", "call", "conditional"}
 _ALLOCATES = 'custom_call_target="AllocateBuffer"'
+_CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
 
 KINDS = ("convolution", "reduction", "elementwise", "copies", "collectives", "other")
 PHASES = ("forward", "backward", "other", "unnamed")
@@ -262,20 +268,27 @@ def _phase(attributes: str) -> str:
 
 
 def traffic(hlo_text: str) -> dict:
-  """A compiled program's HBM traffic: {'hbm_bytes', 'on_chip_bytes', 'by_kind', 'by_phase'}.
+  """A compiled program's HBM traffic and estimated cycles.
 
+  {'hbm_bytes', 'on_chip_bytes', 'by_kind', 'by_phase', 'estimated_cycles'}:
   by_kind and by_phase split hbm_bytes; on_chip_bytes is what the same
-  instructions read and write in VMEM instead.
+  instructions read and write in VMEM instead; estimated_cycles sums the
+  compiler's estimates (0 where it gives none, as XLA's CPU compiler).
   """
   computations, entry = _parse(hlo_text)
   by_kind = dict.fromkeys(KINDS, 0)
   by_phase = dict.fromkeys(PHASES, 0)
   on_chip = 0
+  cycles = 0
 
   def walk(name: str, seen: tuple) -> None:
     instructions = computations.get(name, [])
     shapes = {n: shape for n, shape, _, _, _ in instructions}
     for _, shape, opcode, operands, attributes in instructions:
+      estimate = _CYCLES.search(attributes)
+      if estimate:
+        nonlocal cycles
+        cycles += int(estimate.group(1))
       if opcode in _FREE:
         continue
       if opcode in _CONTROL:
@@ -302,4 +315,5 @@ def traffic(hlo_text: str) -> dict:
       "on_chip_bytes": on_chip,
       "by_kind": by_kind,
       "by_phase": by_phase,
+      "estimated_cycles": cycles,
   }

@@ -24,6 +24,7 @@ import numpy as np
 
 from saltjax.model import layers
 from saltjax.model import resnet
+from saltjax.model import space_to_depth
 
 Array = Any
 Dtype = Any
@@ -39,6 +40,11 @@ IMAGENET_MEAN_GRAY = 0.449
 IMAGENET_STD_GRAY = 0.226
 
 UPSAMPLE_METHODS = ("nearest", "bilinear")
+# How the last decoder block and the head are computed: on the full-resolution
+# map, or on its 2x2 space-to-depth form (saltjax/model/space_to_depth.py: the
+# same parameters and outputs, fewer padded lanes on a TPU); 'auto' picks
+# space_to_depth on TPUs where the model allows it, plain elsewhere.
+FINAL_BLOCKS = ("auto", "plain", "space_to_depth")
 
 
 def count_params(params: Any) -> int:
@@ -127,6 +133,8 @@ class UNet(nn.Module):
     deep_supervision: emit a 1-channel side logit map per decoder block.
     classifier: emit an image-level "contains salt" logit from the pooled
       deepest encoder features.
+    final_block: 'plain' or 'space_to_depth' (the last decoder block and the
+      head on 2x2-packed maps; needs nearest upsampling, no hypercolumn).
     dtype: computation dtype (parameters are float32).
   """
 
@@ -141,6 +149,7 @@ class UNet(nn.Module):
   hypercolumn: bool = False
   deep_supervision: bool = False
   classifier: bool = False
+  final_block: str = "plain"
   dtype: Dtype = jnp.float32
 
   def _normalize(self, x: Array) -> Array:
@@ -164,12 +173,26 @@ class UNet(nn.Module):
     raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels}.")
 
   def _decode(self, features: Sequence[Array], train: bool) -> list[Array]:
-    """Each decoder block's output, coarsest first (the last is the finest)."""
+    """Each decoder block's output, coarsest first (the last is the finest).
+
+    With final_block='space_to_depth' the last output is packed
+    (space_to_depth.unpack gives the full-resolution map).
+    """
     # Deepest map first; skips are the shallower maps, the last block has none.
     y = features[-1]
     skips = list(reversed(features[:-1])) + [None]
     block_outputs = []
     for i, (channels, skip) in enumerate(zip(self.decoder_channels, skips)):
+      if skip is None and self.final_block == "space_to_depth":
+        y = space_to_depth.DecoderBlock(
+            features=channels,
+            scse=self.scse_decoder,
+            scse_reduction=self.scse_reduction,
+            dtype=self.dtype,
+            name=f"decoder_{i}",
+        )(y, train=train)
+        block_outputs.append(y)
+        continue
       y = DecoderBlock(
           features=channels,
           scse=self.scse_decoder,
@@ -191,6 +214,7 @@ class UNet(nn.Module):
       )
     if self.upsample not in UPSAMPLE_METHODS:
       raise ValueError(f"upsample must be one of {UPSAMPLE_METHODS}, got " f"{self.upsample!r}.")
+    _check_final_block(self.final_block, self.upsample, self.hypercolumn)
 
     x = self._normalize(x).astype(self.dtype)
     # Named 'encoder' so that pretrained.merge_encoder finds it.
@@ -206,22 +230,30 @@ class UNet(nn.Module):
     block_outputs = self._decode(features, train)
     y = block_outputs[-1]
 
-    head_in = y
-    if self.hypercolumn:
-      out_h, out_w = y.shape[1], y.shape[2]
-      head_in = jnp.concatenate(
-          [layers.resize(b, out_h, out_w, self.upsample) for b in block_outputs], axis=-1
+    if self.final_block == "space_to_depth":
+      logits = space_to_depth.unpack(
+          space_to_depth.Conv(
+              1, use_bias=True, dtype=self.dtype, kernel_init=layers.head_init, name="head"
+          )(y)
       )
-    logits = layers.Conv(
-        1,
-        (3, 3),
-        padding=layers.torch_padding(3),
-        use_bias=True,
-        dtype=self.dtype,
-        param_dtype=jnp.float32,
-        kernel_init=layers.head_init,
-        name="head",
-    )(head_in)
+      block_outputs[-1] = space_to_depth.unpack(y)  # for the side heads, if any
+    else:
+      head_in = y
+      if self.hypercolumn:
+        out_h, out_w = y.shape[1], y.shape[2]
+        head_in = jnp.concatenate(
+            [layers.resize(b, out_h, out_w, self.upsample) for b in block_outputs], axis=-1
+        )
+      logits = layers.Conv(
+          1,
+          (3, 3),
+          padding=layers.torch_padding(3),
+          use_bias=True,
+          dtype=self.dtype,
+          param_dtype=jnp.float32,
+          kernel_init=layers.head_init,
+          name="head",
+      )(head_in)
 
     def to_input_size(z):
       # The decoder ends at 2x the stem's resolution, which differs from the
@@ -272,6 +304,30 @@ _MODEL_FIELDS = (
 )
 
 
+def _check_final_block(final_block: str, upsample: str, hypercolumn: bool) -> None:
+  if final_block not in FINAL_BLOCKS[1:]:
+    raise ValueError(f"final_block must be 'plain' or 'space_to_depth', got {final_block!r}.")
+  if final_block == "space_to_depth" and (upsample != "nearest" or hypercolumn):
+    raise ValueError(
+        "final_block='space_to_depth' needs upsample='nearest' and hypercolumn=False (the"
+        f" packed block is the nearest 2x upsample's), got upsample={upsample!r},"
+        f" hypercolumn={hypercolumn!r}."
+    )
+
+
+def resolve_final_block(final_block: str, upsample: str, hypercolumn: bool, platform: str) -> str:
+  """'auto' -> 'space_to_depth' on a TPU where the model allows it, else 'plain'.
+
+  A TPU pads a map's channels to its 128 lanes, and the last block's 16 are its
+  costliest there (saltjax/model/space_to_depth.py); a CPU, bound by
+  arithmetic, runs the plain block faster; on GPUs it is unmeasured.
+  """
+  if final_block == "auto":
+    allowed = upsample == "nearest" and not hypercolumn
+    return "space_to_depth" if platform == "tpu" and allowed else "plain"
+  return final_block
+
+
 def resolve_dtype(dtype: Any) -> Dtype:
   """Maps 'auto' / 'float32' / 'bfloat16' (or a dtype) to a jnp dtype.
 
@@ -293,16 +349,19 @@ def resolve_dtype(dtype: Any) -> Dtype:
   raise ValueError(f"model dtype must be 'auto', 'float32' or 'bfloat16', got {dtype!r}.")
 
 
-def create_model(model_config: Any, dtype: Any = None) -> UNet:
+def create_model(model_config: Any, dtype: Any = None, platform: Optional[str] = None) -> UNet:
   """Builds a UNet from a config with the fields listed in _MODEL_FIELDS.
 
   Args:
     model_config: ml_collections.ConfigDict (or any object with attributes)
       holding stage_sizes, encoder_width, in_channels, scse_encoder,
       scse_decoder, scse_reduction, decoder_channels, upsample, hypercolumn,
-      deep_supervision, classifier and dtype.
+      deep_supervision, classifier and dtype, and optionally final_block
+      (FINAL_BLOCKS; 'auto' where absent, as in configs written before it).
     dtype: if given, overrides model_config.dtype ('auto', 'float32',
       'bfloat16' or a jnp dtype).
+    platform: the platform the model is built for ('cpu', 'gpu', 'tpu'),
+      which decides final_block='auto'; default: JAX's default backend.
 
   Returns:
     The (uninitialised) UNet module.
@@ -344,6 +403,16 @@ def create_model(model_config: Any, dtype: Any = None) -> UNet:
     compute_dtype = resolve_dtype(cfg["dtype"] if dtype is None else dtype)
   except ValueError as e:
     raise ValueError(f"model.dtype: {e}") from None
+  final_block = getattr(model_config, "final_block", "auto")
+  if final_block not in FINAL_BLOCKS:
+    raise ValueError(f"model.final_block must be one of {FINAL_BLOCKS}, got {final_block!r}.")
+  final_block = resolve_final_block(
+      final_block, cfg["upsample"], bool(cfg["hypercolumn"]), platform or jax.default_backend()
+  )
+  try:
+    _check_final_block(final_block, cfg["upsample"], bool(cfg["hypercolumn"]))
+  except ValueError as e:
+    raise ValueError(f"model.{e}") from None
 
   return UNet(
       stage_sizes=stage_sizes,
@@ -357,6 +426,7 @@ def create_model(model_config: Any, dtype: Any = None) -> UNet:
       hypercolumn=bool(cfg["hypercolumn"]),
       deep_supervision=bool(cfg["deep_supervision"]),
       classifier=bool(cfg["classifier"]),
+      final_block=final_block,
       dtype=compute_dtype,
   )
 

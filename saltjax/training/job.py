@@ -100,15 +100,26 @@ class Job:
 
   @classmethod
   def create(
-      cls, config, mesh, fold_of: np.ndarray, writer, num_extra=0, *, dtype=None, abstract=False
+      cls,
+      config,
+      mesh,
+      fold_of: np.ndarray,
+      writer,
+      num_extra=0,
+      *,
+      dtype=None,
+      platform=None,
+      abstract=False,
   ) -> "Job":
     """The job's model, optimiser and steps.
 
-    dtype: the model's, overriding config.model.dtype. abstract: the initial
-    variables as shapes only (`jax.eval_shape`): a job to compile, not to run.
+    dtype: the model's, overriding config.model.dtype. platform: the one the
+    model is built for (default: JAX's backend), which decides the model's
+    'auto' choices. abstract: the initial variables as shapes only
+    (`jax.eval_shape`): a job to compile, not to run.
     """
     steps_per_epoch = steps_per_epoch_for(config, mesh, fold_of, num_extra)
-    model = create_model(config, dtype=dtype)
+    model = create_model(config, dtype=dtype, platform=platform)
     lr_fn = create_learning_rate_fn(config, steps_per_epoch)
     if abstract:
       variables = jax.eval_shape(

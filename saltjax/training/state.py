@@ -46,8 +46,8 @@ class TrainState(train_state.TrainState):
 # ----------------------------------------------------------------- model ---
 
 
-def create_model(config, dtype=None) -> unet.UNet:
-  return unet.create_model(config.model, dtype=dtype)
+def create_model(config, dtype=None, platform=None) -> unet.UNet:
+  return unet.create_model(config.model, dtype=dtype, platform=platform)
 
 
 def initial_variables(config, model) -> dict:

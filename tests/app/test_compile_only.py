@@ -152,7 +152,15 @@ ONE_HOST = dict(
 )
 # v5e-16: four hosts of four chips, one image a chip; one fold, so the job
 # does not predict; its 24 held-out images in one batch (no loop to scale).
-MULTI_HOST = dict(compile_for="v5e-16", fold=0, batch_size=16, eval_batch_size=32)
+# The plain last decoder block ('auto' is space_to_depth on a TPU, as the
+# one-host job has it): both forms compile for a TPU slice here.
+MULTI_HOST = dict(
+    compile_for="v5e-16",
+    fold=0,
+    batch_size=16,
+    eval_batch_size=32,
+    **{"model.final_block": "plain"},
+)
 
 
 @pytest.fixture(scope="module")
@@ -195,12 +203,14 @@ def test_a_tiny_job_compiles_every_program_for_a_one_host_slice(compiled):
     # Both splits of the HBM traffic are scaled over the loops as the total is.
     for split in ("hbm_bytes_by_kind", "hbm_bytes_by_phase"):
       assert sum(p[split].values()) == pytest.approx(p["hbm_bytes_per_chip"]), split
+    assert p["estimated_cycles_per_chip"] > 0  # the TPU compiler's own estimate
   train, end, predict = programs
   # One fold's 16 images over 4 chips; 24 held-out images a fold in 3 batches of 8.
   assert train["images_per_chip"] == 4
   assert end["images_per_chip"] == 3 * 8 / 4 and end["loop_trips"]["validation"] == 3
   assert predict["images_per_chip"] == 2
   assert report["job"]["model_dtype"] == "bfloat16"  # 'auto' on a TPU
+  assert report["job"]["model_final_block"] == "space_to_depth"  # likewise
   assert report["job"]["fold_groups"] == [[0], [1]]
   steps = report["job"]["steps_per_epoch"]
   assert steps == 24 // 16
@@ -223,6 +233,7 @@ def test_a_tiny_job_compiles_for_a_multi_host_slice(compiled):
   assert [p["kind"] for p in report["programs"]] == ["train", "epoch_end"]
   assert report["programs"][0]["images_per_chip"] == 1
   assert report["programs"][1]["loop_trips"] == {"validation": 1}
+  assert report["job"]["model_final_block"] == "plain"  # as configured
 
 
 def test_memory_per_chip_grows_with_the_batch(compiled):

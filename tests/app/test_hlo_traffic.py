@@ -12,7 +12,7 @@ HLO = """HloModule jit_step, entry_computation_layout={(bf16[8,128]{1,0})->bf16[
 
 %fused_add (param_0.1: bf16[8,128]) -> bf16[8,128] {
   %param_0.1 = bf16[8,128]{1,0:T(8,128)(2,1)} parameter(0)
-  ROOT %add.1 = bf16[8,128]{1,0:T(8,128)(2,1)} add(bf16[8,128]{1,0:T(8,128)(2,1)} %param_0.1, bf16[8,128]{1,0:T(8,128)(2,1)} %param_0.1)
+  ROOT %add.1 = bf16[8,128]{1,0:T(8,128)(2,1)} add(bf16[8,128]{1,0:T(8,128)(2,1)} %param_0.1, bf16[8,128]{1,0:T(8,128)(2,1)} %param_0.1), backend_config={"estimated_cycles":"999"}
 }
 
 %inner_conv (param_0.2: bf16[1,8,8,128], param_1.2: bf16[1,1,128,128]) -> bf16[1,8,8,128] {
@@ -31,7 +31,7 @@ HLO = """HloModule jit_step, entry_computation_layout={(bf16[8,128]{1,0})->bf16[
   %p = (s32[], f32[4]{0:T(128)}) parameter(0)
   %gte.0 = s32[] get-tuple-element(%p), index=0
   %gte.1 = f32[4]{0:T(128)} get-tuple-element(%p), index=1
-  %negate.1 = f32[4]{0:T(128)} negate(%gte.1), metadata={op_name="jit(step)/transpose(jvp(UNet))/neg"}
+  %negate.1 = f32[4]{0:T(128)} negate(%gte.1), metadata={op_name="jit(step)/transpose(jvp(UNet))/neg"}, backend_config={"flag_configs":[],"estimated_cycles":"50"}
   ROOT %tuple.1 = (s32[], f32[4]{0:T(128)}) tuple(%gte.0, %negate.1)
 }
 
@@ -45,8 +45,8 @@ ENTRY %main (x: bf16[8,128], img: bf16[1,8,8,128], w: bf16[1,1,128,128], v: f32[
   %img = bf16[1,8,8,128]{3,2,1,0:T(8,128)(2,1)} parameter(1)
   %w = bf16[1,1,128,128]{3,2,1,0:T(8,128)(2,1)} parameter(2)
   %v = f32[4]{0:T(128)} parameter(3)
-  %fusion.1 = bf16[8,128]{1,0:T(8,128)(2,1)} fusion(%x), kind=kLoop, calls=%fused_add, metadata={op_name="jit(step)/jvp(UNet)/add"}
-  %fusion.2 = bf16[1,8,8,128]{3,2,1,0:T(8,128)(2,1)S(1)} fusion(%img, %w), kind=kOutput, calls=%fused_conv, metadata={op_name="jit(step)/jvp(UNet)/conv"}
+  %fusion.1 = bf16[8,128]{1,0:T(8,128)(2,1)} fusion(%x), kind=kLoop, calls=%fused_add, metadata={op_name="jit(step)/jvp(UNet)/add"}, backend_config={"estimated_cycles":"300","iteration_bounds":["1"]}
+  %fusion.2 = bf16[1,8,8,128]{3,2,1,0:T(8,128)(2,1)S(1)} fusion(%img, %w), kind=kOutput, calls=%fused_conv, metadata={op_name="jit(step)/jvp(UNet)/conv"}, backend_config={"estimated_cycles":"1200"}
   %copy.1 = f32[4]{0:T(128)} copy(%v)
   %copy-start.1 = (bf16[8,128]{1,0:T(8,128)(2,1)S(1)}, bf16[8,128]{1,0:T(8,128)(2,1)}, u32[]{:S(2)}) copy-start(%x)
   %copy-done.1 = bf16[8,128]{1,0:T(8,128)(2,1)S(1)} copy-done(%copy-start.1)
@@ -98,6 +98,10 @@ def test_a_programs_traffic_by_kind_and_phase_counted_by_hand():
   assert moved["hbm_bytes"] == add + conv + copy + negate
   # The conv's result, the prefetched x, the slice.
   assert moved["on_chip_bytes"] == image + 2048 + half
+  # The compiler's estimates of the instructions the program runs: the two
+  # fusions and, once, the loop body's negate; not the fused add inside
+  # fusion.1, which fusion.1's estimate covers.
+  assert moved["estimated_cycles"] == 300 + 1200 + 50
 
 
 # A loop that stacks each fold's result in an (F, ...) buffer and reads each
