@@ -68,6 +68,33 @@ def resize(x: Array, height: int, width: int, method: str) -> Array:
   )
 
 
+def _dense(features, dtype, kernel_init, name):
+  """scSE's 1x1 convolutions (with biases, zero-initialised)."""
+  return Conv(
+      features,
+      kernel_size=(1, 1),
+      use_bias=True,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=kernel_init,
+      bias_init=nn.initializers.zeros_init(),
+      name=name,
+  )
+
+
+def channel_gate(pooled, reduction, dtype, kernel_init, gate_init) -> Array:
+  """scSE's channel gate (B, 1, 1, C) from the map averaged over its pixels (B, 1, 1, C).
+
+  Called inside a module's compact method: its convolutions (`cse_reduce`,
+  `cse_expand`) are that module's.
+  """
+  channels = pooled.shape[-1]
+  # A reduction larger than the width would leave no bottleneck channel.
+  c = _dense(max(channels // reduction, 1), dtype, kernel_init, "cse_reduce")(pooled)
+  c = _dense(channels, dtype, gate_init, "cse_expand")(nn.relu(c))
+  return nn.sigmoid(c)
+
+
 class ScSE(nn.Module):
   """Concurrent spatial and channel squeeze & excitation (Roy et al. 2018).
 
@@ -97,24 +124,9 @@ class ScSE(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    channels = x.shape[-1]
-    # A reduction larger than the width would leave no bottleneck channel.
-    hidden = max(channels // self.reduction, 1)
-    dense = functools.partial(
-        Conv,
-        kernel_size=(1, 1),
-        use_bias=True,
-        dtype=self.dtype,
-        param_dtype=jnp.float32,
-        kernel_init=self.kernel_init,
-        bias_init=nn.initializers.zeros_init(),
-    )
     # Average in float32: a bf16 sum over a large map loses precision.
     pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True)
     gate_init = nn.initializers.zeros_init() if self.identity_init else self.kernel_init
-    c = dense(hidden, name="cse_reduce")(pooled)
-    c = nn.relu(c)
-    c = dense(channels, kernel_init=gate_init, name="cse_expand")(c)
-    c = nn.sigmoid(c)
-    s = nn.sigmoid(dense(1, kernel_init=gate_init, name="sse")(x))
+    c = channel_gate(pooled, self.reduction, self.dtype, self.kernel_init, gate_init)
+    s = nn.sigmoid(_dense(1, self.dtype, gate_init, "sse")(x))
     return (x * c + x * s).astype(self.dtype)

@@ -216,20 +216,10 @@ class ScSE(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    c = x.shape[-1] // PHASES
-    dense = functools.partial(
-        layers.Conv,
-        kernel_size=(1, 1),
-        use_bias=True,
-        dtype=self.dtype,
-        param_dtype=jnp.float32,
-        kernel_init=layers.decoder_conv_init,
-        bias_init=nn.initializers.zeros_init(),
-    )
-    b = x.shape[0]
+    b, c = x.shape[0], x.shape[-1] // PHASES
     pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).reshape(b, PHASES, c).mean(axis=1)
-    gate = nn.relu(dense(max(c // self.reduction, 1), name="cse_reduce")(pooled[:, None, None]))
-    gate = nn.sigmoid(dense(c, name="cse_expand")(gate))
+    init = layers.decoder_conv_init
+    gate = layers.channel_gate(pooled[:, None, None], self.reduction, self.dtype, init, init)
     spatial = nn.sigmoid(SpatialGate(self.dtype, name="sse")(x))
     return (x * jnp.tile(gate, PHASES) + x * spatial).astype(self.dtype)
 
