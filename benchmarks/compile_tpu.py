@@ -45,7 +45,14 @@ CLOCK_HZ = {"v5e": 197e12 / (4 * 128 * 128 * 2)}
 TGS_TRAIN, TGS_TEST = 4000, 18000
 
 
-def _config(strategy: str, batch_size: int, tiny: bool, cache_dir: str, state_sharding=None):
+def _config(
+    strategy: str,
+    batch_size: int,
+    tiny: bool,
+    cache_dir: str,
+    state_sharding=None,
+    final_block=None,
+):
   from configs import tpu
 
   config = tpu.get_config()
@@ -62,6 +69,8 @@ def _config(strategy: str, batch_size: int, tiny: bool, cache_dir: str, state_sh
   config.batch_size = batch_size
   if state_sharding:
     config.state_sharding = state_sharding
+  if final_block:
+    config.model.final_block = final_block
   if strategy == "one_model":
     config.parallel_folds, config.fold = 1, 0
     config.batch_size = batch_size * config.num_folds
@@ -92,8 +101,9 @@ def _measure(
     tiny: bool,
     cache_dir: str,
     state_sharding=None,
+    final_block=None,
 ):
-  config = _config(strategy, batch_size, tiny, cache_dir, state_sharding)
+  config = _config(strategy, batch_size, tiny, cache_dir, state_sharding, final_block)
   spec, result, facts = _compiled(accelerator, config, ("train",))
   step = result["programs"][0]
   # Every fold's image-steps of the whole job at batch_size per fold (each
@@ -107,6 +117,7 @@ def _measure(
       "accelerator": accelerator,
       "strategy": strategy,
       "state_sharding": config.state_sharding,
+      "final_block": facts["model_final_block"],
       "batch_size_per_fold": batch_size,
       "folds": config.num_folds,
       "images_per_step": facts["images_per_chip_per_step"] * spec.chips,
@@ -170,15 +181,17 @@ def _bound_by(step: dict, spec) -> str:
 
 def _table(rows: list[dict]) -> str:
   lines = [
-      "| slice | strategy | state | batch/fold | images/chip | GFLOP/image | GB/image (XLA)"
-      " | HBM GB/image | args+temp GiB/chip | bound ms/step | bound | train bound, job (s)"
-      " | XLA's estimate ms/step | compile s |",
-      "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
+      "| slice | strategy | state | last block | batch/fold | images/chip | GFLOP/image"
+      " | GB/image (XLA) | HBM GB/image | args+temp GiB/chip | bound ms/step | bound"
+      " | train bound, job (s) | XLA's estimate ms/step | compile s |",
+      "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"
+      " ---: | ---: |",
   ]
   for r in rows:
     m = r["memory_per_chip"]
     lines.append(
         f"| {r['accelerator']} | {r['strategy']} | {r.get('state_sharding', 'replicated')}"
+        f" | {r.get('final_block', 'plain')}"
         f" | {r['batch_size_per_fold']}"
         f" | {r['images_per_chip']:g} | {r['flops_per_image'] / 1e9:.2f}"
         f" | {r['bytes_per_image'] / 1e9:.3f} | {r['hbm_bytes_per_image'] / 1e9:.3f}"
@@ -198,6 +211,11 @@ def main():
       "--state_shardings",
       default="",
       help="config.state_sharding values to compile each row with (default: the config's)",
+  )
+  parser.add_argument(
+      "--final_block",
+      default="",
+      help="config.model.final_block (default: the config's, 'auto': space_to_depth on a TPU)",
   )
   parser.add_argument("--tiny", action="store_true", help="test-size model and data")
   parser.add_argument("--cache_dir", default=os.path.expanduser("~/.cache/saltjax"))
@@ -230,7 +248,15 @@ def main():
           parser.error(f"--strategies: {strategy!r} is not one of {', '.join(STRATEGIES)}")
         for sharding in args.state_shardings.split(",") if args.state_shardings else [None]:
           rows.append(
-              _measure(accelerator, strategy, batch_size, args.tiny, args.cache_dir, sharding)
+              _measure(
+                  accelerator,
+                  strategy,
+                  batch_size,
+                  args.tiny,
+                  args.cache_dir,
+                  sharding,
+                  args.final_block,
+              )
           )
           print(_table(rows[-1:]).splitlines()[-1], flush=True)
           # Written after every row: a long run cut short keeps what it measured.
