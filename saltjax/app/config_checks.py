@@ -15,6 +15,7 @@ from saltjax import parallel
 from saltjax.inference import trained_config
 from saltjax.model import imagenet_weights
 from saltjax.model import tta
+from saltjax.model import unet
 from saltjax.training import losses
 from saltjax.training import optimizers
 from saltjax.training import steps as steps_lib
@@ -236,12 +237,12 @@ def _check_model(config, need) -> None:
   need(m.upsample in ("nearest", "bilinear"), "model.upsample", "use 'nearest' or 'bilinear'")
   need(m.dtype in ("auto", "float32", "bfloat16"), "model.dtype", "use auto, float32 or bfloat16")
   need(
-      m.final_block in ("auto", "plain", "space_to_depth"),
+      m.final_block in unet.FINAL_BLOCKS,
       "model.final_block",
       "use auto, plain or space_to_depth",
   )
   need(
-      m.final_block != "space_to_depth" or (m.upsample == "nearest" and not m.hypercolumn),
+      m.final_block != "space_to_depth" or unet.space_to_depth_allowed(m.upsample, m.hypercolumn),
       "model.final_block",
       "space_to_depth needs model.upsample='nearest' and model.hypercolumn=False",
   )

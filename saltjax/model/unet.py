@@ -304,10 +304,15 @@ _MODEL_FIELDS = (
 )
 
 
+def space_to_depth_allowed(upsample: str, hypercolumn: bool) -> bool:
+  """Whether the last block can be folded: it is the nearest 2x upsample's, with no hypercolumn."""
+  return upsample == "nearest" and not hypercolumn
+
+
 def _check_final_block(final_block: str, upsample: str, hypercolumn: bool) -> None:
   if final_block not in FINAL_BLOCKS[1:]:
     raise ValueError(f"final_block must be 'plain' or 'space_to_depth', got {final_block!r}.")
-  if final_block == "space_to_depth" and (upsample != "nearest" or hypercolumn):
+  if final_block == "space_to_depth" and not space_to_depth_allowed(upsample, hypercolumn):
     raise ValueError(
         "final_block='space_to_depth' needs upsample='nearest' and hypercolumn=False (the"
         f" packed block is the nearest 2x upsample's), got upsample={upsample!r},"
@@ -323,7 +328,7 @@ def resolve_final_block(final_block: str, upsample: str, hypercolumn: bool, plat
   arithmetic, runs the plain block faster; on GPUs it is unmeasured.
   """
   if final_block == "auto":
-    allowed = upsample == "nearest" and not hypercolumn
+    allowed = space_to_depth_allowed(upsample, hypercolumn)
     return "space_to_depth" if platform == "tpu" and allowed else "plain"
   return final_block
 
