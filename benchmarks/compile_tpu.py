@@ -3,7 +3,9 @@
 Deviceless ahead-of-time compilation (saltjax.app.compile_only's programs,
 XLA's TPU compiler from libtpu): deterministic figures of the program the
 slice would run, with no TPU. The recipe's step is bound by memory traffic,
-so bytes accessed per image-step is the figure to lower.
+so bytes per image-step is the figure to lower: every byte the step's
+instructions read and write, in HBM and on chip, loops counted as they run
+(saltjax.app.hlo_traffic), and the HBM part of them.
 
 Three ways to train F folds, at configs/tpu.py's sizes (ResNet50-scSE U-Net,
 bfloat16, 128 px) unless told otherwise:
@@ -127,6 +129,8 @@ def _measure(
       "bytes_per_image": step["bytes_per_image"],
       "hbm_bytes_per_image": step["hbm_bytes_per_image"],
       "on_chip_bytes_per_image": step["on_chip_bytes_per_chip"] / step["images_per_chip"],
+      # XLA's own count, each loop body once: the in-turn step's fold loop counted once.
+      "xla_bytes_accessed_per_image": step["xla_bytes_accessed_per_chip"] / step["images_per_chip"],
       "hbm_bytes_per_image_by_kind": _per_image(step["hbm_bytes_by_kind"], step),
       "hbm_bytes_per_image_by_phase": _per_image(step["hbm_bytes_by_phase"], step),
       "memory_per_chip": step["memory_per_chip"],
@@ -182,7 +186,7 @@ def _bound_by(step: dict, spec) -> str:
 def _table(rows: list[dict]) -> str:
   lines = [
       "| slice | strategy | state | last block | batch/fold | images/chip | GFLOP/image"
-      " | GB/image (XLA) | HBM GB/image | args+temp GiB/chip | bound ms/step | bound"
+      " | GB/image (all memory) | HBM GB/image | args+temp GiB/chip | bound ms/step | bound"
       " | train bound, job (s) | XLA's estimate ms/step | compile s |",
       "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"
       " ---: | ---: |",

@@ -5,16 +5,15 @@ the train step per loss or the device epoch, the epoch's end; the prediction
 forward with TTA, `saltjax.inference.ensemble.jitted_forward`) and compiles
 each at the config's real shapes, with `jax.ShapeDtypeStruct`s placed as the
 job places its arrays (state replicated, batches split over the mesh).
-Nothing runs: what comes back is each program's memory per chip and XLA's
-cost analysis (FLOPs and bytes accessed per chip), and how often the job
-calls it.
+Nothing runs: what comes back is each program's memory per chip, its FLOPs
+(XLA's cost analysis) and the bytes its instructions move, in HBM and in
+on-chip memory (`hlo_traffic`), per chip, and how often the job calls it.
 
-XLA's cost analysis counts a loop's body once, whatever its trip count (a
-`lax.scan` of 10 steps costs what one does). A program with loops (the
-device epoch's scan over steps, the epoch end's `lax.map` over held-out
-batches) is compiled again with each loop's trip count set to 0: the
-difference is one iteration's cost, and the program's cost is scaled to
-every iteration from it.
+Every figure counts a loop's body as often as it runs: the device epoch's
+scan over its steps, the folds' gradients taken in turn, the validation's
+loop over held-out batches, each trip count read from the compiled program
+(`hlo_traffic.trip_count`); XLA's own cost analysis would count each body
+once, whatever its trip count. One compile a program.
 """
 
 from __future__ import annotations
@@ -47,58 +46,46 @@ class ProgramCost:
   kind: str  # 'train', 'epoch_end' or 'predict'
   compile_seconds: float
   memory_per_chip: dict  # argument, output, temp, code, total (bytes)
-  flops_per_chip: float
-  bytes_per_chip: float  # XLA's cost analysis: bytes accessed in every memory space
+  flops_per_chip: float  # XLA's cost analysis, every loop body as often as it runs
+  bytes_per_chip: float  # read and written by its instructions, in every memory (hlo_traffic)
   images_per_chip: float  # the images one call processes on one chip
   calls_per_epoch: int = 0  # in the first epoch of the first group of folds
   calls_per_job: int = 0
-  loop_trips: dict = dataclasses.field(default_factory=dict)  # loops scaled for
+  loop_trips: dict = dataclasses.field(default_factory=dict)  # the job's loops in it
   loss: str = ""  # a training program's loss: its calls are that loss's epochs'
   hbm_bytes_per_chip: float = 0.0  # of those, read and written in HBM (hlo_traffic)
   on_chip_bytes_per_chip: float = 0.0  # and in on-chip memory (VMEM)
-  hbm_bytes_by_kind: dict = dataclasses.field(default_factory=dict)  # scaled over loops too
+  hbm_bytes_by_kind: dict = dataclasses.field(default_factory=dict)
   hbm_bytes_by_phase: dict = dataclasses.field(default_factory=dict)
+  # XLA's own count of bytes accessed (every memory), each loop body once.
+  xla_bytes_accessed_per_chip: float = 0.0
   # The TPU compiler's estimate of one call's cycles on one chip, its
   # instructions' summed (hlo_traffic): an estimate, not a bound.
   estimated_cycles_per_chip: float = 0.0
 
 
 def _cost(compiled) -> dict:
-  """FLOPs and bytes of one call: XLA's cost analysis, and HBM's share of the bytes."""
+  """FLOPs and bytes of one call, every loop body counted as often as it runs."""
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):  # one dict per program in older jax
     analysis = analysis[0]
-  moved = hlo_traffic.traffic(compiled.as_text())
+  text = compiled.as_text()
+  moved = hlo_traffic.traffic(text)
+  unread = [loop.body for loop in moved["loops"] if loop.trips is None]
+  if unread:  # XLA's cost analysis' count: once
+    logging.warning("Loops of unknown trip count, counted once: %s", ", ".join(unread))
   return {
-      "flops_per_chip": float(analysis.get("flops", 0.0)),
-      "bytes_per_chip": float(analysis.get("bytes accessed", 0.0)),
+      "flops_per_chip": hlo_traffic.flops_as_run(
+          text, moved["loops"], float(analysis.get("flops", 0.0))
+      ),
+      "bytes_per_chip": float(moved["hbm_bytes"] + moved["on_chip_bytes"]),
+      "xla_bytes_accessed_per_chip": float(analysis.get("bytes accessed", 0.0)),
       "hbm_bytes_per_chip": float(moved["hbm_bytes"]),
       "on_chip_bytes_per_chip": float(moved["on_chip_bytes"]),
       "hbm_bytes_by_kind": moved["by_kind"],
       "hbm_bytes_by_phase": moved["by_phase"],
       "estimated_cycles_per_chip": float(moved["estimated_cycles"]),
   }
-
-
-_SCALED = (
-    "flops_per_chip",
-    "bytes_per_chip",
-    "hbm_bytes_per_chip",
-    "on_chip_bytes_per_chip",
-    "estimated_cycles_per_chip",
-)
-_SPLITS = ("hbm_bytes_by_kind", "hbm_bytes_by_phase")
-
-
-def _add(figures: dict, cost: dict, times: float) -> None:
-  """figures += times x cost, for every scaled figure and every part of the HBM splits."""
-  for key in _SCALED:
-    figures[key] += times * cost[key]
-  for split in _SPLITS:
-    figures[split] = {
-        part: figures[split].get(part, 0) + times * cost[split].get(part, 0)
-        for part in [*figures[split], *(p for p in cost[split] if p not in figures[split])]
-    }
 
 
 def _memory(compiled) -> dict:
@@ -125,63 +112,17 @@ def _compile(name: str, program, args) -> tuple[Any, float]:
     raise
 
 
-def _measure(name: str, program, args, loops: dict[str, tuple], iterations=None):
-  """(compile seconds, memory, FLOPs, bytes) of `program` at `args`, scaled over `loops`.
-
-  loops: {loop: (trips, a function compiling the program with that loop's
-  trip count set to 0, iterations per trip)}. The compiled program counts
-  one iteration of each loop; the difference from the zero-trip program is
-  that iteration, which the loop runs trips x iterations-per-trip times. A
-  loop over the folds inside another loop's body (the epoch end's
-  validation with fold_strategy='in_turn') makes each of its trips F
-  iterations of the counted body (an upper bound: the body's work outside
-  the fold loop is counted F times too).
-
-  iterations: (n, a function compiling one iteration alone) for a loop the
-  program counts once but runs n more times than that (the in-turn
-  gradients: F - 1 more folds a step, (F - 1) x steps in a device epoch):
-  n iterations' cost is added to what the program counts.
-  """
+def _measure(name: str, program, args) -> dict:
+  """(compile seconds, memory, FLOPs, bytes) of `program` at `args`."""
   compiled, seconds = _compile(name, program, args)
-  counted = _cost(compiled)
-  figures = {**counted, **{split: dict(counted[split]) for split in _SPLITS}}
-  for loop, (trips, compile_without, per_trip) in loops.items():
-    runs = trips * per_trip
-    if runs == 1 or trips == 0:  # counted as it runs (one trip is unrolled; none has no body)
-      continue
-    without, more = compile_without()
-    seconds += more
-    zero = _cost(without)
-    _add(figures, counted, runs - 1)
-    _add(figures, zero, -(runs - 1))
-  if iterations is not None and iterations[0] > 0:
-    n, compile_one = iterations
-    one, more = compile_one()
-    seconds += more
-    _add(figures, _cost(one), n)
   logging.info("Compiled %s in %.1f s.", name, seconds)
-  return {**figures, "compile_seconds": seconds, "memory_per_chip": _memory(compiled)}
+  return {**_cost(compiled), "compile_seconds": seconds, "memory_per_chip": _memory(compiled)}
 
 
 def _folds_in_turn(job: Job, group) -> int:
   """F where the program loops over the F folds (fold_strategy='in_turn', F >= 2), else 1."""
   in_turn = steps_lib.fold_strategy(job.config) == "in_turn" and len(group) >= 2
   return len(group) if in_turn else 1
-
-
-def _one_fold_gradients(job: Job, loss: str, args: dict, batch):
-  """A function compiling one iteration of the in-turn gradient loop: one fold's gradients."""
-  mesh = job.mesh
-  program = Program(
-      f"one fold's gradients ({loss})",
-      jax.jit(
-          steps_lib.folds_gradients(job.config, loss),
-          in_shardings=(None, parallel.data_sharding(mesh, fold_axis=True)),
-          out_shardings=parallel.replicated(mesh),
-      ),
-  )
-  one_fold = (_with_folds(args["state"], 1), _with_folds(batch, 1))
-  return lambda: _compile(program.name, program, one_fold)
 
 
 def _abstract(tree, sharding):
@@ -300,18 +241,10 @@ def _group_arguments(job: Job, group, data, fold_of) -> dict:
       "state": _stacked(state, num_folds, job.state_sharding),
       "models": models,
       "val": _abstract(val, repl),
-      "no_val": _abstract(tuple(x[:0] for x in val), repl),
       "val_counts": jax.ShapeDtypeStruct((num_folds,), jnp.float32, sharding=repl),
       "scalars": _abstract((np.int32(0), np.float32(0), np.bool_(False)), repl),
       "num_val_batches": len(val[0]),
   }
-
-
-def _with_folds(tree, num_folds: int):
-  """`tree`'s abstract arrays with their leading (fold) axis set to `num_folds`."""
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct((num_folds,) + x.shape[1:], x.dtype, sharding=x.sharding), tree
-  )
 
 
 def _train_batch(job: Job, group, data, fold_of):
@@ -341,9 +274,7 @@ def _epoch_end_cost(job: Job, args: dict, group) -> ProgramCost:
   name = f"{program.name}, {len(group)} fold(s)"
   call = lambda val: (args["state"], args["models"], val, args["val_counts"], *args["scalars"][1:])
   n = args["num_val_batches"]
-  without_val = lambda: _compile(name, program, call(args["no_val"]))
-  loops = {"validation": (n, without_val, _folds_in_turn(job, group))}
-  figures = _measure(name, program, call(args["val"]), loops)
+  figures = _measure(name, program, call(args["val"]))
   images = n * len(group) * config.eval_batch_size / chips
   return ProgramCost(
       name, "epoch_end", images_per_chip=images, loop_trips={"validation": n}, **figures
@@ -362,8 +293,7 @@ def _step_programs(
     program = job.train_step_program(loss)
     name = f"{program.name}, {len(group)} fold(s)"
     in_turn = _folds_in_turn(job, group)
-    iterations = (in_turn - 1, _one_fold_gradients(job, loss, args, batch))
-    figures = _measure(name, program, (args["state"], batch), {}, iterations)
+    figures = _measure(name, program, (args["state"], batch))
     images = len(group) * config.batch_size / chips
     trips = {"folds": in_turn} if in_turn > 1 else {}
     cost = ProgramCost(
@@ -380,38 +310,29 @@ def _device_epoch_programs(job: Job, group, data, fold_of) -> list[tuple[Program
   config, chips = job.config, job.mesh.size
   args = _group_arguments(job, group, data, fold_of)
   device_data, folds = _device_data(job, group, data, fold_of)
-  no_steps = dataclasses.replace(job, steps_per_epoch=0, programs={})
   steps, n = job.steps_per_epoch, args["num_val_batches"]
-  epoch, swa_count, swa_on = args["scalars"]
-  call = lambda val: (
+  call = (
       args["state"],
       args["models"],
       device_data,
       folds,
-      val,
+      args["val"],
       args["val_counts"],
-      epoch,
-      swa_count,
-      swa_on,
+      *args["scalars"],
   )
   out = []
   for loss in _epochs_by_loss(config):
     program = job.device_epoch_program(loss)
-    name = f"{program.name}, {len(group)} fold(s)"
-    without = no_steps.device_epoch_program(loss)
-    in_turn = _folds_in_turn(job, group)
-    loops = {
-        "steps": (steps, lambda: _compile(name, without, call(args["val"])), 1),
-        "validation": (n, lambda: _compile(name, program, call(args["no_val"])), in_turn),
-    }
-    # Each step's scan iteration counts one fold's gradients of its F.
-    batch = _train_batch(job, group, data, fold_of)
-    iterations = (steps * (in_turn - 1), _one_fold_gradients(job, loss, args, batch))
-    figures = _measure(name, program, call(args["val"]), loops, iterations)
+    figures = _measure(f"{program.name}, {len(group)} fold(s)", program, call)
     images = steps * len(group) * config.batch_size / chips
     trips = {"steps": steps, "validation": n}
     cost = ProgramCost(
-        name, "train", images_per_chip=images, loop_trips=trips, loss=loss, **figures
+        f"{program.name}, {len(group)} fold(s)",
+        "train",
+        images_per_chip=images,
+        loop_trips=trips,
+        loss=loss,
+        **figures,
     )
     out.append((cost, 1 if loss == config.loss.name else 0))
   return out
@@ -430,7 +351,7 @@ def _predict_program(job: Job, data, fold_of) -> ProgramCost:
   )
 
   program = Program(f"the prediction forward (tta={config.predict.tta})", forward.infer_fn)
-  figures = _measure(program.name, program, (variables, images), {})
+  figures = _measure(program.name, program, (variables, images))
   n_test = len(data.test_ids) if data.test_images is not None else 0
   calls = sum(
       _models_per_fold(config)

@@ -3,8 +3,8 @@
 A program's bound is the roofline's lower bound on its time on one chip,
 max(FLOPs / peak FLOP/s, HBM bytes / HBM bandwidth), from XLA's count of the
 compiled program's FLOPs and the HBM traffic of its instructions
-(`hlo_traffic`: XLA's "bytes accessed" also counts what stays in on-chip
-memory, whose bandwidth is far higher); the epoch's and the job's are the sums of
+(`hlo_traffic`: of all the bytes they move, those in HBM; what stays in
+on-chip memory has a far higher bandwidth); the epoch's and the job's are the sums of
 their programs' bounds times their calls. They are bounds, never
 measurements: a real step is slower (latencies, collectives, the host), and
 no faster.

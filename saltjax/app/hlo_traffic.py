@@ -2,10 +2,9 @@
 
 Read from the optimized HLO text of a compiled program (`compiled.as_text()`):
 every instruction the program runs (the entry computation's, and those of the
-computations it calls: loop bodies once, as XLA's cost analysis counts them)
-reads its operands and writes its result, each a whole array in HBM (a
-fusion's intermediate values stay on chip). Summing those sizes gives the
-program's traffic, split
+computations it calls) reads its operands and writes its result, each a
+whole array in HBM (a fusion's intermediate values stay on chip). Summing
+those sizes gives the program's traffic, split
 
 - by kind: convolutions (and fusions around one), reductions, elementwise
   fusions (BatchNorm, activations, scSE gates, the optimiser's update), copies
@@ -15,21 +14,28 @@ program's traffic, split
   gradients, the loss), and what has no JAX op name (copies XLA inserted:
   layout changes, prefetches of weights into on-chip memory).
 
+A loop body's instructions count as often as the body runs: its trip count
+(`trip_count`, read from the program) times its enclosing loops'. XLA's cost
+analysis counts a body once, whatever its trip count (a `lax.scan` of 50
+steps costs what one does); `flops_as_run` scales XLA's FLOPs the same way.
+
 The TPU compiler also annotates each instruction it emits with its estimate
 of the cycles the instruction takes (`estimated_cycles` in its backend
-config, from the compiler's cost model of the chip); their sum, loop bodies
-once, is the program's estimated time if nothing overlapped.
+config, from the compiler's cost model of the chip); their sum is the
+program's estimated time if nothing overlapped.
 
 Sizes are as laid out: the minor dimensions padded to the layout's tiles
 (8 x 128 and the like), as the hardware moves them. Two exceptions read or
-write part of an array: a dynamic slice reads only the slice of its operand,
-and a dynamic update of a slice (alone, or at the root of a fusion, as XLA
-emits a loop that stacks its results: each fold's gradients written into the
-(F, ...) buffer) writes that slice in place, the rest of the buffer untouched.
+write part of an array: a dynamic slice or a gather reads only the slice (the
+rows) of its operand that it returns, and a dynamic update of a slice
+(alone, or at the root of a fusion, as XLA emits a loop that stacks its
+results: each fold's gradients written into the (F, ...) buffer) writes that
+slice in place, the rest of the buffer untouched.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -129,7 +135,7 @@ def _parse(text: str) -> tuple[dict, str]:
   """({computation: [(name, shape, opcode, operands, attributes)]}, the entry's name).
 
   A computation's root comes last in its list; a parameter's operands are its
-  number (`["0"]` for `parameter(0)`).
+  number (`["0"]` for `parameter(0)`), a constant's its literal (`["50"]`).
   """
   computations, entry, current, root = {}, "", None, None
   for line in text.splitlines():
@@ -152,7 +158,9 @@ def _parse(text: str) -> tuple[dict, str]:
         break
     opcode = opcode.strip()
     operands = (
-        [args[:end].strip()] if opcode == "parameter" else re.findall(r"%([\w.\-]+)", args[:end])
+        [args[:end].strip()]
+        if opcode in ("parameter", "constant")
+        else re.findall(r"%([\w.\-]+)", args[:end])
     )
     instruction = (match.group(2), shape, opcode, operands, args[end + 1 :])
     if match.group(1):
@@ -179,7 +187,7 @@ def _accessed(opcode, shape, operands, attributes, shapes, computations) -> list
   if opcode in ("copy-start", "slice-start"):
     return [(a, 1.0) for a in _async_copy_arrays(opcode, shape, shapes.get(operands[0], ""))]
   arrays = [(shape, 1.0)] + [(shapes.get(o, ""), 1.0) for o in operands]
-  if opcode == "dynamic-slice":  # reads the slice it returns
+  if opcode in ("dynamic-slice", "gather"):  # reads the slice (the rows) it returns
     return [arrays[0], (arrays[1][0], _fraction(shape, arrays[1][0])), *arrays[2:]]
   if opcode == "dynamic-update-slice":  # writes the update in place
     update = arrays[2][0]
@@ -203,12 +211,12 @@ def _accessed(opcode, shape, operands, attributes, shapes, computations) -> list
 
 
 def _slices_of(fused: list, name: str) -> list[str]:
-  """The shapes of the dynamic slices a fused computation takes of `name`, or
-  none where anything else uses it."""
+  """The shapes of the dynamic slices and gathers a fused computation takes of
+  `name`, or none where anything else uses it."""
   slices = []
   for _, shape, op, ops, _ in fused:
     if name in ops:
-      if op != "dynamic-slice" or name in ops[1:]:
+      if op not in ("dynamic-slice", "gather") or name in ops[1:]:
         return []
       slices.append(shape)
   return slices
@@ -268,52 +276,181 @@ def _phase(attributes: str) -> str:
 
 
 def traffic(hlo_text: str) -> dict:
-  """A compiled program's HBM traffic and estimated cycles.
+  """A compiled program's HBM traffic and estimated cycles, every loop body as often as it runs.
 
-  {'hbm_bytes', 'on_chip_bytes', 'by_kind', 'by_phase', 'estimated_cycles'}:
-  by_kind and by_phase split hbm_bytes; on_chip_bytes is what the same
-  instructions read and write in VMEM instead; estimated_cycles sums the
-  compiler's estimates (0 where it gives none, as XLA's CPU compiler).
+  {'hbm_bytes', 'on_chip_bytes', 'by_kind', 'by_phase', 'estimated_cycles',
+  'loops'}: by_kind and by_phase split hbm_bytes; on_chip_bytes is what the
+  same instructions read and write in VMEM instead; estimated_cycles sums the
+  compiler's estimates (0 where it gives none, as XLA's CPU compiler); loops
+  lists every while loop (`Loop`), whose body's instructions count `runs`
+  times (once where its trip count could not be read).
   """
   computations, entry = _parse(hlo_text)
   by_kind = dict.fromkeys(KINDS, 0)
   by_phase = dict.fromkeys(PHASES, 0)
   on_chip = 0
   cycles = 0
+  loops = []
 
-  def walk(name: str, seen: tuple) -> None:
+  def walk(name: str, seen: tuple, runs: int, loop: str) -> None:
+    nonlocal on_chip, cycles
     instructions = computations.get(name, [])
     shapes = {n: shape for n, shape, _, _, _ in instructions}
-    for _, shape, opcode, operands, attributes in instructions:
+    for instruction in instructions:
+      _, shape, opcode, operands, attributes = instruction
       estimate = _CYCLES.search(attributes)
       if estimate:
-        nonlocal cycles
-        cycles += int(estimate.group(1))
+        cycles += runs * int(estimate.group(1))
       if opcode in _FREE:
+        continue
+      if opcode == "while":
+        body = re.search(r"body=%([\w.\-]+)", attributes).group(1)
+        trips = trip_count(instruction, instructions, computations)
+        loops.append(Loop(body, loop, trips, runs * (1 if trips is None else trips)))
+        if body not in seen:
+          walk(body, seen + (body,), loops[-1].runs, body)
         continue
       if opcode in _CONTROL:
         for called in _CALLED.findall(attributes):
           for callee in called.strip("{}").replace("%", "").split(","):
             callee = callee.strip()
             if callee and callee not in seen:
-              walk(callee, seen + (callee,))
+              walk(callee, seen + (callee,), runs, loop)
         continue
       if opcode.endswith("-done"):  # an asynchronous op, counted where it starts
         continue
       if _ALLOCATES in attributes:  # a buffer set aside for a later in-place write
         continue
       arrays = _accessed(opcode, shape, operands, attributes, shapes, computations)
-      moved = sum(f * array_bytes(a) for a, f in arrays)
+      moved = runs * sum(f * array_bytes(a) for a, f in arrays)
       by_kind[_kind(opcode, attributes, computations)] += moved
       by_phase[_phase(attributes)] += moved
-      nonlocal on_chip
-      on_chip += sum(f * array_bytes(a, on_chip=True) for a, f in arrays)
+      on_chip += runs * sum(f * array_bytes(a, on_chip=True) for a, f in arrays)
 
-  walk(entry, (entry,))
+  walk(entry, (entry,), 1, entry)
   return {
       "hbm_bytes": sum(by_kind.values()),
       "on_chip_bytes": on_chip,
       "by_kind": by_kind,
       "by_phase": by_phase,
       "estimated_cycles": cycles,
+      "loops": loops,
   }
+
+
+@dataclasses.dataclass(frozen=True)
+class Loop:
+  """A while loop of a compiled program."""
+
+  body: str  # its body's computation
+  parent: str  # the body of the loop it is in (the entry computation's name if none)
+  trips: int | None  # its trip count; None where it could not be read
+  runs: int  # how often its body runs in one call of the program
+
+
+_KNOWN_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+def trip_count(instruction, instructions: list, computations: dict) -> int | None:
+  """A while loop's trip count, or None where the program does not say it.
+
+  XLA's CPU compiler writes it in the loop's backend config. The TPU
+  compiler does not: there it is read from the loop itself, as
+  `lax.scan`/`lax.map`/`fori_loop` lower it: a counter (a tuple element)
+  that starts at a constant, grows by a constant each iteration (the body's
+  result) and is compared with a constant bound (`counter < bound`, the
+  condition's result).
+  """
+  _, _, _, operands, attributes = instruction
+  known = _KNOWN_TRIPS.search(attributes)
+  if known:
+    return int(known.group(1))
+  condition = re.search(r"condition=%([\w.\-]+)", attributes)
+  body = re.search(r"body=%([\w.\-]+)", attributes)
+  if not (condition and body and operands):
+    return None
+  in_condition = {i[0]: i for i in computations.get(condition.group(1), [])}
+  compare = computations.get(condition.group(1), [None])[-1]
+  if compare is None or compare[2] != "compare" or "direction=LT" not in compare[4]:
+    return None
+  index = _counter_index(_source(compare[3][0], in_condition))
+  bound = _constant(_source(compare[3][1], in_condition))
+  init = _source(operands[0], {i[0]: i for i in instructions})
+  if index is None or bound is None or init is None or init[2] != "tuple":
+    return None
+  start = _constant(_source(init[3][index], {i[0]: i for i in instructions}))
+  in_body = {i[0]: i for i in computations.get(body.group(1), [])}
+  result = computations.get(body.group(1), [None])[-1]
+  if start is None or result is None or result[2] != "tuple":
+    return None
+  add = _source(result[3][index], in_body)
+  if add is None or add[2] != "add":
+    return None
+  terms = [_source(o, in_body) for o in add[3]]
+  steps = [_constant(t) for t in terms if _counter_index(t) != index]
+  if len(steps) != 1 or steps[0] is None or steps[0] <= 0 or len(terms) != 2:
+    return None
+  return max(0, -(-(bound - start) // steps[0]))
+
+
+def _source(name: str, instructions: dict):
+  """The instruction `name`, looked through copies and bitcasts."""
+  instruction = instructions.get(name)
+  while instruction and instruction[2] in ("copy", "bitcast") and instruction[3]:
+    instruction = instructions.get(instruction[3][0])
+  return instruction
+
+
+def _constant(instruction) -> int | None:
+  if instruction and instruction[2] == "constant":
+    literal = re.fullmatch(r"-?\d+", instruction[3][0].strip()) if instruction[3] else None
+    return int(literal.group(0)) if literal else None
+  return None
+
+
+def _counter_index(instruction) -> int | None:
+  """The tuple index of the loop parameter's element that `instruction` reads."""
+  if instruction and instruction[2] == "get-tuple-element":
+    index = re.search(r"index=(\d+)", instruction[4])
+    return int(index.group(1)) if index else None
+  return None
+
+
+def flops_as_run(hlo_text: str, loops: list[Loop], counted: float) -> float:
+  """XLA's FLOPs of a compiled program with every loop body counted as often as it runs.
+
+  counted: XLA's cost analysis of the program (`compiled.cost_analysis()`),
+  which counts each loop body once. Each body's own FLOPs (without the loops
+  inside it) are XLA's cost analysis of the body alone (the same module,
+  the body its entry; the analysis is that of the backend the program ran
+  on, run with this process's CPU client: FLOPs do not depend on the
+  layouts), added runs - 1 more times.
+  """
+  if all(loop.runs == 1 for loop in loops):
+    return counted
+  flops = {loop.body: _computation_flops(hlo_text, loop.body) for loop in loops}
+  total = counted
+  for loop in loops:
+    inner = sum(flops[other.body] for other in loops if other.parent == loop.body)
+    total += (loop.runs - 1) * (flops[loop.body] - inner)
+  return total
+
+
+def _computation_flops(hlo_text: str, computation: str) -> float:
+  """XLA's cost analysis of one computation of a module (its loops' bodies once)."""
+  import jax
+  from jax._src.lib import _jax
+  from jax._src.lib import hlo
+
+  lines = []
+  for line in hlo_text.splitlines():
+    if line.startswith("HloModule "):  # its aliasing and layouts name the old entry's
+      line = "HloModule " + computation
+    elif line.startswith("ENTRY "):
+      line = line[len("ENTRY ") :]
+    if line.startswith(f"%{computation} "):
+      line = "ENTRY " + line
+    lines.append(line)
+  module = hlo.hlo_module_from_text("\n".join(lines))
+  # As jax's own Lowered.cost_analysis calls it.
+  return float(_jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module)["flops"])

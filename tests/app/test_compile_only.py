@@ -71,7 +71,7 @@ def test_the_epoch_and_job_bounds_are_calls_times_program_bounds():
   assert report["bound_seconds_epoch"] == pytest.approx(10 * 2e-3 + 10e-3)
   assert report["bound_seconds_job"] == pytest.approx(1500 * 2e-3 + 150 * 10e-3 + 30 * 4e-3)
   rows = {p["name"]: p for p in report["programs"]}
-  # The bound reads HBM's bytes; bytes_per_image is XLA's count of every memory's.
+  # The bound reads HBM's bytes; bytes_per_image counts every memory's.
   assert rows["step"]["hbm_bytes_per_image"] == pytest.approx(819e6 * 2 / 40)
   assert rows["step"]["bytes_per_image"] == pytest.approx(3 * 819e6 * 2 / 40)
   assert rows["end"]["flops_per_image"] == pytest.approx(197e10 / 100)
@@ -197,10 +197,12 @@ def test_a_tiny_job_compiles_every_program_for_a_one_host_slice(compiled):
         p["hbm_bytes_per_chip"] / report["hbm_bandwidth_per_chip"],
     )
     assert p["bound_seconds"] == pytest.approx(expected)
-    # HBM and on-chip traffic, as laid out, add up to XLA's bytes accessed.
+    # Every byte moved is in HBM or on chip.
     moved = p["hbm_bytes_per_chip"] + p["on_chip_bytes_per_chip"]
-    assert moved == pytest.approx(p["bytes_per_chip"], rel=0.1)
-    # Both splits of the HBM traffic are scaled over the loops as the total is.
+    assert p["bytes_per_chip"] == pytest.approx(moved)
+    if not p["loop_trips"]:  # XLA counts the same, by its own rules for fusions
+      assert moved == pytest.approx(p["xla_bytes_accessed_per_chip"], rel=0.1)
+    # Both splits of the HBM traffic count the loops as the total does.
     for split in ("hbm_bytes_by_kind", "hbm_bytes_by_phase"):
       assert sum(p[split].values()) == pytest.approx(p["hbm_bytes_per_chip"]), split
     assert p["estimated_cycles_per_chip"] > 0  # the TPU compiler's own estimate

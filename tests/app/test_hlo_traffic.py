@@ -2,9 +2,12 @@
 
 Each instruction reads its operands and writes its result whole; arrays in
 memory space 1 (VMEM, `S(1)`) are on chip, not HBM; minor dimensions are
-padded to the layout's tile; a loop body counts once, as XLA's cost
-analysis counts it.
+padded to the layout's tile; a loop body counts as often as it runs, its
+trip count read from the program (once where the program does not say it).
 """
+
+import pytest
+
 
 from saltjax.app import hlo_traffic
 
@@ -80,7 +83,7 @@ def test_a_programs_traffic_by_kind_and_phase_counted_by_hand():
   # And half of img sliced into VMEM: half of it read.
   half = 8 * 4 * 128 * 2
   copy = 512 + 512 + 2048 + half
-  negate = 512 + 512  # in the loop body, once
+  negate = 512 + 512  # in the loop body, once: its condition names no trip count
   assert moved["by_kind"] == {
       "convolution": conv,
       "reduction": 0,
@@ -150,3 +153,120 @@ def test_a_dynamic_slice_reads_its_slice_and_an_update_writes_its_slice_in_place
   # Not the whole (5, 8, 128) buffers (20 KiB each) that these name; a
   # buffer allocated to be written in place later moves nothing.
   assert moved["hbm_bytes"] == weights_of + stack_one + ds + dus
+
+
+# Two nested loops as XLA's TPU compiler emits them (no trip count in their
+# backend configs): the outer counter starts at 0 and steps by 1 below 4, the
+# inner one starts at 1 (copied) and steps by 2 below 7: 3 trips, each a dot
+# of two 64 x 64 matrices; the entry computes one more.
+LOOPS = """HloModule jit_loops
+
+%inner_body (p.i: (s32[], f32[64,64])) -> (s32[], f32[64,64]) {
+  %p.i = (s32[], f32[64,64]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p.i), index=0
+  %x.i = f32[64,64]{1,0} get-tuple-element(%p.i), index=1
+  %dot.i = f32[64,64]{1,0} dot(%x.i, %x.i), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %two = s32[] constant(2)
+  %next.i = s32[] add(%i, %two)
+  ROOT %t.i = (s32[], f32[64,64]{1,0}) tuple(%next.i, %dot.i)
+}
+
+%inner_cond (p.ic: (s32[], f32[64,64])) -> pred[] {
+  %p.ic = (s32[], f32[64,64]{1,0}) parameter(0)
+  %i.c = s32[] get-tuple-element(%p.ic), index=0
+  %seven = s32[] constant(7)
+  ROOT %lt.i = pred[] compare(%i.c, %seven), direction=LT
+}
+
+%outer_body (p.o: (s32[], f32[64,64])) -> (s32[], f32[64,64]) {
+  %p.o = (s32[], f32[64,64]{1,0}) parameter(0)
+  %j = s32[] get-tuple-element(%p.o), index=0
+  %x.o = f32[64,64]{1,0} get-tuple-element(%p.o), index=1
+  %one.i = s32[] constant(1)
+  %start.i = s32[] copy(%one.i)
+  %init.i = (s32[], f32[64,64]{1,0}) tuple(%start.i, %x.o)
+  %while.i = (s32[], f32[64,64]{1,0}) while(%init.i), condition=%inner_cond, body=%inner_body
+  %y.o = f32[64,64]{1,0} get-tuple-element(%while.i), index=1
+  %one = s32[] constant(1)
+  %next.o = s32[] add(%j, %one)
+  ROOT %t.o = (s32[], f32[64,64]{1,0}) tuple(%next.o, %y.o)
+}
+
+%outer_cond (p.oc: (s32[], f32[64,64])) -> pred[] {
+  %p.oc = (s32[], f32[64,64]{1,0}) parameter(0)
+  %j.c = s32[] get-tuple-element(%p.oc), index=0
+  %four = s32[] constant(4)
+  ROOT %lt.o = pred[] compare(%j.c, %four), direction=LT
+}
+
+ENTRY %main (x: f32[64,64]) -> f32[64,64] {
+  %x = f32[64,64]{1,0} parameter(0)
+  %dot.e = f32[64,64]{1,0} dot(%x, %x), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %zero = s32[] constant(0)
+  %init.o = (s32[], f32[64,64]{1,0}) tuple(%zero, %dot.e)
+  %while.o = (s32[], f32[64,64]{1,0}) while(%init.o), condition=%outer_cond, body=%outer_body
+  ROOT %out = f32[64,64]{1,0} get-tuple-element(%while.o), index=1
+}
+"""
+
+
+def test_a_loop_body_counts_as_often_as_it_runs():
+  moved = hlo_traffic.traffic(LOOPS)
+  assert [(loop.body, loop.parent, loop.trips, loop.runs) for loop in moved["loops"]] == [
+      ("outer_body", "main", 4, 4),
+      ("inner_body", "outer_body", 3, 4 * 3),
+  ]
+  matrix, scalar = 64 * 64 * 4, 4
+  dot = 3 * matrix  # reads its operand twice, writes its result
+  outer = 2 * scalar + 3 * scalar  # the inner counter's copy; the outer counter's add
+  inner = dot + 3 * scalar  # the dot; the inner counter's add
+  assert moved["hbm_bytes"] == dot + 4 * outer + 12 * inner
+
+
+def test_xla_flops_count_every_run_of_a_loop_body():
+  # XLA's cost analysis counts each body once: the entry's dot and the inner
+  # body's. Run: the entry's and 4 x 3 of the inner body's.
+  dot = 2 * 64 * 64 * 64
+  counted = hlo_traffic._computation_flops(LOOPS, "main")
+  assert counted == pytest.approx(2 * dot, rel=1e-3)
+  loops = hlo_traffic.traffic(LOOPS)["loops"]
+  assert hlo_traffic.flops_as_run(LOOPS, loops, counted) == pytest.approx(13 * dot, rel=1e-3)
+
+
+def test_a_trip_count_is_read_from_the_backend_config_or_else_not_guessed():
+  # XLA's CPU compiler states it.
+  known = (
+      "w",
+      "()",
+      "while",
+      ["t"],
+      'condition=%c, body=%b, backend_config={"known_trip_count":{"n":"9"}}',
+  )
+  assert hlo_traffic.trip_count(known, [], {}) == 9
+  # A condition that compares nothing with a constant: unknown, counted once.
+  assert [loop.trips for loop in hlo_traffic.traffic(HLO)["loops"]] == [None]
+
+
+GATHER = """HloModule jit_rows
+
+%rows_of (table.1: f32[100,128], idx.1: s32[2,1]) -> f32[2,128] {
+  %table.1 = f32[100,128]{1,0} parameter(0)
+  %idx.1 = s32[2,1]{1,0} parameter(1)
+  ROOT %gather.1 = f32[2,128]{1,0} gather(%table.1, %idx.1), offset_dims={1}, collapsed_slice_dims={0}, start_index_map={0}, index_vector_dim=1, slice_sizes={1,128}
+}
+
+ENTRY %main (table: f32[100,128], idx: s32[2,1]) -> (f32[2,128], f32[2,128]) {
+  %table = f32[100,128]{1,0} parameter(0)
+  %idx = s32[2,1]{1,0} parameter(1)
+  %gather.2 = f32[2,128]{1,0} gather(%table, %idx), offset_dims={1}, collapsed_slice_dims={0}, start_index_map={0}, index_vector_dim=1, slice_sizes={1,128}
+  %fusion.5 = f32[2,128]{1,0} fusion(%table, %idx), kind=kLoop, calls=%rows_of
+  ROOT %both = (f32[2,128]{1,0}, f32[2,128]{1,0}) tuple(%gather.2, %fusion.5)
+}
+"""
+
+
+def test_a_gather_reads_the_rows_it_returns():
+  # The device epoch's batches: a few rows of the whole dataset on the chip.
+  rows, indices = 2 * 128 * 4, 2 * 4
+  one = rows + indices + rows  # two rows read, the indices, two rows written
+  assert hlo_traffic.traffic(GATHER)["hbm_bytes"] == 2 * one  # alone and fused
