@@ -375,20 +375,24 @@ def trip_count(instruction, instructions: list, computations: dict) -> int | Non
     return None
   index = _counter_index(_source(compare[3][0], in_condition))
   bound = _constant(_source(compare[3][1], in_condition))
-  init = _source(operands[0], {i[0]: i for i in instructions})
-  if index is None or bound is None or init is None or init[2] != "tuple":
-    return None
-  start = _constant(_source(init[3][index], {i[0]: i for i in instructions}))
+  here = {i[0]: i for i in instructions}
+  init = _source(operands[0], here)
   in_body = {i[0]: i for i in computations.get(body.group(1), [])}
   result = computations.get(body.group(1), [None])[-1]
-  if start is None or result is None or result[2] != "tuple":
+  if (
+      index is None
+      or bound is None
+      or not (init and init[2] == "tuple" and index < len(init[3]))
+      or not (result and result[2] == "tuple" and index < len(result[3]))
+  ):
     return None
+  start = _constant(_source(init[3][index], here))
   add = _source(result[3][index], in_body)
-  if add is None or add[2] != "add":
+  if start is None or add is None or add[2] != "add" or len(add[3]) != 2:
     return None
   terms = [_source(o, in_body) for o in add[3]]
   steps = [_constant(t) for t in terms if _counter_index(t) != index]
-  if len(steps) != 1 or steps[0] is None or steps[0] <= 0 or len(terms) != 2:
+  if len(steps) != 1 or steps[0] is None or steps[0] <= 0:
     return None
   return max(0, -(-(bound - start) // steps[0]))
 
