@@ -57,7 +57,10 @@ _COPIES = {
     "dynamic-update-slice", "concatenate", "pad", "reshape", "broadcast",
 }  # fmt: skip
 _CONTROL = {"while", "call", "conditional"}
-_ALLOCATES = 'custom_call_target="AllocateBuffer"'
+# Custom calls that move no data: a buffer set aside for a later in-place
+# write; slices already side by side in memory taken as one array (the TPU
+# compiler's concatenation of the parts of an array it copied in pieces).
+_MOVES_NOTHING = re.compile(r'custom_call_target="(AllocateBuffer|ConcatBitcast)"')
 _CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
 
 KINDS = ("convolution", "reduction", "elementwise", "copies", "collectives", "other")
@@ -319,7 +322,7 @@ def traffic(hlo_text: str) -> dict:
         continue
       if opcode.endswith("-done"):  # an asynchronous op, counted where it starts
         continue
-      if _ALLOCATES in attributes:  # a buffer set aside for a later in-place write
+      if opcode == "custom-call" and _MOVES_NOTHING.search(attributes):
         continue
       arrays = _accessed(opcode, shape, operands, attributes, shapes, computations)
       moved = runs * sum(f * array_bytes(a) for a, f in arrays)

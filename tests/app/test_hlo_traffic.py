@@ -138,6 +138,7 @@ ENTRY %main (w: f32[5,8,128], acc: f32[5,8,128], k: s32[]) -> f32[5,8,128] {
   %zero.2 = s32[]{:T(128)} constant(0)
   %ds.2 = f32[1,8,128]{2,1,0:T(8,128)} dynamic-slice(%w, %k, %zero.2, %zero.2), dynamic_slice_sizes={1,8,128}
   %stack = f32[5,8,128]{2,1,0:T(8,128)} custom-call(), custom_call_target="AllocateBuffer"
+  %joined = f32[2,8,128]{2,1,0:T(8,128)} custom-call(%ds.2, %ds.2), custom_call_target="ConcatBitcast"
   ROOT %dus.2 = f32[5,8,128]{2,1,0:T(8,128)} dynamic-update-slice(%fusion.4, %ds.2, %k, %zero.2, %zero.2)
 }
 """
@@ -151,7 +152,8 @@ def test_a_dynamic_slice_reads_its_slice_and_an_update_writes_its_slice_in_place
   ds = one_f32 + 3 * index + one_f32  # w's slice read, then written
   dus = one_f32 + 3 * index + one_f32  # the update read, then written into the buffer
   # Not the whole (5, 8, 128) buffers (20 KiB each) that these name; a
-  # buffer allocated to be written in place later moves nothing.
+  # buffer allocated to be written in place later moves nothing, nor do
+  # slices side by side in memory taken as one array (ConcatBitcast).
   assert moved["hbm_bytes"] == weights_of + stack_one + ds + dus
 
 
