@@ -15,6 +15,8 @@ bfloat16, 128 px) unless told otherwise:
             (config.fold_strategy='in_turn': lax.map over the fold axis)
   one_model one model at batch F x batch_size: the reference, what the same
             images cost without a fold axis
+  one_pass  one model at batch_size: one iteration of in_turn's loop alone
+            (--strategies=one_pass; not among the defaults)
 
   python benchmarks/compile_tpu.py --slices=v5e-8 --batch_sizes=256,32
   python benchmarks/compile_tpu.py --tiny     # the same at test size (minutes)
@@ -38,6 +40,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from benchmarks import report  # noqa: E402
 
 STRATEGIES = ("vmap", "in_turn", "one_model")
+ALSO = ("one_pass",)
 # A v5e chip's clock, to read the compiler's cycle estimates as time: one
 # TensorCore with 4 MXUs of 128 x 128 multiply-adds a cycle, at 197 TFLOP/s
 # (https://cloud.google.com/tpu/docs/v5e): 1.5 GHz. Other generations' rows
@@ -73,9 +76,9 @@ def _config(
     config.state_sharding = state_sharding
   if final_block:
     config.model.final_block = final_block
-  if strategy == "one_model":
+  if strategy in ("one_model", "one_pass"):
     config.parallel_folds, config.fold = 1, 0
-    config.batch_size = batch_size * config.num_folds
+    config.batch_size = batch_size * (config.num_folds if strategy == "one_model" else 1)
   else:
     config.parallel_folds, config.fold_strategy = 0, strategy
   return config
@@ -248,8 +251,8 @@ def main():
   for accelerator in args.slices.split(","):
     for batch_size in map(int, args.batch_sizes.split(",")):
       for strategy in args.strategies.split(","):
-        if strategy not in STRATEGIES:
-          parser.error(f"--strategies: {strategy!r} is not one of {', '.join(STRATEGIES)}")
+        if strategy not in STRATEGIES + ALSO:
+          parser.error(f"--strategies: {strategy!r} is not one of {', '.join(STRATEGIES + ALSO)}")
         for sharding in args.state_shardings.split(",") if args.state_shardings else [None]:
           rows.append(
               _measure(

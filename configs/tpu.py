@@ -61,8 +61,8 @@ def get_config():
   config.predict.batch_size = 256
   config.model.dtype = "bfloat16"  # 'auto' picks it on TPU too; explicit here
   # The optimiser's moments split over the chips: compiled for a v5e-8 each
-  # chip holds 1.2 GiB less and the step moves 5% fewer HBM bytes; for a
-  # v5e-64, 1.3 GiB less and 13% fewer (benchmarks/README.md).
+  # chip holds 1.2 GiB less and the step moves 4% fewer HBM bytes; for a
+  # v5e-64, 1.3 GiB less and 11% fewer (benchmarks/README.md).
   config.state_sharding = "optimizer"
 
   # Adam at 8x the seed's batch: the square-root rule (the gradient noise

@@ -51,7 +51,7 @@ def state_sharding(mesh: Mesh, how: str, abstract_state: Callable[[], Any]):
   the weights (XLA slices the gradients and gathers the new weights), so the
   moments' memory per device shrinks with the devices. The update's own
   traffic does too, but gathering the new weights costs most of what that
-  saves (3% fewer HBM bytes a step on a v5e-8 at configs/tpu.py's batch, 12%
+  saves (4% fewer HBM bytes a step on a v5e-8 at configs/tpu.py's batch, 11%
   on a v5e-64: benchmarks/README.md): this is mostly for memory.
 
   abstract_state: () -> the state's shapes (`jax.eval_shape`), called only
