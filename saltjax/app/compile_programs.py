@@ -272,9 +272,9 @@ def _epoch_end_cost(job: Job, args: dict, group) -> ProgramCost:
   config, chips = job.config, job.mesh.size
   program = job.epoch_end_program()
   name = f"{program.name}, {len(group)} fold(s)"
-  call = lambda val: (args["state"], args["models"], val, args["val_counts"], *args["scalars"][1:])
+  call = (args["state"], args["models"], args["val"], args["val_counts"], *args["scalars"][1:])
   n = args["num_val_batches"]
-  figures = _measure(name, program, call(args["val"]))
+  figures = _measure(name, program, call)
   images = n * len(group) * config.eval_batch_size / chips
   return ProgramCost(
       name, "epoch_end", images_per_chip=images, loop_trips={"validation": n}, **figures
@@ -323,11 +323,12 @@ def _device_epoch_programs(job: Job, group, data, fold_of) -> list[tuple[Program
   out = []
   for loss in _epochs_by_loss(config):
     program = job.device_epoch_program(loss)
-    figures = _measure(f"{program.name}, {len(group)} fold(s)", program, call)
+    name = f"{program.name}, {len(group)} fold(s)"
+    figures = _measure(name, program, call)
     images = steps * len(group) * config.batch_size / chips
     trips = {"steps": steps, "validation": n}
     cost = ProgramCost(
-        f"{program.name}, {len(group)} fold(s)",
+        name,
         "train",
         images_per_chip=images,
         loop_trips=trips,
