@@ -62,6 +62,8 @@ _CONTROL = {"while", "call", "conditional"}
 # compiler's concatenation of the parts of an array it copied in pieces).
 _MOVES_NOTHING = re.compile(r'custom_call_target="(AllocateBuffer|ConcatBitcast)"')
 _CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
+_BODY = re.compile(r"body=%([\w.\-]+)")  # a while loop's body and condition
+_CONDITION = re.compile(r"condition=%([\w.\-]+)")
 
 KINDS = ("convolution", "reduction", "elementwise", "copies", "collectives", "other")
 PHASES = ("forward", "backward", "other", "unnamed")
@@ -307,7 +309,7 @@ def traffic(hlo_text: str) -> dict:
       if opcode in _FREE:
         continue
       if opcode == "while":
-        body = re.search(r"body=%([\w.\-]+)", attributes).group(1)
+        body = _BODY.search(attributes).group(1)
         trips = trip_count(instruction, instructions, computations)
         loops.append(Loop(body, loop, trips, runs * (1 if trips is None else trips)))
         if body not in seen:
@@ -368,8 +370,8 @@ def trip_count(instruction, instructions: list, computations: dict) -> int | Non
   known = _KNOWN_TRIPS.search(attributes)
   if known:
     return int(known.group(1))
-  condition = re.search(r"condition=%([\w.\-]+)", attributes)
-  body = re.search(r"body=%([\w.\-]+)", attributes)
+  condition = _CONDITION.search(attributes)
+  body = _BODY.search(attributes)
   if not (condition and body and operands):
     return None
   in_condition = {i[0]: i for i in computations.get(condition.group(1), [])}
